@@ -1,0 +1,128 @@
+"""Functional entry points: validate, apply autocast, flatten to 2-D, pick the backend, dispatch.
+
+Every check here runs before any kernel launches, and each error names the problem.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .backend import resolve_backend
+from .ops import GpcBlockFunction, GpcIOFunction, GroupedLinearFunction, InterleaveFunction, get_impl
+
+
+def _check_input(x, channels: int, op: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: expected a torch.Tensor input, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: expected a floating-point input, got dtype {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{op}: expected an input with a channel dimension, got a 0-d tensor")
+    if x.shape[-1] != channels:
+        raise ValueError(
+            f"{op}: input's last dimension is {x.shape[-1]} but the layer expects {channels} "
+            f"channels (input shape {tuple(x.shape)})"
+        )
+
+
+def _cast_params(x: torch.Tensor, params: Sequence[Optional[torch.Tensor]], op: str):
+    """Under autocast, compute in the autocast dtype like nn.Linear; else demand one dtype."""
+    device_type = x.device.type
+    for p in params:
+        if p is not None and p.device != x.device:
+            raise ValueError(
+                f"{op}: input is on {x.device} but a parameter is on {p.device}; "
+                "move the module or the input so that both are on one device"
+            )
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return x.to(dtype), [None if p is None else p.to(dtype) for p in params]
+    for p in params:
+        if p is not None and p.dtype != x.dtype:
+            raise TypeError(
+                f"{op}: input dtype {x.dtype} does not match parameter dtype {p.dtype}; cast one "
+                "of them, or run under torch.autocast"
+            )
+    return x, list(params)
+
+
+def _check_weight(weight: torch.Tensor, op: str) -> Tuple[int, int, int]:
+    if weight.dim() != 3:
+        raise ValueError(f"{op}: weight must be [G, in/G, out/G], got shape {tuple(weight.shape)}")
+    return tuple(weight.shape)
+
+
+def _check_bias(bias: Optional[torch.Tensor], groups: int, out_per_group: int, op: str) -> None:
+    if bias is not None and tuple(bias.shape) != (groups, out_per_group):
+        raise ValueError(
+            f"{op}: bias must have shape {(groups, out_per_group)}, got {tuple(bias.shape)}"
+        )
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    # A view where the strides allow it (the kernels take any 2-D strides), else a copy.
+    return x.reshape(-1, x.shape[-1])
+
+
+def grouped_linear(x, weight, bias=None, *, backend: Optional[str] = None) -> torch.Tensor:
+    """GroupedLinearFast's function: ``weight`` ``[G, in/G, out/G]``, ``bias`` ``[G, out/G]``."""
+    op = "grouped_linear"
+    G, s, og = _check_weight(weight, op)
+    _check_input(x, G * s, op)
+    _check_bias(bias, G, og, op)
+    impl = get_impl(resolve_backend(x, backend))
+    x, (weight, bias) = _cast_params(x, (weight, bias), op)
+    y = GroupedLinearFunction.apply(_flatten(x), weight, bias, impl)
+    return y.reshape(*x.shape[:-1], G * og)
+
+
+def gpc_io(x, weight1, weight2, bias1=None, bias2=None, *, backend: Optional[str] = None):
+    """The IO block for G > 1: ``first(x) + second(interleave(x, s))`` in one fused op."""
+    op = "gpc_io"
+    G, s, og = _check_weight(weight1, op)
+    if tuple(weight2.shape) != (G, s, og):
+        raise ValueError(
+            f"{op}: both weights must have one shape, got {tuple(weight1.shape)} and "
+            f"{tuple(weight2.shape)}"
+        )
+    _check_input(x, G * s, op)
+    _check_bias(bias1, G, og, op)
+    _check_bias(bias2, G, og, op)
+    impl = get_impl(resolve_backend(x, backend))
+    x, params = _cast_params(x, (weight1, weight2, bias1, bias2), op)
+    y = GpcIOFunction.apply(_flatten(x), *params, impl)
+    return y.reshape(*x.shape[:-1], G * og)
+
+
+def gpc_block(x, weight1, weight2=None, bias1=None, bias2=None, *, backend: Optional[str] = None):
+    """The non-IO block for G > 1 without activation; ``weight2`` is None when in < out."""
+    op = "gpc_block"
+    G, s, og = _check_weight(weight1, op)
+    if weight2 is not None and tuple(weight2.shape) != (G, og, og):
+        raise ValueError(
+            f"{op}: second weight must have shape {(G, og, og)}, got {tuple(weight2.shape)}"
+        )
+    _check_input(x, G * s, op)
+    _check_bias(bias1, G, og, op)
+    _check_bias(bias2, G, og, op)
+    impl = get_impl(resolve_backend(x, backend))
+    x, params = _cast_params(x, (weight1, weight2, bias1, bias2), op)
+    y = GpcBlockFunction.apply(_flatten(x), *params, impl)
+    return y.reshape(*x.shape[:-1], G * og)
+
+
+def interleave(x, step: int, *, backend: Optional[str] = None) -> torch.Tensor:
+    """InterleaveChannelsFast's function: ``out[..., a*step + b] = x[..., b*(C/step) + a]``."""
+    op = "interleave"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: expected a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError(f"{op}: expected an input with a channel dimension, got a 0-d tensor")
+    if not isinstance(step, int) or step <= 0 or x.shape[-1] % step != 0:
+        raise ValueError(
+            f"{op}: step {step!r} must be a positive divisor of the last dimension {x.shape[-1]}"
+        )
+    impl = get_impl(resolve_backend(x, backend))
+    y = InterleaveFunction.apply(_flatten(x), step, impl)
+    return y.reshape(x.shape)

@@ -1,0 +1,223 @@
+"""The one Triton kernel behind every grouped op: a strided, grouped GEMM with a fused epilogue.
+
+For each group ``g`` (grid axis 1) it computes
+
+    C[g] = A[g] @ B[g]  (+ A2[g] @ B2[g])  (+ bias[g] + bias2[g])  (+ R[g])
+
+with every operand addressed through explicit (group, row, column) strides. That one shape covers
+the whole family without ever materialising an interleaved copy:
+
+* grouped linear forward:  A = x viewed ``[G, M, s]`` (group stride ``s``), B = weight.
+* fused IO block forward:  the second pair reads ``x[..., n::G]`` straight from ``x`` (group
+  stride 1, reduction stride ``G``), so ``first(x) + second(interleave(x))`` is one launch with one
+  fp32 accumulator over K = 2s.
+* input gradients:         B = weight with its two inner strides swapped (W^T).
+* weight gradients:        A = x^T (row stride 1, reduction stride = the row stride of x), K = M.
+* interleaved epilogues:   with ``MAP_C`` / ``MAP_R`` the natural output column
+  ``col = g*Q + q`` is stored / read at ``(col % map_div) * map_mul + col // map_div``: the
+  channel interleave of the non-IO block lives in the store (and in the residual load).
+
+All offsets are computed in int64, so ``M * channels`` may pass 2**31.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import triton_interpreting
+
+# Tile configs, chosen with an H200 in mind (SPEC.md: ~790 TFLOP/s bf16, ~4.3 TB/s). The released
+# shapes have K = s = 256 per operand (K = 512 fused) and og = out/G in {64, 256, 768, 2048}, so:
+# 128x128 / 128x256 tiles with BLOCK_K 64 and 3-4 stages keep the wgmma pipeline fed at training
+# sizes (M >= 2048); 64x64 covers og = 64 (down_proj, G = 20) without wasting half a tile; the
+# narrow BLOCK_P = 16/32 tiles serve decode (M <= 16), where the op is bound by weight bytes and
+# the win comes from spreading the weight read over many programs. Autotuning is keyed on the
+# power-of-two bucket of M (``p_bucket`` / ``k_bucket``) so that varying batch sizes do not
+# re-tune on every call.
+_CUDA_CONFIGS = [
+    triton.Config({"BLOCK_P": 128, "BLOCK_Q": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_P": 128, "BLOCK_Q": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_P": 16, "BLOCK_Q": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+]
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, r_ptr, bias_ptr, bias2_ptr,
+    P, Q, K, K2,
+    s_ag, s_ap, s_ak,
+    s_bg, s_bk, s_bq,
+    s_a2g, s_a2p, s_a2k,
+    s_b2g, s_b2k, s_b2q,
+    s_cg, s_cp, s_cq,
+    s_rg, s_rp, s_rq,
+    s_biasg, s_bias2g,
+    map_div, map_mul,
+    p_bucket, k_bucket,  # autotune keys only
+    HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, MAP_C: tl.constexpr, MAP_R: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_P: tl.constexpr,
+):
+    # Tile order: GROUP_P row-tiles share each column tile, so B stays hot in L2.
+    pid = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    num_p = tl.cdiv(P, BLOCK_P)
+    num_q = tl.cdiv(Q, BLOCK_Q)
+    tiles_per_band = GROUP_P * num_q
+    first_p = (pid // tiles_per_band) * GROUP_P
+    band_p = min(num_p - first_p, GROUP_P)
+    pid_p = first_p + (pid % tiles_per_band) % band_p
+    pid_q = (pid % tiles_per_band) // band_p
+
+    offs_p = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    offs_q = (pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_p = offs_p < P
+    mask_q = offs_q < Q
+
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    a_rows = a_ptr + g * s_ag + offs_p[:, None] * s_ap
+    b_cols = b_ptr + g * s_bg + offs_q[None, :] * s_bq
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        mask_k = k < K
+        a = tl.load(a_rows + k[None, :] * s_ak, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_cols + k[:, None] * s_bk, mask=mask_k[:, None] & mask_q[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if HAS_SECOND:
+        # Same accumulator: the fused IO block is one GEMM with K = K + K2.
+        a2_rows = a2_ptr + g * s_a2g + offs_p[:, None] * s_a2p
+        b2_cols = b2_ptr + g * s_b2g + offs_q[None, :] * s_b2q
+        for k0 in range(0, K2, BLOCK_K):
+            k = k0 + offs_k
+            mask_k = k < K2
+            a = tl.load(a2_rows + k[None, :] * s_a2k, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b2_cols + k[:, None] * s_b2k, mask=mask_k[:, None] & mask_q[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    # Epilogue: biases, residual, interleaved or strided store.
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + g * s_biasg + offs_q, mask=mask_q, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if HAS_BIAS2:
+        bias2 = tl.load(bias2_ptr + g * s_bias2g + offs_q, mask=mask_q, other=0.0)
+        acc += bias2.to(tl.float32)[None, :]
+    natural_col = g * Q + offs_q
+    mapped_col = (natural_col % map_div) * map_mul + natural_col // map_div
+    mask = mask_p[:, None] & mask_q[None, :]
+    if HAS_RESIDUAL:
+        if MAP_R:
+            r_col = mapped_col
+        else:
+            r_col = g * s_rg + offs_q * s_rq
+        residual = tl.load(r_ptr + offs_p[:, None] * s_rp + r_col[None, :], mask=mask, other=0.0)
+        acc += residual.to(tl.float32)
+    if MAP_C:
+        c_col = mapped_col
+    else:
+        c_col = g * s_cg + offs_q * s_cq
+    tl.store(c_ptr + offs_p[:, None] * s_cp + c_col[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned_kernel():
+    # Built lazily: the autotuner benchmarks on a device, which the interpreter has not got.
+    return triton.autotune(
+        configs=_CUDA_CONFIGS,
+        key=["p_bucket", "Q", "k_bucket", "K2", "HAS_SECOND", "HAS_RESIDUAL", "MAP_C", "MAP_R"],
+        restore_value=["c_ptr"],  # the kernel may accumulate into C (r_ptr == c_ptr)
+    )(_grouped_gemm_kernel)
+
+
+def _interpreter_config(P: int, Q: int, K: int) -> dict:
+    # The interpreter's cost grows with programs x K-steps, so take the largest sensible tiles.
+    def fit(n, lo, hi):
+        return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+    return {"BLOCK_P": fit(P, 16, 64), "BLOCK_Q": fit(Q, 16, 128), "BLOCK_K": fit(K, 16, 128)}
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 stays IEEE (SPEC: "far under 1e-5") unless the user opted into TF32 for matmuls.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not triton_interpreting():
+        return "tf32"
+    return "ieee"
+
+
+class Operand:
+    """A grouped 2-D operand: ``tensor`` addressed as ``base + g*sg + row*sr + col*sc``."""
+
+    __slots__ = ("tensor", "sg", "sr", "sc")
+
+    def __init__(self, tensor: torch.Tensor, sg: int, sr: int, sc: int):
+        self.tensor, self.sg, self.sr, self.sc = tensor, sg, sr, sc
+
+    def strides(self):
+        return self.sg, self.sr, self.sc
+
+
+def grouped_gemm(
+    groups: int,
+    P: int,
+    Q: int,
+    a: Operand,
+    b: Operand,
+    K: int,
+    c: Operand,
+    a2: Optional[Operand] = None,
+    b2: Optional[Operand] = None,
+    K2: int = 0,
+    bias: Optional[torch.Tensor] = None,
+    bias2: Optional[torch.Tensor] = None,
+    residual: Optional[Operand] = None,
+    map_c: bool = False,
+    map_r: bool = False,
+    map_div: int = 1,
+    map_mul: int = 1,
+) -> None:
+    """Launch the kernel: ``c[g] = a[g] @ b[g] (+ a2[g] @ b2[g]) (+ biases) (+ residual[g])``.
+
+    ``a[g]`` is ``P x K``, ``b[g]`` is ``K x Q``, ``c[g]`` is ``P x Q``. With ``map_c`` / ``map_r``,
+    C / the residual are contiguous row-major ``[P, groups*Q]`` tensors whose natural column
+    ``col`` sits at ``(col % map_div) * map_mul + col // map_div``. ``bias`` is ``[groups, Q]``.
+    """
+    if P == 0 or Q == 0 or groups == 0:
+        return
+    has_second = a2 is not None
+    a2 = a2 if has_second else a
+    b2 = b2 if has_second else b
+    res = residual if residual is not None else c
+    dummy = c.tensor
+    args = (
+        a.tensor, b.tensor, a2.tensor, b2.tensor, c.tensor, res.tensor,
+        bias if bias is not None else dummy, bias2 if bias2 is not None else dummy,
+        P, Q, K, K2 if has_second else 0,
+        *a.strides(), *b.strides(), *a2.strides(), *b2.strides(), *c.strides(), *res.strides(),
+        bias.stride(0) if bias is not None else 0, bias2.stride(0) if bias2 is not None else 0,
+        map_div, map_mul,
+        triton.next_power_of_2(P), triton.next_power_of_2(max(K, K2)),
+    )
+    flags = dict(
+        HAS_SECOND=has_second, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None,
+        HAS_RESIDUAL=residual is not None, MAP_C=map_c, MAP_R=map_r,
+        INPUT_PRECISION=_input_precision(c.tensor.dtype), GROUP_P=8,
+    )
+
+    def grid(meta):
+        return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Q, meta["BLOCK_Q"]), groups)
+
+    if triton_interpreting():
+        _grouped_gemm_kernel[grid](*args, **flags, **_interpreter_config(P, Q, max(K, K2)))
+    else:
+        with torch.cuda.device(c.tensor.device):
+            _autotuned_kernel()[grid](*args, **flags)

@@ -1,0 +1,106 @@
+"""Plain PyTorch semantics of every KPhi-3 grouped op (SPEC.md), written for clarity, not speed.
+
+These functions are the oracle of the test suite: every faster path (the Triton kernels in
+``ops/`` and the fast torch formulation in ``torch_ops.py``) is checked against them. They
+work on any leading shape: the last dimension holds the channels.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+
+def group_count(in_features: int, out_features: int, min_channels_per_group: int) -> int:
+    """The largest d <= max(1, min(in, out, in // min)) dividing both ``in`` and ``out``."""
+    if min_channels_per_group == 0:
+        raise ValueError("min_channels_per_group must be non-zero (it divides in_features)")
+    if in_features <= 0 or out_features <= 0:
+        raise ValueError(
+            f"in_features and out_features must be positive, got {in_features} and {out_features}"
+        )
+    return get_max_acceptable_common_divisor(
+        in_features, out_features, in_features // min_channels_per_group
+    )
+
+
+def get_max_acceptable_common_divisor(a: int, b: int, max_acceptable: int = 1_000_000) -> int:
+    """The original helper: the largest common divisor of ``a`` and ``b`` not above ``max_acceptable``."""
+    divisor = max(1, min(a, b, max_acceptable))
+    while divisor > 0:
+        if a % divisor == 0 and b % divisor == 0:
+            return divisor
+        divisor -= 1
+    return 0
+
+
+def interleave(x: torch.Tensor, step: int) -> torch.Tensor:
+    """``out[..., a*step + b] = x[..., b*(C/step) + a]`` for ``a < C/step``, ``b < step``."""
+    channels = x.shape[-1]
+    return (
+        x.reshape(*x.shape[:-1], step, channels // step)
+        .transpose(-1, -2)
+        .reshape(x.shape)
+    )
+
+
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """GroupedLinearFast: ``weight`` is ``[G, in/G, out/G]``, ``bias`` is ``[G, out/G]``."""
+    groups, in_per_group, out_per_group = weight.shape
+    xg = x.reshape(*x.shape[:-1], groups, in_per_group)
+    y = torch.einsum("...gi,gio->...go", xg, weight)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], groups * out_per_group)
+
+
+def grouped_linear_modules(x: torch.Tensor, weights, biases) -> torch.Tensor:
+    """GroupedLinear: G ``nn.Linear`` layers (weights ``[out/G, in/G]``) on contiguous channel slices."""
+    chunks = x.chunk(len(weights), dim=-1)
+    outs = [
+        torch.nn.functional.linear(chunk, w, b) for chunk, w, b in zip(chunks, weights, biases)
+    ]
+    return torch.cat(outs, dim=-1)
+
+
+def gpc_io(
+    x: torch.Tensor,
+    weight1: torch.Tensor,
+    weight2: torch.Tensor,
+    bias1: Optional[torch.Tensor] = None,
+    bias2: Optional[torch.Tensor] = None,
+    activation: Optional[Callable] = None,
+) -> torch.Tensor:
+    """GroupedPointwiseConvolutionBlockIO with G > 1: ``first(x) + second(interleave(x, s))``."""
+    in_per_group = weight1.shape[1]
+    y = grouped_linear(x, weight1, bias1) + grouped_linear(
+        interleave(x, in_per_group), weight2, bias2
+    )
+    return activation(y) if activation is not None else y
+
+
+def gpc_block(
+    x: torch.Tensor,
+    weight1: torch.Tensor,
+    weight2: Optional[torch.Tensor] = None,
+    bias1: Optional[torch.Tensor] = None,
+    bias2: Optional[torch.Tensor] = None,
+    activation: Optional[Callable] = None,
+) -> torch.Tensor:
+    """GroupedPointwiseConvolutionBlock with G > 1 (``weight2`` is None when in < out)."""
+    out_per_group = weight1.shape[2]
+    act = activation if activation is not None else (lambda t: t)
+    h = act(grouped_linear(x, weight1, bias1))
+    residual = h
+    if out_per_group > 1:
+        h = interleave(h, out_per_group)
+    if weight2 is not None:
+        h = act(grouped_linear(h, weight2, bias2)) + residual
+    return h
+
+
+def signed_square_root1(x: torch.Tensor) -> torch.Tensor:
+    """``sign(x) * (sqrt(|x| + 1) - 1)``: a smooth, sign-preserving square-root squash."""
+    return torch.sign(x) * (torch.sqrt(torch.abs(x) + 1) - 1)
