@@ -21,10 +21,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_reset_backend():
+def _seed_poison_and_reset_backend():
+    """Every test: a fixed seed, NaN-poisoned kernel outputs, the default backend."""
     import kphi3_kernels
+    from kphi3_kernels.ops import outputs
 
     torch.manual_seed(0)
     kphi3_kernels.set_backend("auto")
+    outputs.POISON = True
     yield
+    outputs.POISON = False
     kphi3_kernels.set_backend("auto")

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreting
+from . import outputs
 
 
 @triton.jit
@@ -30,7 +31,7 @@ def _interleave_kernel(
 def interleave_fwd(x: torch.Tensor, step: int) -> torch.Tensor:
     """Interleave the columns of a 2-D ``x`` (any strides) with ``step``; returns a contiguous tensor."""
     M, C = x.shape
-    y = torch.empty((M, C), dtype=x.dtype, device=x.device)
+    y = outputs.new_output((M, C), x.dtype, x.device)
     if M == 0 or C == 0:
         return y
     if triton_interpreting():

@@ -11,6 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import outputs
+
 __all__ = [
     "grouped_linear_fwd", "grouped_linear_bwd", "gpc_io_fwd", "gpc_io_bwd",
     "gpc_block_fwd", "gpc_block_bwd", "interleave_fwd",
@@ -55,7 +57,7 @@ def _column_groups(x: torch.Tensor, width: int):
 
 def _weight_grad(a_groups, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     og = weight.shape[2]
-    dw = torch.empty_like(weight)
+    dw = outputs.new_output(weight.shape, weight.dtype, weight.device)
     for n in range(weight.shape[0]):
         torch.mm(a_groups[n].t(), dy[:, n * og:(n + 1) * og], out=dw[n])
     return dw
@@ -67,7 +69,7 @@ def _bias_grad(dy: torch.Tensor, groups: int) -> torch.Tensor:
 
 def grouped_linear_fwd(x, weight, bias=None):
     G, s, og = weight.shape
-    y = torch.empty((x.shape[0], G * og), dtype=x.dtype, device=x.device)
+    y = outputs.new_output((x.shape[0], G * og), x.dtype, x.device)
     return _grouped_mm(_column_groups(x, s), weight, y, bias=bias)
 
 
@@ -75,7 +77,7 @@ def grouped_linear_bwd(dy, x, weight, need_dx=True, need_dw=True, need_db=False)
     G, s, og = weight.shape
     dx = dw = db = None
     if need_dx:
-        dx = torch.empty((x.shape[0], G * s), dtype=dy.dtype, device=dy.device)
+        dx = outputs.new_output((x.shape[0], G * s), dy.dtype, dy.device)
         _grouped_mm(_column_groups(dy, og), weight.transpose(1, 2), dx)
     if need_dw:
         dw = _weight_grad(_column_groups(x, s), dy, weight)
@@ -99,7 +101,7 @@ def gpc_io_bwd(dy, x, weight1, weight2, need_dx=True, need_dw1=True, need_dw2=Tr
     dx, dw1, db = grouped_linear_bwd(dy, x, weight1, need_dx, need_dw1, need_db1 or need_db2)
     dw2 = None
     if need_dx:
-        d_interleaved = torch.empty((x.shape[0], G, s), dtype=dy.dtype, device=dy.device)
+        d_interleaved = outputs.new_output((x.shape[0], G, s), dy.dtype, dy.device)
         _grouped_mm(_column_groups(dy, og), weight2.transpose(1, 2),
                     d_interleaved.view(x.shape[0], G * s))
         dx.view(-1, s, G).add_(d_interleaved.transpose(1, 2))

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from .grouped_gemm import Operand, grouped_gemm
+from . import outputs
 from .interleave import interleave_fwd
 
 __all__ = [
@@ -45,7 +46,7 @@ def _weight_t(w: torch.Tensor) -> Operand:
 
 
 def _empty(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty((rows, cols), dtype=like.dtype, device=like.device)
+    return outputs.new_output((rows, cols), like.dtype, like.device)
 
 
 def _bias_grad(dy: torch.Tensor, groups: int) -> torch.Tensor:
@@ -77,7 +78,7 @@ def _grouped_weight_grad(a: Operand, dy, weight) -> torch.Tensor:
     """``dW[n] = A[n] @ dy_n`` with A[n] the ``s x M`` input slice of group n."""
     M = dy.shape[0]
     G, s, og = weight.shape
-    dw = torch.empty((G, s, og), dtype=weight.dtype, device=weight.device)
+    dw = outputs.new_output((G, s, og), weight.dtype, weight.device)
     grouped_gemm(G, s, og, a, _groups_of(dy, og), M, _weight(dw))
     return dw
 
