@@ -65,7 +65,7 @@ def _grouped_gemm_kernel(
     p_bucket, k_bucket,  # autotune keys only
     HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, MAP_C: tl.constexpr, MAP_R: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_P: tl.constexpr,
 ):
     # Tile order: GROUP_P row-tiles share each column tile, so B stays hot in L2.
@@ -85,7 +85,7 @@ def _grouped_gemm_kernel(
     mask_p = offs_p < P
     mask_q = offs_q < Q
 
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC_DTYPE)
     a_rows = a_ptr + g * s_ag + offs_p[:, None] * s_ap
     b_cols = b_ptr + g * s_bg + offs_q[None, :] * s_bq
     for k0 in range(0, K, BLOCK_K):
@@ -108,10 +108,10 @@ def _grouped_gemm_kernel(
     # Epilogue: biases, residual, interleaved or strided store.
     if HAS_BIAS:
         bias = tl.load(bias_ptr + g * s_biasg + offs_q, mask=mask_q, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
+        acc += bias.to(ACC_DTYPE)[None, :]
     if HAS_BIAS2:
         bias2 = tl.load(bias2_ptr + g * s_bias2g + offs_q, mask=mask_q, other=0.0)
-        acc += bias2.to(tl.float32)[None, :]
+        acc += bias2.to(ACC_DTYPE)[None, :]
     natural_col = g * Q + offs_q
     mapped_col = (natural_col % map_div) * map_mul + natural_col // map_div
     mask = mask_p[:, None] & mask_q[None, :]
@@ -121,7 +121,7 @@ def _grouped_gemm_kernel(
         else:
             r_col = g * s_rg + offs_q * s_rq
         residual = tl.load(r_ptr + offs_p[:, None] * s_rp + r_col[None, :], mask=mask, other=0.0)
-        acc += residual.to(tl.float32)
+        acc += residual.to(ACC_DTYPE)
     if MAP_C:
         c_col = mapped_col
     else:
@@ -194,6 +194,9 @@ def grouped_gemm(
     if P == 0 or Q == 0 or groups == 0:
         return
     has_second = a2 is not None
+    # Biases are tiny; a contiguous copy keeps the kernel's bias addressing to one stride.
+    bias = bias.contiguous() if bias is not None else None
+    bias2 = bias2.contiguous() if bias2 is not None else None
     a2 = a2 if has_second else a
     b2 = b2 if has_second else b
     res = residual if residual is not None else c
@@ -211,6 +214,8 @@ def grouped_gemm(
         HAS_SECOND=has_second, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None,
         HAS_RESIDUAL=residual is not None, MAP_C=map_c, MAP_R=map_r,
         INPUT_PRECISION=_input_precision(c.tensor.dtype), GROUP_P=8,
+        # fp32 accumulation for fp32/fp16/bf16; float64 operands keep a float64 accumulator.
+        ACC_DTYPE=tl.float64 if c.tensor.dtype == torch.float64 else tl.float32,
     )
 
     def grid(meta):

@@ -1,0 +1,187 @@
+"""Bad input: a ValueError / TypeError whose message names the problem, raised before any kernel
+or launcher runs (every launcher of both backends is replaced by one that fails the test)."""
+import pytest
+import torch
+
+import kphi3_kernels as K
+from kphi3_kernels import (GroupedLinear, GroupedLinearFast, GroupedPointwiseConvolutionBlock,
+                           GroupedPointwiseConvolutionBlockIO, InterleaveChannelsFast, group_count)
+
+from _utils import DEVICE, forbid_launch
+
+BACKENDS = ["torch", "triton"]
+G, S, OG = 3, 5, 4
+C = G * S
+
+
+# Tensors live where the triton backend can run (CUDA, or CPU under the interpreter), so that each
+# case fails on its own problem rather than on the backend's device check.
+def _x(*shape, dtype=torch.float32, device=DEVICE):
+    return torch.randn(shape, device=device).to(dtype)
+
+
+def _w(*shape, dtype=torch.float32, device=DEVICE):
+    return torch.randn(shape, device=device).to(dtype)
+
+
+W = (G, S, OG)
+W2_BLOCK = (G, OG, OG)
+
+# (id, call(backend), exception, message regex)
+CASES = [
+    # wrong last dimension
+    ("gl-last-dim", lambda b: K.grouped_linear(_x(4, C - 1), _w(*W), backend=b), ValueError,
+     r"last dimension is 14 .*15"),
+    ("io-last-dim", lambda b: K.gpc_io(_x(2, 3, C + 3), _w(*W), _w(*W), backend=b), ValueError,
+     r"last dimension is 18 .*15"),
+    ("block-last-dim", lambda b: K.gpc_block(_x(4, 2 * C), _w(*W), _w(*W2_BLOCK), backend=b),
+     ValueError, r"last dimension is 30 .*15"),
+    # 0-d input
+    ("gl-0d", lambda b: K.grouped_linear(_x(), _w(*W), backend=b), ValueError, "0-d"),
+    ("io-0d", lambda b: K.gpc_io(_x(), _w(*W), _w(*W), backend=b), ValueError, "0-d"),
+    ("block-0d", lambda b: K.gpc_block(_x(), _w(*W), backend=b), ValueError, "0-d"),
+    ("interleave-0d", lambda b: K.interleave(_x(), 1, backend=b), ValueError, "0-d"),
+    # not a tensor
+    ("gl-list", lambda b: K.grouped_linear([[1.0] * C], _w(*W), backend=b), TypeError, "Tensor"),
+    ("interleave-list", lambda b: K.interleave([1.0, 2.0], 1, backend=b), TypeError, "Tensor"),
+    # integer / non-floating dtypes
+    ("gl-int-input", lambda b: K.grouped_linear(torch.ones(4, C, dtype=torch.int64), _w(*W),
+                                                backend=b), TypeError, "floating-point.*int64"),
+    ("io-int32-input", lambda b: K.gpc_io(torch.ones(4, C, dtype=torch.int32), _w(*W), _w(*W),
+                                          backend=b), TypeError, "floating-point.*int32"),
+    ("block-bool-input", lambda b: K.gpc_block(torch.ones(4, C, dtype=torch.bool), _w(*W),
+                                               backend=b), TypeError, "floating-point.*bool"),
+    ("gl-complex-input", lambda b: K.grouped_linear(torch.ones(4, C, dtype=torch.complex64),
+                                                    _w(*W), backend=b), TypeError, "floating-point"),
+    ("gl-int-weight", lambda b: K.grouped_linear(_x(4, C), torch.ones(*W, dtype=torch.int64),
+                                                 backend=b), TypeError, "int64"),
+    # mismatched dtypes outside autocast
+    ("gl-dtype", lambda b: K.grouped_linear(_x(4, C), _w(*W, dtype=torch.float16), backend=b),
+     TypeError, r"float32 does not match .*float16"),
+    ("io-dtype-w2", lambda b: K.gpc_io(_x(4, C, dtype=torch.float16), _w(*W, dtype=torch.float16),
+                                       _w(*W), backend=b), TypeError, "does not match"),
+    ("block-dtype-bias", lambda b: K.gpc_block(_x(4, C), _w(*W), _w(*W2_BLOCK),
+                                               torch.zeros(G, OG, dtype=torch.float64), backend=b),
+     TypeError, "float64"),
+    ("gl-bf16-vs-fp16", lambda b: K.grouped_linear(_x(4, C, dtype=torch.bfloat16),
+                                                   _w(*W, dtype=torch.float16), backend=b),
+     TypeError, "does not match"),
+    # shapes of parameters
+    ("gl-2d-weight", lambda b: K.grouped_linear(_x(4, C), _w(C, OG), backend=b), ValueError,
+     r"\[G, in/G, out/G\]"),
+    ("gl-bias-shape", lambda b: K.grouped_linear(_x(4, C), _w(*W), torch.zeros(G * OG),
+                                                 backend=b), ValueError, "bias must have shape"),
+    ("io-weight-shapes", lambda b: K.gpc_io(_x(4, C), _w(*W), _w(G, S, OG + 1), backend=b),
+     ValueError, "both weights"),
+    ("io-bias2-shape", lambda b: K.gpc_io(_x(4, C), _w(*W), _w(*W), None, torch.zeros(G, OG + 1),
+                                          backend=b), ValueError, "bias must have shape"),
+    ("block-w2-shape", lambda b: K.gpc_block(_x(4, C), _w(*W), _w(G, S, OG), backend=b),
+     ValueError, "second weight"),
+    # interleave step
+    ("interleave-step-not-divisor", lambda b: K.interleave(_x(4, 10), 3, backend=b), ValueError,
+     r"step 3 .*divisor.* 10"),
+    ("interleave-step-zero", lambda b: K.interleave(_x(4, 10), 0, backend=b), ValueError, "step 0"),
+    ("interleave-step-negative", lambda b: K.interleave(_x(4, 10), -2, backend=b), ValueError,
+     "step -2"),
+    ("interleave-step-float", lambda b: K.interleave(_x(4, 10), 2.0, backend=b), ValueError,
+     "step 2.0"),
+    # device mismatch that CPU can show: a meta parameter with a CPU input
+    ("gl-meta-weight", lambda b: K.grouped_linear(_x(4, C), _w(*W, device="meta"), backend=b),
+     ValueError, "meta"),
+    ("io-meta-bias", lambda b: K.gpc_io(_x(4, C), _w(*W), _w(*W), None,
+                                        torch.zeros(G, OG, device="meta"), backend=b),
+     ValueError, "meta"),
+]
+
+UNKNOWN_BACKEND = [
+    ("gl", lambda: K.grouped_linear(_x(4, C), _w(*W), backend="cuda")),
+    ("io", lambda: K.gpc_io(_x(4, C), _w(*W), _w(*W), backend="Triton2")),
+    ("block", lambda: K.gpc_block(_x(4, C), _w(*W), backend="")),
+    ("interleave", lambda: K.interleave(_x(4, C), 3, backend="numpy")),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("call,exc,msg", [pytest.param(*c[1:], id=c[0]) for c in CASES])
+def test_bad_input_raises_before_launch(call, exc, msg, backend, monkeypatch):
+    forbid_launch(monkeypatch)
+    with pytest.raises(exc, match=msg):
+        call(backend)
+
+
+@pytest.mark.parametrize("call", [pytest.param(c, id=i) for i, c in UNKNOWN_BACKEND])
+def test_unknown_backend_name(call, monkeypatch):
+    forbid_launch(monkeypatch)
+    with pytest.raises(ValueError, match="auto, triton, torch"):
+        call()
+
+
+def test_forbid_launch_really_forbids(monkeypatch):
+    """The guard the other tests rely on: with it, a valid call fails."""
+    forbid_launch(monkeypatch)
+    for backend in BACKENDS:
+        with pytest.raises(AssertionError, match="kernel"):
+            K.grouped_linear(_x(4, C), _w(*W), backend=backend)
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda: GroupedLinearFast(10, 6, 4), r"in_features=10 .*num_groups=4"),
+    (lambda: GroupedLinearFast(12, 10, 4), r"out_features=10 .*num_groups=4"),
+    (lambda: GroupedLinear(12, 10, 4), r"out_features=10 .*num_groups=4"),
+    (lambda: GroupedLinearFast(12, 8, 0), "num_groups"),
+    (lambda: GroupedLinear(12, 8, -2), "num_groups"),
+    (lambda: GroupedLinearFast(0, 8, 2), "in_features=0"),
+    (lambda: GroupedPointwiseConvolutionBlockIO(64, 64, 0), "min_channels_per_group"),
+    (lambda: GroupedPointwiseConvolutionBlock(64, 64, 0), "min_channels_per_group"),
+    (lambda: group_count(64, 64, 0), "min_channels_per_group"),
+    (lambda: InterleaveChannelsFast(0, 2), "step_size"),
+], ids=["in-not-divisible", "out-not-divisible", "slow-out-not-divisible", "zero-groups",
+        "negative-groups", "zero-features", "io-min0", "block-min0", "group_count-min0",
+        "interleave-step0"])
+def test_module_construction_errors(make, msg):
+    with pytest.raises(ValueError, match=msg):
+        make()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make,cin", [
+    (lambda b: GroupedLinearFast(15, 12, 3, backend=b), 15),
+    (lambda b: GroupedLinear(15, 12, 3, backend=b), 15),
+    (lambda b: GroupedLinear(15, 12, 1, backend=b), 15),                       # nn.Linear path
+    (lambda b: GroupedPointwiseConvolutionBlockIO(15, 12, 5, backend=b), 15),  # G = 3
+    (lambda b: GroupedPointwiseConvolutionBlockIO(15, 12, 32, backend=b), 15),  # G = 1
+    (lambda b: GroupedPointwiseConvolutionBlock(15, 12, 5, backend=b), 15),
+], ids=["fast", "slow", "slow-G1", "io", "io-G1", "block"])
+def test_module_wrong_last_dim(make, cin, backend, monkeypatch):
+    module = make(backend).to(DEVICE)
+    forbid_launch(monkeypatch)
+    with pytest.raises(ValueError, match=rf"last dimension is {cin + 1}"):
+        module(_x(2, cin + 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_dtype_mismatch(backend, monkeypatch):
+    module = GroupedPointwiseConvolutionBlockIO(15, 12, 5, backend=backend).to(DEVICE)
+    forbid_launch(monkeypatch)
+    with pytest.raises(TypeError, match="does not match"):
+        module(_x(2, 15, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA only
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+def test_cpu_cuda_mismatch(backend, monkeypatch):
+    forbid_launch(monkeypatch)
+    with pytest.raises(ValueError, match="cuda"):
+        K.grouped_linear(_x(4, C, device="cuda"), _w(*W), backend=backend)
+    with pytest.raises(ValueError, match="cuda"):
+        K.gpc_io(_x(4, C), _w(*W, device="cuda"), _w(*W, device="cuda"), backend="torch")

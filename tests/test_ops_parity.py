@@ -1,0 +1,334 @@
+"""Every op, forward and every gradient, on both backends, against the float64 oracle.
+
+Axes (covered pairwise, not as a cartesian product, to keep the interpreter fast):
+G in {1, 2, 3, 5, 8, 20}; per-group widths that are not powers of two (48, 80, 112) and tiny ones
+(1, 3, 5, 7) that exercise every mask; M odd and M = 1; 1-D to 4-D inputs; contiguous, sliced
+(``base[..., ::2]``: row stride > channels, column stride 2), transposed and broadcast (row
+stride 0) inputs; transposed weights; with and without bias; fp32 and fp16 (bf16 on CUDA only).
+On CPU the ``triton`` backend runs the real kernels in Triton's interpreter.
+"""
+import pytest
+import torch
+
+import kphi3_kernels
+from kphi3_kernels import reference as R
+
+from _utils import (DEVICE, Case, call_package, call_reference, check_op, interleave_case,
+                    make_input, make_operands, make_weight, reference_operands, rel_error,
+                    requires_interpreter, run_reference)
+
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.float16]
+
+LINEAR_CASES = [  # grouped_linear and gpc_io (weights [G, s, og])
+    Case(1, 48, 80, (7,), "contig", True),
+    Case(2, 3, 5, (1,), "contig", False),
+    Case(3, 112, 80, (3, 5), "sliced", True),
+    Case(5, 48, 80, (2, 3, 3), "transposed", False),
+    Case(8, 7, 3, (9,), "sliced", True, weight_t=True),
+    Case(20, 5, 7, (1, 3), "contig", True),
+    Case(5, 80, 48, (11,), "transposed", True),
+    Case(3, 5, 112, (2, 1, 13), "contig", False, weight_t=True),
+    Case(2, 1, 1, (5,), "sliced", True),
+    Case(3, 7, 5, (6,), "expanded", True),
+]
+
+BLOCK_CASES = [  # gpc_block (weight2 [G, og, og] when ``second``; the module passes it iff in >= out)
+    Case(2, 7, 5, (7,), "contig", True),
+    Case(3, 112, 80, (3, 5), "sliced", False),
+    Case(5, 48, 48, (2, 3, 3), "transposed", True),
+    Case(20, 7, 3, (1, 3), "contig", True, weight_t=True),
+    Case(8, 5, 1, (9,), "sliced", True),                              # og == 1: no interleave
+    Case(1, 48, 48, (5,), "contig", True),                            # one group
+    Case(2, 3, 5, (1,), "contig", False, second=False),               # in < out
+    Case(5, 48, 80, (2, 3, 3), "transposed", True, second=False),
+    Case(3, 5, 112, (13,), "sliced", True, second=False, weight_t=True),
+    Case(8, 1, 7, (1, 1, 3), "contig", False, second=False),
+    Case(3, 7, 5, (2, 4), "expanded", True),
+]
+
+INTERLEAVE_CASES = [  # (C, step, leading shape, layout)
+    interleave_case(12, 3, (7,)),
+    interleave_case(240, 48, (3, 5), "sliced"),
+    interleave_case(35, 7, (2, 3, 3), "transposed"),
+    interleave_case(20, 20, (1,)),
+    interleave_case(20, 1, (4,), "sliced"),
+    interleave_case(400, 80, (2, 17), "transposed"),   # more than one program along both axes
+    interleave_case(12, 4, (5,), "expanded"),
+]
+
+
+def _params(cases, extra=()):
+    return [pytest.param(c, id=c.id, marks=extra) for c in cases]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", _params(LINEAR_CASES))
+def test_grouped_linear_parity(case, backend, dtype):
+    check_op("grouped_linear", make_operands("grouped_linear", case, dtype), backend, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", _params(LINEAR_CASES))
+def test_gpc_io_parity(case, backend, dtype):
+    check_op("gpc_io", make_operands("gpc_io", case, dtype), backend, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", _params(BLOCK_CASES))
+def test_gpc_block_parity(case, backend, dtype):
+    check_op("gpc_block", make_operands("gpc_block", case, dtype), backend, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", _params(INTERLEAVE_CASES))
+def test_interleave_parity(case, backend, dtype):
+    errs = check_op("interleave", make_operands("interleave", case, dtype), backend, dtype)
+    assert all(e == 0 for e in errs.values()), errs  # a permutation: exact
+
+
+# bf16: only on CUDA (the interpreter's bf16 tl.dot is wrong, SPEC.md).
+@pytest.mark.gpu
+@pytest.mark.parametrize("op,case", [("grouped_linear", c) for c in LINEAR_CASES[::2]]
+                         + [("gpc_io", c) for c in LINEAR_CASES[1::2]]
+                         + [("gpc_block", c) for c in BLOCK_CASES]
+                         + [("interleave", c) for c in INTERLEAVE_CASES[:3]],
+                         ids=lambda v: v if isinstance(v, str) else v.id)
+def test_triton_bf16_parity_cuda(op, case):
+    check_op(op, make_operands(op, case, torch.bfloat16, "cuda"), "triton", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["grouped_linear", "gpc_io", "gpc_block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_parity_cuda_explicit(op, dtype):
+    case = Case(5, 48, 80, (3, 7), "sliced", True, second=False) if op == "gpc_block" else \
+        Case(5, 80, 48, (3, 7), "sliced", True)
+    check_op(op, make_operands(op, case, dtype, "cuda"), "triton", dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream gradients with unusual layouts
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["grouped_linear", "gpc_io", "gpc_block", "interleave"])
+def test_expanded_and_strided_upstream_grads(op, backend):
+    """``y.sum()`` hands backward a zero-stride gradient; ``y[..., ::2]`` a sparse one."""
+    case = (Case(3, 5, 4, (2, 5), "contig", True) if op != "interleave"
+            else interleave_case(12, 3, (2, 5)))
+    ops = make_operands(op, case, torch.float32)
+    targets = [t for _, t in ops.grad_targets()]
+
+    def transposed(y):
+        scale = torch.arange(y.shape[0], dtype=y.dtype, device=y.device).view(-1, 1)
+        return (y.transpose(0, 1) * scale).sum()
+
+    for reduce in (lambda y: y.sum(), lambda y: (y[..., ::2] * 1.5).sum(), transposed):
+        y = call_package(op, ops, ops.x, ops.params, backend)
+        grads = torch.autograd.grad(reduce(y), targets)
+        x64, p64, targets64 = reference_operands(ops, torch.float64)
+        grads64 = torch.autograd.grad(reduce(call_reference(op, ops, x64, p64)), targets64)
+        for (n, _), g, g64 in zip(ops.grad_targets(), grads, grads64):
+            assert rel_error(g, g64) < 1e-5, n
+
+
+# --------------------------------------------------------------------------------------------
+# Empty batch, NaN / Inf
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["grouped_linear", "gpc_io", "gpc_block", "gpc_block_now2",
+                                "interleave"])
+@pytest.mark.parametrize("lead", [(0,), (3, 0), (0, 2, 4)], ids=["0", "3x0", "0x2x4"])
+def test_empty_batch(op, backend, lead):
+    name = "gpc_block" if op.startswith("gpc_block") else op
+    case = Case(3, 5, 4, lead, "contig", True, second=op != "gpc_block_now2")
+    if op == "interleave":
+        case = interleave_case(12, 4, lead)
+    ops = make_operands(name, case, torch.float32)
+    y = call_package(name, ops, ops.x, ops.params, backend)
+    assert y.shape == (*lead, 12)
+    targets = [t for _, t in ops.grad_targets()]
+    grads = torch.autograd.grad(y, targets, torch.randn_like(y))
+    for (n, t), g in zip(ops.grad_targets(), grads):
+        assert g.shape == t.shape, n
+        if n != "x":  # a sum over no rows: exactly zero (not poisoned memory)
+            assert torch.equal(g, torch.zeros_like(g)), n
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["grouped_linear", "gpc_io", "gpc_block", "gpc_block_now2",
+                                "interleave"])
+def test_nan_inf_propagate_like_reference(op, backend):
+    name = "gpc_block" if op.startswith("gpc_block") else op
+    case = Case(3, 5, 4 if op != "gpc_block_now2" else 6, (6,), "contig", True,
+                second=op != "gpc_block_now2")
+    if op == "interleave":
+        case = interleave_case(15, 3, (6,))
+    ops = make_operands(name, case, torch.float32)
+    x = ops.x.detach().clone()
+    x[1, 2] = float("nan")
+    x[3, 7] = float("inf")
+    x[4, 14] = -float("inf")
+    with torch.no_grad():
+        y = call_package(name, ops, x, ops.params, backend)
+        p64 = {k: None if v is None else v.detach().double() for k, v in ops.params.items()}
+        y64 = call_reference(name, ops, x.double(), p64)
+    assert torch.equal(torch.isnan(y), torch.isnan(y64))
+    assert torch.equal(torch.isinf(y), torch.isinf(y64))
+    assert torch.equal(torch.isinf(y) & (y > 0), torch.isinf(y64) & (y64 > 0))
+    clean = [0, 2, 5]
+    assert torch.isfinite(y[clean]).all()
+    assert rel_error(y[clean], y64[clean]) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# gradcheck (float64)
+# --------------------------------------------------------------------------------------------
+
+GRADCHECK_CASES = [
+    ("grouped_linear", Case(2, 3, 2, (3,), "sliced", True)),
+    ("gpc_io", Case(3, 2, 2, (3,), "contig", True)),
+    ("gpc_block", Case(2, 3, 2, (3,), "transposed", True)),
+    ("gpc_block", Case(2, 2, 3, (3,), "contig", True, second=False)),
+    ("interleave", interleave_case(6, 2, (2, 2))),
+]
+
+
+def _gradcheck(op, case, backend):
+    ops = make_operands(op, case, torch.float64)
+    names = [n for n, _ in ops.grad_targets()]
+    leaves = [t.detach().clone().requires_grad_() for _, t in ops.grad_targets()]
+
+    def fn(*args):
+        params = dict(zip(names[1:], args[1:]))
+        params = {k: params.get(k) for k in ops.params}
+        return call_package(op, ops, args[0], params, backend)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("op,case", GRADCHECK_CASES, ids=lambda v: v if isinstance(v, str) else v.id)
+def test_gradcheck_torch_backend(op, case):
+    _gradcheck(op, case, "torch")
+
+
+@pytest.mark.parametrize("op,case", GRADCHECK_CASES, ids=lambda v: v if isinstance(v, str) else v.id)
+def test_gradcheck_triton_backend(op, case):
+    # The kernels keep a float64 accumulator for float64 operands, so gradcheck runs them directly.
+    _gradcheck(op, case, "triton")
+
+
+@pytest.mark.parametrize("op", ["grouped_linear", "gpc_io", "gpc_block"])
+def test_triton_float64_matches_oracle(op):
+    """float64 operands get a float64 accumulator in the kernel (not fp32 ``tl.zeros``)."""
+    ops = make_operands(op, Case(2, 3, 5, (4,), "contig", True), torch.float64)
+    with torch.no_grad():
+        y = call_package(op, ops, ops.x, ops.params, "triton")
+    y64, _ = run_reference(op, ops, torch.float64, None)
+    assert rel_error(y, y64) < 1e-10
+
+
+# --------------------------------------------------------------------------------------------
+# Bias / weight layouts the functional API accepts
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["grouped_linear", "gpc_io", "gpc_block"])
+def test_non_contiguous_bias(op, backend):
+    """A bias that is a transposed view ([G, og] with column stride G) must give the same result."""
+    G, s, og = 3, 5, 4
+    x = make_input((5,), G * s, torch.float32)
+    w1 = make_weight(G, s, og, torch.float32)
+    w2 = make_weight(G, s if op == "gpc_io" else og, og, torch.float32)
+    b1 = torch.randn(og, G, device=DEVICE).t().requires_grad_()
+    b2 = torch.randn(og, G, device=DEVICE).t().requires_grad_()
+    assert not b1.is_contiguous()
+    args = {"grouped_linear": (w1, b1), "gpc_io": (w1, w2, b1, b2), "gpc_block": (w1, w2, b1, b2)}[op]
+    fn = getattr(kphi3_kernels, op)
+    ref = getattr(R, op)
+    y = fn(x, *args, backend=backend)
+    y64 = ref(x.detach().double(), *[a.detach().double() for a in args])
+    assert rel_error(y, y64) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# Rank 1, partial requires_grad, inference mode
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["grouped_linear", "gpc_io", "gpc_block", "interleave"])
+def test_one_dimensional_input(op, backend):
+    case = (Case(3, 5, 4, (), "contig", True) if op != "interleave"
+            else interleave_case(12, 4, ()))
+    check_op(op, make_operands(op, case, torch.float32), backend, torch.float32)
+
+
+PARTIAL = [(op, wanted) for op in ["grouped_linear", "gpc_io", "gpc_block"]
+           for wanted in [("x",), ("weight1", "weight2"), ("bias2",), ("x", "bias1")]
+           if not (op == "grouped_linear" and wanted == ("bias2",))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op,wanted", PARTIAL, ids=[f"{o}-{'+'.join(w)}" for o, w in PARTIAL])
+def test_partial_requires_grad(op, wanted, backend):
+    ops = make_operands(op, Case(3, 5, 4, (7,), "sliced", True), torch.float32)
+    targets = [(n, t) for n, t in ops.grad_targets() if n in wanted]
+    x = ops.x if "x" in wanted else ops.x.detach()
+    params = {k: (v if k in wanted or v is None else v.detach()) for k, v in ops.params.items()}
+    y = call_package(op, ops, x, params, backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [t for _, t in targets], dy)
+    _, grads64 = run_reference(op, ops, torch.float64, dy)
+    by_name = dict(zip([n for n, _ in ops.grad_targets()], grads64))
+    for (n, _), g in zip(targets, grads):
+        assert rel_error(g, by_name[n]) < 1e-5, n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["grouped_linear", "gpc_io", "gpc_block", "interleave"])
+def test_inference_mode(op, backend):
+    case = (Case(5, 7, 3, (2, 5), "transposed", True) if op != "interleave"
+            else interleave_case(35, 5, (2, 5)))
+    ops = make_operands(op, case, torch.float32)
+    with torch.inference_mode():
+        y = call_package(op, ops, ops.x, ops.params, backend)
+    y64, _ = run_reference(op, ops, torch.float64, None)
+    assert not y.requires_grad
+    assert rel_error(y, y64) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# Small tiles: several K-steps, row / column tiles and row bands in every launch
+# --------------------------------------------------------------------------------------------
+
+SMALL_TILE_CASES = [
+    ("grouped_linear", Case(2, 40, 24, (150,), "sliced", True)),       # 10 row tiles > GROUP_P = 8
+    ("gpc_io", Case(3, 40, 36, (3, 13), "transposed", True)),
+    ("gpc_block", Case(2, 36, 40, (37,), "contig", True, second=False)),
+    ("gpc_block", Case(3, 40, 36, (2, 19), "sliced", True, weight_t=True)),
+]
+
+
+@requires_interpreter
+@pytest.mark.parametrize("tiles", [(16, 16, 16), (16, 32, 32)], ids=["16x16x16", "16x32x32"])
+@pytest.mark.parametrize("op,case", SMALL_TILE_CASES, ids=[f"{o}-{c.id}" for o, c in SMALL_TILE_CASES])
+def test_small_tiles_interpreter(op, case, tiles, monkeypatch):
+    """The launcher picks the largest tiles when interpreting, so K loops rarely iterate; force
+    small tiles so that the K loop, the masks of partial tiles and the grouped tile order run."""
+    import kphi3_kernels.ops.grouped_gemm as gg
+
+    bp, bq, bk = tiles
+    monkeypatch.setattr(gg, "_interpreter_config",
+                        lambda P, Q, K: {"BLOCK_P": bp, "BLOCK_Q": bq, "BLOCK_K": bk})
+    check_op(op, make_operands(op, case, torch.float32), "triton", torch.float32)
