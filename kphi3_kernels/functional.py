@@ -35,7 +35,8 @@ def _cast_params(x: torch.Tensor, params: Sequence[Optional[torch.Tensor]], op: 
                 f"{op}: input is on {x.device} but a parameter is on {p.device}; "
                 "move the module or the input so that both are on one device"
             )
-    if torch.is_autocast_enabled(device_type):
+    # Like autocast itself (and so nn.Linear), float64 is never cast down.
+    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device_type)
         return x.to(dtype), [None if p is None else p.to(dtype) for p in params]
     for p in params:
