@@ -1,0 +1,555 @@
+"""PyTorch KPhi-3: a Phi-3 decoder whose dense projections are grouped pointwise convolution blocks.
+
+The classes read in the order data flows: MLP, rotary embedding, attention, decoder layer,
+pre-trained base, model, heads. Every projection is a ``kphi3_kernels`` module (or a plain
+``nn.Linear`` when ``min_channels_per_group < 0``); which implementation those modules run, the
+fused Triton kernels or the PyTorch reference, is ``config.kernel_backend``. This file never
+launches a kernel itself.
+
+Mirrors ``transformers.models.phi3.modeling_phi3`` (attention through ``ALL_ATTENTION_FUNCTIONS``,
+masks from ``masking_utils``, ``DynamicCache``, ``GradientCheckpointingLayer``), and runs on the
+transformers releases that call the KV cache ``past_key_values`` (up to 5.2x) as well as those that
+call it ``cache``: see ``CACHE_KWARG``.
+"""
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import (
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from kphi3_kernels import (
+    GroupedLinear,
+    GroupedLinearFast,
+    GroupedPointwiseConvolutionBlock,
+    GroupedPointwiseConvolutionBlockIO,
+    InterleaveChannelsFast,
+)
+from kphi3_kernels.backend import validate_backend
+
+from .configuration_kphi3 import KPhi3Config, check_kphi3_config
+
+# The name transformers gives the KV cache, as a forward argument and as an output field: newer
+# releases renamed `past_key_values` to `cache`. The model emits the installed release's name and
+# accepts either on input.
+CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# Every kphi3_kernels module class: the ones whose `backend` `set_kernel_backend` switches.
+KERNEL_MODULES = (
+    GroupedPointwiseConvolutionBlockIO,
+    GroupedPointwiseConvolutionBlock,
+    GroupedLinearFast,
+    GroupedLinear,
+    InterleaveChannelsFast,
+)
+
+
+def _cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache passed under either name."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
+
+def grouped_block(config: KPhi3Config, in_features: int, out_features: int) -> nn.Module:
+    """An IO block ``in -> out`` with the config's group rule and kernel backend (SPEC.md)."""
+    return GroupedPointwiseConvolutionBlockIO(
+        in_features,
+        out_features,
+        min_channels_per_group=config.min_channels_per_group,
+        last_dim=2,
+        use_bias=False,
+        backend=config.kernel_backend,
+    )
+
+
+def projection(config: KPhi3Config, in_features: int, out_features: int) -> nn.Module:
+    """A layer projection: an IO block, or Phi-3's ``nn.Linear`` when ``min_channels_per_group < 0``."""
+    if config.min_channels_per_group < 0:
+        return nn.Linear(in_features, out_features, bias=False)
+    return grouped_block(config, in_features, out_features)
+
+
+class KPhi3MLP(nn.Module):
+    def __init__(self, config: KPhi3Config):
+        super().__init__()
+        self.config = config
+        self.gate_up_proj = projection(config, config.hidden_size, 2 * config.intermediate_size)
+        self.down_proj = projection(config, config.intermediate_size, config.hidden_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        up_states = self.gate_up_proj(hidden_states)
+        gate, up_states = up_states.chunk(2, dim=-1)  # the gate is the first half
+        up_states = up_states * self.activation_fn(gate)
+        return self.down_proj(up_states)
+
+
+class KPhi3RotaryEmbedding(nn.Module):
+    """Phi-3's RoPE: the default frequencies, or longrope's short / long factors.
+
+    Both frequency sets are non-persistent buffers (never in checkpoints); ``_init_weights``
+    recomputes them, so they are right after ``from_pretrained`` too.
+    """
+
+    inv_freq: torch.Tensor
+    long_inv_freq: torch.Tensor
+
+    def __init__(self, config: KPhi3Config):
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        self.original_max_position_embeddings = config.rope_parameters.get(
+            "original_max_position_embeddings", config.original_max_position_embeddings
+        )
+        inv_freq, long_inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: KPhi3Config, device=None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(inv_freq, long_inv_freq, attention_scaling)`` with Phi-3's formulas.
+
+        Without longrope both sets are the default ``1 / theta^(2i/d)`` and the scaling is 1.
+        """
+        params = config.rope_parameters
+        base = params["rope_theta"]
+        head_dim = config.hidden_size // config.num_attention_heads
+        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+        if params.get("rope_type", "default") != "longrope":
+            inv_freq = 1.0 / (base**exponent)
+            return inv_freq, inv_freq.clone(), 1.0
+
+        original = params.get("original_max_position_embeddings", config.original_max_position_embeddings)
+        factor = params.get("factor") or config.max_position_embeddings / original
+        attention_scaling = params.get("attention_factor")
+        if attention_scaling is None:
+            attention_scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        short = torch.tensor(params["short_factor"], dtype=torch.float32, device=device)
+        long = torch.tensor(params["long_factor"], dtype=torch.float32, device=device)
+        return 1.0 / (short * base**exponent), 1.0 / (long * base**exponent), attention_scaling
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if self.rope_type == "longrope":
+            # The long factors once the sequence outgrows the pre-training length, else the short ones.
+            seq_len = position_ids.max() + 1
+            inv_freq = torch.where(seq_len > self.original_max_position_embeddings, self.long_inv_freq, inv_freq)
+        device_type = x.device.type if x.device.type != "mps" else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):  # angles in fp32
+            freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos = emb.cos() * self.attention_scaling
+            sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotates half the hidden dims of the input."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """Applies the rotary embedding to the (possibly partial) rotary dims of ``q`` and ``k``."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    rotary_dim = cos.shape[-1]
+    q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
+    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
+    q_embed = torch.cat([(q_rot * cos) + (rotate_half(q_rot) * sin), q_pass], dim=-1)
+    k_embed = torch.cat([(k_rot * cos) + (rotate_half(k_rot) * sin), k_pass], dim=-1)
+    return q_embed, k_embed
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """``(batch, kv_heads, seq, hd) -> (batch, kv_heads * n_rep, seq, hd)``, each kv head repeated."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class KPhi3Attention(nn.Module):
+    """Multi-headed (GQA) attention; ``qkv_proj`` and ``o_proj`` are grouped blocks."""
+
+    def __init__(self, config: KPhi3Config, layer_idx: int | None = None):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+
+        op_size = config.num_attention_heads * self.head_dim + 2 * (config.num_key_value_heads * self.head_dim)
+        self.qkv_proj = projection(config, config.hidden_size, op_size)
+        self.o_proj = projection(config, config.num_attention_heads * self.head_dim, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = _cache_argument(cache, past_key_values)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        qkv = self.qkv_proj(hidden_states)
+        query_pos = self.config.num_attention_heads * self.head_dim
+        query_states = qkv[..., :query_pos]
+        key_states = qkv[..., query_pos : query_pos + self.num_key_value_heads * self.head_dim]
+        value_states = qkv[..., query_pos + self.num_key_value_heads * self.head_dim :]
+
+        query_states = query_states.view(hidden_shape).transpose(1, 2)
+        key_states = key_states.view(hidden_shape).transpose(1, 2)
+        value_states = value_states.view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=getattr(self.config, "sliding_window", None),
+            **kwargs,
+        )
+
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights
+
+
+class KPhi3RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class KPhi3DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: KPhi3Config, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = KPhi3Attention(config=config, layer_idx=layer_idx)
+        self.mlp = KPhi3MLP(config)
+        self.input_layernorm = KPhi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = KPhi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.config = config
+        self.resid_attn_dropout = nn.Dropout(config.resid_pdrop)
+        self.resid_mlp_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        # The KV cache travels in `kwargs` under CACHE_KWARG, the name GradientCheckpointingLayer clears.
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + self.resid_attn_dropout(hidden_states)
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + self.resid_mlp_dropout(hidden_states)
+        return hidden_states
+
+
+class KPhi3PreTrainedModel(PreTrainedModel):
+    config: KPhi3Config
+    config_class = KPhi3Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["KPhi3DecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": KPhi3DecoderLayer,
+        "attentions": KPhi3Attention,
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Phi-3's init (normal(0, initializer_range) for nn.Linear / Embedding, ones for RMSNorm), and,
+        like the original KPhi-3, each GroupedLinearFast's own init: ``kaiming_uniform_(a=sqrt(5))`` on
+        its 3-D weight (``GroupedLinearFast.reset_parameters``). transformers' ``init`` functions
+        skip tensors already loaded from a checkpoint. The RoPE buffers are recomputed."""
+        if isinstance(module, GroupedLinearFast):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.in_features_per_group)
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, KPhi3RotaryEmbedding):
+            inv_freq, long_inv_freq, _ = module.compute_inv_freq(module.config, device=module.inv_freq.device)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.long_inv_freq, long_inv_freq)
+        else:
+            super()._init_weights(module)
+
+    def set_kernel_backend(self, backend: str) -> None:
+        """Switch every grouped layer of the model to ``"auto"``, ``"triton"`` or ``"torch"``."""
+        backend = validate_backend(backend)
+        self.config.kernel_backend = backend
+        for module in self.modules():
+            if isinstance(module, KERNEL_MODULES):
+                module.backend = backend
+
+
+class KPhi3Model(KPhi3PreTrainedModel):
+    def __init__(self, config: KPhi3Config):
+        super().__init__(config)
+        check_kphi3_config(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_size, self.padding_idx)
+        self.embed_dropout = nn.Dropout(config.embd_pdrop)
+        # Present (and in checkpoints) only when the embedding width differs from the hidden width.
+        self.embed_to_hidden = (
+            grouped_block(config, config.embed_size, config.hidden_size)
+            if config.embed_size != config.hidden_size
+            else None
+        )
+        self.layers = nn.ModuleList(
+            [KPhi3DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = KPhi3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = KPhi3RotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+
+        # Initialize weights and apply final processing
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        cache = _cache_argument(cache, past_key_values)
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        # The cache is the fourth argument under both of its names.
+        causal_mask = mask_function(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
+
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+        hidden_states = self.embed_dropout(inputs_embeds)
+        if self.embed_to_hidden is not None:
+            hidden_states = self.embed_to_hidden(hidden_states)
+
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **{CACHE_KWARG: cache},
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_KWARG: cache if use_cache else None})
+
+
+class KPhi3ForCausalLM(KPhi3PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: KPhi3Config):
+        super().__init__(config)
+        self.model = KPhi3Model(config)
+        self.vocab_size = config.vocab_size
+        self.hidden_to_embed = (
+            grouped_block(config, config.hidden_size, config.embed_size)
+            if config.embed_size != config.hidden_size
+            else None
+        )
+        self.lm_head = nn.Linear(config.embed_size, config.vocab_size, bias=False)
+
+        # Initialize weights and apply final processing
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token labels (shifted inside the loss); `-100` is ignored.
+        logits_to_keep (`int` or `torch.Tensor`, *optional*):
+            Compute logits only for the last `logits_to_keep` positions (0: all), or for the given indices.
+        """
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **{CACHE_KWARG: _cache_argument(cache, past_key_values)},
+            **kwargs,
+        )
+
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        hidden_states = hidden_states[:, slice_indices, :]
+        if self.hidden_to_embed is not None:
+            hidden_states = self.hidden_to_embed(hidden_states)
+        logits = self.lm_head(hidden_states).float()  # SPEC.md: float logits, like the original
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)},
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        # As Phi-3: longrope switches to the long factors once the sequence outgrows
+        # `original_max_position_embeddings`; the keys cached with the short factors are then stale,
+        # so the first step past that point recomputes the whole sequence without the cache.
+        cache = kwargs.get(CACHE_KWARG)
+        original = self.model.rotary_emb.original_max_position_embeddings
+        if (
+            cache is not None
+            and self.model.rotary_emb.rope_type == "longrope"
+            and input_ids.shape[1] >= original + 1
+            and cache.get_seq_length() <= original
+        ):
+            kwargs[CACHE_KWARG] = None
+            kwargs["next_sequence_length"] = None
+        return super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+
+
+class KPhi3ForSequenceClassification(GenericForSequenceClassification, KPhi3PreTrainedModel):
+    pass
+
+
+class KPhi3ForTokenClassification(GenericForTokenClassification, KPhi3PreTrainedModel):
+    pass
+
+
+__all__ = [
+    "KPhi3PreTrainedModel",
+    "KPhi3Model",
+    "KPhi3ForCausalLM",
+    "KPhi3ForSequenceClassification",
+    "KPhi3ForTokenClassification",
+]
