@@ -1,0 +1,276 @@
+"""The one prepared script for a session that has a GPU: parity in half precision, then timings.
+
+    python -m benchmarks.gpu_check --out-dir "$OUT"          # on the GPU machine
+    python -m benchmarks.gpu_check --dry-run --out-dir /tmp/x # here: CPU, torch backend, tiny shapes
+
+Steps (each one is recorded, a failing step does not stop the next):
+1. ``env.json``: device, versions, date.
+2. ``pytest tests -m gpu`` (output in ``pytest-gpu.txt``, JUnit XML next to it).
+3. ``parity.json``: ``gpc_io``, ``grouped_linear`` and ``gpc_block`` (with biases) in bf16 and fp16
+   on the Triton backend, forward and every gradient, against a float64 reference at the
+   released shapes and odd token counts; the torch backend's error in the same dtype is shown
+   next to it. A case passes when its worst relative error is <= 2e-2 and no worse than
+   ``1.5 x`` the torch backend's (or below 5e-3).
+4. The benchmark sweep (``benchmarks.run``'s machinery): the released shapes at
+   M in {16, 2048, 8192}, fwd / bwd / fwd+bwd, providers triton, torch, reference, torch.compile
+   and nn.Linear, in bf16: ``<device>-<date>.json`` (ready for benchmarks/results/), its table and
+   plots.
+5. Optionally (``--model``) the model-level benchmark: ``model-<device>-<date>.json``.
+``summary.json`` says which steps passed; the exit status is 0 only when all did.
+
+``--dry-run`` runs every step's logic on the CPU with the torch backend standing in for Triton,
+on tiny shapes, and skips pytest (its command is recorded): it checks the script, not the GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import kphi3_kernels
+from kphi3_kernels import reference
+
+from . import env, parity, providers, report, roofline, shapes
+from .shapes import Shape
+from .run import sweep_meta
+from .sweep import SweepConfig, run_sweep
+
+TIMING_M = (16, 2048, 8192)
+PARITY_M = (1, 37, 2048)  # a decode row, an odd count (masked tiles), a training-size count
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+ABS_LIMIT, RATIO_LIMIT, FLOOR = 2e-2, 1.5, 5e-3
+
+# Dry run: tiny grouped shapes (in, out, min) with G = 4 and G = 2, one with in < out.
+DRY_SHAPES = [Shape("tiny-up", "tiny", "up", 64, 128, 16), Shape("tiny-down", "tiny", "down", 128, 64, 32)]
+DRY_M = (1, 7)
+
+
+def _randn(shape, dtype, device, generator, scale=1.0):
+    return (torch.randn(shape, generator=generator, device=device) * scale).to(dtype).requires_grad_()
+
+
+PARAM_NAMES = {"grouped_linear": ["w", "b"], "gpc_io": ["w1", "w2", "b1", "b2"],
+               "gpc_block": ["w1", "w2", "b1", "b2"]}
+
+
+def _case_inputs(op: str, shape: Shape, M: int, dtype, device, generator):
+    """(x, weights and biases in PARAM_NAMES order) for one op; all leaves requiring grad."""
+    G, s, og = shape.groups, shape.in_per_group, shape.out_per_group
+    x = _randn((M, shape.in_features), dtype, device, generator)
+    if op == "grouped_linear":
+        return x, [_randn((G, s, og), dtype, device, generator, s ** -0.5),
+                   _randn((G, og), dtype, device, generator)]
+    if op == "gpc_io":
+        return x, [_randn((G, s, og), dtype, device, generator, (2 * s) ** -0.5),
+                   _randn((G, s, og), dtype, device, generator, (2 * s) ** -0.5),
+                   _randn((G, og), dtype, device, generator), _randn((G, og), dtype, device, generator)]
+    w2 = (_randn((G, og, og), dtype, device, generator, og ** -0.5)
+          if shape.in_features >= shape.out_features else None)
+    return x, [_randn((G, s, og), dtype, device, generator, s ** -0.5), w2,
+               _randn((G, og), dtype, device, generator),
+               _randn((G, og), dtype, device, generator) if w2 is not None else None]
+
+
+def _run_op(op: str, backend: Optional[str], x, params):
+    """Forward on a backend (None: the plain reference) and backward with a fixed upstream grad."""
+    if backend is None:
+        fn = getattr(reference, op)
+    else:
+        fn = getattr(kphi3_kernels, op)
+    y = fn(x, *params) if backend is None else fn(x, *params, backend=backend)
+    return y
+
+
+def _errors(op, backend, x, params, dy, want) -> Dict[str, float]:
+    leaves = [x] + [p for p in params if p is not None]
+    for t in leaves:
+        t.grad = None
+    y = _run_op(op, backend, x, params)
+    y.backward(dy)
+    got = [y] + [t.grad for t in leaves]
+    names = ["y", "dx"] + [f"d{n}" for n, p in zip(PARAM_NAMES[op], params) if p is not None]
+    return {n: (float("inf") if g is None else parity.rel_err(g, w))
+            for n, g, w in zip(names, got, want)}
+
+
+def parity_cases(device, candidate: str, shapes_: List[Shape], Ms, seed=0) -> List[dict]:
+    """Every op x dtype x shape x M: the candidate backend's and the torch backend's errors."""
+    out = []
+    for op in ("gpc_io", "grouped_linear", "gpc_block"):
+        for dtype in HALF_DTYPES:
+            for shape in shapes_:
+                for M in Ms:
+                    g = torch.Generator(device=device).manual_seed(seed)
+                    x, params = _case_inputs(op, shape, M, dtype, device, g)
+                    dy = torch.randn(M, shape.out_features, generator=g, device=device).to(dtype)
+                    x64 = x.detach().double().requires_grad_()
+                    p64 = [None if p is None else p.detach().double().requires_grad_() for p in params]
+                    y64 = _run_op(op, None, x64, p64)
+                    y64.backward(dy.double())
+                    want = [y64] + [t.grad for t in [x64] + [p for p in p64 if p is not None]]
+                    case = {"op": op, "dtype": shapes.dtype_name(dtype), "shape": shape.name,
+                            "in": shape.in_features, "out": shape.out_features, "G": shape.groups,
+                            "M": M, "backend": candidate}
+                    try:
+                        cand = _errors(op, candidate, x, params, dy, want)
+                        base = _errors(op, "torch", x, params, dy, want)
+                        worst, worst_base = max(cand.values()), max(base.values())
+                        ok = worst <= ABS_LIMIT and (worst <= RATIO_LIMIT * worst_base or worst <= FLOOR)
+                        case.update(errors=cand, torch_errors=base, worst=worst,
+                                    torch_worst=worst_base, ok=ok)
+                    except Exception as err:
+                        case.update(ok=False, error=f"{type(err).__name__}: {err}")
+                    out.append(case)
+    return out
+
+
+def run_pytest_gpu(out_dir: str, dry_run: bool, timeout_s: int) -> dict:
+    xml = os.path.join(out_dir, "pytest-gpu.xml")
+    cmd = [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+           f"--junitxml={xml}"]
+    if dry_run:
+        return {"ok": True, "skipped": "dry run", "command": " ".join(cmd)}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as err:
+        text = err.stdout or ""
+        if isinstance(text, bytes):  # TimeoutExpired keeps the raw bytes even with text=True
+            text = text.decode(errors="replace")
+        with open(os.path.join(out_dir, "pytest-gpu.txt"), "w") as f:
+            f.write(text + f"\nTIMED OUT after {timeout_s} s\n")
+        return {"ok": False, "error": f"timed out after {timeout_s} s", "command": " ".join(cmd)}
+    with open(os.path.join(out_dir, "pytest-gpu.txt"), "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    tail = (proc.stdout.strip().splitlines() or [""])[-1]
+    # 5: nothing was collected (no test carries the gpu marker): not a failure of the kernels.
+    return {"ok": proc.returncode in (0, 5), "returncode": proc.returncode, "last_line": tail,
+            "command": " ".join(cmd)}
+
+
+def run_timing(out_dir: str, device, dtype, shapes_, Ms, provider_names, quick_budget: bool) -> dict:
+    chosen = providers.resolve_providers(provider_names)
+    info = env.environment(device)
+    roof = roofline.roofline_for(device, dtype, quick=quick_budget)
+    cfg = SweepConfig(shapes=shapes_, Ms=Ms, modes=list(shapes.MODES), providers=chosen,
+                      dtype=dtype, device=device, roofline=roof,
+                      env=env.row_env(info),
+                      budget_s=0.05 if quick_budget else 1.0, min_reps=3 if quick_budget else 5)
+    rows = run_sweep(cfg, progress=sys.stderr.isatty())
+    meta = sweep_meta(cfg, info, roof, "python -m benchmarks.gpu_check (its timing step)", False)
+    stem = env.default_results_name(device)[:-len(".json")]
+    json_path = os.path.join(out_dir, f"{stem}.json")
+    report.write_json(json_path, rows, meta)
+    text = report.format_report(rows, meta)
+    with open(os.path.join(out_dir, f"{stem}.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    plots = []
+    try:
+        plots = report.write_plots(rows, os.path.join(out_dir, f"plots-{stem}"))
+    except RuntimeError as err:  # no matplotlib: the numbers are what matter
+        print(f"plots skipped: {err}")
+    failed = [f"{r.provider} {r.shape} M={r.M} {r.mode}: {r.status} {r.error}" for r in rows if r.failed]
+    return {"ok": not failed, "json": json_path, "plots": plots, "failed": failed,
+            "rows": len(rows), "timed": sum(r.timed for r in rows)}
+
+
+def run_model(out_dir: str, device, dry_run: bool) -> dict:
+    from . import model_bench
+
+    stem = env.default_results_name(device)[:-len(".json")]
+    path = os.path.join(out_dir, f"model-{stem}.json")
+    argv = ["--out", path, "--no-progress"] + (["--quick", "--device", "cpu"] if dry_run else [])
+    status = model_bench.main(argv)
+    return {"ok": status == 0, "returncode": status, "json": path}
+
+
+def _step(summary: dict, name: str, fn: Callable[[], dict]) -> None:
+    start = time.perf_counter()
+    print(f"== {name}", flush=True)
+    try:
+        result = fn()
+    except Exception as err:
+        result = {"ok": False, "error": f"{type(err).__name__}: {err}",
+                  "traceback": traceback.format_exc()}
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    summary["steps"][name] = result
+    print(f"== {name}: {'ok' if result.get('ok') else 'FAILED'} ({result['seconds']} s)", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--out-dir", default=os.environ.get("OUT") or "gpu-check-out",
+                   help="where everything is written (default: $OUT, else ./gpu-check-out)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU, torch backend instead of Triton, tiny shapes, no pytest")
+    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the timing")
+    p.add_argument("--model", action="store_true", help="also run the model-level benchmark")
+    p.add_argument("--pytest-timeout-s", type=int, default=240,
+                   help="stop `pytest -m gpu` after this long (default %(default)s)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    dry = args.dry_run
+    if not dry and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; use --dry-run to exercise the script on a CPU",
+              file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if dry else "cuda")
+    candidate = "torch" if dry else "triton"
+    released = [s for s in shapes.SHAPES.values() if s.family == "kphi3"]
+    summary: dict = {"dry_run": dry, "out_dir": os.path.abspath(args.out_dir), "steps": {}}
+
+    def write_env():
+        info = env.environment(device)
+        with open(os.path.join(args.out_dir, "env.json"), "w") as f:
+            json.dump(info, f, indent=1)
+        return {"ok": True, **info}
+
+    def check_parity():
+        cases = parity_cases(device, candidate, DRY_SHAPES if dry else released,
+                             DRY_M if dry else PARITY_M)
+        report.write_payload(os.path.join(args.out_dir, "parity.json"),
+                             {"limits": {"abs": ABS_LIMIT, "ratio_to_torch": RATIO_LIMIT,
+                                         "floor": FLOOR}, "cases": cases})
+        bad = [c for c in cases if not c["ok"]]
+        for c in cases:
+            flag = "ok " if c["ok"] else "BAD"
+            print(f"{flag} {c['op']:14s} {c['dtype']} {c['shape']:14s} M={c['M']:<5d} "
+                  f"{candidate} {c.get('worst', float('nan')):.2e}  torch "
+                  f"{c.get('torch_worst', float('nan')):.2e} {c.get('error', '')}")
+        return {"ok": not bad, "cases": len(cases), "failed": len(bad)}
+
+    names = ["triton", "torch", "reference", "torch.compile", "nn.Linear"]
+    if args.no_compile:
+        names.remove("torch.compile")
+    if dry:
+        names.remove("triton")  # on CPU it would only say "needs a GPU"
+
+    _step(summary, "env", write_env)
+    _step(summary, "pytest -m gpu", lambda: run_pytest_gpu(args.out_dir, dry, args.pytest_timeout_s))
+    _step(summary, "parity", check_parity)
+    _step(summary, "timing", lambda: run_timing(
+        args.out_dir, device, torch.float32 if dry else torch.bfloat16,
+        DRY_SHAPES if dry else released, DRY_M if dry else TIMING_M, names, quick_budget=dry))
+    if args.model:
+        _step(summary, "model", lambda: run_model(args.out_dir, device, dry))
+    summary["ok"] = all(s.get("ok") for s in summary["steps"].values())
+    report.write_payload(os.path.join(args.out_dir, "summary.json"), summary)
+    print(f"gpu_check: {'all steps passed' if summary['ok'] else 'FAILED'}; see "
+          f"{os.path.join(args.out_dir, 'summary.json')}")
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""Model-level benchmark: tokens/s of a training step and of ``generate``, and peak memory.
+
+``python -m benchmarks.model_bench`` (or ``kphi3-bench model``). Variants, same sizes:
+
+- ``kphi3-triton``: ``KPhi3ForCausalLM`` with ``kernel_backend="triton"`` (the fused kernels;
+  CUDA only, "needs a GPU" elsewhere);
+- ``kphi3-torch``: the same model on the PyTorch reference backend (``kernel_backend="torch"``);
+- ``phi3-dense``: transformers' ``Phi3ForCausalLM`` with the same hidden, intermediate, heads,
+  layers and vocabulary: what the grouped projections replace.
+
+A training step is forward + backward + ``AdamW.step()`` on ``batch x seq`` tokens; ``generate``
+is greedy decoding of exactly ``new_tokens`` tokens after a ``prompt``-token prompt (prefill
+included). Before timing, each KPhi-3 variant's logits are compared with a float64 copy of the
+model on the torch backend; a kernel variant whose error exceeds twice the torch backend's own
+error in the same dtype (or 1e-5) is not timed.
+
+Memory: ``state MB`` is the bytes of the weights and AdamW's state (summed from the tensors);
+``peak MB`` is the peak allocated during one step or one ``generate`` above what was allocated
+before it (CUDA: ``max_memory_allocated``; CPU: torch.profiler's allocation events).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from . import env, memory, report, shapes
+from .parity import rel_err
+from .progress import Progress
+from .timing import quantiles_ms
+
+VARIANTS = ("kphi3-triton", "kphi3-torch", "phi3-dense")
+TASKS = ("train", "generate")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    hidden: int
+    intermediate: int
+    min_channels_per_group: int
+    heads: int
+    vocab: int = 32064
+    pad_token_id: int = 32000  # also the EOS token, as in the released config
+
+
+def _family(name: str, heads: int) -> ModelFamily:
+    f = shapes.FAMILIES[name]
+    return ModelFamily(f.hidden, f.intermediate, f.min_channels_per_group, heads)
+
+
+# The released config.json: 10 heads of 128; Phi-3-mini: 32 heads of 96.
+MODEL_FAMILIES: Dict[str, ModelFamily] = {"kphi3": _family("kphi3", 10),
+                                          "phi3-mini": _family("phi3-mini", 32)}
+MODEL_UNAVAILABLE = ("kphi3_model is not importable ({error}); the model benchmark needs the "
+                     "kphi3_model package next to kphi3_kernels")
+
+
+@dataclass
+class ModelSizes:
+    family: str
+    layers: int
+    batch: int
+    seq: int
+    gen_batch: int
+    prompt: int
+    new_tokens: int
+    steps: int
+
+
+@dataclass
+class ModelRow:
+    variant: str
+    task: str
+    family: str
+    dtype: str
+    status: str
+    tokens_per_s: Optional[float] = None
+    median_ms: Optional[float] = None
+    p20_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    tokens: int = 0
+    speedup_vs_dense: Optional[float] = None
+    params: int = 0
+    state_mb: Optional[float] = None
+    peak_mb: Optional[float] = None
+    parity: str = ""
+    error: str = ""
+    shape: str = ""
+    env: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("parity failed", "error")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(d.pop("env"))
+        return d
+
+
+def _model_classes():
+    """(KPhi3Config, KPhi3ForCausalLM); a RuntimeError with a clear message when missing."""
+    try:
+        from kphi3_model import KPhi3Config, KPhi3ForCausalLM
+    except Exception as err:  # missing, or broken at import
+        raise RuntimeError(MODEL_UNAVAILABLE.format(error=f"{type(err).__name__}: {err}")) from err
+    return KPhi3Config, KPhi3ForCausalLM
+
+
+def build_model(variant: str, sizes: ModelSizes, dtype: torch.dtype, device: torch.device,
+                seed: int = 0) -> torch.nn.Module:
+    family = MODEL_FAMILIES[sizes.family]
+    common = dict(vocab_size=family.vocab, hidden_size=family.hidden,
+                  intermediate_size=family.intermediate, num_hidden_layers=sizes.layers,
+                  num_attention_heads=family.heads, num_key_value_heads=family.heads,
+                  max_position_embeddings=4096, pad_token_id=family.pad_token_id,
+                  eos_token_id=family.pad_token_id, bos_token_id=1)
+    torch.manual_seed(seed)
+    if variant == "phi3-dense":
+        from transformers import Phi3Config, Phi3ForCausalLM
+
+        model = Phi3ForCausalLM(Phi3Config(**common))
+    else:
+        KPhi3Config, KPhi3ForCausalLM = _model_classes()
+        backend = variant.split("-", 1)[1]
+        model = KPhi3ForCausalLM(KPhi3Config(
+            embed_size=family.hidden, min_channels_per_group=family.min_channels_per_group,
+            kernel_backend=backend, **common))
+    return model.to(device=device, dtype=dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, reps: int):
+    """Wall clock per call (synchronized on CUDA), warm-up excluded: (median, p20, p80) in ms."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append(time.perf_counter() - start)
+    return quantiles_ms(samples)
+
+
+def _tensor_mb(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20
+
+
+def check_logits(model, oracle_logits: torch.Tensor, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return rel_err(model(input_ids=ids).logits, oracle_logits)
+
+
+class ModelBench:
+    def __init__(self, sizes: ModelSizes, dtype: torch.dtype, device: torch.device,
+                 variants: Sequence[str], progress: Progress, seed: int = 0):
+        self.sizes, self.dtype, self.device, self.variants = sizes, dtype, device, variants
+        self.progress, self.seed = progress, seed
+        self.info = env.environment(device)
+        self.rows: List[ModelRow] = []
+        g = torch.Generator().manual_seed(seed)
+        self.family = MODEL_FAMILIES[sizes.family]
+        high = self.family.pad_token_id  # ordinary tokens only: no pad/EOS in the inputs
+        self.train_ids = torch.randint(0, high, (sizes.batch, sizes.seq), generator=g).to(device)
+        self.prompt = torch.randint(0, high, (sizes.gen_batch, sizes.prompt), generator=g).to(device)
+        self._oracle = None  # (ids, float64 logits, the torch backend's error in self.dtype)
+
+    def _row(self, variant: str, task: str, status: str, **kw) -> ModelRow:
+        s = self.sizes
+        shape = (f"layers={s.layers} batch={s.batch} seq={s.seq}" if task == "train" else
+                 f"layers={s.layers} batch={s.gen_batch} prompt={s.prompt} new={s.new_tokens}")
+        row = ModelRow(variant=variant, task=task, family=s.family, dtype=shapes.dtype_name(self.dtype),
+                       status=status, shape=shape,
+                       env=env.row_env(self.info), **kw)
+        self.rows.append(row)
+        return row
+
+    def oracle(self):
+        """The float64 torch-backend model's logits, and the torch backend's own error in dtype."""
+        if self._oracle is None:
+            ids = self.train_ids[:1, : min(self.sizes.seq, 64)]
+            model = build_model("kphi3-torch", self.sizes, torch.float64, self.device, self.seed)
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits
+            del model
+            model = build_model("kphi3-torch", self.sizes, self.dtype, self.device, self.seed)
+            self._oracle = (ids, logits, check_logits(model, logits, ids))
+            del model
+        return self._oracle
+
+    def parity(self, variant: str, model) -> tuple:
+        """(ok or None when there is nothing to compare, description)."""
+        if variant == "phi3-dense":
+            return None, "n/a (dense baseline)"
+        ids, logits, torch_err = self.oracle()
+        err = check_logits(model, logits, ids)
+        if variant == "kphi3-torch":
+            return True, f"ok (logits rel err {err:.1e} vs float64; the reference)"
+        limit = max(2 * torch_err, 1e-5)
+        verdict = "ok" if err <= limit else "FAILED"
+        return err <= limit, (f"{verdict} (logits rel err {err:.1e} vs float64; limit {limit:.1e} = "
+                              f"2x the torch backend's {torch_err:.1e})")
+
+    def run(self) -> List[ModelRow]:
+        for variant in self.variants:
+            self._run_variant(variant)
+        dense = {r.task: r.median_ms for r in self.rows if r.variant == "phi3-dense" and r.median_ms}
+        for r in self.rows:
+            if r.median_ms and dense.get(r.task):
+                r.speedup_vs_dense = dense[r.task] / r.median_ms
+        return self.rows
+
+    def _run_variant(self, variant: str) -> None:
+        if variant == "kphi3-triton" and self.device.type != "cuda":
+            for task in TASKS:
+                self._row(variant, task, "needs a GPU", parity="not run")
+            self.progress.advance(len(TASKS))
+            return
+        model = None
+        try:
+            self.progress.step(f"{variant} build + parity")
+            model = build_model(variant, self.sizes, self.dtype, self.device, self.seed)
+            ok, description = self.parity(variant, model)
+        except Exception as err:
+            message = f"{type(err).__name__}: {err}"
+            for task in TASKS:
+                self._row(variant, task, "error", error=message, parity="not run")
+            self.progress.write(f"ERROR {variant}: {message}")
+            self.progress.advance(len(TASKS))
+            return
+        params = sum(p.numel() for p in model.parameters())
+        for task in TASKS:
+            self.progress.step(f"{variant} {task}")
+            if ok is False:
+                self._row(variant, task, "parity failed", parity=description, params=params)
+            else:
+                try:
+                    self._time_task(variant, task, model, description, params)
+                except Exception as err:
+                    message = f"{type(err).__name__}: {err}"
+                    self._row(variant, task, "error", error=message, parity=description,
+                              params=params)
+                    self.progress.write(f"ERROR {variant} {task}: {message}")
+            self.progress.advance()
+        del model
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _time_task(self, variant, task, model, parity_text, params) -> None:
+        s, device = self.sizes, self.device
+        if task == "train":
+            model.train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            ids = self.train_ids
+
+            def call():
+                model(input_ids=ids, labels=ids).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            tokens = s.batch * s.seq
+            median, p20, p80 = time_calls(call, device, warmup=2, reps=s.steps)
+            state = list(model.parameters()) + [
+                t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+        else:
+            model.eval()
+            prompt = self.prompt
+
+            def call():
+                return model.generate(prompt, max_new_tokens=s.new_tokens,
+                                      min_new_tokens=s.new_tokens, do_sample=False,
+                                      pad_token_id=self.family.pad_token_id)
+
+            tokens = s.gen_batch * s.new_tokens
+            median, p20, p80 = time_calls(call, device, warmup=1, reps=max(2, s.steps // 2))
+            state = list(model.parameters())
+            optimizer = None
+        peak, _ = memory.peak_bytes(call, device)
+        self._row(variant, task, "ok", tokens_per_s=tokens / (median * 1e-3), median_ms=median,
+                  p20_ms=p20, p80_ms=p80, tokens=tokens, params=params,
+                  state_mb=_tensor_mb(state), peak_mb=None if peak is None else peak / 2 ** 20,
+                  parity=parity_text)
+        del optimizer, state
+
+
+def format_table(rows: Sequence[ModelRow], meta: dict) -> str:
+    headers = ["variant", "task", "sizes", "tokens/s", "median ms", "p20-p80 ms", "vs phi3-dense",
+               "params", "state MB", "peak MB", "parity / status"]
+    body = []
+    for r in rows:
+        timed = r.median_ms is not None
+        body.append([
+            r.variant, r.task, r.shape, f"{r.tokens_per_s:.4g}" if timed else "-",
+            f"{r.median_ms:.4g}" if timed else "-",
+            f"{r.p20_ms:.4g}-{r.p80_ms:.4g}" if timed else "-",
+            f"{r.speedup_vs_dense:.2f}x" if r.speedup_vs_dense else "-",
+            f"{r.params / 1e6:.1f}M" if r.params else "-",
+            f"{r.state_mb:.4g}" if r.state_mb is not None else "-",
+            f"{r.peak_mb:.4g}" if r.peak_mb is not None else ("n/a" if timed else "-"),
+            r.parity if r.status == "ok" else (f"{r.status.upper()}: {r.error}" if r.error
+                                               else (r.parity if r.failed else r.status)),
+        ])
+    e = meta["env"]
+    head = [f"kphi3-bench model on {e['device_name']} | torch {e['torch']}, transformers "
+            f"{e['transformers']} | {e['date']}",
+            f"dtype {meta['dtype']}; {meta['family']} sizes, {meta['attention']}; timing: "
+            f"{meta['timing']}", f"memory: {meta['memory']}", ""]
+    return "\n".join(head) + report.render(headers, body, right=range(3, 10))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kphi3-bench model", description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", help=f"comma-separated (default: all: {', '.join(VARIANTS)})")
+    p.add_argument("--family", choices=sorted(MODEL_FAMILIES), default="kphi3",
+                   help="model sizes (default kphi3: the released 1280/5120, 10 heads)")
+    p.add_argument("--layers", type=int, help="decoder layers (default 2, as released)")
+    p.add_argument("--batch", type=int, help="training batch (default 8 CUDA, 2 CPU; --quick 1)")
+    p.add_argument("--seq", type=int, help="training sequence length (default 1024 CUDA, 256 CPU; "
+                   "--quick 64)")
+    p.add_argument("--gen-batch", type=int, default=1, help="generate batch (default 1)")
+    p.add_argument("--prompt", type=int, help="prompt tokens (default 128 CUDA, 32 CPU; --quick 8)")
+    p.add_argument("--new-tokens", type=int, help="generated tokens (default 128 CUDA, 32 CPU; "
+                   "--quick 8)")
+    p.add_argument("--steps", type=int, help="timed training steps (default 10 CUDA, 4 CPU; "
+                   "--quick 2); generate runs half as many")
+    p.add_argument("--dtype", choices=sorted(shapes.DTYPES), help="default bf16 CUDA, fp32 CPU")
+    p.add_argument("--device", choices=("cpu", "cuda"))
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke test)")
+    p.add_argument("--out", metavar="FILE.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+# Defaults per size: (--quick, CUDA, CPU).
+DEFAULT_SIZES = {"layers": (2, 2, 2), "batch": (1, 8, 2), "seq": (64, 1024, 256),
+                 "prompt": (8, 128, 32), "new_tokens": (8, 128, 32), "steps": (2, 10, 4)}
+
+
+def _sizes(args: argparse.Namespace, cuda: bool) -> ModelSizes:
+    column = 0 if args.quick else (1 if cuda else 2)
+    chosen = {name: getattr(args, name) if getattr(args, name) is not None else defaults[column]
+              for name, defaults in DEFAULT_SIZES.items()}
+    return ModelSizes(family=args.family, gen_batch=args.gen_batch, **chosen)
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """``prog``: how the command was invoked, for the record (``kphi3-bench model`` passes it)."""
+    from .run import UsageError, _check_writable_file, _split, resolve_device
+
+    prog = prog or "python -m benchmarks.model_bench"
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        device = resolve_device(args.device)
+        variants = _split(args.variants) if args.variants else list(VARIANTS)
+        for v in variants:
+            if v not in VARIANTS:
+                raise UsageError(f"unknown variant {v!r}; known variants: {', '.join(VARIANTS)}")
+        cuda = device.type == "cuda"
+        sizes = _sizes(args, cuda)
+        for name, value in asdict(sizes).items():
+            if isinstance(value, int) and value <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if args.out:
+            _check_writable_file(args.out)
+    except UsageError as err:
+        parser.print_usage(sys.stderr)
+        print(f"kphi3-bench model: error: {err}", file=sys.stderr)
+        return 2
+    dtype = shapes.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    progress = Progress(len(variants) * len(TASKS), enabled=not args.no_progress, desc="model")
+    bench = ModelBench(sizes, dtype, device, variants, progress, seed=args.seed)
+    try:
+        rows = bench.run()
+    finally:
+        progress.close()
+    meta = {
+        "command": f"{prog} {shlex.join(argv if argv is not None else sys.argv[1:])}".strip(),
+        "env": bench.info, "dtype": shapes.dtype_name(dtype), "family": sizes.family,
+        "sizes": asdict(sizes),
+        "attention": "transformers' default attention implementation (sdpa where supported)",
+        "timing": "wall clock per call (CUDA-synchronized), median; warm-up excluded",
+        "memory": "state MB = weights + AdamW state (summed from the tensors); peak MB: "
+                  + (memory.CUDA_METHOD if device.type == "cuda" else memory.CPU_METHOD),
+    }
+    print(format_table(rows, meta))
+    failed = [r for r in rows if r.failed]
+    if args.out:
+        try:
+            report.write_payload(args.out, {"schema": "kphi3-bench-model/1", "meta": meta,
+                                            "results": [r.to_dict() for r in rows]})
+            print(f"wrote {args.out}")
+        except OSError as err:
+            print(f"kphi3-bench model: error: could not write {args.out}: {err}", file=sys.stderr)
+            return 1
+    if failed:
+        print(f"FAILED: {len(failed)} rows ({', '.join(sorted({r.variant for r in failed}))})")
+        return 1
+    print("OK: every row that ran passed its checks.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The providers a sweep compares, by name.
+
+- ``triton``: the fused Triton kernels, ``kphi3_kernels.gpc_io(..., backend="triton")``; CUDA only
+  (on a CPU it is shown as "needs a GPU", never timed through the interpreter);
+- ``torch``: the PyTorch backend of the package, ``kphi3_kernels.gpc_io(..., backend="torch")``;
+- ``reference``: ``kphi3_kernels.reference.gpc_io``, the plain einsum semantics (the oracle);
+- ``torch.compile``: ``torch.compile(reference.gpc_io, dynamic=True)``: one compiled graph serves
+  every M and shape (a sweep over M would turn dynamic after its first recompile anyway, and
+  compiling each point anew costs minutes); compile time is spent in the warm-up, not timed;
+  donated buffers are off so that the backward can be timed alone (see ``_configure_compile``);
+- ``nn.Linear``: a dense ``nn.Linear(in, out, bias=False)``, what a user would run instead. It is
+  a different function, so it has no parity to check.
+
+All grouped providers take the same weights (``w1``, ``w2`` ``[G, in/G, out/G]``); ``bind``
+returns the one-argument callable that is checked and timed.
+"""
+from __future__ import annotations
+
+import shutil
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+import kphi3_kernels
+from kphi3_kernels import reference
+
+from .shapes import Shape
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+NEEDS_GPU = "needs a GPU"
+
+
+class Provider:
+    """A way to compute the IO block (or the dense layer a user would run instead)."""
+
+    name = "?"
+    description = ""
+    dense = False  # True: nn.Linear, a different function with its own weights and no parity
+
+    def unavailable(self, device: torch.device) -> Optional[str]:
+        """Why this provider cannot run on ``device`` (shown in its rows), or None."""
+        return None
+
+    def make_params(self, shape: Shape, dtype: torch.dtype, device: torch.device,
+                    generator: torch.Generator) -> List[torch.Tensor]:
+        """Fresh leaf weights (requiring grad) for one input set."""
+        return grouped_params(shape, dtype, device, generator)
+
+    def bind(self, shape: Shape, params: Sequence[torch.Tensor]) -> Fn:
+        raise NotImplementedError
+
+
+def _randn(shape, dtype, device, generator, scale: float) -> torch.Tensor:
+    return (torch.randn(shape, generator=generator, device=device) * scale).to(dtype)
+
+
+def grouped_params(shape: Shape, dtype: torch.dtype, device: torch.device,
+                   generator: torch.Generator) -> List[torch.Tensor]:
+    """``w1``, ``w2`` ``[G, s, og]``, scaled so that the output has unit variance (K = 2s)."""
+    dims = (shape.groups, shape.in_per_group, shape.out_per_group)
+    scale = (2 * shape.in_per_group) ** -0.5
+    return [_randn(dims, dtype, device, generator, scale).requires_grad_() for _ in range(2)]
+
+
+class TritonProvider(Provider):
+    name = "triton"
+    description = "fused Triton kernels: kphi3_kernels.gpc_io(backend='triton')"
+
+    def unavailable(self, device):
+        if device.type != "cuda":
+            return NEEDS_GPU
+        from kphi3_kernels.backend import triton_available
+
+        return None if triton_available() else "unavailable: triton does not import"
+
+    def bind(self, shape, params):
+        w1, w2 = params
+        return lambda x: kphi3_kernels.gpc_io(x, w1, w2, backend="triton")
+
+
+class TorchBackendProvider(Provider):
+    name = "torch"
+    description = "the package's PyTorch backend: kphi3_kernels.gpc_io(backend='torch')"
+
+    def bind(self, shape, params):
+        w1, w2 = params
+        return lambda x: kphi3_kernels.gpc_io(x, w1, w2, backend="torch")
+
+
+class ReferenceProvider(Provider):
+    name = "reference"
+    description = "plain einsum semantics: kphi3_kernels.reference.gpc_io"
+
+    def bind(self, shape, params):
+        w1, w2 = params
+        return lambda x: reference.gpc_io(x, w1, w2)
+
+
+def _configure_compile(limit: int = 64) -> None:
+    """Two process-wide settings the sweep needs from torch.compile.
+
+    - Every (shape, M, grad mode) may cost dynamo a recompile; past its limit (8) it would fall
+      back to eager silently, and a row would time eager code under torch.compile's name.
+    - Donated buffers (the backward reusing saved activations' memory) forbid
+      ``backward(retain_graph=True)``, which timing the backward alone needs; they save memory,
+      not time, so they are switched off.
+    """
+    config = torch._dynamo.config
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, key) and getattr(config, key) < limit:
+            setattr(config, key, limit)
+    try:
+        import torch._functorch.config as functorch_config
+    except ImportError:  # a torch without the option has no donated buffers either
+        return
+    if hasattr(functorch_config, "donated_buffer"):
+        functorch_config.donated_buffer = False
+
+
+class CompileProvider(Provider):
+    name = "torch.compile"
+    description = "torch.compile(kphi3_kernels.reference.gpc_io, dynamic=True)"
+
+    def __init__(self):
+        self._compiled = None
+
+    def unavailable(self, device):
+        if device.type == "cuda":
+            from kphi3_kernels.backend import triton_available
+
+            return None if triton_available() else "unavailable: inductor needs triton on CUDA"
+        if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+            return "unavailable: inductor needs a C++ compiler on CPU"
+        return None
+
+    def compiled(self):
+        if self._compiled is None:
+            _configure_compile()
+            self._compiled = torch.compile(reference.gpc_io, dynamic=True)
+        return self._compiled
+
+    def bind(self, shape, params):
+        w1, w2 = params
+        fn = self.compiled()
+        return lambda x: fn(x, w1, w2)
+
+
+class LinearProvider(Provider):
+    name = "nn.Linear"
+    description = "dense nn.Linear(in, out, bias=False): what a user would run instead"
+    dense = True
+
+    def make_params(self, shape, dtype, device, generator):
+        weight = _randn((shape.out_features, shape.in_features), dtype, device, generator,
+                        shape.in_features ** -0.5)
+        return [torch.nn.Parameter(weight)]
+
+    def bind(self, shape, params):
+        (weight,) = params
+        layer = torch.nn.Linear(shape.in_features, shape.out_features, bias=False, device="meta")
+        layer.weight = weight
+        return layer
+
+
+def default_providers() -> Dict[str, Provider]:
+    """Fresh providers by name, in the order the table shows them (nn.Linear first)."""
+    providers = (LinearProvider(), ReferenceProvider(), TorchBackendProvider(), CompileProvider(),
+                 TritonProvider())
+    return {p.name: p for p in providers}
+
+
+PROVIDER_NAMES = tuple(default_providers())
+
+
+def resolve_providers(names: Sequence[str], available: Optional[Dict[str, Provider]] = None
+                      ) -> List[Provider]:
+    """Providers by name (case-insensitive), in the order given; a ValueError lists the known ones."""
+    available = available if available is not None else default_providers()
+    by_lower = {k.lower(): v for k, v in available.items()}
+    chosen: List[Provider] = []
+    for raw in names:
+        provider = by_lower.get(raw.strip().lower())
+        if provider is None:
+            raise ValueError(f"unknown provider {raw.strip()!r}; known providers: "
+                             f"{', '.join(available)}")
+        if provider not in chosen:
+            chosen.append(provider)
+    return chosen

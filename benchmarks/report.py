@@ -1,0 +1,241 @@
+"""What a sweep shows: the printed tables, the JSON file and the plots.
+
+Two tables: the detailed one (a row per provider, shape, M and mode: times, speedup, TFLOP/s,
+GB/s, roofline fraction, parameters, peak memory, parity) and the summary, one column per
+provider headed by its name (``nn.Linear``, ``reference``, ``torch``, ``torch.compile``,
+``triton``), holding the median time and the speedup over ``nn.Linear``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from .sweep import OK, Row
+
+JSON_SCHEMA = "kphi3-bench/1"
+
+
+def _fmt(value: Optional[float], spec: str = ".3g", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def _ms(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def render(headers: Sequence[str], body: Sequence[Sequence[str]], right: Iterable[int] = ()) -> str:
+    """A plain-text table with aligned columns (columns in ``right`` right-aligned)."""
+    right = set(right)
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *body)] if body else \
+        [len(h) for h in headers]
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule] + [line(r) for r in body])
+
+
+def _status_cell(row: Row) -> str:
+    if row.status == OK:
+        return row.parity
+    if row.error:
+        return f"{row.status.upper()}: {row.error}"
+    if row.status == "parity failed":
+        return f"PARITY FAILED, not timed: {row.parity}"
+    return row.status
+
+
+def detailed_table(rows: Sequence[Row]) -> str:
+    headers = ["shape", "G", "M", "mode", "provider", "median ms", "p20-p80 ms", "vs nn.Linear",
+               "TFLOP/s", "GB/s", "roofline", "params", "peak MB", "parity / status"]
+    body = []
+    for r in rows:
+        spread = f"{_ms(r.p20_ms)}-{_ms(r.p80_ms)}" if r.timed else "-"
+        speedup = f"{r.speedup_vs_linear:.2f}x" if r.speedup_vs_linear is not None else "-"
+        frac = f"{100 * r.roofline_fraction:.1f}%" if r.roofline_fraction is not None else "-"
+        peak = _fmt(r.peak_mem_mb, ".4g", none="n/a") if r.timed else "-"
+        body.append([r.shape, str(r.groups), str(r.M), r.mode, r.provider, _ms(r.median_ms),
+                     spread, speedup, _fmt(r.tflops), _fmt(r.gbps), frac, _count(r.params), peak,
+                     _status_cell(r)])
+    return render(headers, body, right=range(5, 13))
+
+
+def _provider_order(rows: Sequence[Row]) -> List[str]:
+    order: List[str] = []
+    for r in rows:
+        if r.provider not in order:
+            order.append(r.provider)
+    return order
+
+
+def summary_table(rows: Sequence[Row]) -> str:
+    """One line per shape, M and mode; one column per provider: median ms (speedup vs nn.Linear)."""
+    providers = _provider_order(rows)
+    points: Dict[tuple, Dict[str, Row]] = {}
+    for r in rows:
+        points.setdefault((r.shape, r.groups, r.M, r.mode), {})[r.provider] = r
+    headers = ["shape", "G", "M", "mode"] + providers + ["ideal vs nn.Linear"]
+    body = []
+    for (shape, groups, M, mode), by_provider in points.items():
+        cells = [shape, str(groups), str(M), mode]
+        for name in providers:
+            r = by_provider.get(name)
+            if r is None:
+                cells.append("")
+            elif r.timed:
+                cell = f"{_ms(r.median_ms)} ms"
+                if r.speedup_vs_linear is not None and r.provider != "nn.Linear":
+                    cell += f" ({r.speedup_vs_linear:.2f}x)"
+                cells.append(cell)
+            else:
+                cells.append(r.status.upper() if r.failed else r.status)
+        cells.append(f"{groups / 2:.1f}x")
+        body.append(cells)
+    return render(headers, body, right=range(4, 5 + len(providers)))
+
+
+def header_lines(meta: dict) -> List[str]:
+    env, roof = meta["env"], meta["roofline"]
+    lines = [
+        f"kphi3-bench on {env['device_name']} | torch {env['torch']}, triton {env['triton']}, "
+        f"transformers {env['transformers']} | {env['date']}",
+        f"dtype {meta['dtype']}; timing: {meta['timing']}",
+        f"roofline: {roof['peak_tflops']:.4g} TFLOP/s ({roof['tflops_source']}), "
+        f"{roof['peak_gbps']:.4g} GB/s ({roof['gbps_source']})",
+        f"peak memory: {meta['memory']}",
+    ]
+    return lines
+
+
+def format_report(rows: Sequence[Row], meta: dict) -> str:
+    parts = header_lines(meta)
+    parts += ["", "Detailed results (vs nn.Linear = nn.Linear's median / this median; roofline = "
+              "roofline time / measured time):", detailed_table(rows), "",
+              "Summary: median time per provider, (speedup vs nn.Linear); ideal = G/2 at the "
+              "roofline (SPEC.md):", summary_table(rows)]
+    return "\n".join(parts)
+
+
+def _finite(value):
+    """JSON has no NaN/Inf: a non-finite float (a parity error of a NaN output) becomes a string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def to_json(rows: Sequence[Row], meta: dict) -> dict:
+    return _finite({"schema": JSON_SCHEMA, "meta": meta, "results": [r.to_dict() for r in rows]})
+
+
+def write_payload(path: str, payload: dict) -> None:
+    """Strict JSON (no NaN/Inf), indented; the file is written only once the text is complete."""
+    text = json.dumps(_finite(payload), indent=1, allow_nan=False)
+    with open(path, "w") as f:
+        f.write(text + "\n")
+
+
+def write_json(path: str, rows: Sequence[Row], meta: dict) -> None:
+    write_payload(path, to_json(rows, meta))
+
+
+def load_rows(path: str) -> List[dict]:
+    """The result rows of a JSON file written by ``write_json`` (or a bare list of rows)."""
+    with open(path) as f:
+        data = json.load(f)
+    return data["results"] if isinstance(data, dict) else data
+
+
+def rows_from_dicts(dicts: Iterable[dict]) -> List[Row]:
+    """``Row`` objects back from their JSON form (the environment keys return to ``env``)."""
+    fields = set(Row.__dataclass_fields__)
+    rows = []
+    for d in dicts:
+        known = {k: v for k, v in d.items() if k in fields and k != "env"}
+        env = {k: v for k, v in d.items() if k not in fields}
+        for key in ("parity_rel_err", "parity_tol"):  # "inf"/"nan" strings back to floats
+            if isinstance(known.get(key), str):
+                known[key] = float(known[key])
+        rows.append(Row(**known, env=env))
+    return rows
+
+
+def markdown_table(headers: Sequence[str], body: Sequence[Sequence[str]],
+                   right: Iterable[int] = ()) -> str:
+    right = set(right)
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def write_plots(rows: Sequence[Row], directory: str, dpi: int = 80) -> List[str]:
+    """One PNG per shape: median time vs M (log-log), a panel per mode, a line per provider."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise RuntimeError("--plot needs matplotlib (pip install matplotlib)") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    os.makedirs(directory, exist_ok=True)
+    providers = _provider_order(rows)
+    written = []
+    for shape in dict.fromkeys(r.shape for r in rows):
+        of_shape = [r for r in rows if r.shape == shape]
+        modes = list(dict.fromkeys(r.mode for r in of_shape))
+        fig, axes = plt.subplots(1, len(modes), figsize=(3.6 * len(modes), 3.0), squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            for name in providers:
+                pts = sorted((r.M, r.median_ms) for r in of_shape
+                             if r.mode == mode and r.provider == name and r.timed)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", markersize=3, label=name)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            Ms = sorted({r.M for r in of_shape})
+            ax.set_xticks(Ms)
+            ax.set_xticklabels([str(m) for m in Ms])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_title(f"{mode}", fontsize=9)
+            ax.set_xlabel("M (tokens)", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].set_ylabel("median time (ms)", fontsize=8)
+        first = of_shape[0]
+        fig.suptitle(f"{shape}: {first.in_features}->{first.out_features}, G={first.groups}, "
+                     f"{first.dtype}, {first.env.get('device_name', '')}", fontsize=9)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        for ax in axes[0][1:]:
+            for h, l in zip(*ax.get_legend_handles_labels()):
+                if l not in labels:
+                    handles.append(h)
+                    labels.append(l)
+        if handles:
+            fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7,
+                       frameon=False)
+        fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+        path = os.path.join(directory, f"{shape}.png")
+        fig.savefig(path, dpi=dpi)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,288 @@
+"""``python -m benchmarks.run`` / ``kphi3-bench``: sweep the grouped layers, compare providers.
+
+Examples::
+
+    kphi3-bench --quick                                  # a first try (< 60 s on a 2-core CPU)
+    kphi3-bench --out results.json --plot plots/         # the full sweep, saved
+    kphi3-bench --shapes kphi3 --M 2048 --modes fwd      # the released shapes at one M
+    kphi3-bench --list                                   # shapes, providers, modes
+    kphi3-bench model --quick                            # model-level: train step and generate
+
+Exit status: 0 when every row that ran was correct (passed parity, raised nothing), 1 when a
+provider failed parity or raised, 2 for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import env, memory, parity, providers, report, roofline, shapes
+from .sweep import SweepConfig, run_sweep
+
+
+class UsageError(ValueError):
+    """A bad command-line argument; main() prints it and exits with status 2."""
+
+
+def _split(value: str) -> List[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise UsageError(f"expected a comma-separated list, got {value!r}")
+    return items
+
+
+def _csv(values) -> str:
+    return ",".join(map(str, values))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kphi3-bench",
+        description="Benchmark KPhi-3's grouped layers (the IO block) against nn.Linear and the "
+                    "PyTorch paths, with a parity check before every timing. "
+                    "`kphi3-bench model --help` for the model-level benchmark.",
+        epilog="exit status: 0 when every row that ran passed parity and raised nothing, 1 when a "
+               "provider failed parity or raised, 2 for bad arguments",
+    )
+    p.add_argument("--shapes", metavar="LIST",
+                   help="comma-separated shape or family names (default: all; families: "
+                        f"{', '.join(shapes.FAMILIES)}; see --list)")
+    p.add_argument("--M", "--tokens", dest="Ms", metavar="LIST",
+                   help=f"comma-separated token counts (default: {_csv(shapes.DEFAULT_M_CUDA)} on "
+                        f"CUDA, {_csv(shapes.DEFAULT_M_CPU)} on CPU)")
+    p.add_argument("--providers", metavar="LIST",
+                   help=f"comma-separated providers (default: all: {_csv(providers.PROVIDER_NAMES)})")
+    p.add_argument("--modes", metavar="LIST",
+                   help=f"comma-separated modes (default: all: {_csv(shapes.MODES)})")
+    p.add_argument("--dtype", choices=sorted(shapes.DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a reduced sweep ({_csv(shapes.QUICK_SHAPES)}; M {_csv(shapes.QUICK_M_CPU)} "
+                        f"on CPU, {_csv(shapes.QUICK_M_CUDA)} on CUDA; {_csv(shapes.QUICK_MODES)}) "
+                        "that ends within a minute on a 2-core CPU")
+    p.add_argument("--out", metavar="FILE.json", help="write the results as JSON")
+    p.add_argument("--plot", metavar="DIR", help="write PNG plots (time vs M per shape)")
+    p.add_argument("--peak-tflops", type=float, metavar="X",
+                   help="roofline compute peak (default: SPEC.md on an H200 in bf16/fp16, else "
+                        "measured here)")
+    p.add_argument("--peak-gbps", type=float, metavar="X",
+                   help="roofline bandwidth (default: SPEC.md on an H200, else measured here)")
+    p.add_argument("--budget-s", type=float, metavar="S",
+                   help="CPU: seconds of timed calls per row (default 1, --quick 0.1)")
+    p.add_argument("--min-reps", type=int, metavar="N",
+                   help="CPU: at least this many timed calls per row (default 5, --quick 3)")
+    p.add_argument("--tolerance", type=float, metavar="X",
+                   help="parity tolerance on the relative error (default: 1e-5 fp32, 2e-2 fp16/bf16)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU: torch.set_num_threads (default: torch's choice, one per core)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--list", action="store_true", help="list shapes, providers and modes, then exit")
+    return p
+
+
+def _positive_ints(value: str, what: str) -> List[int]:
+    out = []
+    for item in _split(value):
+        try:
+            n = int(item)
+        except ValueError:
+            raise UsageError(f"{what}: {item!r} is not an integer") from None
+        if n <= 0:
+            raise UsageError(f"{what}: every value must be positive, got {n}")
+        out.append(n)
+    return list(dict.fromkeys(out))
+
+
+def _check_writable_file(path: str) -> None:
+    if os.path.isdir(path):
+        raise UsageError(f"--out {path}: is a directory; give a file name such as results.json")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise UsageError(f"--out {path}: cannot write there ({err.strerror or err})") from None
+    if not existed:
+        os.remove(path)
+
+
+def _check_writable_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UsageError(f"--plot {path}: cannot write there ({err.strerror or err})") from None
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here (torch "
+                         f"{torch.__version__}); use --device cpu")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def plan(args: argparse.Namespace) -> dict:
+    """Validate every argument before anything runs; a UsageError says which one is wrong."""
+    device = resolve_device(args.device)
+    on_cuda = device.type == "cuda"
+    quick = args.quick
+    try:
+        chosen_shapes = shapes.resolve_shapes(
+            _split(args.shapes) if args.shapes else
+            (shapes.QUICK_SHAPES if quick else list(shapes.SHAPES)))
+        chosen_providers = providers.resolve_providers(
+            _split(args.providers) if args.providers else providers.PROVIDER_NAMES)
+        modes = [shapes.check_mode(m) for m in _split(args.modes)] if args.modes else \
+            list(shapes.QUICK_MODES if quick else shapes.MODES)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.Ms:
+        Ms = _positive_ints(args.Ms, "--M")
+    elif quick:
+        Ms = list(shapes.QUICK_M_CUDA if on_cuda else shapes.QUICK_M_CPU)
+    else:
+        Ms = list(shapes.DEFAULT_M_CUDA if on_cuda else shapes.DEFAULT_M_CPU)
+    for flag in ("peak_tflops", "peak_gbps", "budget_s", "tolerance"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    for flag in ("min_reps", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.out:
+        _check_writable_file(args.out)
+    if args.plot:
+        _check_writable_dir(args.plot)
+    dtype = shapes.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_cuda else torch.float32)
+    return dict(device=device, dtype=dtype, shapes=chosen_shapes, providers=chosen_providers,
+                modes=modes, Ms=Ms,
+                budget_s=args.budget_s or (0.1 if quick else 1.0),
+                min_reps=args.min_reps or (3 if quick else 5))
+
+
+def list_choices() -> str:
+    lines = ["Shapes (name: in->out, G; family):"]
+    for s in shapes.SHAPES.values():
+        lines.append(f"  {s.name:18s} {s.describe():22s} {shapes.FAMILIES[s.family].description}")
+    lines.append("Providers:")
+    for p in providers.default_providers().values():
+        lines.append(f"  {p.name:14s} {p.description}")
+    lines.append(f"Modes: {', '.join(shapes.MODES)}")
+    lines.append(f"Dtypes: {', '.join(shapes.DTYPES)}")
+    return "\n".join(lines)
+
+
+def verdict(rows) -> tuple:
+    """(exit status, the closing line): 1 when any row failed parity or raised."""
+    failed = [r for r in rows if r.failed]
+    timed = [r for r in rows if r.timed]
+    skipped = [r for r in rows if not r.failed and not r.timed]
+    parts = [f"{len(timed)} rows timed"]
+    if skipped:
+        reasons = sorted({r.status for r in skipped})
+        parts.append(f"{len(skipped)} not run ({'; '.join(reasons)})")
+    if failed:
+        kinds = sorted({r.status for r in failed})
+        names = sorted({r.provider for r in failed})
+        return 1, (f"FAILED: {len(failed)} rows ({', '.join(kinds)}) from {', '.join(names)}; "
+                   + ", ".join(parts) + ".")
+    return 0, "OK: every row that ran passed parity; " + ", ".join(parts) + "."
+
+
+def sweep_meta(cfg: SweepConfig, info: dict, roof: roofline.Roofline, command: str,
+               no_memory: bool) -> dict:
+    """What the JSON file and the table header say about the run as a whole."""
+    cuda = cfg.device.type == "cuda"
+    timing = ("triton.testing.do_bench (CUDA events, L2 flushed), median of ~100 ms of calls" if cuda
+              else f"wall clock, median of >= {cfg.min_reps} calls / {cfg.budget_s} s per row")
+    return {
+        "command": command,
+        "env": info,
+        "dtype": shapes.dtype_name(cfg.dtype),
+        "roofline": roof.to_dict(),
+        "timing": timing + f"; warm-up excluded; inputs rotated over up to {cfg.max_sets} sets "
+                           "sized to exceed the last-level cache",
+        "memory": "not measured" if no_memory else (memory.CUDA_METHOD if cuda else memory.CPU_METHOD),
+        "parity": "rel err vs kphi3_kernels.reference.gpc_io in float64, tolerance "
+                  f"{cfg.tolerance or parity.tolerance(cfg.dtype):g}",
+        "shapes": {s.name: {"in": s.in_features, "out": s.out_features, "groups": s.groups}
+                   for s in cfg.shapes},
+        "M": list(cfg.Ms),
+        "modes": list(cfg.modes),
+        "providers": {p.name: p.description for p in cfg.providers},
+    }
+
+
+def invoked_as(argv_given: bool) -> str:
+    """How this run was started, for the record: ``python -m benchmarks.run`` or ``kphi3-bench``."""
+    if argv_given or sys.argv[0].endswith(os.path.join("benchmarks", "run.py")):
+        return "python -m benchmarks.run"
+    return os.path.basename(sys.argv[0]) or "kphi3-bench"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    prog = invoked_as(argv is not None)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["model"]:
+        from . import model_bench
+
+        return model_bench.main(argv[1:], prog=f"{prog} model")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed the usage and the error
+        return int(exit_.code or 0)
+    if args.list:
+        print(list_choices())
+        return 0
+    try:
+        config = plan(args)
+    except UsageError as err:
+        parser.print_usage(sys.stderr)
+        print(f"kphi3-bench: error: {err}", file=sys.stderr)
+        return 2
+
+    device, dtype = config["device"], config["dtype"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = env.environment(device)
+    if not args.no_progress:
+        print("measuring the roofline ...", file=sys.stderr, flush=True)
+    roof = roofline.roofline_for(device, dtype, args.peak_tflops, args.peak_gbps, quick=args.quick)
+    cfg = SweepConfig(shapes=config["shapes"], Ms=config["Ms"], modes=config["modes"],
+                      providers=config["providers"], dtype=dtype, device=device, roofline=roof,
+                      env=env.row_env(info),
+                      budget_s=config["budget_s"], min_reps=config["min_reps"],
+                      tolerance=args.tolerance, seed=args.seed,
+                      measure_memory=not args.no_memory)
+    rows = run_sweep(cfg, progress=not args.no_progress)
+
+    meta = sweep_meta(cfg, info, roof, f"{prog} {shlex.join(argv)}".strip(), args.no_memory)
+    print(report.format_report(rows, meta))
+    status, closing = verdict(rows)
+    try:
+        if args.out:
+            report.write_json(args.out, rows, meta)
+            print(f"wrote {args.out}")
+        if args.plot:
+            for path in report.write_plots(rows, args.plot):
+                print(f"wrote {path}")
+    except (OSError, RuntimeError) as err:
+        print(f"kphi3-bench: error: could not write the results: {err}", file=sys.stderr)
+        status = 1
+    print(closing)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""pytest-benchmark suite at model level: a training step and a short ``generate`` per variant.
+
+    pytest benchmarks/test_bench_model.py --benchmark-only
+
+Small sizes (the released KPhi-3 widths, 2 layers, a 64-token batch, 8 generated tokens) so that
+it runs on a CPU too; ``python -m benchmarks.model_bench`` has the full-size measurement.
+"""
+import pytest
+import torch
+
+from benchmarks import model_bench
+
+pytest.importorskip("kphi3_model", reason="the model benchmark needs the kphi3_model package")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+SIZES = model_bench.ModelSizes(family="kphi3", layers=2, batch=1, seq=64, gen_batch=1, prompt=8,
+                               new_tokens=8, steps=2)
+
+
+@pytest.fixture(params=model_bench.VARIANTS)
+def model(request):
+    variant = request.param
+    if variant == "kphi3-triton" and DEVICE.type != "cuda":
+        pytest.skip("needs a GPU")
+    built = model_bench.build_model(variant, SIZES, DTYPE, DEVICE)
+    built.variant = variant
+    yield built
+    del built
+
+
+def _ids(batch, length):
+    return torch.randint(0, 32000, (batch, length), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def test_train_step(benchmark, model):
+    ids = _ids(SIZES.batch, SIZES.seq)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.train()
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync()
+
+    step()  # warm-up: AdamW allocates its state
+    benchmark.group = f"train step {SIZES.batch}x{SIZES.seq} tokens"
+    benchmark.extra_info.update(variant=model.variant, tokens=SIZES.batch * SIZES.seq)
+    benchmark.pedantic(step, rounds=3, iterations=1)
+
+
+def test_generate(benchmark, model):
+    prompt = _ids(SIZES.gen_batch, SIZES.prompt)
+    model.eval()
+
+    def generate():
+        model.generate(prompt, max_new_tokens=SIZES.new_tokens, min_new_tokens=SIZES.new_tokens,
+                       do_sample=False, pad_token_id=32000)
+        _sync()
+
+    generate()  # warm-up
+    benchmark.group = f"generate {SIZES.new_tokens} tokens after {SIZES.prompt}"
+    benchmark.extra_info.update(variant=model.variant, tokens=SIZES.gen_batch * SIZES.new_tokens)
+    benchmark.pedantic(generate, rounds=3, iterations=1)

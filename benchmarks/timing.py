@@ -1,0 +1,121 @@
+"""Time one call: median and p20/p80, warm-up excluded.
+
+CUDA: ``triton.testing.do_bench`` (CUDA events around each call; it also flushes the L2 cache
+before each call), quantiles 0.5/0.2/0.8. Without Triton, a CUDA-event loop of our own.
+CPU: wall clock (``time.perf_counter``) around each call, repeated until a time budget is
+spent, median.
+
+The callables time what they are given; rotating through several input sets (so that caches do
+not flatter small shapes) is done by the caller, see ``sweep.py``.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+QUANTILES = (0.5, 0.2, 0.8)
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: Optional[int]  # None when the timer decides (do_bench does not say)
+    method: str
+
+
+def _clear_grads(tensors: Sequence[torch.Tensor]) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def quantiles_ms(samples_s: Sequence[float]):
+    """Median, p20 and p80 (linear interpolation, like ``torch.quantile``) of samples in seconds."""
+    ordered = sorted(samples_s)
+    out = []
+    for q in QUANTILES:
+        pos = q * (len(ordered) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(ordered) - 1)
+        out.append((ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)) * 1e3)
+    return out
+
+
+def bench_cpu(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] = (),
+              budget_s: float = 1.0, min_reps: int = 5, max_reps: int = 1000,
+              warmup: int = 2) -> Timing:
+    """Wall clock per call; ``warmup`` calls first (not timed), then at least ``min_reps`` timed
+    calls and more while ``budget_s`` lasts."""
+    for _ in range(warmup):
+        _clear_grads(grad_to_none)
+        fn()
+    samples = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        while len(samples) < min_reps or (sum(samples) < budget_s and len(samples) < max_reps):
+            _clear_grads(grad_to_none)
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    median, p20, p80 = quantiles_ms(samples)
+    return Timing(median, p20, p80, len(samples), "wall clock (time.perf_counter), median")
+
+
+def _bench_cuda_events(fn, grad_to_none, warmup_ms=25.0, rep_ms=100.0) -> Timing:
+    """A stand-in for do_bench when Triton is missing: CUDA events, warm-up excluded."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        fn()
+    reps = max(1, int(rep_ms / estimate))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        _clear_grads(grad_to_none)
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    median, p20, p80 = quantiles_ms([s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)])
+    return Timing(median, p20, p80, reps, "CUDA events (own loop; triton missing), median")
+
+
+def bench_cuda(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] = (),
+               warmup_ms: float = 25.0, rep_ms: float = 100.0) -> Timing:
+    """``triton.testing.do_bench`` with the median and p20/p80 (CUDA events, L2 flushed per call)."""
+    try:
+        from triton.testing import do_bench
+    except Exception:  # no (working) triton on this CUDA machine
+        return _bench_cuda_events(fn, grad_to_none, warmup_ms, rep_ms)
+    median, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms,
+                                grad_to_none=list(grad_to_none) or None,
+                                quantiles=list(QUANTILES))
+    return Timing(float(median), float(p20), float(p80), None,
+                  "triton.testing.do_bench (CUDA events), median")
+
+
+def bench(fn: Callable[[], object], device: torch.device, grad_to_none: Sequence[torch.Tensor] = (),
+          budget_s: float = 1.0, min_reps: int = 5, warmup: int = 2) -> Timing:
+    """Time ``fn`` on ``device``: do_bench on CUDA, wall clock on CPU. ``warmup`` untimed calls
+    come first (at least one per rotated input set); do_bench then adds its own warm-up."""
+    if device.type == "cuda":
+        for _ in range(warmup):
+            fn()
+        return bench_cuda(fn, grad_to_none)
+    return bench_cpu(fn, grad_to_none, budget_s=budget_s, min_reps=min_reps, warmup=warmup)
