@@ -287,13 +287,11 @@ class ModelBench:
             tokens = s.gen_batch * s.new_tokens
             median, p20, p80 = time_calls(call, device, warmup=1, reps=max(2, s.steps // 2))
             state = list(model.parameters())
-            optimizer = None
         peak, _ = memory.peak_bytes(call, device)
         self._row(variant, task, "ok", tokens_per_s=tokens / (median * 1e-3), median_ms=median,
                   p20_ms=p20, p80_ms=p80, tokens=tokens, params=params,
                   state_mb=_tensor_mb(state), peak_mb=None if peak is None else peak / 2 ** 20,
                   parity=parity_text)
-        del optimizer, state
 
 
 def format_table(rows: Sequence[ModelRow], meta: dict) -> str:

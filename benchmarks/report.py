@@ -81,13 +81,12 @@ def _provider_order(rows: Sequence[Row]) -> List[str]:
     return order
 
 
-def summary_table(rows: Sequence[Row]) -> str:
-    """One line per shape, M and mode; one column per provider: median ms (speedup vs nn.Linear)."""
-    providers = _provider_order(rows)
+def summary_grid(rows: Sequence[Row], providers: Sequence[str], unit: str = " ms"):
+    """The summary's cells: one line per (shape, G, M, mode), one cell per provider with its
+    median (and speedup vs nn.Linear), or its status when it was not timed."""
     points: Dict[tuple, Dict[str, Row]] = {}
     for r in rows:
         points.setdefault((r.shape, r.groups, r.M, r.mode), {})[r.provider] = r
-    headers = ["shape", "G", "M", "mode"] + providers + ["ideal vs nn.Linear"]
     body = []
     for (shape, groups, M, mode), by_provider in points.items():
         cells = [shape, str(groups), str(M), mode]
@@ -96,14 +95,21 @@ def summary_table(rows: Sequence[Row]) -> str:
             if r is None:
                 cells.append("")
             elif r.timed:
-                cell = f"{_ms(r.median_ms)} ms"
+                cell = f"{_ms(r.median_ms)}{unit}"
                 if r.speedup_vs_linear is not None and r.provider != "nn.Linear":
                     cell += f" ({r.speedup_vs_linear:.2f}x)"
                 cells.append(cell)
             else:
                 cells.append(r.status.upper() if r.failed else r.status)
-        cells.append(f"{groups / 2:.1f}x")
         body.append(cells)
+    return body
+
+
+def summary_table(rows: Sequence[Row]) -> str:
+    """One line per shape, M and mode; one column per provider: median ms (speedup vs nn.Linear)."""
+    providers = _provider_order(rows)
+    headers = ["shape", "G", "M", "mode"] + providers + ["ideal vs nn.Linear"]
+    body = [cells + [f"{int(cells[1]) / 2:.1f}x"] for cells in summary_grid(rows, providers)]
     return render(headers, body, right=range(4, 5 + len(providers)))
 
 

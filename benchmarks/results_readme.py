@@ -72,23 +72,7 @@ def released_ratio_table(rows: Sequence[Row]) -> str:
 
 def summary_markdown(rows: Sequence[Row]) -> str:
     providers = list(dict.fromkeys(r.provider for r in rows))
-    points: Dict[tuple, Dict[str, Row]] = {}
-    for r in rows:
-        points.setdefault((r.shape, r.groups, r.M, r.mode), {})[r.provider] = r
-    body = []
-    for (shape, groups, M, mode), by in points.items():
-        cells = [shape, str(groups), str(M), mode]
-        for name in providers:
-            r = by.get(name)
-            if r is None:
-                cells.append("")
-            elif r.timed:
-                extra = (f" ({r.speedup_vs_linear:.2f}x)" if r.speedup_vs_linear is not None
-                         and name != "nn.Linear" else "")
-                cells.append(f"{_ms(r.median_ms)}{extra}")
-            else:
-                cells.append(r.status)
-        body.append(cells)
+    body = report.summary_grid(rows, providers, unit="")
     return report.markdown_table(["shape", "G", "M", "mode"] + providers, body,
                                  right=range(4, 4 + len(providers)))
 
