@@ -1,8 +1,9 @@
 """PyTorch launchers with the same signatures as ``triton_impl``: the ``torch`` backend.
 
-Faster than the plain reference (``reference.py``) on CPU: one BLAS GEMM per group writing
-straight into its slice of the output (no einsum permutes, no output copy), and for the IO block
-a single contiguous copy of the interleaved input instead of a permute per op. Tested against
+Faster than the plain reference (``reference.py``) on CPU: at training sizes one BLAS GEMM per
+group writing straight into its slice of the output (no einsum permutes, no output copy), and for
+the IO block a single contiguous copy of the interleaved input; at decode sizes (few rows) one
+batched GEMM for all groups, since there the per-call overhead dominates. Tested against
 the reference, forward and backward, and gradchecked in float64.
 """
 from __future__ import annotations
@@ -19,6 +20,12 @@ __all__ = [
 ]
 
 Grads = Tuple[Optional[torch.Tensor], ...]
+
+
+# Below this many rows one batched GEMM beats G separate calls: at decode sizes the per-call
+# overhead dominates (measured on a 2-core CPU at the released shapes: M <= 16 is up to 3x faster
+# with bmm, M = 2048 is 10-25% faster with the per-group loop).
+_BATCHED_MAX_ROWS = 256
 
 
 def interleave_fwd(x: torch.Tensor, step: int) -> torch.Tensor:
@@ -43,9 +50,21 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
 
 
 def _grouped_mm(a_groups, weights, out: torch.Tensor, accumulate=False, bias=None) -> torch.Tensor:
-    """``out[:, n*og:(n+1)*og] (+)= a_groups[n] @ weights[n]`` (+ bias[n])."""
-    og = weights.shape[2]
-    for n in range(weights.shape[0]):
+    """``out[:, n*og:(n+1)*og] (+)= a_groups[n] @ weights[n]`` (+ bias[n]); ``out`` is ``[M, G*og]``
+    with unit column stride."""
+    G, _, og = weights.shape
+    M = out.shape[0]
+    if M < _BATCHED_MAX_ROWS:
+        y = torch.bmm(torch.stack(a_groups), weights)
+        if bias is not None:
+            y += bias.unsqueeze(1)
+        target = out.view(M, G, og)
+        if accumulate:
+            target.add_(y.transpose(0, 1))
+        else:
+            target.copy_(y.transpose(0, 1))
+        return out
+    for n in range(G):
         _mm_into(out[:, n * og:(n + 1) * og], a_groups[n], weights[n], accumulate,
                  None if bias is None else bias[n])
     return out
@@ -56,9 +75,12 @@ def _column_groups(x: torch.Tensor, width: int):
 
 
 def _weight_grad(a_groups, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    og = weight.shape[2]
+    G, _, og = weight.shape
     dw = outputs.new_output(weight.shape, weight.dtype, weight.device)
-    for n in range(weight.shape[0]):
+    if dy.shape[0] < _BATCHED_MAX_ROWS:
+        dy_groups = dy.reshape(-1, G, og).transpose(0, 1)
+        return torch.bmm(torch.stack(a_groups).transpose(1, 2), dy_groups, out=dw)
+    for n in range(G):
         torch.mm(a_groups[n].t(), dy[:, n * og:(n + 1) * og], out=dw[n])
     return dw
 
@@ -67,32 +89,9 @@ def _bias_grad(dy: torch.Tensor, groups: int) -> torch.Tensor:
     return dy.sum(0, dtype=torch.float32).to(dy.dtype).reshape(groups, -1)
 
 
-# Below this many rows one batched GEMM beats G separate calls: at decode sizes the per-call
-# overhead dominates (measured on a 2-core CPU at the released shapes: M <= 16 is up to 3x faster
-# with bmm, M = 2048 is 10-25% faster with the per-group loop).
-_BATCHED_MAX_ROWS = 256
-
-
-def _batched(groups_first: torch.Tensor, weight, extra=None, bias=None) -> torch.Tensor:
-    """``[M, G*og]`` from ``bmm(groups_first [G, M, s], weight)`` (+ ``extra``'s bmm) (+ bias)."""
-    G, M = groups_first.shape[:2]
-    og = weight.shape[2]
-    y = torch.bmm(groups_first, weight)
-    if extra is not None:
-        y.baddbmm_(*extra)
-    if bias is not None:
-        y += bias.unsqueeze(1)
-    out = outputs.new_output((M, G * og), y.dtype, y.device)
-    out.view(M, G, og).copy_(y.transpose(0, 1))
-    return out
-
-
 def grouped_linear_fwd(x, weight, bias=None):
     G, s, og = weight.shape
-    M = x.shape[0]
-    if M < _BATCHED_MAX_ROWS:
-        return _batched(x.reshape(M, G, s).transpose(0, 1), weight, bias=bias)
-    y = outputs.new_output((M, G * og), x.dtype, x.device)
+    y = outputs.new_output((x.shape[0], G * og), x.dtype, x.device)
     return _grouped_mm(_column_groups(x, s), weight, y, bias=bias)
 
 
@@ -110,12 +109,7 @@ def grouped_linear_bwd(dy, x, weight, need_dx=True, need_dw=True, need_db=False)
 
 
 def gpc_io_fwd(x, weight1, weight2, bias1=None, bias2=None):
-    G, s, og = weight1.shape
-    M = x.shape[0]
-    if M < _BATCHED_MAX_ROWS:
-        bias = bias1 if bias2 is None else (bias2 if bias1 is None else bias1 + bias2)
-        interleaved = x.reshape(M, s, G).permute(2, 0, 1).contiguous()
-        return _batched(x.reshape(M, G, s).transpose(0, 1), weight1, (interleaved, weight2), bias)
+    G = weight1.shape[0]
     y = grouped_linear_fwd(x, weight1, bias1)
     _grouped_mm(_interleaved_groups(x, G).unbind(1), weight2, y, accumulate=True)
     if bias2 is not None:
