@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import kphi3_model  # noqa: F401  (registers the Auto classes)
 from kphi3_kernels import reference as R
 from kphi3_model import KPhi3Config, KPhi3ForCausalLM
+from _utils import rel_error
 
 BASE = dict(vocab_size=32, embed_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, min_channels_per_group=16,
@@ -129,10 +130,6 @@ def reference_logits(sd: dict, cfg: dict, input_ids: torch.Tensor) -> torch.Tens
 
 def variant_config(name: str) -> dict:
     return {**BASE, **VARIANTS[name]}
-
-
-def rel_error(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

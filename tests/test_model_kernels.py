@@ -9,8 +9,8 @@ import torch
 
 import kphi3_kernels
 from kphi3_model import KPhi3Config, KPhi3ForCausalLM
+from _utils import FP32_TOL, rel_error
 
-FP32_TOL = 1e-5
 
 needs_triton = pytest.mark.skipif(
     not (kphi3_kernels.backend.triton_available()
@@ -25,10 +25,6 @@ RELEASED_STRUCTURE = dict(vocab_size=64, embed_size=320, hidden_size=320, interm
 # embed_size != hidden_size (embed_to_hidden / hidden_to_embed blocks) and GQA.
 PROJECTED_GQA = dict(vocab_size=40, embed_size=48, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=2, min_channels_per_group=16)
-
-
-def rel_error(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @contextlib.contextmanager

@@ -9,8 +9,8 @@ from torch import nn
 
 import kphi3_kernels as kk
 from kphi3_model import KPhi3Config, KPhi3ForCausalLM, apply_kphi3_kernels
+from _utils import FP32_TOL, rel_error
 
-FP32_TOL = 1e-5
 BACKEND = "triton" if kk.backend.triton_available() and (
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1") else "torch"
 
@@ -139,10 +139,6 @@ class OriginalStyleNet(nn.Module):
     def forward(self, x):
         x = self.io_biased(self.io_single(self.io(x)))
         return self.tail(self.block_expand(self.block(self.shared[0](x))))
-
-
-def rel_error(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def forward_backward(model, x):
