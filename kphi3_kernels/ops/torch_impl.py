@@ -85,7 +85,8 @@ def _weight_grad(a_groups, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tens
     return dw
 
 
-def _bias_grad(dy: torch.Tensor, groups: int) -> torch.Tensor:
+def bias_grad(dy: torch.Tensor, groups: int) -> torch.Tensor:
+    """``dy`` summed over rows as ``[G, og]``, accumulated in fp32 (both backends use this)."""
     return dy.sum(0, dtype=torch.float32).to(dy.dtype).reshape(groups, -1)
 
 
@@ -104,7 +105,7 @@ def grouped_linear_bwd(dy, x, weight, need_dx=True, need_dw=True, need_db=False)
     if need_dw:
         dw = _weight_grad(_column_groups(x, s), dy, weight)
     if need_db:
-        db = _bias_grad(dy, G)
+        db = bias_grad(dy, G)
     return dx, dw, db
 
 

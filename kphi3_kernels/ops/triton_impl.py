@@ -10,9 +10,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from .grouped_gemm import Operand, grouped_gemm
 from . import outputs
+from .grouped_gemm import Operand, grouped_gemm
 from .interleave import interleave_fwd
+# A column sum runs at bandwidth in torch already: both backends share it.
+from .torch_impl import bias_grad
 
 __all__ = [
     "grouped_linear_fwd", "grouped_linear_bwd", "gpc_io_fwd", "gpc_io_bwd",
@@ -47,11 +49,6 @@ def _weight_t(w: torch.Tensor) -> Operand:
 
 def _empty(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     return outputs.new_output((rows, cols), like.dtype, like.device)
-
-
-def _bias_grad(dy: torch.Tensor, groups: int) -> torch.Tensor:
-    # A column sum: torch's reduction already runs at bandwidth; accumulate in fp32.
-    return dy.sum(0, dtype=torch.float32).to(dy.dtype).reshape(groups, -1)
 
 
 def grouped_linear_fwd(x, weight, bias=None):
@@ -92,7 +89,7 @@ def grouped_linear_bwd(dy, x, weight, need_dx=True, need_dw=True, need_db=False)
     if need_dw:
         dw = _grouped_weight_grad(_groups_of_transposed(x, s), dy, weight)
     if need_db:
-        db = _bias_grad(dy, G)
+        db = bias_grad(dy, G)
     return dx, dw, db
 
 
@@ -123,7 +120,7 @@ def gpc_io_bwd(dy, x, weight1, weight2, need_dx=True, need_dw1=True, need_dw2=Tr
     if need_dw2:
         dw2 = _grouped_weight_grad(_strided_groups_transposed(x, G), dy, weight2)
     if need_db1 or need_db2:
-        db = _bias_grad(dy, G)
+        db = bias_grad(dy, G)
     return dx, dw1, dw2, db if need_db1 else None, db if need_db2 else None
 
 
@@ -160,7 +157,7 @@ def gpc_block_bwd(dy, x, h, weight1, weight2=None, need_dx=True, need_dw1=True, 
         if need_dw2:
             dw2 = _grouped_weight_grad(_groups_of_transposed(h, og), dy, weight2)
         if need_db2:
-            db2 = _bias_grad(dy, G)
+            db2 = bias_grad(dy, G)
         # d first(x)[:, q] = dy[:, q] + (dy @ W2^T)[:, interleaved position of q]; computed per
         # group of the second GEMM and stored at q = (p % og) * G + p // og, dy added on the way.
         dh = _empty(M, G * og, dy)
