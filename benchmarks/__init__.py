@@ -1,6 +1,6 @@
 """kphi3-kernels' benchmark suite.
 
-``python -m benchmarks.run`` (``kphi3-bench``) sweeps the grouped layers; read in this order:
+``python -m kphi3_bench.run`` (``kphi3-bench``) sweeps the grouped layers; read in this order:
 ``shapes.py`` (the shape table, FLOP and byte counts) -> ``providers.py`` (what is compared) ->
 ``parity.py`` (the gate before timing) -> ``timing.py`` / ``memory.py`` (how it is measured) ->
 ``roofline.py`` (what it is measured against) -> ``sweep.py`` (the loop) -> ``report.py`` (tables,

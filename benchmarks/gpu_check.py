@@ -1,7 +1,7 @@
 """The one prepared script for a session that has a GPU: parity in half precision, then timings.
 
-    python -m benchmarks.gpu_check --out-dir "$OUT"          # on the GPU machine
-    python -m benchmarks.gpu_check --dry-run --out-dir /tmp/x # here: CPU, torch backend, tiny shapes
+    python -m kphi3_bench.gpu_check --out-dir "$OUT"          # on the GPU machine
+    python -m kphi3_bench.gpu_check --dry-run --out-dir /tmp/x # here: CPU, torch backend, tiny shapes
 
 Steps (each one is recorded, a failing step does not stop the next):
 1. ``env.json``: device, versions, date.
@@ -163,7 +163,7 @@ def run_timing(out_dir: str, device, dtype, shapes_, Ms, provider_names, quick_b
                       env=env.row_env(info),
                       budget_s=0.05 if quick_budget else 1.0, min_reps=3 if quick_budget else 5)
     rows = run_sweep(cfg, progress=sys.stderr.isatty())
-    meta = sweep_meta(cfg, info, roof, "python -m benchmarks.gpu_check (its timing step)", False)
+    meta = sweep_meta(cfg, info, roof, "python -m kphi3_bench.gpu_check (its timing step)", False)
     stem = env.default_results_name(device)[:-len(".json")]
     json_path = os.path.join(out_dir, f"{stem}.json")
     report.write_json(json_path, rows, meta)
@@ -205,7 +205,7 @@ def _step(summary: dict, name: str, fn: Callable[[], dict]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check",
+    p = argparse.ArgumentParser(prog="python -m kphi3_bench.gpu_check",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", default=os.environ.get("OUT") or "gpu-check-out",
                    help="where everything is written (default: $OUT, else ./gpu-check-out)")

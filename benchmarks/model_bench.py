@@ -1,6 +1,6 @@
 """Model-level benchmark: tokens/s of a training step and of ``generate``, and peak memory.
 
-``python -m benchmarks.model_bench`` (or ``kphi3-bench model``). Variants, same sizes:
+``python -m kphi3_bench.model_bench`` (or ``kphi3-bench model``). Variants, same sizes:
 
 - ``kphi3-triton``: ``KPhi3ForCausalLM`` with ``kernel_backend="triton"`` (the fused kernels;
   CUDA only, "needs a GPU" elsewhere);
@@ -359,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     """``prog``: how the command was invoked, for the record (``kphi3-bench model`` passes it)."""
     from .run import UsageError, _check_writable_file, _split, resolve_device
 
-    prog = prog or "python -m benchmarks.model_bench"
+    prog = prog or "python -m kphi3_bench.model_bench"
 
     parser = build_parser()
     try:

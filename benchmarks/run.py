@@ -1,4 +1,4 @@
-"""``python -m benchmarks.run`` / ``kphi3-bench``: sweep the grouped layers, compare providers.
+"""``python -m kphi3_bench.run`` / ``kphi3-bench``: sweep the grouped layers, compare providers.
 
 Examples::
 
@@ -224,9 +224,9 @@ def sweep_meta(cfg: SweepConfig, info: dict, roof: roofline.Roofline, command: s
 
 
 def invoked_as(argv_given: bool) -> str:
-    """How this run was started, for the record: ``python -m benchmarks.run`` or ``kphi3-bench``."""
+    """How this run was started, for the record: ``python -m kphi3_bench.run`` or ``kphi3-bench``."""
     if argv_given or sys.argv[0].endswith(os.path.join("benchmarks", "run.py")):
-        return "python -m benchmarks.run"
+        return "python -m kphi3_bench.run"
     return os.path.basename(sys.argv[0]) or "kphi3-bench"
 
 

@@ -12,8 +12,8 @@ Triton provider is skipped ("needs a GPU"), never run through the interpreter.
 import pytest
 import torch
 
-from benchmarks import parity, providers, shapes
-from benchmarks.sweep import InputSet
+from kphi3_bench import parity, providers, shapes
+from kphi3_bench.sweep import InputSet
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

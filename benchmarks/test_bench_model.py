@@ -3,12 +3,12 @@
     pytest benchmarks/test_bench_model.py --benchmark-only
 
 Small sizes (the released KPhi-3 widths, 2 layers, a 64-token batch, 8 generated tokens) so that
-it runs on a CPU too; ``python -m benchmarks.model_bench`` has the full-size measurement.
+it runs on a CPU too; ``python -m kphi3_bench.model_bench`` has the full-size measurement.
 """
 import pytest
 import torch
 
-from benchmarks import model_bench
+from kphi3_bench import model_bench
 
 pytest.importorskip("kphi3_model", reason="the model benchmark needs the kphi3_model package")
 

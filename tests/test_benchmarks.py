@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
-from benchmarks import gpu_check, memory, model_bench, parity, providers, report, roofline, run, shapes
-from benchmarks.shapes import Shape
-from benchmarks.sweep import SweepConfig, run_sweep
-from benchmarks.timing import quantiles_ms
+from kphi3_bench import gpu_check, memory, model_bench, parity, providers, report, roofline, run, shapes
+from kphi3_bench.shapes import Shape
+from kphi3_bench.sweep import SweepConfig, run_sweep
+from kphi3_bench.timing import quantiles_ms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = ("provider", "op", "shape", "M", "dtype", "mode", "median_ms", "device_name", "torch",
@@ -36,7 +36,7 @@ def _load(path):
 def test_quick_runs_end_to_end_and_writes_json_and_plots(tmp_path):
     out, plots = tmp_path / "quick.json", tmp_path / "plots"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out), "--plot", str(plots),
+        [sys.executable, "-m", "kphi3_bench.run", "--quick", "--out", str(out), "--plot", str(plots),
          "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -306,7 +306,7 @@ def test_unwritable_outputs_are_refused_before_anything_runs(tmp_path, capsys):
 
 
 def test_bad_argument_exit_status_from_the_command_line():
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--shapes", "nope"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "kphi3_bench.run", "--shapes", "nope"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown shape 'nope'" in proc.stderr
 
@@ -364,8 +364,8 @@ def test_model_benchmark_reports_a_missing_model_package(monkeypatch):
 
 
 def test_results_readme_is_generated_from_the_json(tmp_path):
-    from benchmarks import results_readme
-    from benchmarks.sweep import Row, fill_speedups
+    from kphi3_bench import results_readme
+    from kphi3_bench.sweep import Row, fill_speedups
 
     env = {"device": "cpu", "device_name": "CPU (test)", "torch": "t", "triton": "t",
            "transformers": "t", "date": "2026-01-01T00:00:00+00:00"}
