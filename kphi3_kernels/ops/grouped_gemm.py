@@ -21,7 +21,6 @@ All offsets are computed in int64, so ``M * channels`` may pass 2**31.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -29,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreting
+from .launch import KernelLaunch, launch
 
 # Tile configs, chosen with an H200 in mind (SPEC.md: ~790 TFLOP/s bf16, ~4.3 TB/s). The released
 # shapes have K = s = 256 per operand (K = 512 fused) and og = out/G in {64, 256, 768, 2048}, so:
@@ -129,16 +129,6 @@ def _grouped_gemm_kernel(
     tl.store(c_ptr + offs_p[:, None] * s_cp + c_col[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.lru_cache(maxsize=None)
-def _autotuned_kernel():
-    # Built lazily: the autotuner benchmarks on a device, which the interpreter has not got.
-    return triton.autotune(
-        configs=_CUDA_CONFIGS,
-        key=["p_bucket", "Q", "k_bucket", "K2", "HAS_SECOND", "HAS_RESIDUAL", "MAP_C", "MAP_R"],
-        restore_value=["c_ptr"],  # the kernel may accumulate into C (r_ptr == c_ptr)
-    )(_grouped_gemm_kernel)
-
-
 def _interpreter_config(P: int, Q: int, K: int) -> dict:
     # The interpreter's cost grows with programs x K-steps, so take the largest sensible tiles.
     def fit(n, lo, hi):
@@ -184,6 +174,7 @@ def grouped_gemm(
     map_r: bool = False,
     map_div: int = 1,
     map_mul: int = 1,
+    name: str = "grouped_gemm",
 ) -> None:
     """Launch the kernel: ``c[g] = a[g] @ b[g] (+ a2[g] @ b2[g]) (+ biases) (+ residual[g])``.
 
@@ -201,16 +192,20 @@ def grouped_gemm(
     b2 = b2 if has_second else b
     res = residual if residual is not None else c
     dummy = c.tensor
-    args = (
-        a.tensor, b.tensor, a2.tensor, b2.tensor, c.tensor, res.tensor,
-        bias if bias is not None else dummy, bias2 if bias2 is not None else dummy,
-        P, Q, K, K2 if has_second else 0,
-        *a.strides(), *b.strides(), *a2.strides(), *b2.strides(), *c.strides(), *res.strides(),
-        bias.stride(0) if bias is not None else 0, bias2.stride(0) if bias2 is not None else 0,
-        map_div, map_mul,
-        triton.next_power_of_2(P), triton.next_power_of_2(max(K, K2)),
-    )
-    flags = dict(
+    names = ("s_ag", "s_ap", "s_ak", "s_bg", "s_bk", "s_bq", "s_a2g", "s_a2p", "s_a2k",
+             "s_b2g", "s_b2k", "s_b2q", "s_cg", "s_cp", "s_cq", "s_rg", "s_rp", "s_rq")
+    strides = (*a.strides(), *b.strides(), *a2.strides(), *b2.strides(), *c.strides(),
+               *res.strides())
+    args = dict(
+        a_ptr=a.tensor, b_ptr=b.tensor, a2_ptr=a2.tensor, b2_ptr=b2.tensor, c_ptr=c.tensor,
+        r_ptr=res.tensor, bias_ptr=bias if bias is not None else dummy,
+        bias2_ptr=bias2 if bias2 is not None else dummy,
+        P=P, Q=Q, K=K, K2=K2 if has_second else 0,
+        **dict(zip(names, strides)),
+        s_biasg=bias.stride(0) if bias is not None else 0,
+        s_bias2g=bias2.stride(0) if bias2 is not None else 0,
+        map_div=map_div, map_mul=map_mul,
+        p_bucket=triton.next_power_of_2(P), k_bucket=triton.next_power_of_2(max(K, K2)),
         HAS_SECOND=has_second, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None,
         HAS_RESIDUAL=residual is not None, MAP_C=map_c, MAP_R=map_r,
         INPUT_PRECISION=_input_precision(c.tensor.dtype), GROUP_P=8,
@@ -221,8 +216,11 @@ def grouped_gemm(
     def grid(meta):
         return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Q, meta["BLOCK_Q"]), groups)
 
-    if triton_interpreting():
-        _grouped_gemm_kernel[grid](*args, **flags, **_interpreter_config(P, Q, max(K, K2)))
-    else:
-        with torch.cuda.device(c.tensor.device):
-            _autotuned_kernel()[grid](*args, **flags)
+    launch(KernelLaunch(
+        name=name, kernel=_grouped_gemm_kernel, grid=grid, args=args, configs=_CUDA_CONFIGS,
+        interpreter_config=triton.Config(_interpreter_config(P, Q, max(K, K2)), num_warps=4),
+        tune_key=("p_bucket", "Q", "k_bucket", "K2", "HAS_SECOND", "HAS_RESIDUAL", "MAP_C",
+                  "MAP_R"),
+        restore=("c_ptr",) if residual is not None and residual.tensor is c.tensor else (),
+        device=c.tensor.device,
+    ))

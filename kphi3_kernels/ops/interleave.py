@@ -5,14 +5,13 @@ and writes a contiguous tile of the output, so stores stay coalesced.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from ..backend import triton_interpreting
 from . import outputs
+from .launch import KernelLaunch, launch
 
 
 @triton.jit
@@ -34,17 +33,18 @@ def interleave_fwd(x: torch.Tensor, step: int) -> torch.Tensor:
     y = outputs.new_output((M, C), x.dtype, x.device)
     if M == 0 or C == 0:
         return y
-    if triton_interpreting():
-        block_m, block_c, warps = 32, 128, 4
-    else:
+    config = triton.Config({"BLOCK_M": 32, "BLOCK_C": 128}, num_warps=4)
+    if not triton_interpreting():
         # A pure copy: 64 x 128 tiles of 2-byte values are 16 KiB, enough in flight per SM to
-        # approach the H200's copy bandwidth (SPEC.md: ~4.3 TB/s).
-        block_m, block_c, warps = 64, 128, 8
-    grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c))
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _interleave_kernel[grid](
-            x, y, M, C, step, x.stride(0), x.stride(1),
-            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps,
-        )
-    return y
+        # approach the H200's copy bandwidth (~4.3 TB/s).
+        config = triton.Config({"BLOCK_M": 64, "BLOCK_C": 128}, num_warps=8)
 
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
+
+    launch(KernelLaunch(
+        name="interleave", kernel=_interleave_kernel, grid=grid,
+        args=dict(x_ptr=x, y_ptr=y, M=M, C=C, step=step, s_xm=x.stride(0), s_xc=x.stride(1)),
+        configs=[config], interpreter_config=config, device=x.device,
+    ))
+    return y
