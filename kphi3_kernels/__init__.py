@@ -4,7 +4,14 @@ Read in this order to follow one forward call: ``modules.py`` (drop-in layers) -
 ``functional.py`` (checks, autocast, backend choice) -> ``ops/autograd.py`` (autograd glue) ->
 ``ops/triton_impl.py`` / ``ops/torch_impl.py`` (launchers) -> ``ops/grouped_gemm.py`` (the kernel).
 """
-from .backend import BACKENDS, get_backend, resolve_backend, set_backend, use_backend
+from .backend import (
+    BACKENDS,
+    explain_backend,
+    get_backend,
+    resolve_backend,
+    set_backend,
+    use_backend,
+)
 from .functional import gpc_block, gpc_io, grouped_linear, interleave
 from .modules import (
     GroupedLinear,
@@ -19,7 +26,7 @@ from .reference import get_max_acceptable_common_divisor, group_count
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "get_backend", "set_backend", "use_backend", "resolve_backend",
+    "BACKENDS", "get_backend", "set_backend", "use_backend", "resolve_backend", "explain_backend",
     "grouped_linear", "gpc_io", "gpc_block", "interleave",
     "GroupedLinear", "GroupedLinearFast", "GroupedPointwiseConvolutionBlock",
     "GroupedPointwiseConvolutionBlockIO", "InterleaveChannelsFast", "SignedSquareRoot1",

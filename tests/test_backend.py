@@ -1,4 +1,5 @@
-"""The backend flag: set/get/use_backend, KPHI3_BACKEND, resolve_backend, and dispatch."""
+"""The backend flag: set/get/use_backend, KPHI3_BACKEND, resolve_backend / explain_backend, the
+precedence of the four ways to choose, the one-time fallback warning, and dispatch."""
 import threading
 
 import pytest
@@ -202,3 +203,178 @@ def test_explicit_backend_argument_beats_flag(monkeypatch):
     with use_backend("triton"):
         kphi3_kernels.interleave(x, 2, backend="torch")
     assert calls == [("torch", "interleave_fwd")]
+
+
+# --------------------------------------------------------------------------------------------
+# Precedence: module attribute / backend= > use_backend > set_backend > KPHI3_BACKEND > "auto"
+# --------------------------------------------------------------------------------------------
+
+
+def _fresh_thread_state(monkeypatch):
+    """No set_backend choice and no open use_backend block in this thread (conftest sets one)."""
+    monkeypatch.setattr(B._state, "name", None)
+    monkeypatch.setattr(B._state, "context", [])
+
+
+def test_precedence_of_the_four_ways(monkeypatch):
+    _fresh_thread_state(monkeypatch)
+    monkeypatch.delenv("KPHI3_BACKEND", raising=False)
+    assert B._requested() == ("auto", "the default")
+    monkeypatch.setenv("KPHI3_BACKEND", "torch")
+    assert B._requested() == ("torch", "the KPHI3_BACKEND environment variable")
+    set_backend("triton")  # beats the environment
+    assert B._requested() == ("triton", "set_backend(...)")
+    with use_backend("auto"):  # beats set_backend
+        assert B._requested() == ("auto", "use_backend(...)")
+        set_backend("torch")  # takes effect when the block exits, not inside it
+        assert get_backend() == "auto"
+        with use_backend("torch"):  # the innermost block wins
+            assert B._requested() == ("torch", "use_backend(...)")
+            # a per-call / per-module override beats everything
+            name, source = B._requested("triton")
+            assert name == "triton" and "backend= argument" in source
+        assert get_backend() == "auto"
+    assert B._requested() == ("torch", "set_backend(...)")
+
+
+def test_precedence_in_dispatch(monkeypatch):
+    """The same order, seen in which launchers run (Triton on CPU needs the interpreter)."""
+    if not B.triton_interpreting() or torch.cuda.is_available():
+        pytest.skip("needs Triton's CPU interpreter")  # pragma: no cover
+    _fresh_thread_state(monkeypatch)
+    calls = spy_impls(monkeypatch)
+    block = kphi3_kernels.InterleaveChannelsFast(2, last_dim=2)
+    x = torch.randn(1, 2, 4)
+
+    def ran():
+        calls.clear()
+        block(x)
+        (backend,) = {b for b, _ in calls}
+        return backend
+
+    monkeypatch.setenv("KPHI3_BACKEND", "triton")
+    assert ran() == "triton"
+    set_backend("torch")
+    assert ran() == "torch"
+    with use_backend("triton"):
+        assert ran() == "triton"
+        block.backend = "torch"  # the module attribute beats the context
+        assert ran() == "torch"
+        assert kphi3_kernels.interleave(x, 2, backend="triton") is not None
+        assert calls[-1][0] == "triton"  # ... and so does backend= on a functional call
+
+
+def test_model_style_module_attribute_ignores_context():
+    """A module built with backend=... (as the model's layers are) keeps it under use_backend."""
+    block = kphi3_kernels.GroupedPointwiseConvolutionBlockIO(8, 8, 2, backend="torch")
+    assert block.first_pointwise_conv.backend == "torch"
+    with use_backend("triton"):
+        assert kphi3_kernels.explain_backend(CPU, block.backend)[0] == "torch"
+    block.backend = None  # back to following the flag
+    assert block.backend is None and block.second_pointwise_conv.backend is None
+
+
+# --------------------------------------------------------------------------------------------
+# explain_backend / resolve_backend(with_reason=True)
+# --------------------------------------------------------------------------------------------
+
+
+def test_explain_backend_says_why(monkeypatch):
+    _fresh_thread_state(monkeypatch)
+    monkeypatch.delenv("KPHI3_BACKEND", raising=False)
+    backend, reason = kphi3_kernels.explain_backend(CPU)
+    assert backend == "torch"
+    assert "'auto' (from the default)" in reason and "cpu tensor" in reason
+    backend, reason = kphi3_kernels.explain_backend(CPU, "torch")
+    assert backend == "torch" and "backend= argument" in reason
+    monkeypatch.setenv("KPHI3_BACKEND", "torch")
+    assert "KPHI3_BACKEND" in kphi3_kernels.explain_backend(CPU)[1]
+    with use_backend("auto"):
+        assert "use_backend" in kphi3_kernels.explain_backend("cpu")[1]  # a device works too
+    assert resolve_backend(CPU, with_reason=True) == kphi3_kernels.explain_backend(CPU)
+    assert resolve_backend(CPU) == "torch"
+
+
+def test_explain_backend_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    set_backend("triton")
+    backend, reason = kphi3_kernels.explain_backend(CPU)
+    assert backend == "triton" and "set_backend" in reason and "interpreter" in reason
+
+
+def test_explain_backend_raises_like_the_op(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        kphi3_kernels.explain_backend(CPU, "triton")
+
+
+def test_explain_backend_on_cuda_without_triton(monkeypatch):
+    """A CUDA device needs no GPU to be described: the choice depends only on the device type."""
+    monkeypatch.setattr(B, "triton_available", lambda: False)
+    monkeypatch.setattr(B, "_triton_import_error", "ImportError: no module named 'triton'")
+    backend, reason = kphi3_kernels.explain_backend(torch.device("cuda"), "auto")
+    assert backend == "torch" and "not importable" in reason and "no module named" in reason
+    monkeypatch.setattr(B, "triton_available", lambda: True)
+    assert kphi3_kernels.explain_backend("cuda", "auto")[0] == "triton"
+    assert kphi3_kernels.explain_backend("cuda", "triton")[0] == "triton"
+    assert kphi3_kernels.explain_backend("cuda", "torch")[0] == "torch"
+
+
+class _FakeCudaTensor:
+    """Enough of a CUDA tensor for resolve_backend on a machine without a GPU."""
+    is_cuda = True
+    device = torch.device("cuda")
+
+
+def test_auto_fallback_on_cuda_warns_once(monkeypatch, caplog):
+    monkeypatch.setattr(B, "triton_available", lambda: False)
+    monkeypatch.setattr(B, "_warned_fallback", False)
+    with caplog.at_level("WARNING", logger="kphi3_kernels"):
+        assert resolve_backend(_FakeCudaTensor(), "auto") == "torch"
+        assert resolve_backend(_FakeCudaTensor(), "auto") == "torch"
+        assert resolve_backend(_FakeCudaTensor(), "torch") == "torch"  # asked for: no warning
+    records = [r for r in caplog.records if r.name == "kphi3_kernels"]
+    assert len(records) == 1 and "not importable" in records[0].getMessage()
+    assert "once" in records[0].getMessage()
+
+
+def test_no_warning_on_cpu_or_explicit_torch(monkeypatch, caplog):
+    monkeypatch.setattr(B, "triton_available", lambda: False)
+    monkeypatch.setattr(B, "_warned_fallback", False)
+    with caplog.at_level("WARNING", logger="kphi3_kernels"):
+        resolve_backend(CPU, "auto")
+        resolve_backend(_FakeCudaTensor(), "torch")
+    assert not [r for r in caplog.records if r.name == "kphi3_kernels"]
+
+
+# --------------------------------------------------------------------------------------------
+# KPHI3_BACKEND is checked at import
+# --------------------------------------------------------------------------------------------
+
+
+def _import_with_env(value):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, KPHI3_BACKEND=value)
+    return subprocess.run([sys.executable, "-c", "import kphi3_kernels"], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bad_env_var_fails_at_import():
+    proc = _import_with_env("gpu")
+    assert proc.returncode != 0
+    assert "ValueError" in proc.stderr and "KPHI3_BACKEND" in proc.stderr
+    assert "auto, triton, torch" in proc.stderr
+
+
+def test_env_var_is_normalised(monkeypatch):
+    _fresh_thread_state(monkeypatch)
+    monkeypatch.setenv("KPHI3_BACKEND", " Torch ")
+    assert B._env_backend() == "torch" and get_backend() == "torch"
+
+
+def test_empty_env_var_means_unset(monkeypatch):
+    _fresh_thread_state(monkeypatch)
+    monkeypatch.setenv("KPHI3_BACKEND", "")
+    assert B._requested() == ("auto", "the default")
