@@ -1,7 +1,11 @@
-"""The one prepared script for a session that has a GPU: parity in half precision, then timings.
+"""One command that checks and times the kernels on a CUDA GPU: half-precision parity, then timings.
 
-    python -m kphi3_bench.gpu_check --out-dir "$OUT"          # on the GPU machine
-    python -m kphi3_bench.gpu_check --dry-run --out-dir /tmp/x # here: CPU, torch backend, tiny shapes
+    python -m kphi3_bench.gpu_check --out-dir gpu-check-out    # on a machine with a CUDA GPU
+    python -m kphi3_bench.gpu_check --dry-run --out-dir /tmp/x # on a CPU: torch backend, tiny shapes
+
+Every number it writes is measured by this run on the machine it runs on (nothing is copied
+from elsewhere); the roofline it compares against is the one ``kphi3_bench.roofline`` picks
+(on an H200 in bf16/fp16, the ceilings measured on an H200; see docs/performance.md).
 
 Steps (each one is recorded, a failing step does not stop the next):
 1. ``env.json``: device, versions, date.
@@ -11,7 +15,7 @@ Steps (each one is recorded, a failing step does not stop the next):
    released shapes and odd token counts; the torch backend's error in the same dtype is shown
    next to it. A case passes when its worst relative error is <= 2e-2 and no worse than
    ``1.5 x`` the torch backend's (or below 5e-3).
-4. The benchmark sweep (``benchmarks.run``'s machinery): the released shapes at
+4. The benchmark sweep (``kphi3_bench.run``'s machinery): the released shapes at
    M in {16, 2048, 8192}, fwd / bwd / fwd+bwd, providers triton, torch, reference, torch.compile
    and nn.Linear, in bf16: ``<device>-<date>.json`` (ready for benchmarks/results/), its table and
    plots.
@@ -207,8 +211,8 @@ def _step(summary: dict, name: str, fn: Callable[[], dict]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kphi3_bench.gpu_check",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--out-dir", default=os.environ.get("OUT") or "gpu-check-out",
-                   help="where everything is written (default: $OUT, else ./gpu-check-out)")
+    p.add_argument("--out-dir", default="gpu-check-out",
+                   help="folder for every result file, created if missing (default: ./%(default)s)")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, torch backend instead of Triton, tiny shapes, no pytest")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the timing")

@@ -2,9 +2,11 @@
 
 Where the numbers come from, in order:
 1. ``--peak-tflops`` / ``--peak-gbps`` given on the command line;
-2. an H200 in bf16/fp16: SPEC.md's measured facts (790 TFLOP/s dense bf16, 4.3 TB/s copy);
-3. anything else (a CPU, another GPU, fp32 on an H200): measured once at startup here, a dense
-   matmul in the sweep's dtype and a device-to-device copy, best of a few runs.
+2. an H200 in bf16/fp16: the ceilings measured on an H200 (bf16 dense matmul about 790 TFLOP/s,
+   device copy about 4.3 TB/s; see docs/performance.md);
+3. anything else (a CPU, another GPU, fp32 on an H200): measured once at startup on the machine
+   that runs the sweep, a dense matmul in the sweep's dtype and a device-to-device copy, best of
+   a few runs.
 Every number carries its source, which the table and the JSON print next to it.
 """
 from __future__ import annotations
@@ -18,9 +20,9 @@ import torch
 from .env import device_name
 from .shapes import dtype_name
 
-H200_BF16_TFLOPS = 790.0  # SPEC.md: bf16 dense matmul, measured on the lent H200
-H200_COPY_GBPS = 4300.0   # SPEC.md: device copy, measured on the lent H200
-SPEC_SOURCE = "SPEC.md, measured on the lent H200"
+H200_BF16_TFLOPS = 790.0  # bf16 dense matmul, measured on an H200 (docs/performance.md)
+H200_COPY_GBPS = 4300.0   # device-to-device copy, measured on an H200 (docs/performance.md)
+H200_SOURCE = "measured on an H200"
 
 
 @dataclass
@@ -94,14 +96,14 @@ def measure_copy_gbps(device: torch.device, nbytes: Optional[int] = None, repeat
 
 def roofline_for(device: torch.device, dtype: torch.dtype, peak_tflops: Optional[float] = None,
                  peak_gbps: Optional[float] = None, quick: bool = False) -> Roofline:
-    """The roofline for ``device`` and ``dtype``: given, SPEC.md's H200 facts, or measured here."""
+    """The roofline for ``device`` and ``dtype``: given, the H200 ceilings, or measured on ``device``."""
     is_h200 = device.type == "cuda" and "H200" in device_name(device).upper()
     half = dtype in (torch.bfloat16, torch.float16)
     repeats = 2 if quick else 3
     if peak_tflops is not None:
         tflops, tsource = peak_tflops, "given by --peak-tflops"
     elif is_h200 and half:
-        tflops, tsource = H200_BF16_TFLOPS, f"{SPEC_SOURCE}, bf16 dense matmul"
+        tflops, tsource = H200_BF16_TFLOPS, f"{H200_SOURCE}, bf16 dense matmul"
         if dtype == torch.float16:
             tsource += " (assumed the same for fp16)"
     else:
@@ -112,7 +114,7 @@ def roofline_for(device: torch.device, dtype: torch.dtype, peak_tflops: Optional
     if peak_gbps is not None:
         gbps, gsource = peak_gbps, "given by --peak-gbps"
     elif is_h200:
-        gbps, gsource = H200_COPY_GBPS, f"{SPEC_SOURCE}, device copy"
+        gbps, gsource = H200_COPY_GBPS, f"{H200_SOURCE}, device copy"
     else:
         gbps = measure_copy_gbps(device, repeats=repeats)
         gsource = f"measured copy bandwidth (best of {repeats})"
