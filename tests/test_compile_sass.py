@@ -1,0 +1,128 @@
+"""What the compiler makes of the kernels: every bf16 launch at the released KPhi-3 shapes, in its
+first-choice config, compiled for sm_90a on the CPU (ptxas and cuobjdump ship with the Triton
+wheel) must use HGMMA where it does a dot, not spill, fit in shared memory and make no scalar
+16-bit global loads or stores in a matrix kernel (``kphi3_bench.compile_report.check_properties``).
+
+The compile runs in a subprocess without ``TRITON_INTERPRET``: this file's conftest turns the
+interpreter on for CPU machines, and interpreted kernels cannot be compiled.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kphi3_bench import compile_report as cr
+
+SASS_SNIPPET = """
+\tcode for sm_90a
+\t.target\tsm_90a
+
+\t\tFunction : _grouped_gemm_kernel
+\t.headerflags\t@"EF_CUDA_ACCELERATORS EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                      /* 0x00000a00ff017b82 */
+                                                                               /* 0x000ff00000000800 */
+        /*0010*/              @!P0 LDGSTS.E.BYPASS.128 [R5], desc[UR8][R2.64] ;
+        /*0020*/                   LDGSTS.E.64 [R7], desc[UR8][R2.64] ;
+        /*0030*/               @P1 LDG.E.U16 R4, desc[UR4][R2.64] ;
+        /*0040*/                   LDG.E.U16 R6, desc[UR4][R8.64] ;
+        /*0050*/                   LDG.E R9, desc[UR4][R8.64] ;
+        /*0060*/                   LDG.E.128.CONSTANT R12, desc[UR4][R8.64] ;
+        /*0070*/                   HGMMA.64x256x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0080*/                   HMMA.16816.F32.BF16 R40, R44, R48, R40 ;
+        /*0090*/                   FFMA R3, R4, R5, R3 ;
+        /*00a0*/                   STL.64 [R1], R10 ;
+        /*00b0*/                   LDL R10, [R1+0x8] ;
+        /*00c0*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;
+        /*00d0*/                   UTMALDG.2D [UR8], [UR4] ;
+        /*00e0*/                   STG.E.128 desc[UR4][R2.64], R8 ;
+        /*00f0*/             @!UP0 STG.E.U16 desc[UR4][R2.64], R8 ;
+        /*0100*/                   STG.E desc[UR4][R2.64], R8 ;
+        /*0110*/                   EXIT ;
+        /*0120*/                   BRA 0x120;
+"""
+
+
+def test_parse_sass_counts_instruction_kinds():
+    parsed = cr.parse_sass(SASS_SNIPPET)
+    assert parsed["instructions"] == 19
+    assert parsed["mma"] == "HGMMA"
+    assert parsed["memory"] == {
+        "LDGSTS.128": 1, "LDGSTS.64": 1, "LDG.E.U16": 2, "LDG.E": 1, "LDG.E.128": 1,
+        "STL": 1, "LDL": 1, "SHFL": 1, "UTMALDG": 1, "STG.E.128": 1, "STG.E.U16": 1, "STG.E": 1,
+    }
+    assert parsed["local_store_bytes"] == 8 and parsed["local_load_bytes"] == 4
+    assert parsed["opcodes"]["HMMA"] == 1
+    # The class is the best one present.
+    assert cr.parse_sass(SASS_SNIPPET.replace("HGMMA", "NOP"))["mma"] == "HMMA"
+    no_mma = SASS_SNIPPET.replace("HGMMA", "NOP").replace("HMMA", "NOP")
+    assert cr.parse_sass(no_mma)["mma"] == "FFMA"
+    assert cr.parse_sass("")["mma"] == "none"
+
+
+def test_parse_ptxas_log():
+    log = ("ptxas info    : Compiling entry function '_k' for 'sm_90a'\n"
+           "ptxas info    : Function properties for _k\n"
+           "    16 bytes stack frame, 24 bytes spill stores, 20 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers\n")
+    assert cr.parse_ptxas_log(log) == {"regs": 255, "stack_bytes": 16, "spill_store_bytes": 24,
+                                       "spill_load_bytes": 20}
+    assert cr.parse_ptxas_log("") == {}
+
+
+def _record(**over):
+    record = {"launch": "op#0:k", "shape": "kphi3-qkv", "dtype": "bf16", "target": "sm_90a",
+              "config": "128x128x64/w8/s3", "arch": 90, "compiled": True, "has_dot": True,
+              "mma": "HGMMA", "spill_store_bytes": 0, "spill_load_bytes": 0, "local_bytes": 0,
+              "smem_bytes": 100_000, "smem_limit": 232448, "memory": {"LDGSTS.128": 36}}
+    record.update(over)
+    return record
+
+
+def test_check_properties_names_each_violation():
+    assert cr.check_properties(_record()) == []
+    assert "not HGMMA" in cr.check_properties(_record(mma="HMMA"))[0]
+    assert cr.check_properties(_record(mma="FFMA", dtype="fp32")) == []          # fp32 may use FFMA
+    assert cr.check_properties(_record(mma="HMMA", arch=80, target="sm_80")) == []
+    assert "spills" in cr.check_properties(_record(spill_store_bytes=8))[0]
+    assert "shared memory" in cr.check_properties(_record(smem_bytes=240_000))[0]
+    scalar = cr.check_properties(_record(memory={"LDG.E.U16": 64, "STG.E.U16": 8}))
+    assert len(scalar) == 1 and "64 LDG.E.U16" in scalar[0] and "8 STG.E.U16" in scalar[0]
+    # A gather without a dot may use scalar 16-bit accesses.
+    assert cr.check_properties(_record(has_dot=False, mma="none", memory={"LDG.E.U16": 64})) == []
+    assert "does not compile" in cr.check_properties(_record(compiled=False, error="boom\nmore"))[0]
+
+
+def _env_without_interpreter():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def test_report_refuses_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "kphi3_bench.compile_report", "--first-choice"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "TRITON_INTERPRET" in proc.stderr
+
+
+def test_released_shapes_bf16_first_choice_sm90a_sass(tmp_path):
+    ok, why = cr.tools_available((90,))
+    if not ok:
+        pytest.skip(f"cannot compile for sm_90a here: {why}")
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "kphi3_bench.compile_report", "--first-choice", "--dtypes", "bf16",
+           "--shapes", "kphi3", "--targets", "90", "--jobs", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, env=_env_without_interpreter(), capture_output=True, text=True,
+                          timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    records = json.loads(out.read_text())["records"]
+    assert records, "no launch was recorded"
+    ops = {use["op"] for r in records for use in r["uses"]}
+    assert ops == set(cr.OPS), f"launchers without a recorded launch: {set(cr.OPS) - ops}"
+    assert all(r["target"] == "sm_90a" and r["first_choice"] for r in records)
+    violations = [v for r in records for v in cr.check_properties(r)]
+    assert not violations, (f"{len(violations)} property violations in the sm_90a SASS:\n  - "
+                            + "\n  - ".join(violations))
