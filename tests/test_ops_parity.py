@@ -309,29 +309,55 @@ def test_inference_mode(op, backend):
 
 
 # --------------------------------------------------------------------------------------------
-# Small tiles: several K-steps, row / column tiles and row bands in every launch
+# Every GPU config, forced through the interpreter on shapes with partial tiles everywhere
 # --------------------------------------------------------------------------------------------
-
-SMALL_TILE_CASES = [
-    ("grouped_linear", Case(2, 40, 24, (150,), "sliced", True)),       # 10 row tiles > GROUP_P = 8
-    ("gpc_io", Case(3, 40, 36, (3, 13), "transposed", True)),
-    ("gpc_block", Case(2, 36, 40, (37,), "contig", True, second=False)),
-    ("gpc_block", Case(3, 40, 36, (2, 19), "sliced", True, weight_t=True)),
+# The interpreter cannot autotune; each config the GPU autotuner may pick is code a GPU runs.
+# M = 150, s = 80, og = 72 leave a partial tile in P, Q and K for every block size (16..256), in
+# the forward (P = M) and in the weight gradients (P = s, Q = og, K = M); row bands pass GROUP_P.
+FORCED_CASES = [
+    ("grouped_linear", Case(2, 80, 72, (150,), "sliced", True)),
+    ("gpc_io", Case(2, 80, 72, (3, 50), "contig", True)),
+    ("gpc_block", Case(2, 80, 72, (150,), "contig", True)),              # in >= out: second GEMM
+    ("gpc_block", Case(2, 72, 80, (150,), "transposed", False, second=False)),
 ]
 
 
-@requires_interpreter
-@pytest.mark.parametrize("tiles", [(16, 16, 16), (16, 32, 32)], ids=["16x16x16", "16x32x32"])
-@pytest.mark.parametrize("op,case", SMALL_TILE_CASES, ids=[f"{o}-{c.id}" for o, c in SMALL_TILE_CASES])
-def test_small_tiles_interpreter(op, case, tiles, monkeypatch):
-    """The launcher picks the largest tiles when interpreting, so K loops rarely iterate; force
-    small tiles so that the K loop, the masks of partial tiles and the grouped tile order run."""
-    import kphi3_kernels.ops.grouped_gemm as gg
+def _all_gpu_configs():
+    from kphi3_kernels.ops.grouped_gemm import CUDA_CONFIGS
 
-    bp, bq, bk = tiles
-    monkeypatch.setattr(gg, "_interpreter_config",
-                        lambda P, Q, K: {"BLOCK_P": bp, "BLOCK_Q": bq, "BLOCK_K": bk})
-    check_op(op, make_operands(op, case, torch.float32), "triton", torch.float32)
+    return list(CUDA_CONFIGS)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("io_forward", ["split", "fused"])
+@pytest.mark.parametrize("config", _all_gpu_configs(), ids=lambda c: "{BLOCK_P}x{BLOCK_Q}x{BLOCK_K}".format(**c.kwargs) + f"-w{c.num_warps}s{c.num_stages}")
+def test_every_gpu_config_interpreted(config, io_forward, monkeypatch):
+    from kphi3_kernels.ops import launch, triton_impl
+
+    monkeypatch.setattr(triton_impl, "IO_FORWARD", io_forward)
+    forced = []
+
+    def force(spec):
+        if spec.kernel.__name__ != "_grouped_gemm_kernel":
+            return None
+        forced.append(spec.name)
+        return config
+
+    monkeypatch.setattr(launch, "FORCE_CONFIG", force)
+    cases = FORCED_CASES if io_forward == "split" else FORCED_CASES[1:2]
+    for op, case in cases:
+        check_op(op, make_operands(op, case, torch.float32), "triton", torch.float32)
+    assert forced, "no grouped GEMM launch went through the forced config"
+
+
+@requires_interpreter
+@pytest.mark.parametrize("case", _params(LINEAR_CASES[:6]))
+def test_gpc_io_fused_variant_parity(case, monkeypatch):
+    """The one-launch IO forward (strided operand read in place) stays correct for comparison."""
+    from kphi3_kernels.ops import triton_impl
+
+    monkeypatch.setattr(triton_impl, "IO_FORWARD", "fused")
+    check_op("gpc_io", make_operands("gpc_io", case, torch.float32), "triton", torch.float32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,21 +1,26 @@
-"""The one Triton kernel behind every grouped op: a strided, grouped GEMM with a fused epilogue.
+"""The one Triton kernel behind every grouped GEMM: strided, grouped, with a fused epilogue.
 
 For each group ``g`` (grid axis 1) it computes
 
     C[g] = A[g] @ B[g]  (+ A2[g] @ B2[g])  (+ bias[g] + bias2[g])  (+ R[g])
 
-with every operand addressed through explicit (group, row, column) strides. That one shape covers
-the whole family without ever materialising an interleaved copy:
+with every operand addressed through explicit (group, row, column) strides, so no launcher ever
+copies an operand into a grouped layout:
 
 * grouped linear forward:  A = x viewed ``[G, M, s]`` (group stride ``s``), B = weight.
-* fused IO block forward:  the second pair reads ``x[..., n::G]`` straight from ``x`` (group
-  stride 1, reduction stride ``G``), so ``first(x) + second(interleave(x))`` is one launch with one
-  fp32 accumulator over K = 2s.
+* IO block forward:        the second pair is the de-interleaved input ``xi`` (written once by the
+  bandwidth-bound pre-pass of ``interleave.py``) and ``W2``. A and A2 share their strides, so the
+  kernel runs ONE pipelined K loop over ``K + K2`` that switches base pointers at ``k = K``: every
+  operand is loaded with 16-byte cp.async / wgmma-ready accesses.
 * input gradients:         B = weight with its two inner strides swapped (W^T).
 * weight gradients:        A = x^T (row stride 1, reduction stride = the row stride of x), K = M.
-* interleaved epilogues:   with ``MAP_C`` / ``MAP_R`` the natural output column
-  ``col = g*Q + q`` is stored / read at ``(col % map_div) * map_mul + col // map_div``: the
-  channel interleave of the non-IO block lives in the store (and in the residual load).
+* residual:                R is read with the same (unit) column stride as C, e.g. the non-IO
+  block's ``first(x)`` added to ``second(interleave(first(x)))``.
+
+The "fused" IO variant (``SHARED_STRIDES=False``) instead reads the interleaved operand
+``x[..., n::G]`` in place with K stride G, in a second K loop. It saves the pre-pass but its
+strided operand can only be fetched with 2-byte loads (a stride of G elements has no contiguity),
+so it is not the default; ``triton_impl.IO_FORWARD`` selects it for comparison.
 
 All offsets are computed in int64, so ``M * channels`` may pass 2**31.
 """
@@ -30,15 +35,17 @@ import triton.language as tl
 from ..backend import triton_interpreting
 from .launch import KernelLaunch, launch
 
-# Tile configs, chosen with an H200 in mind (SPEC.md: ~790 TFLOP/s bf16, ~4.3 TB/s). The released
-# shapes have K = s = 256 per operand (K = 512 fused) and og = out/G in {64, 256, 768, 2048}, so:
-# 128x128 / 128x256 tiles with BLOCK_K 64 and 3-4 stages keep the wgmma pipeline fed at training
-# sizes (M >= 2048); 64x64 covers og = 64 (down_proj, G = 20) without wasting half a tile; the
-# narrow BLOCK_P = 16/32 tiles serve decode (M <= 16), where the op is bound by weight bytes and
-# the win comes from spreading the weight read over many programs. Autotuning is keyed on the
-# power-of-two bucket of M (``p_bucket`` / ``k_bucket``) so that varying batch sizes do not
-# re-tune on every call.
-_CUDA_CONFIGS = [
+# Tile configs, chosen for an H200 (measured there: ~790 TFLOP/s bf16 dense, ~4.3 TB/s copy). The
+# released shapes have K = s = 256 per operand (K = 512 for the IO block) and og = out/G in
+# {64, 256, 768, 2048}, so: 128x128 / 128x256 tiles with BLOCK_K 64 and 3-4 stages keep the wgmma
+# pipeline fed at training sizes (M >= 2048); 128x64 / 64x64 cover og = 64 (down_proj, G = 20)
+# without masking half a tile; the narrow BLOCK_P = 16/32 tiles serve decode (M <= 16), where the
+# op is bound by weight bytes and the win comes from spreading the weight read over many
+# programs. ``configs_for`` prunes, per launch, the tiles wider than the problem and those whose
+# pipeline buffers do not fit the shared memory of the device for the operand dtype, before the
+# autotuner tries them. Autotuning is keyed on the power-of-two bucket of M (``p_bucket`` /
+# ``k_bucket``) so that varying batch sizes do not re-tune on every call.
+CUDA_CONFIGS = (
     triton.Config({"BLOCK_P": 128, "BLOCK_Q": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
@@ -47,7 +54,31 @@ _CUDA_CONFIGS = [
     triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128, "BLOCK_K": 128}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_P": 16, "BLOCK_Q": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-]
+)
+
+# Shared memory per block on Hopper (H100/H200): 227 KiB. Ampere (A100): 163 KiB.
+SMEM_LIMIT_BYTES = {9: 232448, 8: 166912}
+
+
+def smem_bytes(config: triton.Config, itemsize: int) -> int:
+    """Shared memory of the software pipeline: ``num_stages`` buffers of an A and a B tile."""
+    kw = config.kwargs
+    return config.num_stages * (kw["BLOCK_P"] + kw["BLOCK_Q"]) * kw["BLOCK_K"] * itemsize
+
+
+def configs_for(P: int, Q: int, dtype: torch.dtype, smem_limit: int = SMEM_LIMIT_BYTES[9]):
+    """The configs the autotuner may pick for a ``P x Q`` output in ``dtype``, best guess first.
+
+    Drops tiles wider than the (power-of-two rounded) output in P or Q, where a smaller tile
+    covers the same work with fewer masked lanes, and tiles whose pipeline does not fit in shared
+    memory. At least the smallest config always stays.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    p_cap, q_cap = triton.next_power_of_2(max(P, 16)), triton.next_power_of_2(max(Q, 16))
+    kept = [c for c in CUDA_CONFIGS
+            if c.kwargs["BLOCK_P"] <= max(p_cap, 16) and c.kwargs["BLOCK_Q"] <= max(q_cap, 64)
+            and smem_bytes(c, itemsize) <= smem_limit]
+    return tuple(kept) or (CUDA_CONFIGS[-1],)
 
 
 @triton.jit
@@ -61,10 +92,9 @@ def _grouped_gemm_kernel(
     s_cg, s_cp, s_cq,
     s_rg, s_rp, s_rq,
     s_biasg, s_bias2g,
-    map_div, map_mul,
     p_bucket, k_bucket,  # autotune keys only
-    HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, MAP_C: tl.constexpr, MAP_R: tl.constexpr,
+    HAS_SECOND: tl.constexpr, SHARED_STRIDES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_BIAS2: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_P: tl.constexpr,
 ):
@@ -86,59 +116,72 @@ def _grouped_gemm_kernel(
     mask_q = offs_q < Q
 
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC_DTYPE)
-    a_rows = a_ptr + g * s_ag + offs_p[:, None] * s_ap
-    b_cols = b_ptr + g * s_bg + offs_q[None, :] * s_bq
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        mask_k = k < K
-        a = tl.load(a_rows + k[None, :] * s_ak, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_cols + k[:, None] * s_bk, mask=mask_k[:, None] & mask_q[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    if HAS_SECOND:
-        # Same accumulator: the fused IO block is one GEMM with K = K + K2.
-        a2_rows = a2_ptr + g * s_a2g + offs_p[:, None] * s_a2p
-        b2_cols = b2_ptr + g * s_b2g + offs_q[None, :] * s_b2q
-        for k0 in range(0, K2, BLOCK_K):
-            k = k0 + offs_k
-            mask_k = k < K2
-            a = tl.load(a2_rows + k[None, :] * s_a2k, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(b2_cols + k[:, None] * s_b2k, mask=mask_k[:, None] & mask_q[None, :], other=0.0)
+    a_rows = offs_p[:, None] * s_ap
+    b_cols = offs_q[None, :] * s_bq
+    steps1 = tl.cdiv(K, BLOCK_K)
+    if HAS_SECOND and SHARED_STRIDES:
+        # One pipelined loop over K + K2: step i reads (A, B) for i < steps1, else (A2, B2). The
+        # pairs share their strides, so only the base pointers and the K bound switch.
+        for i in range(0, steps1 + tl.cdiv(K2, BLOCK_K)):
+            second = i >= steps1
+            k = tl.where(second, i - steps1, i).to(tl.int64) * BLOCK_K + offs_k
+            mask_k = k < tl.where(second, K2, K)
+            a_base = tl.where(second, a2_ptr + g * s_a2g, a_ptr + g * s_ag)
+            b_base = tl.where(second, b2_ptr + g * s_b2g, b_ptr + g * s_bg)
+            a = tl.load(a_base + a_rows + k[None, :] * s_ak,
+                        mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_base + k[:, None] * s_bk + b_cols,
+                        mask=mask_k[:, None] & mask_q[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            mask_k = k < K
+            a = tl.load(a_ptr + g * s_ag + a_rows + k[None, :] * s_ak,
+                        mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_ptr + g * s_bg + k[:, None] * s_bk + b_cols,
+                        mask=mask_k[:, None] & mask_q[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if HAS_SECOND:
+            # The fused variant: A2 has its own strides (x[..., n::G] read in place).
+            a2_rows = a2_ptr + g * s_a2g + offs_p[:, None] * s_a2p
+            b2_cols = b2_ptr + g * s_b2g + offs_q[None, :] * s_b2q
+            for k0 in range(0, K2, BLOCK_K):
+                k = k0 + offs_k
+                mask_k = k < K2
+                a = tl.load(a2_rows + k[None, :] * s_a2k,
+                            mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+                b = tl.load(b2_cols + k[:, None] * s_b2k,
+                            mask=mask_k[:, None] & mask_q[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    # Epilogue: biases, residual, interleaved or strided store.
+    # Epilogue: biases and residual in the fp32 accumulator, one rounding at the store.
     if HAS_BIAS:
         bias = tl.load(bias_ptr + g * s_biasg + offs_q, mask=mask_q, other=0.0)
         acc += bias.to(ACC_DTYPE)[None, :]
     if HAS_BIAS2:
         bias2 = tl.load(bias2_ptr + g * s_bias2g + offs_q, mask=mask_q, other=0.0)
         acc += bias2.to(ACC_DTYPE)[None, :]
-    natural_col = g * Q + offs_q
-    mapped_col = (natural_col % map_div) * map_mul + natural_col // map_div
     mask = mask_p[:, None] & mask_q[None, :]
     if HAS_RESIDUAL:
-        if MAP_R:
-            r_col = mapped_col
-        else:
-            r_col = g * s_rg + offs_q * s_rq
-        residual = tl.load(r_ptr + offs_p[:, None] * s_rp + r_col[None, :], mask=mask, other=0.0)
+        residual = tl.load(r_ptr + g * s_rg + offs_p[:, None] * s_rp + offs_q[None, :] * s_rq,
+                           mask=mask, other=0.0)
         acc += residual.to(ACC_DTYPE)
-    if MAP_C:
-        c_col = mapped_col
-    else:
-        c_col = g * s_cg + offs_q * s_cq
-    tl.store(c_ptr + offs_p[:, None] * s_cp + c_col[None, :], acc.to(c_ptr.dtype.element_ty), mask=mask)
+    c = c_ptr + g * s_cg + offs_p[:, None] * s_cp + offs_q[None, :] * s_cq
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-def _interpreter_config(P: int, Q: int, K: int) -> dict:
+def _interpreter_config(P: int, Q: int, K: int) -> triton.Config:
     # The interpreter's cost grows with programs x K-steps, so take the largest sensible tiles.
     def fit(n, lo, hi):
         return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
-    return {"BLOCK_P": fit(P, 16, 64), "BLOCK_Q": fit(Q, 16, 128), "BLOCK_K": fit(K, 16, 128)}
+    return triton.Config({"BLOCK_P": fit(P, 16, 64), "BLOCK_Q": fit(Q, 16, 128),
+                          "BLOCK_K": fit(K, 16, 128)}, num_warps=4)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    # fp32 stays IEEE (SPEC: "far under 1e-5") unless the user opted into TF32 for matmuls.
+    # fp32 stays IEEE (relative error far under 1e-5) unless the user opted into TF32 for matmuls.
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not triton_interpreting():
         return "tf32"
     return "ieee"
@@ -170,17 +213,14 @@ def grouped_gemm(
     bias: Optional[torch.Tensor] = None,
     bias2: Optional[torch.Tensor] = None,
     residual: Optional[Operand] = None,
-    map_c: bool = False,
-    map_r: bool = False,
-    map_div: int = 1,
-    map_mul: int = 1,
     name: str = "grouped_gemm",
 ) -> None:
     """Launch the kernel: ``c[g] = a[g] @ b[g] (+ a2[g] @ b2[g]) (+ biases) (+ residual[g])``.
 
-    ``a[g]`` is ``P x K``, ``b[g]`` is ``K x Q``, ``c[g]`` is ``P x Q``. With ``map_c`` / ``map_r``,
-    C / the residual are contiguous row-major ``[P, groups*Q]`` tensors whose natural column
-    ``col`` sits at ``(col % map_div) * map_mul + col // map_div``. ``bias`` is ``[groups, Q]``.
+    ``a[g]`` is ``P x K``, ``b[g]`` is ``K x Q``, ``c[g]`` and ``residual[g]`` are ``P x Q``,
+    ``bias`` is ``[groups, Q]``. When ``a2``/``b2`` have the strides of ``a``/``b`` the two
+    products run as one K loop of ``K + K2``; otherwise as two loops on one accumulator.
+    ``name`` says what the launch is for (reports and tests see it).
     """
     if P == 0 or Q == 0 or groups == 0:
         return
@@ -190,6 +230,7 @@ def grouped_gemm(
     bias2 = bias2.contiguous() if bias2 is not None else None
     a2 = a2 if has_second else a
     b2 = b2 if has_second else b
+    shared = a2.strides()[1:] == a.strides()[1:] and b2.strides()[1:] == b.strides()[1:]
     res = residual if residual is not None else c
     dummy = c.tensor
     names = ("s_ag", "s_ap", "s_ak", "s_bg", "s_bk", "s_bq", "s_a2g", "s_a2p", "s_a2k",
@@ -204,10 +245,9 @@ def grouped_gemm(
         **dict(zip(names, strides)),
         s_biasg=bias.stride(0) if bias is not None else 0,
         s_bias2g=bias2.stride(0) if bias2 is not None else 0,
-        map_div=map_div, map_mul=map_mul,
         p_bucket=triton.next_power_of_2(P), k_bucket=triton.next_power_of_2(max(K, K2)),
-        HAS_SECOND=has_second, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None,
-        HAS_RESIDUAL=residual is not None, MAP_C=map_c, MAP_R=map_r,
+        HAS_SECOND=has_second, SHARED_STRIDES=shared, HAS_BIAS=bias is not None,
+        HAS_BIAS2=bias2 is not None, HAS_RESIDUAL=residual is not None,
         INPUT_PRECISION=_input_precision(c.tensor.dtype), GROUP_P=8,
         # fp32 accumulation for fp32/fp16/bf16; float64 operands keep a float64 accumulator.
         ACC_DTYPE=tl.float64 if c.tensor.dtype == torch.float64 else tl.float32,
@@ -217,10 +257,13 @@ def grouped_gemm(
         return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Q, meta["BLOCK_Q"]), groups)
 
     launch(KernelLaunch(
-        name=name, kernel=_grouped_gemm_kernel, grid=grid, args=args, configs=_CUDA_CONFIGS,
-        interpreter_config=triton.Config(_interpreter_config(P, Q, max(K, K2)), num_warps=4),
-        tune_key=("p_bucket", "Q", "k_bucket", "K2", "HAS_SECOND", "HAS_RESIDUAL", "MAP_C",
-                  "MAP_R"),
+        name=name, kernel=_grouped_gemm_kernel, grid=grid, args=args,
+        configs=configs_for(P, Q, a.tensor.dtype),
+        interpreter_config=_interpreter_config(P, Q, max(K, K2)),
+        tune_key=("p_bucket", "Q", "k_bucket", "K2", "HAS_SECOND", "SHARED_STRIDES",
+                  "HAS_RESIDUAL"),
+        # An output that is also the residual is accumulated into: restore it between trials.
         restore=("c_ptr",) if residual is not None and residual.tensor is c.tensor else (),
         device=c.tensor.device,
+        meta=dict(groups=groups, P=P, Q=Q, K=K, K2=K2 if has_second else 0),
     ))

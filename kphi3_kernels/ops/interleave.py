@@ -1,50 +1,88 @@
-"""Standalone channel interleave (InterleaveChannelsFast) as a Triton kernel.
+"""The channel interleave (InterleaveChannelsFast) as a Triton kernel: a batched tile transpose.
 
-``y[m, a*step + b] = x[m, b*(C/step) + a]``: each program gathers a tile of source columns
-and writes a contiguous tile of the output, so stores stay coalesced.
+``y[m, a*step + b] = x[m, b*L + a]`` with ``L = C / step``: viewing each row of ``x`` as a
+``[step, L]`` matrix, ``y`` holds its transpose. Each program loads a ``[BLOCK_M, BLOCK_B,
+BLOCK_A]`` tile contiguous along ``a``, permutes it on chip (a layout change through shared
+memory) and stores it contiguous along ``b``: whichever of ``step`` and ``L`` is long gets 16-byte
+accesses; the short side (G channels, e.g. 5) cannot, since its runs are G elements long.
+
+It is also the bandwidth-bound half of the IO block's split design: the de-interleave pre-pass
+``xi = interleave(x, s)`` (group n of ``xi`` is ``x[:, n::G]``) that lets the grouped GEMM read
+both of its operands with wide, pipelined loads, and in the backward ``dx = dx1 + interleave(dxi,
+G)`` with the addend fused (``addend``).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..backend import triton_interpreting
 from . import outputs
 from .launch import KernelLaunch, launch
 
 
 @triton.jit
 def _interleave_kernel(
-    x_ptr, y_ptr, M, C, step, s_xm, s_xc,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, r_ptr, y_ptr, M, C, step, L, s_xm, s_xc, s_rm,
+    HAS_ADDEND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
-    mask = (rows < M)[:, None] & (cols < C)[None, :]
-    src = (cols % step) * (C // step) + cols // step
-    values = tl.load(x_ptr + rows[:, None] * s_xm + src[None, :] * s_xc, mask=mask)
-    tl.store(y_ptr + rows[:, None] * C + cols[None, :], values, mask=mask)
+    a = (tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)).to(tl.int64)
+    b = (tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    # Source tile [m, b, a]: contiguous along a.
+    src = x_ptr + rows[:, None, None] * s_xm + (b[None, :, None] * L + a[None, None, :]) * s_xc
+    mask_src = (rows < M)[:, None, None] & (b < step)[None, :, None] & (a < L)[None, None, :]
+    tile = tl.load(src, mask=mask_src)
+    # Destination tile [m, a, b]: contiguous along b.
+    tile = tl.permute(tile, (0, 2, 1))
+    dst_col = a[None, :, None] * step + b[None, None, :]
+    mask_dst = (rows < M)[:, None, None] & (a < L)[None, :, None] & (b < step)[None, None, :]
+    if HAS_ADDEND:
+        # The fp32 sum rounds once, like the GEMM epilogues.
+        addend = tl.load(r_ptr + rows[:, None, None] * s_rm + dst_col, mask=mask_dst)
+        tile = (tile.to(tl.float32) + addend.to(tl.float32)).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rows[:, None, None] * C + dst_col, tile, mask=mask_dst)
 
 
-def interleave_fwd(x: torch.Tensor, step: int) -> torch.Tensor:
-    """Interleave the columns of a 2-D ``x`` (any strides) with ``step``; returns a contiguous tensor."""
+def _tile(n: int, cap: int) -> int:
+    return max(2, min(cap, triton.next_power_of_2(n)))
+
+
+def interleave_fwd(x: torch.Tensor, step: int, addend: Optional[torch.Tensor] = None,
+                   name: str = "interleave") -> torch.Tensor:
+    """Interleave the columns of a 2-D ``x`` (any strides) with ``step``: a new contiguous tensor.
+
+    With ``addend`` (same shape, unit column stride) the result is ``addend + interleave(x)``.
+    """
     M, C = x.shape
     y = outputs.new_output((M, C), x.dtype, x.device)
     if M == 0 or C == 0:
         return y
-    config = triton.Config({"BLOCK_M": 32, "BLOCK_C": 128}, num_warps=4)
-    if not triton_interpreting():
-        # A pure copy: 64 x 128 tiles of 2-byte values are 16 KiB, enough in flight per SM to
-        # approach the H200's copy bandwidth (~4.3 TB/s).
-        config = triton.Config({"BLOCK_M": 64, "BLOCK_C": 128}, num_warps=8)
+    L = C // step
+    if addend is not None and addend.stride(1) != 1:
+        addend = addend.contiguous()
+    # About 8K elements per program: 16 KiB of bf16, enough in flight per SM to approach the
+    # copy bandwidth; the long side gets 64 (128 bytes of bf16 per row segment).
+    block_a, block_b = _tile(L, 64), _tile(step, 64)
+    block_m = max(1, min(64, 8192 // (block_a * block_b)))
+    block_m = min(block_m, triton.next_power_of_2(M))
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_A": block_a, "BLOCK_B": block_b},
+                           num_warps=4)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(L, meta["BLOCK_A"]),
+                triton.cdiv(step, meta["BLOCK_B"]))
 
     launch(KernelLaunch(
-        name="interleave", kernel=_interleave_kernel, grid=grid,
-        args=dict(x_ptr=x, y_ptr=y, M=M, C=C, step=step, s_xm=x.stride(0), s_xc=x.stride(1)),
+        name=name, kernel=_interleave_kernel, grid=grid,
+        args=dict(x_ptr=x, r_ptr=addend if addend is not None else y, y_ptr=y, M=M, C=C,
+                  step=step, L=L, s_xm=x.stride(0), s_xc=x.stride(1),
+                  s_rm=addend.stride(0) if addend is not None else 0,
+                  HAS_ADDEND=addend is not None),
         configs=[config], interpreter_config=config, device=x.device,
+        meta=dict(M=M, C=C, step=step),
     ))
     return y

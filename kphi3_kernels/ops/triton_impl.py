@@ -3,9 +3,23 @@
 Each function here describes its GEMMs to ``grouped_gemm`` as strided operands and lets the one
 kernel do the work; ``torch_impl.py`` has the same functions with the same signatures in PyTorch.
 Inputs may have any strides; outputs are fresh contiguous tensors.
+
+Every operand a GEMM reads has a unit stride along its rows or its columns, and every GEMM writes
+with a unit column stride: the tensor cores are fed by 16-byte pipelined loads. The channel
+interleaves that sit between the grouped GEMMs of a block (a stride-G gather, which no wide load
+can serve) run as separate bandwidth-bound passes of ``interleave.py``:
+
+* IO block forward: ``xi = interleave(x, s)`` (group n of ``xi`` is ``x[:, n::G]``), then one GEMM
+  over K = 2s reading ``x`` and ``xi``. ``IO_FORWARD = "fused"`` instead reads ``x[:, n::G]``
+  in place (no pre-pass, 2-byte loads): kept so that a GPU run can compare the two.
+* IO block backward: ``dx = dy_n W1^T + interleave(dy_n W2^T, G)`` (addend fused into the pass);
+  ``dW2`` reads ``xi``, recomputed from ``x``.
+* non-IO block: ``first(x)`` stored in natural order, ``h = interleave(first(x), og)``, and the
+  second GEMM adds ``first(x)`` as a unit-stride residual.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -34,11 +48,6 @@ def _groups_of_transposed(t: torch.Tensor, width: int) -> Operand:
     return Operand(t, width * t.stride(1), t.stride(1), t.stride(0))
 
 
-def _strided_groups_transposed(t: torch.Tensor, groups: int) -> Operand:
-    """Group n is ``t[:, n::groups].T``: the interleaved operand of the IO block, read in place."""
-    return Operand(t, t.stride(1), groups * t.stride(1), t.stride(0))
-
-
 def _weight(w: torch.Tensor) -> Operand:
     return Operand(w, w.stride(0), w.stride(1), w.stride(2))
 
@@ -51,32 +60,39 @@ def _empty(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     return outputs.new_output((rows, cols), like.dtype, like.device)
 
 
+# "split" (default): de-interleave pre-pass + one clean GEMM. "fused": one launch reading the
+# strided operand in place. Read once at import; tests and benchmarks may assign it.
+IO_FORWARD = os.environ.get("KPHI3_IO_FORWARD", "split")
+if IO_FORWARD not in ("split", "fused"):
+    raise ValueError(f"KPHI3_IO_FORWARD must be 'split' or 'fused', got {IO_FORWARD!r}")
+
+
 def grouped_linear_fwd(x, weight, bias=None):
     """``y[:, n*og + j] = sum_i x[:, n*s + i] * weight[n, i, j] + bias[n, j]``."""
     M = x.shape[0]
     G, s, og = weight.shape
     y = _empty(M, G * og, x)
-    grouped_gemm(G, M, og, _groups_of(x, s), _weight(weight), s, _groups_of(y, og), bias=bias)
+    grouped_gemm(G, M, og, _groups_of(x, s), _weight(weight), s, _groups_of(y, og), bias=bias,
+                 name="grouped_linear_fwd")
     return y
 
 
-def _grouped_input_grad(dy, weight, out: torch.Tensor, accumulate_strided: bool = False) -> None:
-    """``out_n = dy_n @ weight[n]^T``; with ``accumulate_strided`` add into ``out[:, n::G]``."""
+def _grouped_input_grad(dy, weight, name: str) -> torch.Tensor:
+    """``dx_n = dy_n @ weight[n]^T``, a new ``[M, G*s]`` tensor."""
     M = dy.shape[0]
     G, s, og = weight.shape
-    if accumulate_strided:
-        target = Operand(out, out.stride(1), out.stride(0), G * out.stride(1))
-        grouped_gemm(G, M, s, _groups_of(dy, og), _weight_t(weight), og, target, residual=target)
-    else:
-        grouped_gemm(G, M, s, _groups_of(dy, og), _weight_t(weight), og, _groups_of(out, s))
+    dx = _empty(M, G * s, dy)
+    grouped_gemm(G, M, s, _groups_of(dy, og), _weight_t(weight), og, _groups_of(dx, s),
+                 name=name)
+    return dx
 
 
-def _grouped_weight_grad(a: Operand, dy, weight) -> torch.Tensor:
+def _grouped_weight_grad(a: Operand, dy, weight, name: str) -> torch.Tensor:
     """``dW[n] = A[n] @ dy_n`` with A[n] the ``s x M`` input slice of group n."""
     M = dy.shape[0]
     G, s, og = weight.shape
     dw = outputs.new_output((G, s, og), weight.dtype, weight.device)
-    grouped_gemm(G, s, og, a, _groups_of(dy, og), M, _weight(dw))
+    grouped_gemm(G, s, og, a, _groups_of(dy, og), M, _weight(dw), name=name)
     return dw
 
 
@@ -84,24 +100,34 @@ def grouped_linear_bwd(dy, x, weight, need_dx=True, need_dw=True, need_db=False)
     G, s, og = weight.shape
     dx = dw = db = None
     if need_dx:
-        dx = _empty(x.shape[0], G * s, dy)
-        _grouped_input_grad(dy, weight, dx)
+        dx = _grouped_input_grad(dy, weight, "grouped_linear_bwd_dx")
     if need_dw:
-        dw = _grouped_weight_grad(_groups_of_transposed(x, s), dy, weight)
+        dw = _grouped_weight_grad(_groups_of_transposed(x, s), dy, weight, "grouped_linear_bwd_dw")
     if need_db:
         db = bias_grad(dy, G)
     return dx, dw, db
 
 
+def _deinterleave(x, groups: int) -> torch.Tensor:
+    """``xi[:, n*s + k] = x[:, k*G + n]``: group n of ``xi`` is ``x[:, n::G]``, contiguous."""
+    return interleave_fwd(x, x.shape[1] // groups, name="gpc_io_deinterleave")
+
+
 def gpc_io_fwd(x, weight1, weight2, bias1=None, bias2=None):
-    """``y_n = x[:, n*s:(n+1)*s] @ W1[n] + x[:, n::G] @ W2[n]``: one launch, one accumulator."""
+    """``y_n = x[:, n*s:(n+1)*s] @ W1[n] + x[:, n::G] @ W2[n]`` on one fp32 accumulator."""
     M = x.shape[0]
     G, s, og = weight1.shape
     y = _empty(M, G * og, x)
-    interleaved = Operand(x, x.stride(1), x.stride(0), G * x.stride(1))
+    if IO_FORWARD == "fused":
+        second = Operand(x, x.stride(1), x.stride(0), G * x.stride(1))
+    else:
+        # x and xi get one layout (and W1, W2 one layout) so the GEMM runs ONE K loop of 2s.
+        x = x.contiguous()
+        second = _groups_of(_deinterleave(x, G), s)
+        weight1, weight2 = weight1.contiguous(), weight2.contiguous()
     grouped_gemm(
         G, M, og, _groups_of(x, s), _weight(weight1), s, _groups_of(y, og),
-        a2=interleaved, b2=_weight(weight2), K2=s, bias=bias1, bias2=bias2,
+        a2=second, b2=_weight(weight2), K2=s, bias=bias1, bias2=bias2, name="gpc_io_fwd",
     )
     return y
 
@@ -111,14 +137,16 @@ def gpc_io_bwd(dy, x, weight1, weight2, need_dx=True, need_dw1=True, need_dw2=Tr
     G, s, og = weight1.shape
     dx = dw1 = dw2 = db = None
     if need_dx:
-        # Two launches on one stream: the second adds the interleaved term into dx[:, n::G].
-        dx = _empty(x.shape[0], G * s, dy)
-        _grouped_input_grad(dy, weight1, dx)
-        _grouped_input_grad(dy, weight2, dx, accumulate_strided=True)
+        # dx = dy_n W1[n]^T + (dy_n W2[n]^T scattered to columns k*G + n): the scatter is the
+        # interleave with step G, run as one pass with the first product as its addend.
+        dx1 = _grouped_input_grad(dy, weight1, "gpc_io_bwd_dx1")
+        dxi = _grouped_input_grad(dy, weight2, "gpc_io_bwd_dx2")
+        dx = interleave_fwd(dxi, G, addend=dx1, name="gpc_io_bwd_dx_interleave")
     if need_dw1:
-        dw1 = _grouped_weight_grad(_groups_of_transposed(x, s), dy, weight1)
+        dw1 = _grouped_weight_grad(_groups_of_transposed(x, s), dy, weight1, "gpc_io_bwd_dw1")
     if need_dw2:
-        dw2 = _grouped_weight_grad(_strided_groups_transposed(x, G), dy, weight2)
+        xi = _deinterleave(x, G)
+        dw2 = _grouped_weight_grad(_groups_of_transposed(xi, s), dy, weight2, "gpc_io_bwd_dw2")
     if need_db1 or need_db2:
         db = bias_grad(dy, G)
     return dx, dw1, dw2, db if need_db1 else None, db if need_db2 else None
@@ -127,43 +155,36 @@ def gpc_io_bwd(dy, x, weight1, weight2, need_dx=True, need_dw1=True, need_dw2=Tr
 def gpc_block_fwd(x, weight1, weight2=None, bias1=None, bias2=None):
     """Non-IO block without activation. Returns ``(y, h)``: ``h`` is ``first(x)`` interleaved.
 
-    The first GEMM stores straight into interleaved order; the second reads that and adds the
-    residual ``first(x)`` (the same values, read back through the interleave map) in its epilogue.
+    ``first(x)`` is stored in natural order; the interleave with step og makes ``h``; the second
+    GEMM reads ``h`` and adds ``first(x)`` as its residual, in its fp32 epilogue.
     """
     M = x.shape[0]
     G, s, og = weight1.shape
-    h = _empty(M, G * og, x)
-    # Natural column q of first(x) lands at (q % G) * og + q // G: the interleave with step og.
-    grouped_gemm(G, M, og, _groups_of(x, s), _weight(weight1), s, Operand(h, 0, G * og, 1),
-                 bias=bias1, map_c=True, map_div=G, map_mul=og)
+    first = grouped_linear_fwd(x, weight1, bias1)
+    h = interleave_fwd(first, og, name="gpc_block_interleave")
     if weight2 is None:
         return h, h
     y = _empty(M, G * og, x)
     grouped_gemm(G, M, og, _groups_of(h, og), _weight(weight2), og, _groups_of(y, og),
-                 bias=bias2, residual=Operand(h, 0, G * og, 1), map_r=True, map_div=G, map_mul=og)
+                 bias=bias2, residual=_groups_of(first, og), name="gpc_block_fwd_second")
     return y, h
 
 
 def gpc_block_bwd(dy, x, h, weight1, weight2=None, need_dx=True, need_dw1=True, need_dw2=True,
                   need_db1=False, need_db2=False) -> Grads:
     G, s, og = weight1.shape
-    M = x.shape[0]
     dw2 = db2 = None
     if weight2 is None:
         # y = interleave(first(x), og); its inverse is the interleave with step G.
-        dh = interleave_fwd(dy, G)
+        dh = interleave_fwd(dy, G, name="gpc_block_bwd_interleave")
     else:
-        dy = dy.contiguous()  # the mapped epilogue addresses columns with unit stride
         if need_dw2:
-            dw2 = _grouped_weight_grad(_groups_of_transposed(h, og), dy, weight2)
+            dw2 = _grouped_weight_grad(_groups_of_transposed(h, og), dy, weight2,
+                                       "gpc_block_bwd_dw2")
         if need_db2:
             db2 = bias_grad(dy, G)
-        # d first(x)[:, q] = dy[:, q] + (dy @ W2^T)[:, interleaved position of q]; computed per
-        # group of the second GEMM and stored at q = (p % og) * G + p // og, dy added on the way.
-        dh = _empty(M, G * og, dy)
-        mapped = Operand(dh, 0, G * og, 1)
-        grouped_gemm(G, M, og, _groups_of(dy, og), _weight_t(weight2), og, mapped,
-                     residual=Operand(dy, 0, dy.stride(0), 1), map_c=True, map_r=True,
-                     map_div=og, map_mul=G)
+        # d first(x) = dy (the residual) + the inverse interleave of dy_n @ W2[n]^T.
+        d_h = _grouped_input_grad(dy, weight2, "gpc_block_bwd_dh")
+        dh = interleave_fwd(d_h, G, addend=dy, name="gpc_block_bwd_interleave")
     dx, dw1, db1 = grouped_linear_bwd(dh, x, weight1, need_dx, need_dw1, need_db1)
     return dx, dw1, dw2, db1, db2
