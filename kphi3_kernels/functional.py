@@ -1,6 +1,11 @@
-"""Functional entry points: validate, apply autocast, flatten to 2-D, pick the backend, dispatch.
+"""Functional entry points: validate, apply autocast, flatten to 2-D, pick the backend, and call
+the registered operator of that backend (``ops/custom_ops.py``, ``torch.ops.kphi3``).
 
-Every check here runs before any kernel launches, and each error names the problem.
+This is the one validation layer of the package, shared by both backends: every check runs
+before any operator is called (so before any kernel launches), also under ``FakeTensorMode``
+and while ``torch.compile`` traces, and each error names the argument and the problem.
+Zero-size dimensions: any number of rows (``M = 0`` included) works like ``nn.Linear``; zero
+groups or zero channels per group are refused with a ValueError.
 """
 from __future__ import annotations
 
@@ -8,13 +13,17 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .backend import resolve_backend
-from .ops import GpcBlockFunction, GpcIOFunction, GroupedLinearFunction, InterleaveFunction, get_impl
+from .backend import resolve_backend, validate_backend
+from .ops import custom_ops
+
+
+def _type_name(t) -> str:
+    return "None" if t is None else type(t).__name__
 
 
 def _check_input(x, channels: int, op: str) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: expected a torch.Tensor input, got {type(x).__name__}")
+        raise TypeError(f"{op}: expected a torch.Tensor input, got {_type_name(x)}")
     if not x.is_floating_point():
         raise TypeError(f"{op}: expected a floating-point input, got dtype {x.dtype}")
     if x.dim() == 0:
@@ -24,6 +33,25 @@ def _check_input(x, channels: int, op: str) -> None:
             f"{op}: input's last dimension is {x.shape[-1]} but the layer expects {channels} "
             f"channels (input shape {tuple(x.shape)})"
         )
+
+
+def _check_param(t, name: str, op: str, optional: bool = False) -> None:
+    """A parameter is a floating-point torch.Tensor (or None where ``optional``)."""
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {_type_name(t)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating-point, got dtype {t.dtype}")
+
+
+def _backend(x: torch.Tensor, override: Optional[str]) -> str:
+    if x.device.type == "meta":
+        # Shapes only: the operators' fake implementations serve, whatever the backend.
+        if override is not None:
+            validate_backend(override)
+        return "torch"
+    return resolve_backend(x, override)
 
 
 def _cast_params(x: torch.Tensor, params: Sequence[Optional[torch.Tensor]], op: str):
@@ -48,16 +76,24 @@ def _cast_params(x: torch.Tensor, params: Sequence[Optional[torch.Tensor]], op: 
     return x, list(params)
 
 
-def _check_weight(weight: torch.Tensor, op: str) -> Tuple[int, int, int]:
+def _check_weight(weight, op: str, name: str = "weight") -> Tuple[int, int, int]:
+    _check_param(weight, name, op)
     if weight.dim() != 3:
-        raise ValueError(f"{op}: weight must be [G, in/G, out/G], got shape {tuple(weight.shape)}")
-    return tuple(weight.shape)
+        raise ValueError(f"{op}: {name} must be [G, in/G, out/G], got shape {tuple(weight.shape)}")
+    G, s, og = weight.shape
+    if G == 0 or s == 0 or og == 0:
+        raise ValueError(
+            f"{op}: {name} of shape {tuple(weight.shape)} has zero groups or zero channels per "
+            "group (G, in/G and out/G must be positive)"
+        )
+    return G, s, og
 
 
-def _check_bias(bias: Optional[torch.Tensor], groups: int, out_per_group: int, op: str) -> None:
+def _check_bias(bias, groups: int, out_per_group: int, op: str, name: str = "bias") -> None:
+    _check_param(bias, name, op, optional=True)
     if bias is not None and tuple(bias.shape) != (groups, out_per_group):
         raise ValueError(
-            f"{op}: bias must have shape {(groups, out_per_group)}, got {tuple(bias.shape)}"
+            f"{op}: {name} must have shape {(groups, out_per_group)}, got {tuple(bias.shape)}"
         )
 
 
@@ -72,44 +108,47 @@ def grouped_linear(x, weight, bias=None, *, backend: Optional[str] = None) -> to
     G, s, og = _check_weight(weight, op)
     _check_input(x, G * s, op)
     _check_bias(bias, G, og, op)
-    impl = get_impl(resolve_backend(x, backend))
+    name = _backend(x, backend)
     x, (weight, bias) = _cast_params(x, (weight, bias), op)
-    y = GroupedLinearFunction.apply(_flatten(x), weight, bias, impl)
+    y = custom_ops.grouped_linear(_flatten(x), weight, bias, backend=name)
     return y.reshape(*x.shape[:-1], G * og)
 
 
 def gpc_io(x, weight1, weight2, bias1=None, bias2=None, *, backend: Optional[str] = None):
     """The IO block for G > 1: ``first(x) + second(interleave(x, s))`` in one fused op."""
     op = "gpc_io"
-    G, s, og = _check_weight(weight1, op)
+    G, s, og = _check_weight(weight1, op, "weight1")
+    _check_param(weight2, "weight2", op)
     if tuple(weight2.shape) != (G, s, og):
         raise ValueError(
             f"{op}: both weights must have one shape, got {tuple(weight1.shape)} and "
             f"{tuple(weight2.shape)}"
         )
     _check_input(x, G * s, op)
-    _check_bias(bias1, G, og, op)
-    _check_bias(bias2, G, og, op)
-    impl = get_impl(resolve_backend(x, backend))
+    _check_bias(bias1, G, og, op, "bias1")
+    _check_bias(bias2, G, og, op, "bias2")
+    name = _backend(x, backend)
     x, params = _cast_params(x, (weight1, weight2, bias1, bias2), op)
-    y = GpcIOFunction.apply(_flatten(x), *params, impl)
+    y = custom_ops.gpc_io(_flatten(x), *params, backend=name)
     return y.reshape(*x.shape[:-1], G * og)
 
 
 def gpc_block(x, weight1, weight2=None, bias1=None, bias2=None, *, backend: Optional[str] = None):
     """The non-IO block for G > 1 without activation; ``weight2`` is None when in < out."""
     op = "gpc_block"
-    G, s, og = _check_weight(weight1, op)
+    G, s, og = _check_weight(weight1, op, "weight1")
+    _check_param(weight2, "weight2", op, optional=True)
     if weight2 is not None and tuple(weight2.shape) != (G, og, og):
         raise ValueError(
-            f"{op}: second weight must have shape {(G, og, og)}, got {tuple(weight2.shape)}"
+            f"{op}: second weight (weight2) must have shape {(G, og, og)}, got "
+            f"{tuple(weight2.shape)}"
         )
     _check_input(x, G * s, op)
-    _check_bias(bias1, G, og, op)
-    _check_bias(bias2, G, og, op)
-    impl = get_impl(resolve_backend(x, backend))
+    _check_bias(bias1, G, og, op, "bias1")
+    _check_bias(bias2, G, og, op, "bias2")
+    name = _backend(x, backend)
     x, params = _cast_params(x, (weight1, weight2, bias1, bias2), op)
-    y = GpcBlockFunction.apply(_flatten(x), *params, impl)
+    y = custom_ops.gpc_block(_flatten(x), *params, backend=name)
     return y.reshape(*x.shape[:-1], G * og)
 
 
@@ -117,13 +156,16 @@ def interleave(x, step: int, *, backend: Optional[str] = None) -> torch.Tensor:
     """InterleaveChannelsFast's function: ``out[..., a*step + b] = x[..., b*(C/step) + a]``."""
     op = "interleave"
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: expected a torch.Tensor input, got {type(x).__name__}")
+        raise TypeError(f"{op}: expected a torch.Tensor input, got {_type_name(x)}")
     if x.dim() == 0:
         raise ValueError(f"{op}: expected an input with a channel dimension, got a 0-d tensor")
-    if not isinstance(step, int) or step <= 0 or x.shape[-1] % step != 0:
+    # A bool is an int to Python, but never a step.
+    if (not isinstance(step, int) or isinstance(step, bool) or step <= 0
+            or x.shape[-1] % step != 0):
         raise ValueError(
-            f"{op}: step {step!r} must be a positive divisor of the last dimension {x.shape[-1]}"
+            f"{op}: step {step!r} must be a positive integer divisor of the last dimension "
+            f"{x.shape[-1]}"
         )
-    impl = get_impl(resolve_backend(x, backend))
-    y = InterleaveFunction.apply(_flatten(x), step, impl)
+    name = _backend(x, backend)
+    y = custom_ops.interleave(_flatten(x), step, backend=name)
     return y.reshape(x.shape)

@@ -74,7 +74,7 @@ CASES = [
     ("io-weight-shapes", lambda b: K.gpc_io(_x(4, C), _w(*W), _w(G, S, OG + 1), backend=b),
      ValueError, "both weights"),
     ("io-bias2-shape", lambda b: K.gpc_io(_x(4, C), _w(*W), _w(*W), None, torch.zeros(G, OG + 1),
-                                          backend=b), ValueError, "bias must have shape"),
+                                          backend=b), ValueError, "bias2 must have shape"),
     ("block-w2-shape", lambda b: K.gpc_block(_x(4, C), _w(*W), _w(G, S, OG), backend=b),
      ValueError, "second weight"),
     # interleave step

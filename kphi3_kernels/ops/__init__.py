@@ -1,15 +1,12 @@
 """Kernels (``grouped_gemm.py``, ``interleave.py``), their launchers (``triton_impl.py``, and the
-same functions in PyTorch in ``torch_impl.py``) and the autograd glue (``autograd.py``)."""
+same functions in PyTorch in ``torch_impl.py``) and the registered operators with their autograd
+formulas (``custom_ops.py``, namespace ``torch.ops.kphi3``)."""
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
 
-from .autograd import GpcBlockFunction, GpcIOFunction, GroupedLinearFunction, InterleaveFunction
-
-__all__ = [
-    "GroupedLinearFunction", "GpcIOFunction", "GpcBlockFunction", "InterleaveFunction", "get_impl",
-]
+__all__ = ["custom_ops", "get_impl"]
 
 
 def get_impl(backend: str) -> ModuleType:
@@ -18,3 +15,6 @@ def get_impl(backend: str) -> ModuleType:
         raise ValueError(f"no implementation for backend {backend!r}")
     # Imported on first use: triton_impl needs Triton, which only exists on Linux.
     return importlib.import_module(f".{backend}_impl", __name__)
+
+
+from . import custom_ops  # noqa: E402  (registers the operators)

@@ -69,15 +69,35 @@ def launch(spec: KernelLaunch) -> None:
         RECORDER(spec)
         return
     if triton_interpreting():
+        # Interpreted kernels cannot be traced: the operators are opaque there (custom_ops.py).
         config = FORCE_CONFIG(spec) if FORCE_CONFIG is not None else None
         config = config or spec.interpreter_config
         spec.kernel[spec.grid](**spec.args, **config_kwargs(config))
         return
+    # Real tensors launch directly. A tracer's tensors (torch.compile decomposing a triton_op,
+    # make_fx, torch.export) go through torch.library.wrap_triton, so the graph records the
+    # kernel itself; it accepts a plain @triton.jit kernel and an Autotuner whose only extras are
+    # key and restore_value (ours) on torch 2.11 and 2.13. Where this torch has no wrap_triton or
+    # refuses the kernel, the launch stays plain (the operators are then opaque custom_ops).
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    traced = any(isinstance(v, (FakeTensor, FunctionalTensor)) for v in spec.args.values())
+
+    def maybe_wrap(kernel):
+        wrap = getattr(torch.library, "wrap_triton", None)
+        if not traced or wrap is None:
+            return kernel
+        try:
+            return wrap(kernel)
+        except RuntimeError:
+            return kernel
+
     device = spec.device
     guard = torch.cuda.device(device) if device is not None and device.type == "cuda" \
         else contextlib.nullcontext()
     with guard:
         if len(spec.configs) == 1:
-            spec.kernel[spec.grid](**spec.args, **config_kwargs(spec.configs[0]))
+            maybe_wrap(spec.kernel)[spec.grid](**spec.args, **config_kwargs(spec.configs[0]))
         else:
-            _autotuner(spec)[spec.grid](**spec.args)
+            maybe_wrap(_autotuner(spec))[spec.grid](**spec.args)
