@@ -35,6 +35,10 @@ and scalar 16-bit global loads / stores in a kernel that does matrix work.
 Python API: ``record_launches``, ``compile_launch``, ``compile_all``, ``parse_sass``,
 ``check_properties``, ``tools_available``.
 
+Checked with Triton 3.6 and 3.9 (both have the binder, ``JITFunction._pack_args`` and the ptxas-log
+knob; without ``_pack_args`` the same steps are taken by hand, without the knob spill bytes are
+read from the LDL / STL instructions of the SASS).
+
 The recording needs the real ``@triton.jit`` kernels: it refuses to run with
 ``TRITON_INTERPRET=1`` (under the interpreter the kernels are interpreter objects).
 """
@@ -753,14 +757,21 @@ def _kinds(memory: Dict[str, int], prefixes: Sequence[str]) -> str:
 
 
 def format_table(records: List[Dict[str, Any]]) -> str:
-    """One row per compiled kernel (launch x dtype x config x target)."""
+    """One row per compiled kernel (launch x dtype x config x target).
+
+    ``launch`` is the first launch that compiles to this kernel and ``uses`` how many launches do
+    (``op#i`` is the i-th launch of one call of launcher ``op``); ``shape`` is the first shape,
+    ``+N`` more shapes share the kernel. Memory columns count SASS instructions by kind.
+    """
     head = ("launch", "uses", "shape", "dtype", "target", "config", "regs", "spill B", "smem KiB",
             "fits", "mma", "loads", "stores", "other")
     rows = [head]
     for r in records:
+        shapes = list(dict.fromkeys(u["shape"] for u in r["uses"]))
+        shape = shapes[0] + (f"+{len(shapes) - 1}" if len(shapes) > 1 else "")
         if r.get("compiled"):
             mem = r.get("memory", {})
-            rows.append((r["launch"], str(len(r["uses"])), r["shape"], r["dtype"], r["target"],
+            rows.append((r["launch"], str(len(r["uses"])), shape, r["dtype"], r["target"],
                          r["config"], str(r.get("regs", "?")), str(r.get("spill_bytes", "?")),
                          f"{r['smem_kib']:.0f}", "yes" if r["fits"] else "NO", r["mma"],
                          _kinds(mem, ("LDGSTS", "LDG", "UTMALDG")),
@@ -768,7 +779,7 @@ def format_table(records: List[Dict[str, Any]]) -> str:
                          _kinds(mem, ("LDL", "STL", "SHFL", "RED", "ATOMG"))))
         else:
             err = (r.get("error") or "").strip().splitlines()
-            rows.append((r["launch"], str(len(r["uses"])), r["shape"], r["dtype"], r["target"],
+            rows.append((r["launch"], str(len(r["uses"])), shape, r["dtype"], r["target"],
                          r["config"], "-", "-", "-", "-", "ERROR", (err[0] if err else "")[:60], "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
