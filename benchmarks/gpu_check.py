@@ -19,7 +19,15 @@ Steps (each one is recorded, a failing step does not stop the next):
    M in {16, 2048, 8192}, fwd / bwd / fwd+bwd, providers triton, torch, reference, torch.compile
    and nn.Linear, in bf16: ``<device>-<date>.json`` (ready for benchmarks/results/), its table and
    plots.
-5. Optionally (``--model``) the model-level benchmark: ``model-<device>-<date>.json``.
+5. ``variants.json``: the IO block's two forward designs (``split``: de-interleave pass + one
+   clean GEMM; ``fused``: one launch reading ``x[:, n::G]`` in place) timed in one run next to
+   nn.Linear, the reference and ``torch.compile`` of the reference, at the released shapes and
+   M in {2048, 8192}, each with its parity and its roofline floor: which design wins is decided
+   here, by these numbers.
+6. ``compile-report.json``: the compile report (``kphi3_bench.compile_report``) of every launch
+   at the released shapes in bf16/fp16 for this GPU's architecture: registers, spills, shared
+   memory, matrix instructions and global access kinds, beside the timings they explain.
+7. Optionally (``--model``) the model-level benchmark: ``model-<device>-<date>.json``.
 ``summary.json`` says which steps passed; the exit status is 0 only when all did.
 
 ``--dry-run`` runs every step's logic on the CPU with the torch backend standing in for Triton,
@@ -47,6 +55,7 @@ from .run import sweep_meta
 from .sweep import SweepConfig, run_sweep
 
 TIMING_M = (16, 2048, 8192)
+VARIANT_M = (2048, 8192)
 PARITY_M = (1, 37, 2048)  # a decode row, an odd count (masked tiles), a training-size count
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 ABS_LIMIT, RATIO_LIMIT, FLOOR = 2e-2, 1.5, 5e-3
@@ -185,6 +194,55 @@ def run_timing(out_dir: str, device, dtype, shapes_, Ms, provider_names, quick_b
             "rows": len(rows), "timed": sum(r.timed for r in rows)}
 
 
+def run_variants(out_dir: str, device, dry_run: bool, with_compile: bool) -> dict:
+    from . import variants
+
+    dtype = torch.float32 if dry_run else torch.bfloat16
+    roof = roofline.roofline_for(device, dtype, quick=dry_run)
+    tflops, gbps = roof.peak_tflops, roof.peak_gbps
+    if dry_run and os.environ.get("TRITON_INTERPRET") != "1":
+        rows = []  # the Triton variants need a GPU or the interpreter; floors are still written
+    elif dry_run:
+        # The interpreter stands in for the GPU: one tiny shape, so the logic is exercised.
+        rows = variants.time_variants(device, dtype, DRY_SHAPES[:1], DRY_M[-1:], tflops, gbps,
+                                      with_compile=False, budget_s=0.02)
+    else:
+        rows = variants.time_variants(device, dtype, [s for s in shapes.SHAPES.values()
+                                                      if s.family == "kphi3"],
+                                      VARIANT_M, tflops, gbps, with_compile=with_compile)
+    predicted = variants.predicted_floors([s for s in shapes.SHAPES.values()
+                                           if s.family == "kphi3"], 8192,
+                                          torch.empty((), dtype=dtype).element_size(), tflops, gbps)
+    report.write_payload(os.path.join(out_dir, "variants.json"),
+                         {"roofline": {"tflops": tflops, "gbps": gbps, "source": roof.describe()},
+                          "rows": rows, "predicted_floors_m8192": predicted})
+    print(variants.format_rows(rows))
+    bad = [r for r in rows if r["rel_error"] is not None and not r["rel_error"] < ABS_LIMIT]
+    return {"ok": not bad, "rows": len(rows), "parity_failed": len(bad)}
+
+
+def run_compile_report(out_dir: str, dry_run: bool, timeout_s: int) -> dict:
+    arch = 90
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        arch = 90 if major >= 9 else 80
+    path = os.path.join(out_dir, "compile-report.json")
+    cmd = [sys.executable, "-m", "kphi3_bench.compile_report", "--shapes", "kphi3",
+           "--dtypes", "bf16" if dry_run else "bf16,fp16", "--targets", str(arch),
+           "--out", path] + (["--first-choice", "--ops", "gpc_io_fwd"] if dry_run else [])
+    env_ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env_)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout_s} s", "command": " ".join(cmd)}
+    with open(os.path.join(out_dir, "compile-report.txt"), "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    tail = (proc.stdout.strip().splitlines() or [""])
+    summary_line = next((line for line in reversed(tail) if "property violations" in line), "")
+    return {"ok": proc.returncode == 0, "returncode": proc.returncode, "summary": summary_line,
+            "command": " ".join(cmd)}
+
+
 def run_model(out_dir: str, device, dry_run: bool) -> dict:
     from . import model_bench
 
@@ -219,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="store_true", help="also run the model-level benchmark")
     p.add_argument("--pytest-timeout-s", type=int, default=240,
                    help="stop `pytest -m gpu` after this long (default %(default)s)")
+    p.add_argument("--compile-timeout-s", type=int, default=240,
+                   help="stop the compile report after this long (default %(default)s)")
     return p
 
 
@@ -267,6 +327,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     _step(summary, "timing", lambda: run_timing(
         args.out_dir, device, torch.float32 if dry else torch.bfloat16,
         DRY_SHAPES if dry else released, DRY_M if dry else TIMING_M, names, quick_budget=dry))
+    _step(summary, "variants", lambda: run_variants(args.out_dir, device, dry,
+                                                    not args.no_compile))
+    _step(summary, "compile report", lambda: run_compile_report(args.out_dir, dry,
+                                                                args.compile_timeout_s))
     if args.model:
         _step(summary, "model", lambda: run_model(args.out_dir, device, dry))
     summary["ok"] = all(s.get("ok") for s in summary["steps"].values())
