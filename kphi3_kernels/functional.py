@@ -54,6 +54,14 @@ def _backend(x: torch.Tensor, override: Optional[str]) -> str:
     return resolve_backend(x, override)
 
 
+def _autocast_on(device_type: str) -> bool:
+    # Autocast has no state for some devices (meta): nothing is cast there.
+    available = getattr(torch.amp, "is_autocast_available", None)
+    if available is not None and not available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
+
+
 def _cast_params(x: torch.Tensor, params: Sequence[Optional[torch.Tensor]], op: str):
     """Under autocast, compute in the autocast dtype like nn.Linear; else demand one dtype."""
     device_type = x.device.type
@@ -64,7 +72,7 @@ def _cast_params(x: torch.Tensor, params: Sequence[Optional[torch.Tensor]], op: 
                 "move the module or the input so that both are on one device"
             )
     # Like autocast itself (and so nn.Linear), float64 is never cast down.
-    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
+    if _autocast_on(device_type) and x.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device_type)
         return x.to(dtype), [None if p is None else p.to(dtype) for p in params]
     for p in params:

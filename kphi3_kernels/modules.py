@@ -17,8 +17,17 @@ from .backend import validate_backend
 from .reference import group_count, signed_square_root1
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # a bool is not a count
+
+
 def _check_divisible(in_features: int, out_features: int, num_groups: int, cls: str) -> None:
-    if not isinstance(num_groups, int) or num_groups <= 0:
+    for name, value in (("in_features", in_features), ("out_features", out_features),
+                        ("num_groups", num_groups)):
+        if not _is_int(value):
+            raise TypeError(f"{cls}: {name} must be an integer, got {value!r} "
+                            f"({type(value).__name__})")
+    if num_groups <= 0:
         raise ValueError(f"{cls}: num_groups must be a positive integer, got {num_groups!r}")
     for name, value in (("in_features", in_features), ("out_features", out_features)):
         if value <= 0 or value % num_groups != 0:
@@ -90,6 +99,10 @@ class GroupedLinear(_BackendMixin, nn.Module):
         )
         self.backend = backend
 
+    def reset_parameters(self) -> None:
+        for layer in self.group_layers:
+            layer.reset_parameters()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = self.group_layers
         if self.num_groups == 1:
@@ -110,7 +123,7 @@ class InterleaveChannelsFast(_BackendMixin, nn.Module):
 
     def __init__(self, step_size: int = 2, last_dim: int = 3, backend: Optional[str] = None):
         super().__init__()
-        if not isinstance(step_size, int) or step_size <= 0:
+        if not _is_int(step_size) or step_size <= 0:
             raise ValueError(f"InterleaveChannelsFast: step_size must be a positive integer, got {step_size!r}")
         self.step_size = step_size
         self.last_dim = last_dim
@@ -140,6 +153,13 @@ class _GroupedBlock(_BackendMixin, nn.Module):
         if self.num_groups == 1:
             self.first_pointwise_conv = GroupedLinear(in_features, out_features, 1, bias=use_bias)
         self.backend = backend
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter as the constructor does (e.g. after ``to_empty``)."""
+        for name in ("first_pointwise_conv", "second_pointwise_conv"):
+            child = getattr(self, name, None)
+            if child is not None:
+                child.reset_parameters()
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.activation is None else self.activation(x)

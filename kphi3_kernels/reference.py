@@ -13,6 +13,11 @@ import torch
 
 def group_count(in_features: int, out_features: int, min_channels_per_group: int) -> int:
     """The largest d <= max(1, min(in, out, in // min)) dividing both ``in`` and ``out``."""
+    for name, value in (("in_features", in_features), ("out_features", out_features),
+                        ("min_channels_per_group", min_channels_per_group)):
+        # A bool is an int to Python, but never a channel count.
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if min_channels_per_group == 0:
         raise ValueError("min_channels_per_group must be non-zero (it divides in_features)")
     if in_features <= 0 or out_features <= 0:
