@@ -51,12 +51,15 @@ def check_kphi3_config(config: "KPhi3Config") -> None:
 class KPhi3Config(PreTrainedConfig):
     r"""
     Configuration of a KPhi-3 model: a Phi-3 decoder whose dense projections are grouped pointwise
-    convolution blocks (see SPEC.md).
+    convolution blocks.
 
     Args beyond Phi-3's:
-        embed_size (`int`, defaults to 1024):
+        embed_size (`int`, *optional*):
             Width of the token embeddings and of `lm_head`'s input. When it differs from `hidden_size`,
-            `model.embed_to_hidden` and `hidden_to_embed` blocks map between the two.
+            `model.embed_to_hidden` and `hidden_to_embed` blocks map between the two. Not given (or
+            None): equal to `hidden_size` (so 1024 with the defaults, the original's default), so that a
+            small `KPhi3Config(hidden_size=64, ...)` is a small model. Released `config.json` files and
+            every saved config carry it explicitly.
         min_channels_per_group (`int`, defaults to 256):
             Minimum input channels per group of every grouped block; the group count of a block
             `in -> out` is the largest divisor of both not above `in // min_channels_per_group`.
@@ -77,7 +80,7 @@ class KPhi3Config(PreTrainedConfig):
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 32064
-    embed_size: int = 1024
+    embed_size: int | None = None
     hidden_size: int = 1024
     intermediate_size: int = 4096
     num_hidden_layers: int = 4
@@ -104,6 +107,8 @@ class KPhi3Config(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.embed_size is None:
+            self.embed_size = self.hidden_size
         super().__post_init__(**kwargs)
         check_kphi3_config(self)
 

@@ -7,10 +7,13 @@ fused Triton kernels or the PyTorch reference, is ``config.kernel_backend``. Thi
 launches a kernel itself.
 
 Mirrors ``transformers.models.phi3.modeling_phi3`` (attention through ``ALL_ATTENTION_FUNCTIONS``,
-masks from ``masking_utils``, ``DynamicCache``, ``GradientCheckpointingLayer``), and runs on the
-transformers releases that call the KV cache ``past_key_values`` (up to 5.2x) as well as those that
-call it ``cache``: see ``CACHE_KWARG``.
+masks from ``masking_utils``, ``DynamicCache``, ``GradientCheckpointingLayer``, RoPE from
+``ROPE_INIT_FUNCTIONS`` / ``dynamic_rope_update``), and runs on the transformers releases that call the
+KV cache ``past_key_values`` as well as those that call it ``cache``: see ``CACHE_KWARG`` and
+``cache_parameter``.
 """
+import functools
+import inspect
 import math
 from collections.abc import Callable
 
@@ -27,8 +30,10 @@ from transformers.modeling_layers import (
     GradientCheckpointingLayer,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -58,15 +63,39 @@ KERNEL_MODULES = (
 )
 
 
-def _cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """The KV cache passed under either name."""
-    if cache is not None and past_key_values is not None:
-        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
-    return cache if cache is not None else past_key_values
+# The release in which transformers' Phi-3 stops accepting `past_key_values` as the cache's name
+# (`@deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")` on its forwards).
+PAST_KEY_VALUES_REMOVED_IN = "5.40.0"
+
+
+def cache_parameter(func: Callable) -> Callable:
+    """Give ``func``'s KV-cache parameter (written ``cache``) the installed release's name and handling.
+
+    Where transformers calls the cache ``cache``, this is Phi-3's own decorator: ``past_key_values=``
+    is still accepted, moved to ``cache`` and announced with a ``FutureWarning`` (until the release
+    that removes it; both given: the warning, and ``cache`` wins). Where it calls it
+    ``past_key_values``, the parameter carries that name in the signature that ``GenerationMixin``
+    and ``GradientCheckpointingLayer`` inspect, and ``past_key_values=`` reaches ``cache``.
+    """
+    if CACHE_KWARG == "cache":
+        return deprecate_kwarg("past_key_values", PAST_KEY_VALUES_REMOVED_IN, new_name="cache")(func)
+
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        if "past_key_values" in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        return func(*args, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[
+        p.replace(name="past_key_values") if p.name == "cache" else p for p in signature.parameters.values()
+    ])
+    return wrapper
 
 
 def grouped_block(config: KPhi3Config, in_features: int, out_features: int) -> nn.Module:
-    """An IO block ``in -> out`` with the config's group rule and kernel backend (SPEC.md)."""
+    """An IO block ``in -> out`` with the config's group rule and kernel backend."""
     return GroupedPointwiseConvolutionBlockIO(
         in_features,
         out_features,
@@ -99,61 +128,80 @@ class KPhi3MLP(nn.Module):
         return self.down_proj(up_states)
 
 
-class KPhi3RotaryEmbedding(nn.Module):
-    """Phi-3's RoPE: the default frequencies, or longrope's short / long factors.
+def rope_init_function(rope_type: str) -> Callable:
+    """transformers' function computing ``(inv_freq, attention_scaling)`` for ``rope_type``.
 
-    Both frequency sets are non-persistent buffers (never in checkpoints); ``_init_weights``
-    recomputes them, so they are right after ``from_pretrained`` too.
+    ``default`` is Phi-3's own formula; every other type is transformers' ``ROPE_INIT_FUNCTIONS``
+    entry, as Phi-3 uses it. A type transformers does not know raises here, when the model is built,
+    instead of silently running as ``default``.
+    """
+    if rope_type == "default":
+        return KPhi3RotaryEmbedding.compute_default_rope_parameters
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        known = ", ".join(["default", *ROPE_INIT_FUNCTIONS])
+        raise ValueError(f"KPhi3Config: unknown `rope_parameters` type {rope_type!r}; this transformers knows {known}")
+    return ROPE_INIT_FUNCTIONS[rope_type]
+
+
+class KPhi3RotaryEmbedding(nn.Module):
+    """Phi-3's RoPE, through transformers' own RoPE functions.
+
+    The frequencies come from ``rope_init_function(rope_type)`` (``default``, ``longrope`` with its
+    short / long factors, and whatever else transformers' Phi-3 computes when a config is changed after
+    construction: ``linear``, ``dynamic``, ``yarn``, ...); ``dynamic_rope_update`` switches longrope to
+    its long factors once the sequence outgrows ``original_max_position_embeddings`` and grows the
+    dynamic-NTK frequencies, exactly as in Phi-3. All frequency sets are non-persistent buffers (never
+    in checkpoints); ``_init_weights`` recomputes them, so they are right after ``from_pretrained`` and
+    after materialising a model built on the meta device.
     """
 
     inv_freq: torch.Tensor
-    long_inv_freq: torch.Tensor
+    original_inv_freq: torch.Tensor
 
     def __init__(self, config: KPhi3Config):
         super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
         self.config = config
         self.rope_type = config.rope_parameters.get("rope_type", "default")
-        self.original_max_position_embeddings = config.rope_parameters.get(
-            "original_max_position_embeddings", config.original_max_position_embeddings
-        )
-        inv_freq, long_inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        self.rope_init_fn = rope_init_function(self.rope_type)
+        inv_freq, long_inv_freq, self.attention_scaling = self.compute_frequencies()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+        if long_inv_freq is not None:
+            # Read by `dynamic_rope_update` instead of being recomputed at every step past the switch.
+            self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
 
     @staticmethod
-    def compute_inv_freq(config: KPhi3Config, device=None) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``(inv_freq, long_inv_freq, attention_scaling)`` with Phi-3's formulas.
+    def compute_default_rope_parameters(config: KPhi3Config, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        """Phi-3's default RoPE: ``1 / theta^(2i/d)`` over the rotary dims, attention scaling 1."""
+        base = config.rope_parameters["rope_theta"]
+        partial_rotary_factor = config.rope_parameters.get("partial_rotary_factor", 1.0)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dim = int(head_dim * partial_rotary_factor)
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq.to(device), 1.0
 
-        Without longrope both sets are the default ``1 / theta^(2i/d)`` and the scaling is 1.
-        """
-        params = config.rope_parameters
-        base = params["rope_theta"]
-        head_dim = config.hidden_size // config.num_attention_heads
-        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
-        exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-        if params.get("rope_type", "default") != "longrope":
-            inv_freq = 1.0 / (base**exponent)
-            return inv_freq, inv_freq.clone(), 1.0
-
-        original = params.get("original_max_position_embeddings", config.original_max_position_embeddings)
-        factor = params.get("factor") or config.max_position_embeddings / original
-        attention_scaling = params.get("attention_factor")
-        if attention_scaling is None:
-            attention_scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-        short = torch.tensor(params["short_factor"], dtype=torch.float32, device=device)
-        long = torch.tensor(params["long_factor"], dtype=torch.float32, device=device)
-        return 1.0 / (short * base**exponent), 1.0 / (long * base**exponent), attention_scaling
+    def compute_frequencies(self, device=None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """``(inv_freq, long_inv_freq, attention_scaling)`` for this module's config; ``long_inv_freq``
+        (longrope's long factors) is None for the other types."""
+        inv_freq, attention_scaling = self.rope_init_fn(self.config, device)
+        long_inv_freq = None
+        if self.rope_type == "longrope":
+            # Read after the call above, which standardises `rope_parameters` (the config's own
+            # `original_max_position_embeddings` wins, as for Phi-3).
+            original = self.config.rope_parameters.get(
+                "original_max_position_embeddings", self.config.original_max_position_embeddings
+            )
+            long_inv_freq, _ = self.rope_init_fn(self.config, device, seq_len=original + 1)
+        return inv_freq, long_inv_freq, attention_scaling
 
     @torch.no_grad()
+    @dynamic_rope_update  # longrope's short / long switch and dynamic NTK, as in Phi-3
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq
-        if self.rope_type == "longrope":
-            # The long factors once the sequence outgrows the pre-training length, else the short ones.
-            seq_len = position_ids.max() + 1
-            inv_freq = torch.where(seq_len > self.original_max_position_embeddings, self.long_inv_freq, inv_freq)
         device_type = x.device.type if x.device.type != "mps" else "cpu"
         with torch.autocast(device_type=device_type, enabled=False):  # angles in fp32
-            freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)
+            freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
             emb = torch.cat((freqs, freqs), dim=-1)
             cos = emb.cos() * self.attention_scaling
             sin = emb.sin() * self.attention_scaling
@@ -230,16 +278,15 @@ class KPhi3Attention(nn.Module):
         self.qkv_proj = projection(config, config.hidden_size, op_size)
         self.o_proj = projection(config, config.num_attention_heads * self.head_dim, config.hidden_size)
 
+    @cache_parameter
     def forward(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cache = _cache_argument(cache, past_key_values)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
@@ -257,7 +304,7 @@ class KPhi3Attention(nn.Module):
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
         if cache is not None:
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -308,22 +355,24 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
         self.resid_attn_dropout = nn.Dropout(config.resid_pdrop)
         self.resid_mlp_dropout = nn.Dropout(config.resid_pdrop)
 
+    @cache_parameter
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        # The KV cache travels in `kwargs` under CACHE_KWARG, the name GradientCheckpointingLayer clears.
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
+            **{CACHE_KWARG: cache},
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -343,9 +392,13 @@ class KPhi3PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["KPhi3DecoderLayer"]
+    _skip_keys_device_placement = [CACHE_KWARG]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
+    # As Phi-3: `generate` may compile the forward with the static cache, whole-graph. The grouped
+    # layers are traceable on the torch backend and are custom ops on the Triton one.
+    _can_compile_fullgraph = True
     _supports_attention_backend = True
     _can_record_outputs = {
         "hidden_states": KPhi3DecoderLayer,
@@ -364,9 +417,11 @@ class KPhi3PreTrainedModel(PreTrainedModel):
                 bound = 1 / math.sqrt(module.in_features_per_group)
                 init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, KPhi3RotaryEmbedding):
-            inv_freq, long_inv_freq, _ = module.compute_inv_freq(module.config, device=module.inv_freq.device)
+            inv_freq, long_inv_freq, _ = module.compute_frequencies(device=module.inv_freq.device)
             init.copy_(module.inv_freq, inv_freq)
-            init.copy_(module.long_inv_freq, long_inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
+            if long_inv_freq is not None:
+                init.copy_(module.long_inv_freq, long_inv_freq)
         else:
             super()._init_weights(module)
 
@@ -406,6 +461,7 @@ class KPhi3Model(KPhi3PreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs
+    @cache_parameter
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -414,10 +470,8 @@ class KPhi3Model(KPhi3PreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        cache = _cache_argument(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
 
@@ -472,6 +526,7 @@ class KPhi3ForCausalLM(KPhi3PreTrainedModel, GenerationMixin):
         # Initialize weights and apply final processing
         self.post_init()
 
+    @cache_parameter
     @can_return_tuple
     def forward(
         self,
@@ -483,7 +538,6 @@ class KPhi3ForCausalLM(KPhi3PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -498,7 +552,7 @@ class KPhi3ForCausalLM(KPhi3PreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            **{CACHE_KWARG: _cache_argument(cache, past_key_values)},
+            **{CACHE_KWARG: cache},
             **kwargs,
         )
 
@@ -507,7 +561,7 @@ class KPhi3ForCausalLM(KPhi3PreTrainedModel, GenerationMixin):
         hidden_states = hidden_states[:, slice_indices, :]
         if self.hidden_to_embed is not None:
             hidden_states = self.hidden_to_embed(hidden_states)
-        logits = self.lm_head(hidden_states).float()  # SPEC.md: float logits, like the original
+        logits = self.lm_head(hidden_states).float()  # float logits, like the original KPhi-3
 
         loss = None
         if labels is not None:
@@ -521,21 +575,36 @@ class KPhi3ForCausalLM(KPhi3PreTrainedModel, GenerationMixin):
             **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)},
         )
 
-    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
-        # As Phi-3: longrope switches to the long factors once the sequence outgrows
-        # `original_max_position_embeddings`; the keys cached with the short factors are then stale,
-        # so the first step past that point recomputes the whole sequence without the cache.
-        cache = kwargs.get(CACHE_KWARG)
-        original = self.model.rotary_emb.original_max_position_embeddings
-        if (
-            cache is not None
-            and self.model.rotary_emb.rope_type == "longrope"
-            and input_ids.shape[1] >= original + 1
-            and cache.get_seq_length() <= original
-        ):
-            kwargs[CACHE_KWARG] = None
+    @cache_parameter
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        cache=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        position_ids=None,
+        use_cache=True,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        # As Phi-3 (explicit parameters: GenerationMixin reads `inputs_embeds` from this signature to
+        # allow `generate(inputs_embeds=...)`). Longrope switches to the long factors once the sequence
+        # outgrows `original_max_position_embeddings`; the keys cached with the short factors are then
+        # stale, so the first step past that point recomputes the whole sequence without the cache.
+        original = self.config.original_max_position_embeddings
+        if cache and input_ids.shape[1] >= original + 1 and cache.get_seq_length() <= original:
+            cache = None
             kwargs["next_sequence_length"] = None
-        return super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        return super().prepare_inputs_for_generation(
+            input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **{CACHE_KWARG: cache},
+            **kwargs,
+        )
 
 
 class KPhi3ForSequenceClassification(GenericForSequenceClassification, KPhi3PreTrainedModel):

@@ -186,9 +186,9 @@ def test_released_checkpoint_directory_loads_without_remote_code(tmp_path, trust
     for key, value in model.state_dict().items():
         assert torch.equal(value, sd[key]), key
     # The non-persistent RoPE buffers are recomputed, not left as whatever memory held.
-    fresh, fresh_long, _ = model.model.rotary_emb.compute_inv_freq(model.config)
+    fresh, _, _ = model.model.rotary_emb.compute_frequencies()
     assert torch.equal(model.model.rotary_emb.inv_freq, fresh)
-    assert torch.equal(model.model.rotary_emb.long_inv_freq, fresh_long)
+    assert torch.equal(model.model.rotary_emb.original_inv_freq, fresh)
 
     input_ids = torch.randint(3, cfg["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -161,3 +161,29 @@ def test_kernel_backend_is_normalised_and_reaches_every_block():
     assert {m.backend for m in kernel_modules} == {"triton"} and model.config.kernel_backend == "triton"
     with pytest.raises(ValueError, match="unknown kernel backend"):
         model.set_kernel_backend("cuda")
+
+
+def test_embed_size_follows_hidden_size_unless_given(tmp_path, released_dir):
+    # The small case: no `embed_size` means a model as wide as `hidden_size` (no 1024-wide embedding,
+    # no embed_to_hidden / hidden_to_embed blocks).
+    small = KPhi3Config(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=4, min_channels_per_group=16, pad_token_id=0)
+    assert small.embed_size == 64
+    model = KPhi3ForCausalLM(small)
+    assert model.model.embed_to_hidden is None and model.hidden_to_embed is None
+    assert model.model.embed_tokens.weight.shape == (32, 64) and model.lm_head.weight.shape == (32, 64)
+    # Given explicitly, it is kept, equal to the old default or not.
+    for embed_size in (1024, 48):
+        assert KPhi3Config(hidden_size=64, num_attention_heads=4, embed_size=embed_size).embed_size == embed_size
+    # The defaults are the original's (1024 and 1024), and a released config.json keeps its own value.
+    assert KPhi3Config().embed_size == 1024
+    assert AutoConfig.from_pretrained(released_dir).embed_size == 1280
+    released = json.loads((released_dir / "config.json").read_text())
+    for embed_size in (640, 1024):  # the old default among them: it must not be dropped on save
+        (released_dir / "config.json").write_text(json.dumps({**released, "embed_size": embed_size}))
+        config = AutoConfig.from_pretrained(released_dir)
+        assert (config.embed_size, config.hidden_size) == (embed_size, 1280)
+        config.save_pretrained(tmp_path / str(embed_size))
+        saved = json.loads((tmp_path / str(embed_size) / "config.json").read_text())
+        assert saved["embed_size"] == embed_size
+        assert AutoConfig.from_pretrained(tmp_path / str(embed_size)).embed_size == embed_size

@@ -44,8 +44,10 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path, overrides):
         assert torch.equal(value, original[key]), key
     # Every buffer, non-persistent RoPE frequencies included, is the freshly built model's exactly.
     buffers = dict(model.named_buffers())
-    assert {name for name, _ in loaded.named_buffers()} == set(buffers) == {
-        "model.rotary_emb.inv_freq", "model.rotary_emb.long_inv_freq"}
+    rope_buffers = {"model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"}
+    if model.config.rope_parameters["rope_type"] == "longrope":
+        rope_buffers.add("model.rotary_emb.long_inv_freq")
+    assert {name for name, _ in loaded.named_buffers()} == set(buffers) == rope_buffers
     for name, buffer in loaded.named_buffers():
         assert torch.equal(buffer, buffers[name]), name
     if model.config.tie_word_embeddings:
@@ -70,9 +72,11 @@ def test_rope_buffers_are_recomputed_on_load(tmp_path, monkeypatch):
 
     for name, buffer in loaded.named_buffers():
         assert torch.equal(buffer, expected[name]), name
-    fresh, fresh_long, scaling = loaded.model.rotary_emb.compute_inv_freq(loaded.config)
+    fresh, fresh_long, scaling = loaded.model.rotary_emb.compute_frequencies()
     assert torch.equal(loaded.model.rotary_emb.inv_freq, fresh)
+    assert torch.equal(loaded.model.rotary_emb.original_inv_freq, fresh)
     assert torch.equal(loaded.model.rotary_emb.long_inv_freq, fresh_long)
+    assert not torch.equal(fresh, fresh_long)
     assert scaling == loaded.model.rotary_emb.attention_scaling > 1.0
 
 
