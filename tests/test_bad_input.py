@@ -1,7 +1,11 @@
-"""Bad input: a ValueError / TypeError whose message names the problem, raised before any kernel
-or launcher runs (every launcher of both backends is replaced by one that fails the test)."""
+"""Bad input: a ValueError / TypeError whose message names the argument and the problem, raised
+by the one validation layer (``functional.py``, shared by both backends) before any kernel or
+launcher runs (every launcher of both backends is replaced by one that fails the test), also
+under fake tensors and under ``torch.compile``."""
+import numpy as np
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import kphi3_kernels as K
 from kphi3_kernels import (GroupedLinear, GroupedLinearFast, GroupedPointwiseConvolutionBlock,
@@ -91,6 +95,28 @@ CASES = [
     ("io-meta-bias", lambda b: K.gpc_io(_x(4, C), _w(*W), _w(*W), None,
                                         torch.zeros(G, OG, device="meta"), backend=b),
      ValueError, "meta"),
+    # parameters that are not tensors (numpy arrays, a missing weight)
+    ("gl-numpy-bias", lambda b: K.grouped_linear(_x(4, C), _w(*W), np.zeros((G, OG), "float32"),
+                                                 backend=b), TypeError, "bias must be a torch.Tensor, got ndarray"),
+    ("gl-numpy-weight", lambda b: K.grouped_linear(_x(4, C), np.zeros(W, "float32"), backend=b),
+     TypeError, "weight must be a torch.Tensor, got ndarray"),
+    ("io-weight2-none", lambda b: K.gpc_io(_x(4, C), _w(*W), None, backend=b), TypeError,
+     "weight2 must be a torch.Tensor, got None"),
+    ("block-numpy-bias2", lambda b: K.gpc_block(_x(4, C), _w(*W), _w(*W2_BLOCK), None,
+                                                np.zeros((G, OG)), backend=b),
+     TypeError, "bias2 must be a torch.Tensor"),
+    # zero-size dimensions other than the rows: refused (zero rows work, test_ops_parity)
+    ("gl-zero-channels", lambda b: K.grouped_linear(_x(4, 0), _w(G, 0, OG), backend=b), ValueError,
+     r"weight of shape \(3, 0, 4\) has zero groups or zero channels"),
+    ("gl-zero-out", lambda b: K.grouped_linear(_x(4, C), _w(G, S, 0), backend=b), ValueError,
+     "zero groups or zero channels"),
+    ("io-zero-out", lambda b: K.gpc_io(_x(4, C), _w(G, S, 0), _w(G, S, 0), backend=b),
+     ValueError, "weight1 of shape .* zero groups or zero channels"),
+    ("block-zero-groups", lambda b: K.gpc_block(_x(4, 0), _w(0, S, OG), backend=b), ValueError,
+     "zero groups or zero channels"),
+    # a bool is not a step
+    ("interleave-step-bool", lambda b: K.interleave(_x(4, 10), True, backend=b), ValueError,
+     "step True must be a positive integer"),
 ]
 
 UNKNOWN_BACKEND = [
@@ -107,6 +133,33 @@ def test_bad_input_raises_before_launch(call, exc, msg, backend, monkeypatch):
     forbid_launch(monkeypatch)
     with pytest.raises(exc, match=msg):
         call(backend)
+
+
+# The same checks while tensors are fake and while torch.compile traces: the validation is
+# ordinary Python over shapes and dtypes, so it raises the same error there.
+FAKE_AND_COMPILE = ["gl-last-dim", "io-0d", "gl-int-input", "io-dtype-w2", "block-w2-shape",
+                    "interleave-step-not-divisor", "gl-numpy-bias", "io-weight2-none",
+                    "gl-zero-channels", "io-zero-out", "interleave-step-bool"]
+BY_ID = {c[0]: c[1:] for c in CASES}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", FAKE_AND_COMPILE)
+def test_bad_input_raises_under_fake_tensors(case, backend, monkeypatch):
+    call, exc, msg = BY_ID[case]
+    forbid_launch(monkeypatch)
+    with FakeTensorMode(), pytest.raises(exc, match=msg):
+        call(backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", FAKE_AND_COMPILE)
+def test_bad_input_raises_under_torch_compile(case, backend, monkeypatch):
+    call, exc, msg = BY_ID[case]
+    forbid_launch(monkeypatch)
+    torch._dynamo.reset()
+    with pytest.raises(exc, match=msg):
+        torch.compile(lambda: call(backend), backend="eager")()
 
 
 @pytest.mark.parametrize("call", [pytest.param(c, id=i) for i, c in UNKNOWN_BACKEND])
@@ -140,11 +193,28 @@ def test_forbid_launch_really_forbids(monkeypatch):
     (lambda: GroupedPointwiseConvolutionBlock(64, 64, 0), "min_channels_per_group"),
     (lambda: group_count(64, 64, 0), "min_channels_per_group"),
     (lambda: InterleaveChannelsFast(0, 2), "step_size"),
+    (lambda: InterleaveChannelsFast(True, 2), "step_size"),
 ], ids=["in-not-divisible", "out-not-divisible", "slow-out-not-divisible", "zero-groups",
         "negative-groups", "zero-features", "io-min0", "block-min0", "group_count-min0",
-        "interleave-step0"])
+        "interleave-step0", "interleave-step-bool"])
 def test_module_construction_errors(make, msg):
     with pytest.raises(ValueError, match=msg):
+        make()
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda: GroupedLinearFast(6, 9, True), "num_groups must be an integer, got True"),
+    (lambda: GroupedLinear(6, 9, True), "num_groups must be an integer, got True"),
+    (lambda: GroupedLinearFast(6.0, 9, 3), "in_features must be an integer, got 6.0"),
+    (lambda: GroupedPointwiseConvolutionBlockIO(64, 64, min_channels_per_group=2.5),
+     "min_channels_per_group must be an integer, got 2.5"),
+    (lambda: GroupedPointwiseConvolutionBlock(64, 64, min_channels_per_group=True),
+     "min_channels_per_group must be an integer, got True"),
+    (lambda: group_count(64, 32.0, 8), "out_features must be an integer"),
+], ids=["fast-bool-groups", "slow-bool-groups", "fast-float-in", "io-float-min", "block-bool-min",
+        "group_count-float-out"])
+def test_module_construction_type_errors(make, msg):
+    with pytest.raises(TypeError, match=msg):
         make()
 
 

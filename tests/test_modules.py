@@ -313,3 +313,67 @@ def test_module_backend_kwarg_rejects_unknown_name():
                  lambda: InterleaveChannelsFast(2, 2, backend="")):
         with pytest.raises(ValueError, match="auto, triton, torch"):
             make()
+
+
+# --------------------------------------------------------------------------------------------
+# Meta tensors and deferred initialisation
+# --------------------------------------------------------------------------------------------
+
+META_MODULES = {
+    "fast": lambda b: GroupedLinearFast(12, 6, 3, backend=b),
+    "slow": lambda b: GroupedLinear(12, 6, 3, backend=b),
+    "slow-G1": lambda b: GroupedLinear(12, 6, 1, backend=b),
+    "io": lambda b: GroupedPointwiseConvolutionBlockIO(12, 6, 4, use_bias=True, backend=b),
+    "io-G1": lambda b: GroupedPointwiseConvolutionBlockIO(12, 6, 32, backend=b),
+    "block": lambda b: GroupedPointwiseConvolutionBlock(12, 12, 4, use_bias=True, backend=b),
+    "block-in<out": lambda b: GroupedPointwiseConvolutionBlock(12, 24, 4, backend=b),
+    "block-act": lambda b: GroupedPointwiseConvolutionBlock(12, 12, 4, activation=SignedSquareRoot1(),
+                                                            backend=b),
+    "interleave": lambda b: InterleaveChannelsFast(3, 2, backend=b),
+}
+
+
+@pytest.mark.parametrize("backend", [None, "torch", "triton"])
+@pytest.mark.parametrize("name", list(META_MODULES))
+def test_module_on_meta_tensors_like_nn_linear(name, backend, monkeypatch):
+    """Built under torch.device("meta") and called on a meta input, a module returns a meta
+    tensor of the right shape (and a meta gradient), whatever the backend, running no kernel."""
+    from _utils import forbid_launch
+
+    with torch.device("meta"):
+        module = META_MODULES[name](backend)
+    assert all(p.is_meta for p in module.parameters())
+    forbid_launch(monkeypatch)
+    x = torch.empty(2, 5, 12, device="meta", requires_grad=True)
+    y = module(x)
+    width = getattr(module, "out_features", 12)
+    assert y.is_meta and y.shape == (2, 5, width)
+    y.sum().backward()
+    assert x.grad.is_meta and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("name", list(META_MODULES))
+def test_meta_module_materialises_with_to_empty_and_reset_parameters(name):
+    with torch.device("meta"):
+        module = META_MODULES[name]("torch")
+    module.to_empty(device=DEVICE)
+    for p in module.parameters():
+        with torch.no_grad():
+            p.fill_(float("nan"))  # to_empty leaves garbage: every value must be re-initialised
+    if hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    if any(True for _ in module.parameters()):
+        check_module(module, torch.randn(2, 3, 12, device=DEVICE))
+
+
+def test_reset_parameters_draws_like_the_constructor():
+    torch.manual_seed(3)
+    built = GroupedPointwiseConvolutionBlockIO(240, 400, 48, use_bias=True)
+    with torch.device("meta"):
+        deferred = GroupedPointwiseConvolutionBlockIO(240, 400, 48, use_bias=True)
+    deferred.to_empty(device="cpu")
+    torch.manual_seed(3)
+    deferred.reset_parameters()
+    for (k, a), (_, b) in zip(built.state_dict().items(), deferred.state_dict().items()):
+        assert torch.equal(a, b), k
