@@ -3,7 +3,7 @@
 A *shape* is one grouped projection of a model family (``kphi3-qkv`` is the released KPhi-3's
 qkv projection, 1280 -> 3840 with G = 5). ``M`` is the number of tokens (rows of ``x``).
 
-Counts follow SPEC.md: the IO block's forward is ``4 * M * in * out / G`` FLOPs (two grouped
+Counts follow docs/performance.md: the IO block's forward is ``4 * M * in * out / G`` FLOPs (two grouped
 GEMMs of K = s = in/G each, i.e. one GEMM of K = 2s), a dense ``nn.Linear(in, out)`` is
 ``2 * M * in * out``; a backward computes both the input and the weight gradients, twice the
 forward's FLOPs. Bytes are the minimum traffic: every operand read once and every result written
@@ -157,5 +157,5 @@ def min_bytes(shape: Shape, M: int, mode: str, elem_size: int, dense: bool = Fal
 
 
 def ideal_speedup(shape: Shape) -> float:
-    """nn.Linear time / IO-block time when both run at the roofline: G / 2 (SPEC.md)."""
+    """nn.Linear time / IO-block time when both run at the roofline: G / 2 (docs/performance.md)."""
     return shape.groups / 2

@@ -1,4 +1,4 @@
-"""Plain PyTorch semantics of every KPhi-3 grouped op (SPEC.md), written for clarity, not speed.
+"""Plain PyTorch semantics of every KPhi-3 grouped op (docs/layers.md), written for clarity, not speed.
 
 These functions are the oracle of the test suite: every faster path (the Triton kernels in
 ``ops/`` and the fast torch formulation in ``torch_ops.py``) is checked against them. They

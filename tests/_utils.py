@@ -3,7 +3,7 @@
 Every parity check in the suite goes through ``check_op``: it runs one op on one backend, forward
 and backward with a random upstream gradient, and compares the output and every gradient with
 ``reference.py`` evaluated in float64 on the same (already rounded) values, by relative Frobenius
-error. The tolerances are SPEC.md's numerics contract and are never loosened per test.
+error. The tolerances are the numerics contract of docs/numerics.md and are never loosened per test.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from kphi3_kernels import reference as R
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# SPEC.md, "Numerics": fp32 far under 1e-5; fp16 / bf16 within about 1e-2 and no worse than the
+# docs/numerics.md: fp32 far under 1e-5; fp16 / bf16 within about 1e-2 and no worse than the
 # plain PyTorch path in the same dtype (here: 2x its error plus a small absolute slack).
 FP32_TOL = 1e-5
 HALF_TOL = 1e-2

@@ -2,7 +2,7 @@
 fp32 gradients to fp32 parameters. Outside autocast a dtype mismatch is a TypeError.
 
 CPU: the torch backend under bf16 autocast; the Triton path (interpreter) under fp16 autocast
-(the interpreter's bf16 ``tl.dot`` is wrong, SPEC.md). CUDA: the Triton path under bf16.
+(the interpreter's bf16 ``tl.dot`` is wrong, docs/numerics.md). CUDA: the Triton path under bf16.
 """
 import pytest
 import torch

@@ -91,7 +91,7 @@ def test_interleave_parity(case, backend, dtype):
     assert all(e == 0 for e in errs.values()), errs  # a permutation: exact
 
 
-# bf16: only on CUDA (the interpreter's bf16 tl.dot is wrong, SPEC.md).
+# bf16: only on CUDA (the interpreter's bf16 tl.dot is wrong, docs/numerics.md).
 @pytest.mark.gpu
 @pytest.mark.parametrize("op,case", [("grouped_linear", c) for c in LINEAR_CASES[::2]]
                          + [("gpc_io", c) for c in LINEAR_CASES[1::2]]

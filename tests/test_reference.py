@@ -1,4 +1,4 @@
-"""reference.py (the oracle of the whole suite) against SPEC.md's definitions, written out directly."""
+"""reference.py (the oracle of the whole suite) against the definitions of docs/layers.md, written out directly."""
 import itertools
 import math
 
@@ -106,7 +106,7 @@ def test_grouped_linear_definition(G, s, og, lead, bias):
     w = torch.randn(G, s, og, dtype=D)
     b = torch.randn(G, og, dtype=D) if bias else None
     y = R.grouped_linear(x, w, b)
-    # SPEC: y[..., n*og + j] = sum_i x[..., n*s + i] * weight[n, i, j] + bias[n, j]
+    # docs/layers.md: y[..., n*og + j] = sum_i x[..., n*s + i] * weight[n, i, j] + bias[n, j]
     n, j = G - 1, og - 1
     direct = sum(x[..., n * s + i] * w[n, i, j] for i in range(s)) + (b[n, j] if bias else 0)
     assert torch.allclose(y[..., n * og + j], direct, rtol=1e-12, atol=1e-12)
