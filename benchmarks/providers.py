@@ -8,6 +8,10 @@
   every M and shape (a sweep over M would turn dynamic after its first recompile anyway, and
   compiling each point anew costs minutes); compile time is spent in the warm-up, not timed;
   donated buffers are off so that the backward can be timed alone (see ``_configure_compile``);
+- ``grouped_mm``: what a user would write with PyTorch's own grouped GEMM
+  (``torch.nn.functional.grouped_mm``, or ``torch._grouped_mm`` on a torch that has only that):
+  the IO block as one grouped GEMM of K = 2s per group, see ``GroupedMMProvider``; where torch
+  refuses the device or dtype (it documents bf16 on CUDA) it is shown as unavailable, and why;
 - ``nn.Linear``: a dense ``nn.Linear(in, out, bias=False)``, what a user would run instead. It is
   a different function, so it has no parity to check.
 
@@ -16,15 +20,16 @@ returns the one-argument callable that is checked and timed.
 """
 from __future__ import annotations
 
+import functools
 import shutil
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 import kphi3_kernels
 from kphi3_kernels import reference
 
-from .shapes import Shape
+from .shapes import Shape, dtype_name
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 NEEDS_GPU = "needs a GPU"
@@ -37,8 +42,9 @@ class Provider:
     description = ""
     dense = False  # True: nn.Linear, a different function with its own weights and no parity
 
-    def unavailable(self, device: torch.device) -> Optional[str]:
-        """Why this provider cannot run on ``device`` (shown in its rows), or None."""
+    def unavailable(self, device: torch.device, dtype: Optional[torch.dtype] = None
+                    ) -> Optional[str]:
+        """Why this provider cannot run on ``device`` in ``dtype`` (shown in its rows), or None."""
         return None
 
     def make_params(self, shape: Shape, dtype: torch.dtype, device: torch.device,
@@ -66,7 +72,7 @@ class TritonProvider(Provider):
     name = "triton"
     description = "fused Triton kernels: kphi3_kernels.gpc_io(backend='triton')"
 
-    def unavailable(self, device):
+    def unavailable(self, device, dtype=None):
         if device.type != "cuda":
             return NEEDS_GPU
         from kphi3_kernels.backend import triton_available
@@ -124,7 +130,7 @@ class CompileProvider(Provider):
     def __init__(self):
         self._compiled = None
 
-    def unavailable(self, device):
+    def unavailable(self, device, dtype=None):
         if device.type == "cuda":
             from kphi3_kernels.backend import triton_available
 
@@ -143,6 +149,86 @@ class CompileProvider(Provider):
         w1, w2 = params
         fn = self.compiled()
         return lambda x: fn(x, w1, w2)
+
+
+def grouped_mm_function() -> Tuple[Optional[Callable], str]:
+    """PyTorch's grouped GEMM and its name: ``torch.nn.functional.grouped_mm`` (torch >= 2.10),
+    else ``torch._grouped_mm`` (the private op it wraps), else ``(None, "")``."""
+    fn = getattr(torch.nn.functional, "grouped_mm", None)
+    if fn is not None:
+        return fn, "torch.nn.functional.grouped_mm"
+    fn = getattr(torch, "_grouped_mm", None)
+    if fn is not None:
+        return fn, "torch._grouped_mm"
+    return None, ""
+
+
+def gpc_io_grouped_mm(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                      grouped_mm: Optional[Callable] = None) -> torch.Tensor:
+    """The IO block written with PyTorch's grouped GEMM: ``y_g = [x_g, xi_g] @ [w1_g; w2_g]``.
+
+    ``x_g`` is group g's slice of ``x`` (channels ``g*s .. g*s+s-1``), ``xi_g`` the same slice of
+    the interleaved copy (``xi[m, g, j] = x[m, j*G + g]``), so each group is one GEMM of
+    K = 2s: ``grouped_mm([G, M, 2s], [G, 2s, og]) -> [G, M, og]``, then back to ``[M, G*og]``.
+    Costs beyond the GEMM: the concatenated operand (one copy of ``2x``), the concatenated
+    weights (one copy of ``w1`` and ``w2``, per call, so that autograd reaches both) and the
+    group-major output's transpose.
+    """
+    if grouped_mm is None:
+        grouped_mm = grouped_mm_function()[0]
+    groups, s, og = w1.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, groups * s)
+    M = x2.shape[0]
+    operand = torch.cat([x2.view(M, groups, s), x2.view(M, s, groups).transpose(1, 2)], dim=-1)
+    weight = torch.cat([w1, w2], dim=1)  # [G, 2s, og]
+    y = grouped_mm(operand.transpose(0, 1), weight)  # [G, M, og]
+    return y.transpose(0, 1).reshape(*lead, groups * og)
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_refusal(device_type: str, dtype: torch.dtype) -> Optional[str]:
+    """None when grouped_mm runs the IO block's forward and backward on a tiny input here, else
+    why not (torch's own words)."""
+    fn, name = grouped_mm_function()
+    if fn is None:
+        return f"unavailable: torch {torch.__version__} has no grouped_mm"
+    try:
+        device = torch.device(device_type)
+        x = torch.randn(4, 64, device=device).to(dtype).requires_grad_()
+        w1, w2 = (torch.randn(4, 16, 32, device=device).to(dtype).requires_grad_()
+                  for _ in range(2))
+        gpc_io_grouped_mm(x, w1, w2, fn).backward(torch.ones(4, 128, device=device, dtype=dtype))
+    except Exception as err:  # the op's dtype/device checks say why
+        words = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"unavailable: {name} refuses {dtype_name(dtype)} on {device_type} ({words[:120]})"
+    return None
+
+
+class GroupedMMProvider(Provider):
+    """PyTorch's own grouped GEMM, as a user would write the IO block with it.
+
+    Of the two natural formulations, two grouped GEMMs (``x_g @ w1_g`` and ``xi_g @ w2_g``)
+    summed, or one of K = 2s on the concatenated operand ``[x_g, xi_g]`` and weights
+    ``[w1_g; w2_g]``, this is the second (``gpc_io_grouped_mm``): one launch instead of two and
+    no extra pass over the output to add the halves, at the price of copying ``x`` twice and the
+    (G/2 times smaller) weights once. On CUDA, torch documents bf16 (SM >= 80) for its kernels;
+    on a CPU its fallback runs fp32, bf16 and fp16. Whether it runs is asked of torch itself (a
+    tiny forward and backward, once per device type and dtype); where it refuses, the rows say
+    why instead of being timed.
+    """
+
+    name = "grouped_mm"
+    description = ("torch's grouped GEMM (nn.functional.grouped_mm): one GEMM of K = 2s per "
+                   "group on [x_g, interleaved x_g]")
+
+    def unavailable(self, device, dtype=None):
+        return _grouped_mm_refusal(device.type, dtype or torch.float32)
+
+    def bind(self, shape, params):
+        w1, w2 = params
+        fn = grouped_mm_function()[0]
+        return lambda x: gpc_io_grouped_mm(x, w1, w2, fn)
 
 
 class LinearProvider(Provider):
@@ -165,7 +251,7 @@ class LinearProvider(Provider):
 def default_providers() -> Dict[str, Provider]:
     """Fresh providers by name, in the order the table shows them (nn.Linear first)."""
     providers = (LinearProvider(), ReferenceProvider(), TorchBackendProvider(), CompileProvider(),
-                 TritonProvider())
+                 GroupedMMProvider(), TritonProvider())
     return {p.name: p for p in providers}
 
 

@@ -33,7 +33,7 @@ def _sync():
 @pytest.mark.parametrize("provider_name", list(PROVIDERS))
 def test_gpc_io(benchmark, provider_name, shape_name, M, mode):
     provider = PROVIDERS[provider_name]
-    reason = provider.unavailable(DEVICE)
+    reason = provider.unavailable(DEVICE, DTYPE)
     if reason is not None:
         pytest.skip(reason)
     shape = shapes.SHAPES[shape_name]
