@@ -2,7 +2,7 @@
 
 The oracle is ``kphi3_kernels.reference.gpc_io`` in float64 on the very inputs the provider
 gets (rounded to the sweep's dtype, then widened), so input rounding is not counted as error.
-Each output is compared by ``||out - ref|| / ||ref||`` (SPEC.md's numerics contract):
+Each output is compared by ``||out - ref|| / ||ref||`` (the package's numerics contract):
 the forward always, and ``dx``, ``dw1``, ``dw2`` when a backward mode is to be timed.
 A NaN or Inf where the oracle has none is a failure.
 """
@@ -16,8 +16,8 @@ import torch
 
 from kphi3_kernels import reference
 
-# SPEC.md: fp32 lands far under 1e-5; fp16/bf16 within about 1e-2 (2e-2 leaves room for the
-# backward's long reductions at M = 16384).
+# The numerics contract: fp32 lands far under 1e-5; fp16/bf16 within about 1e-2 (2e-2 leaves
+# room for the backward's long reductions at M = 16384).
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float64: 1e-12}
 DENSE_BASELINE = "n/a (dense baseline)"
 

@@ -3,7 +3,11 @@
 Two tables: the detailed one (a row per provider, shape, M and mode: times, speedup, TFLOP/s,
 GB/s, roofline fraction, parameters, peak memory, parity) and the summary, one column per
 provider headed by its name (``nn.Linear``, ``reference``, ``torch``, ``torch.compile``,
-``triton``), holding the median time and the speedup over ``nn.Linear``.
+``grouped_mm``, ``triton``), holding the median time and the speedup over ``nn.Linear``.
+
+A row whose measurement stayed unstable (``Row.stable`` False: too wide a spread, or a speedup
+above what the roofline allows, in every run) is marked ``UNSTABLE`` wherever its time or
+speedup is shown, and the report ends by counting them: such a number is not a result.
 """
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ import math
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from .sweep import OK, Row
+from .sweep import ABOVE_IDEAL, NOISY, OK, Row
 
 JSON_SCHEMA = "kphi3-bench/1"
+UNSTABLE = "UNSTABLE"
 
 
 def _fmt(value: Optional[float], spec: str = ".3g", none: str = "-") -> str:
@@ -48,8 +53,18 @@ def render(headers: Sequence[str], body: Sequence[Sequence[str]], right: Iterabl
     return "\n".join([line(headers), rule] + [line(r) for r in body])
 
 
+def speedup_text(row: Row) -> str:
+    """``2.31x``; ``7.56x UNSTABLE`` when the row's measurement stayed unstable; ``-`` without."""
+    if row.speedup_vs_linear is None:
+        return f"- {UNSTABLE}" if row.unstable else "-"
+    text = f"{row.speedup_vs_linear:.2f}x"
+    return f"{text} {UNSTABLE}" if row.unstable else text
+
+
 def _status_cell(row: Row) -> str:
     if row.status == OK:
+        if row.unstable:
+            return f"{UNSTABLE}: {row.unstable_reason}; parity {row.parity}"
         return row.parity
     if row.error:
         return f"{row.status.upper()}: {row.error}"
@@ -64,7 +79,7 @@ def detailed_table(rows: Sequence[Row]) -> str:
     body = []
     for r in rows:
         spread = f"{_ms(r.p20_ms)}-{_ms(r.p80_ms)}" if r.timed else "-"
-        speedup = f"{r.speedup_vs_linear:.2f}x" if r.speedup_vs_linear is not None else "-"
+        speedup = speedup_text(r)
         frac = f"{100 * r.roofline_fraction:.1f}%" if r.roofline_fraction is not None else "-"
         peak = _fmt(r.peak_mem_mb, ".4g", none="n/a") if r.timed else "-"
         body.append([r.shape, str(r.groups), str(r.M), r.mode, r.provider, _ms(r.median_ms),
@@ -98,6 +113,8 @@ def summary_grid(rows: Sequence[Row], providers: Sequence[str], unit: str = " ms
                 cell = f"{_ms(r.median_ms)}{unit}"
                 if r.speedup_vs_linear is not None and r.provider != "nn.Linear":
                     cell += f" ({r.speedup_vs_linear:.2f}x)"
+                if r.unstable:
+                    cell += f" {UNSTABLE}"
                 cells.append(cell)
             else:
                 cells.append(r.status.upper() if r.failed else r.status)
@@ -111,6 +128,36 @@ def summary_table(rows: Sequence[Row]) -> str:
     headers = ["shape", "G", "M", "mode"] + providers + ["ideal vs nn.Linear"]
     body = [cells + [f"{int(cells[1]) / 2:.1f}x"] for cells in summary_grid(rows, providers)]
     return render(headers, body, right=range(4, 5 + len(providers)))
+
+
+def unstable_kinds(rows: Sequence[Row]) -> str:
+    """How many unstable rows of each kind: ``"1 noisy, 2 above the ideal"`` (``""``: none)."""
+    unstable = [r for r in rows if r.timed and r.unstable]
+    return ", ".join(f"{sum(kind in r.unstable_reason for r in unstable)} {kind}"
+                     for kind in (NOISY, ABOVE_IDEAL)
+                     if any(kind in r.unstable_reason for r in unstable))
+
+
+def unstable_count(rows: Sequence[Row]) -> str:
+    """``"2 of 32 timed rows unstable (1 noisy, 1 above the ideal)"``, or ``""`` when none is."""
+    timed = [r for r in rows if r.timed]
+    unstable = [r for r in timed if r.unstable]
+    if not unstable:
+        return ""
+    return f"{len(unstable)} of {len(timed)} timed rows unstable ({unstable_kinds(rows)})"
+
+
+def unstable_lines(rows: Sequence[Row], meta: Optional[dict] = None) -> List[str]:
+    """The report's closing words on unstable rows (nothing when every row is stable)."""
+    count = unstable_count(rows)
+    if not count:
+        return []
+    rule = (meta or {}).get("stability", {}).get("rule", "")
+    lines = [f"{count}: their times and speedups are marked {UNSTABLE} and are not results; "
+             "rerun them on a quieter machine (or with a longer --max-time)."]
+    if rule:
+        lines.append(f"Stability rule: {rule}")
+    return lines
 
 
 def header_lines(meta: dict) -> List[str]:
@@ -131,7 +178,10 @@ def format_report(rows: Sequence[Row], meta: dict) -> str:
     parts += ["", "Detailed results (vs nn.Linear = nn.Linear's median / this median; roofline = "
               "roofline time / measured time):", detailed_table(rows), "",
               "Summary: median time per provider, (speedup vs nn.Linear); ideal = G/2 at the "
-              "roofline (SPEC.md):", summary_table(rows)]
+              "roofline:", summary_table(rows)]
+    unstable = unstable_lines(rows, meta)
+    if unstable:
+        parts += [""] + unstable
     return "\n".join(parts)
 
 

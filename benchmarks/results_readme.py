@@ -6,7 +6,8 @@
 For each device (``meta.env.device_name``) the latest layer sweep (``schema kphi3-bench/1``) and
 the latest model benchmark (``kphi3-bench-model/1``) are shown: the command that produced them,
 the roofline used, the torch backend against nn.Linear at M = 2048 on the released shapes, the
-summary table and the roofline fractions. Only the text between the two GENERATED markers is
+summary table (rows whose measurement stayed unstable marked UNSTABLE, and counted) and the
+roofline fractions. Only the text between the two GENERATED markers is
 rewritten; the numbers come from the JSON files, never from a hand.
 """
 from __future__ import annotations
@@ -62,8 +63,11 @@ def released_ratio_table(rows: Sequence[Row]) -> str:
         base = linear.get((r.shape, r.mode))
         if r.provider != "torch" or r.M != 2048 or r.family != "kphi3" or base is None or not r.timed:
             continue
+        ratio = f"{r.median_ms / base.median_ms:.2f}"
+        if r.unstable or base.unstable:
+            ratio += f" {report.UNSTABLE}"
         body.append([r.shape, str(r.groups), r.mode, _ms(base.median_ms), _ms(r.median_ms),
-                     f"{r.median_ms / base.median_ms:.2f}", f"{2 / r.groups:.2f}"])
+                     ratio, f"{2 / r.groups:.2f}"])
     if not body:
         return "_(no torch-backend and nn.Linear rows at M = 2048 on the released shapes)_"
     return report.markdown_table(["shape", "G", "mode", "nn.Linear ms", "torch ms",
@@ -107,6 +111,17 @@ def model_markdown(data: dict) -> str:
                                   "state MB", "peak MB", "status"], body, right=range(3, 8))
 
 
+def stability_lines(rows: Sequence[Row], meta: dict) -> List[str]:
+    """How many rows stayed unstable (files written before rows were judged say nothing)."""
+    if not any(r.stable is not None for r in rows):
+        return []
+    count = report.unstable_count(rows)
+    rule = meta.get("stability", {}).get("rule")
+    text = (f"{count}, marked {report.UNSTABLE} above" if count
+            else "Every timed row was stable")
+    return [text + (f" (the rule: {rule})." if rule else "."), ""]
+
+
 def device_section(name: str, layer: Optional[tuple], model: Optional[tuple], directory: str) -> str:
     out = [f"### {name}", ""]
     if layer is not None:
@@ -132,10 +147,11 @@ def device_section(name: str, layer: Optional[tuple], model: Optional[tuple], di
             released_ratio_table(rows),
             "",
             "**Summary** (median ms; in brackets the speedup over nn.Linear, nn.Linear's time / "
-            "this time):",
+            f"this time; {report.UNSTABLE}: the row's measurement stayed unstable, not a result):",
             "",
             summary_markdown(rows),
             "",
+        ] + stability_lines(rows, meta) + [
             "**Against the roofline** (roofline time / measured time, over all timed rows):",
             "",
             roofline_markdown(rows),

@@ -2,14 +2,20 @@
 
 Examples::
 
-    kphi3-bench --quick                                  # a first try (< 60 s on a 2-core CPU)
+    kphi3-bench --quick                                  # a first try (~30 s on an idle 2-core CPU)
     kphi3-bench --out results.json --plot plots/         # the full sweep, saved
     kphi3-bench --shapes kphi3 --M 2048 --modes fwd      # the released shapes at one M
     kphi3-bench --list                                   # shapes, providers, modes
     kphi3-bench model --quick                            # model-level: train step and generate
 
+The providers of a shape, M and mode are timed together; a run in which a row's spread
+(p80/p20) exceeds ``--spread-threshold`` or a grouped provider beats nn.Linear by more than the
+roofline allows is timed again (``--max-repeats``, ``--max-time``), and rows that stay unstable
+are marked UNSTABLE in the tables and ``"stable": false`` with the reason in the JSON.
+
 Exit status: 0 when every row that ran was correct (passed parity, raised nothing), 1 when a
-provider failed parity or raised, 2 for bad arguments.
+provider failed parity or raised, 2 for bad arguments. Unstable rows do not change it: they are
+noise, not errors, and the closing line counts them.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from . import env, memory, parity, providers, report, roofline, shapes
-from .sweep import SweepConfig, run_sweep
+from .sweep import SweepConfig, default_spread_threshold, run_sweep
 
 
 class UsageError(ValueError):
@@ -39,6 +45,12 @@ def _split(value: str) -> List[str]:
 
 def _csv(values) -> str:
     return ",".join(map(str, values))
+
+
+# Re-timing of unstable rows: how often and for how long (a row = one shape, M and mode, all
+# its providers together).
+MAX_REPEATS, QUICK_MAX_REPEATS = 3, 2
+MAX_TIME_S, QUICK_MAX_TIME_S = 15.0, 2.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,14 +81,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE.json", help="write the results as JSON")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots (time vs M per shape)")
     p.add_argument("--peak-tflops", type=float, metavar="X",
-                   help="roofline compute peak (default: SPEC.md on an H200 in bf16/fp16, else "
-                        "measured here)")
+                   help="roofline compute peak (default: the measured peak of an H200 in "
+                        "bf16/fp16, else measured here)")
     p.add_argument("--peak-gbps", type=float, metavar="X",
-                   help="roofline bandwidth (default: SPEC.md on an H200, else measured here)")
+                   help="roofline bandwidth (default: the measured copy bandwidth of an H200, "
+                        "else measured here)")
     p.add_argument("--budget-s", type=float, metavar="S",
-                   help="CPU: seconds of timed calls per row (default 1, --quick 0.1)")
-    p.add_argument("--min-reps", type=int, metavar="N",
-                   help="CPU: at least this many timed calls per row (default 5, --quick 3)")
+                   help="CPU: seconds of timed calls per row and run (default 1, --quick 0.1)")
+    p.add_argument("--min-repeats", "--min-reps", dest="min_reps", type=int, metavar="N",
+                   help="CPU: at least this many timed calls per provider and run (default 5, "
+                        "--quick 3)")
+    p.add_argument("--spread-threshold", type=float, metavar="X",
+                   help="a run in which a row's p80/p20 exceeds X is timed again (default "
+                        f"{default_spread_threshold(torch.device('cpu')):g} on CPU, "
+                        f"{default_spread_threshold(torch.device('cuda')):g} on CUDA); so is one "
+                        "in which a grouped provider beats nn.Linear by more than the roofline "
+                        "allows")
+    p.add_argument("--max-repeats", type=int, metavar="N",
+                   help=f"time an unstable row's providers again at most N times (default "
+                        f"{MAX_REPEATS}, --quick {QUICK_MAX_REPEATS}; 0: never); rows still "
+                        "unstable are marked UNSTABLE")
+    p.add_argument("--max-time", type=float, metavar="S",
+                   help="no repeat that would take a row (all its providers, every run) past S "
+                        f"seconds (default {MAX_TIME_S:g}, --quick {QUICK_MAX_TIME_S:g})")
     p.add_argument("--tolerance", type=float, metavar="X",
                    help="parity tolerance on the relative error (default: 1e-5 fp32, 2e-2 fp16/bf16)")
     p.add_argument("--threads", type=int, metavar="N",
@@ -151,14 +178,19 @@ def plan(args: argparse.Namespace) -> dict:
         Ms = list(shapes.QUICK_M_CUDA if on_cuda else shapes.QUICK_M_CPU)
     else:
         Ms = list(shapes.DEFAULT_M_CUDA if on_cuda else shapes.DEFAULT_M_CPU)
-    for flag in ("peak_tflops", "peak_gbps", "budget_s", "tolerance"):
+    for flag in ("peak_tflops", "peak_gbps", "budget_s", "tolerance", "max_time"):
         value = getattr(args, flag)
         if value is not None and not value > 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    for flag in ("min_reps", "threads"):
+    for flag, option in (("min_reps", "--min-repeats"), ("threads", "--threads")):
         value = getattr(args, flag)
         if value is not None and value <= 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+            raise UsageError(f"{option} must be positive, got {value}")
+    if args.max_repeats is not None and args.max_repeats < 0:
+        raise UsageError(f"--max-repeats must be 0 or more, got {args.max_repeats}")
+    if args.spread_threshold is not None and not args.spread_threshold > 1:
+        raise UsageError(f"--spread-threshold is a ratio p80/p20 and must exceed 1, got "
+                         f"{args.spread_threshold}")
     if args.out:
         _check_writable_file(args.out)
     if args.plot:
@@ -167,7 +199,11 @@ def plan(args: argparse.Namespace) -> dict:
     return dict(device=device, dtype=dtype, shapes=chosen_shapes, providers=chosen_providers,
                 modes=modes, Ms=Ms,
                 budget_s=args.budget_s or (0.1 if quick else 1.0),
-                min_reps=args.min_reps or (3 if quick else 5))
+                min_reps=args.min_reps or (3 if quick else 5),
+                spread_threshold=args.spread_threshold or default_spread_threshold(device),
+                max_repeats=args.max_repeats if args.max_repeats is not None else
+                (QUICK_MAX_REPEATS if quick else MAX_REPEATS),
+                max_time_s=args.max_time or (QUICK_MAX_TIME_S if quick else MAX_TIME_S))
 
 
 def list_choices() -> str:
@@ -188,6 +224,10 @@ def verdict(rows) -> tuple:
     timed = [r for r in rows if r.timed]
     skipped = [r for r in rows if not r.failed and not r.timed]
     parts = [f"{len(timed)} rows timed"]
+    unstable = [r for r in timed if r.unstable]
+    if unstable:
+        parts.append(f"{len(unstable)} of them UNSTABLE ({report.unstable_kinds(rows)}; their "
+                     "speedups are not results)")
     if skipped:
         reasons = sorted({r.status for r in skipped})
         parts.append(f"{len(skipped)} not run ({'; '.join(reasons)})")
@@ -213,6 +253,7 @@ def sweep_meta(cfg: SweepConfig, info: dict, roof: roofline.Roofline, command: s
         "timing": timing + f"; warm-up excluded; inputs rotated over up to {cfg.max_sets} sets "
                            "sized to exceed the last-level cache",
         "memory": "not measured" if no_memory else (memory.CUDA_METHOD if cuda else memory.CPU_METHOD),
+        "stability": stability_meta(cfg),
         "parity": "rel err vs kphi3_kernels.reference.gpc_io in float64, tolerance "
                   f"{cfg.tolerance or parity.tolerance(cfg.dtype):g}",
         "shapes": {s.name: {"in": s.in_features, "out": s.out_features, "groups": s.groups}
@@ -220,6 +261,21 @@ def sweep_meta(cfg: SweepConfig, info: dict, roof: roofline.Roofline, command: s
         "M": list(cfg.Ms),
         "modes": list(cfg.modes),
         "providers": {p.name: p.description for p in cfg.providers},
+    }
+
+
+def stability_meta(cfg: SweepConfig) -> dict:
+    """How rows were judged stable, for the JSON and the report."""
+    threshold = cfg.spread_threshold or default_spread_threshold(cfg.device)
+    return {
+        "spread_threshold": threshold,
+        "max_repeats": cfg.max_repeats,
+        "max_time_s": cfg.max_time_s,
+        "rule": (f"a shape, M and mode's providers are timed together; the run is repeated "
+                 f"(at most {cfg.max_repeats} times, within {cfg.max_time_s:g} s) while a row's "
+                 f"p80/p20 exceeds {threshold:g} or a grouped provider's speedup over nn.Linear "
+                 "exceeds nn.Linear's roofline time / its own (about G/2); the first stable run "
+                 "is kept, else the least unstable one, its offending rows marked unstable"),
     }
 
 
@@ -263,6 +319,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       providers=config["providers"], dtype=dtype, device=device, roofline=roof,
                       env=env.row_env(info),
                       budget_s=config["budget_s"], min_reps=config["min_reps"],
+                      spread_threshold=config["spread_threshold"],
+                      max_repeats=config["max_repeats"], max_time_s=config["max_time_s"],
                       tolerance=args.tolerance, seed=args.seed,
                       measure_memory=not args.no_memory)
     rows = run_sweep(cfg, progress=not args.no_progress)

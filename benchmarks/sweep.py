@@ -4,17 +4,28 @@ A provider that cannot run here (Triton on a CPU) gives rows saying why; one tha
 gives rows saying so and is not timed; one that raises gives rows with the error. Nothing is
 dropped: the exit code of ``run.py`` is computed from these rows.
 
+The providers of one shape, M and mode are timed together (``timing.bench_many``: on a CPU their
+calls alternate), so that their ratios come from one run. Such a run is kept only when it is
+*stable*: every row's spread p80 / p20 is within ``spread_threshold``, and no grouped provider
+beats nn.Linear by more than the roofline allows (nn.Linear's roofline time / the row's: about
+G/2). Otherwise all of them are timed again, up to ``max_repeats`` more times within
+``max_time_s``; the first stable run is kept, or else the least unstable one, whose offending
+rows say ``stable: False`` and why (``unstable_reason``).
+
 Inputs are rotated: each call takes the next of a few input sets (x, dy and the weights), enough
-that together they exceed the cache, so that small shapes are not timed from a warm cache.
+that together they exceed the cache, so that small shapes are not timed from a warm cache. The
+providers timed together share one rotation, so that no call finds the inputs of the call
+before it still in the cache.
 """
 from __future__ import annotations
 
 import gc
 import itertools
 import math
+import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,6 +37,21 @@ from .shapes import Shape
 
 OK, PARITY_FAILED, ERROR = "ok", "parity failed", "error"
 FAILED_STATUSES = (PARITY_FAILED, ERROR)
+BASELINE = "nn.Linear"  # the provider the speedups are measured against
+
+# p80 / p20 above which a row is timed again: measured on this project's machines, see
+# ``default_spread_threshold``.
+SPREAD_THRESHOLD = {"cpu": 1.5, "cuda": 1.2}
+NOISY, ABOVE_IDEAL = "noisy", "above the ideal"  # the two kinds of unstable_reason
+
+# timer(calls by provider name, device, tensors whose .grad to clear by name, budget_s, min_reps)
+Timer = Callable[[Mapping[str, Callable[[], object]], torch.device,
+                  Mapping[str, Sequence[torch.Tensor]], float, int], Dict[str, timing.Timing]]
+
+
+def default_spread_threshold(device: torch.device) -> float:
+    """1.5 on a CPU (wall clock of a shared machine), 1.2 on CUDA (do_bench's CUDA events)."""
+    return SPREAD_THRESHOLD["cuda" if device.type == "cuda" else "cpu"]
 
 
 @dataclass
@@ -58,7 +84,11 @@ class Row:
     gbps: Optional[float] = None
     roofline_ms: Optional[float] = None
     roofline_fraction: Optional[float] = None
+    roofline_speedup_vs_linear: Optional[float] = None  # nn.Linear's roofline time / this row's
     bound: str = ""
+    stable: Optional[bool] = None  # timed rows: False when the measurement stayed unstable
+    unstable_reason: str = ""
+    repeats: Optional[int] = None  # timed rows: how many times the row's providers were timed
     params: int = 0
     peak_mem_mb: Optional[float] = None
     peak_mem_method: str = ""
@@ -72,6 +102,10 @@ class Row:
     @property
     def timed(self) -> bool:
         return self.median_ms is not None
+
+    @property
+    def unstable(self) -> bool:
+        return self.stable is False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -92,6 +126,10 @@ class SweepConfig:
     env: Dict[str, str] = field(default_factory=dict)
     budget_s: float = 1.0      # CPU: timed calls continue while this lasts (after min_reps)
     min_reps: int = 5          # CPU: at least this many timed calls
+    spread_threshold: Optional[float] = None  # None: default_spread_threshold(device)
+    max_repeats: int = 3       # an unstable run is timed again at most this many times
+    max_time_s: float = 15.0   # ... and not when that would take the row past this many seconds
+    timer: Optional[Timer] = None  # None: timing.bench_many (tests pass a fake one)
     tolerance: Optional[float] = None  # None: parity.TOLERANCES[dtype]
     seed: int = 0
     measure_memory: bool = True
@@ -140,9 +178,13 @@ def _cycle(n: int) -> Callable[[], int]:
     return lambda: next(counter)
 
 
-def _timed_call(mode: str, fns: Sequence[Callable], sets: Sequence[InputSet]):
-    """(the callable to time for ``mode``, tensors whose .grad to clear, a cleanup)."""
-    following = _cycle(len(sets))
+def _timed_call(mode: str, fns: Sequence[Callable], sets: Sequence[InputSet],
+                following: Optional[Callable[[], int]] = None):
+    """(the callable to time for ``mode``, tensors whose .grad to clear, a cleanup).
+
+    ``following`` gives the input set of each call; callables timed together share one, so that
+    consecutive calls never read the same set."""
+    following = following or _cycle(len(sets))
     leaves = [t for s in sets for t in s.leaves()]
     if mode == "fwd":
         def call():
@@ -178,11 +220,72 @@ def _grad_mode(mode: str):
     return torch.no_grad() if mode == "fwd" else torch.enable_grad()
 
 
+# An instability: (kind, severity: how far past its limit, 1.0 = at it; the words for the row).
+Instability = Tuple[str, float, str]
+
+
+def assess(timings: Mapping[str, timing.Timing], spread_threshold: float,
+           speedup_bounds: Mapping[str, float], baseline: str = BASELINE
+           ) -> Dict[str, List[Instability]]:
+    """What is wrong with one run of providers timed together, by provider (stable ones absent).
+
+    A row is *noisy* when its p80 / p20 exceeds ``spread_threshold``; it is *above the ideal*
+    when the baseline's median / its median exceeds its bound in ``speedup_bounds`` (the most a
+    provider can beat nn.Linear by at the roofline; providers not in it are not checked)."""
+    found: Dict[str, List[Instability]] = {}
+    base = timings.get(baseline)
+    for name, t in timings.items():
+        issues = []
+        spread = timing.spread(t)
+        if spread > spread_threshold:
+            issues.append((NOISY, spread / spread_threshold,
+                           f"{NOISY}: p80/p20 = {spread:.2f} > {spread_threshold:g}"))
+        bound = speedup_bounds.get(name)
+        if base is not None and name != baseline and bound and t.median_ms > 0:
+            speedup = base.median_ms / t.median_ms
+            if speedup > bound:
+                issues.append((ABOVE_IDEAL, speedup / bound,
+                               f"{ABOVE_IDEAL}: {speedup:.2f}x vs {baseline} > {bound:.2f}x, "
+                               "the most the roofline allows"))
+        if issues:
+            found[name] = issues
+    return found
+
+
+def _severity(issues: Mapping[str, List[Instability]]) -> float:
+    return max((sev for found in issues.values() for _, sev, _ in found), default=0.0)
+
+
+@dataclass
+class Measurement:
+    """The run of a shape, M and mode that is kept, and how it was reached."""
+
+    timings: Dict[str, timing.Timing]
+    issues: Dict[str, List[Instability]]
+    runs: int  # how many runs were made (the kept one included)
+    max_time_s: Optional[float] = None  # set when that limit, not the repeat count, ended them
+
+    def reason(self, name: str) -> str:
+        found = self.issues.get(name)
+        if not found:
+            return ""
+        text = "; ".join(words for _, _, words in found)
+        runs = "once" if self.runs == 1 else f"{self.runs} times"
+        if self.max_time_s is not None:
+            return (f"{text} (timed {runs}; another run would have passed --max-time "
+                    f"{self.max_time_s:g} s)")
+        if self.runs == 1:
+            return f"{text} (timed once; no repeat allowed)"
+        return f"{text} (timed {runs}, never stable; the least unstable run kept)"
+
+
 class Sweep:
     def __init__(self, cfg: SweepConfig, progress: Optional[Progress] = None):
         self.cfg = cfg
         self.progress = progress or Progress(0, enabled=False)
         self.tol = cfg.tolerance if cfg.tolerance is not None else parity.tolerance(cfg.dtype)
+        self.spread_threshold = cfg.spread_threshold or default_spread_threshold(cfg.device)
+        self.timer: Timer = cfg.timer or timing.bench_many
         self.rows: List[Row] = []
 
     def total(self) -> int:
@@ -202,19 +305,39 @@ class Sweep:
         roof = self.cfg.roofline
         row.roofline_ms = roof.time_s(row.flops, row.bytes) * 1e3
         row.bound = roof.bound(row.flops, row.bytes)
+        if not provider.dense:
+            row.roofline_speedup_vs_linear = self._speedup_bound(shape, M, mode)
         self.rows.append(row)
         return row
 
     def _elem(self) -> int:
         return torch.empty((), dtype=self.cfg.dtype).element_size()
 
+    def _speedup_bound(self, shape: Shape, M: int, mode: str) -> float:
+        """The most the IO block can beat nn.Linear by: nn.Linear's roofline time / its own
+        (G/2 when compute-bound, a little less when memory-bound); G/2 without a roofline."""
+        roof, elem = self.cfg.roofline, self._elem()
+        own = roof.time_s(shapes.flops(shape, M, mode), shapes.min_bytes(shape, M, mode, elem))
+        dense = roof.time_s(shapes.flops(shape, M, mode, True),
+                            shapes.min_bytes(shape, M, mode, elem, True))
+        return dense / own if own > 0 and dense > 0 else shapes.ideal_speedup(shape)
+
     def run(self) -> List[Row]:
         c = self.cfg
         for shape in c.shapes:
             for M in c.Ms:
+                first = len(self.rows)
                 self._run_point(shape, M)
+                self._order_point(first)
         fill_speedups(self.rows)
         return self.rows
+
+    def _order_point(self, first: int) -> None:
+        """A point's rows by provider, then mode (the order of the configuration)."""
+        place = {p.name: i for i, p in enumerate(self.cfg.providers)}
+        modes = {m: i for i, m in enumerate(self.cfg.modes)}
+        self.rows[first:] = sorted(self.rows[first:],
+                                   key=lambda r: (place.get(r.provider, 0), modes.get(r.mode, 0)))
 
     def _run_point(self, shape: Shape, M: int) -> None:
         c = self.cfg
@@ -231,9 +354,10 @@ class Sweep:
             self.progress.advance(len(c.providers) * len(c.modes))
             return
         oracle = None
+        ready = []
         try:
             for provider in c.providers:
-                reason = provider.unavailable(c.device)
+                reason = provider.unavailable(c.device, c.dtype)
                 if reason is not None:
                     for mode in c.modes:
                         self._row(provider, shape, M, mode, reason, parity="not run")
@@ -241,14 +365,19 @@ class Sweep:
                     continue
                 if oracle is None and not provider.dense:
                     oracle = parity.Oracle(sets[0].x, sets[0].params(provider), sets[0].dy)
-                self._run_provider(provider, shape, M, sets, oracle)
+                checked = self._check(provider, shape, M, sets, oracle)
+                if checked is not None:
+                    ready.append(checked)
+            for mode in c.modes:
+                self._run_mode(ready, shape, M, mode, sets)
         finally:
-            del sets, oracle
+            del sets, oracle, ready
             gc.collect()
             if c.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def _run_provider(self, provider: Provider, shape: Shape, M: int, sets, oracle) -> None:
+    def _check(self, provider: Provider, shape: Shape, M: int, sets, oracle):
+        """(provider, its callables per input set, its parity), or None when it raised."""
         c = self.cfg
         label = f"{shape.name} M={M} {provider.name}"
         self.progress.step(f"{label} parity")
@@ -265,53 +394,131 @@ class Sweep:
                 self._row(provider, shape, M, mode, ERROR, parity="not run", error=message)
             self.progress.write(f"ERROR {label}: {message}")
             self.progress.advance(len(c.modes))
+            return None
+        finally:
+            for s in sets:
+                for t in s.leaves():
+                    t.grad = None
+        return provider, fns, check
+
+    def _run_mode(self, ready, shape: Shape, M: int, mode: str, sets) -> None:
+        """Time every provider that passed parity for ``mode``, together; write their rows."""
+        c = self.cfg
+        entries = []
+        for provider, fns, check in ready:
+            common = dict(parity=check.describe(mode), parity_rel_err=check.worst(mode),
+                          parity_tol=None if check.dense else check.tol)
+            if check.ok_for(mode) is False:
+                self._row(provider, shape, M, mode, PARITY_FAILED, **common)
+                self.progress.write(f"PARITY FAILED {provider.name} {shape.name} M={M} {mode}: "
+                                    f"{common['parity']} -- not timed")
+                self.progress.advance()
+            else:
+                entries.append((provider, fns, common))
+        if not entries:
             return
-        for mode in c.modes:
-            self.progress.step(f"{label} {mode}")
-            self._run_mode(provider, shape, M, mode, fns, sets, check)
-            self.progress.advance()
+        self.progress.step(f"{shape.name} M={M} {mode}")
+        errors: Dict[str, str] = {}
+        calls, grads, cleanups = {}, {}, []
+        following = _cycle(len(sets))
+        kept, peaks = None, {}
+        with _grad_mode(mode):
+            try:
+                for provider, fns, _ in entries:
+                    try:
+                        call, grad_to_none, cleanup = _timed_call(mode, fns, sets, following)
+                        cleanups.append(cleanup)
+                        for _ in sets:  # one call per input set before the timer's own warm-up
+                            call()
+                    except Exception as err:
+                        errors[provider.name] = _describe(err)
+                        continue
+                    calls[provider.name], grads[provider.name] = call, grad_to_none
+                kept = self._measure(calls, grads, errors, shape, M, mode)
+            finally:
+                for cleanup in cleanups:
+                    cleanup()
+            for provider, fns, _ in entries:
+                if provider.name in errors or not c.measure_memory:
+                    continue
+                try:
+                    peaks[provider.name] = memory.peak_bytes(
+                        _one_call(mode, fns[0], sets[0]), c.device)
+                except Exception as err:
+                    errors[provider.name] = _describe(err)
         for s in sets:
             for t in s.leaves():
                 t.grad = None
+        for provider, fns, common in entries:
+            name = provider.name
+            if name in errors:
+                self._row(provider, shape, M, mode, ERROR, error=errors[name], **common)
+                self.progress.write(f"ERROR {name} {shape.name} M={M} {mode}: {errors[name]}")
+                if c.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            else:
+                self._timed_row(provider, shape, M, mode, kept, peaks.get(name), common)
+            self.progress.advance()
 
-    def _run_mode(self, provider, shape, M, mode, fns, sets, check: parity.ParityResult) -> None:
+    def _measure(self, calls, grads, errors: Dict[str, str], shape: Shape, M: int,
+                 mode: str) -> Optional[Measurement]:
+        """Time ``calls`` together until a run is stable, ``max_repeats`` repeats were made, or
+        another would end past ``max_time_s``; keep the stable run or the least unstable one.
+        A provider whose call raises is dropped (its error in ``errors``) and the runs restart."""
         c = self.cfg
-        ok = check.ok_for(mode)
-        common = dict(parity=check.describe(mode), parity_rel_err=check.worst(mode),
-                      parity_tol=None if check.dense else check.tol)
-        if ok is False:
-            self._row(provider, shape, M, mode, PARITY_FAILED, **common)
-            self.progress.write(f"PARITY FAILED {provider.name} {shape.name} M={M} {mode}: "
-                                f"{common['parity']} -- not timed")
-            return
-        try:
-            with _grad_mode(mode):
-                call, grad_to_none, cleanup = _timed_call(mode, fns, sets)
-                try:
-                    for _ in sets:  # one call per input set before the timer's own warm-up
-                        call()
+        bounds = {name: self._speedup_bound(shape, M, mode) for name in calls
+                  if not self._dense(name)}
+        runs: List[Tuple[Dict[str, timing.Timing], Dict[str, List[Instability]]]] = []
+        out_of_time = False
+        start = time.perf_counter()
+        while calls:
+            began = time.perf_counter()
+            try:
+                timings = self.timer(calls, c.device, grads, c.budget_s, c.min_reps)
+            except timing.CallFailed as failed:
+                errors[failed.name] = _describe(failed.error)
+                calls.pop(failed.name, None)
+                grads.pop(failed.name, None)
+                runs.clear()
+                continue
+            except Exception as err:  # the timer itself failed: every row of the run says so
+                for name in calls:
+                    errors[name] = _describe(err)
+                return None
+            took = time.perf_counter() - began
+            issues = assess(timings, self.spread_threshold, bounds)
+            runs.append((timings, issues))
+            if not issues or len(runs) > c.max_repeats:
+                break
+            if time.perf_counter() - start + took > c.max_time_s:
+                out_of_time = True
+                break
+            label = ", ".join(sorted(issues))
+            self.progress.step(f"{shape.name} M={M} {mode}: again ({label} unstable)")
+        if not runs:
+            return None
+        best = runs[-1] if not runs[-1][1] else min(runs, key=lambda run: _severity(run[1]))
+        return Measurement(best[0], best[1], len(runs), c.max_time_s if out_of_time else None)
 
-                    t = timing.bench(call, c.device, grad_to_none, c.budget_s, c.min_reps)
-                finally:
-                    cleanup()
-                peak, method = (None, "not measured")
-                if c.measure_memory:
-                    peak, method = memory.peak_bytes(_one_call(mode, fns[0], sets[0]), c.device)
-        except Exception as err:
-            message = _describe(err)
-            self._row(provider, shape, M, mode, ERROR, error=message, **common)
-            self.progress.write(f"ERROR {provider.name} {shape.name} M={M} {mode}: {message}")
-            if c.device.type == "cuda":
-                torch.cuda.empty_cache()
-            return
+    def _dense(self, name: str) -> bool:
+        return any(p.dense for p in self.cfg.providers if p.name == name)
+
+    def _timed_row(self, provider, shape, M, mode, kept: Measurement, peak, common) -> None:
+        c = self.cfg
+        t = kept.timings[provider.name]
+        peak_bytes, method = peak if peak is not None else (None, "not measured")
+        reason = kept.reason(provider.name)
         row = self._row(provider, shape, M, mode, OK, median_ms=t.median_ms, p20_ms=t.p20_ms,
-                        p80_ms=t.p80_ms, reps=t.reps,
-                        peak_mem_mb=None if peak is None else peak / 2 ** 20,
+                        p80_ms=t.p80_ms, reps=t.reps, stable=not reason, unstable_reason=reason,
+                        repeats=kept.runs,
+                        peak_mem_mb=None if peak_bytes is None else peak_bytes / 2 ** 20,
                         peak_mem_method=method, **common)
         seconds = t.median_ms * 1e-3
         row.tflops = row.flops / seconds / 1e12
         row.gbps = row.bytes / seconds / 1e9
         row.roofline_fraction = c.roofline.fraction(row.flops, row.bytes, seconds)
+        if reason:
+            self.progress.write(f"UNSTABLE {provider.name} {shape.name} M={M} {mode}: {reason}")
 
 
 def _describe(err: BaseException) -> str:

@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from kphi3_bench import gpu_check, memory, model_bench, parity, providers, report, roofline, run, shapes
+from kphi3_bench import (gpu_check, memory, model_bench, parity, providers, report, roofline, run,
+                         shapes, timing)
 from kphi3_bench.shapes import Shape
 from kphi3_bench.sweep import SweepConfig, run_sweep
 from kphi3_bench.timing import quantiles_ms
@@ -55,6 +56,12 @@ def test_quick_runs_end_to_end_and_writes_json_and_plots(tmp_path):
     assert all(r["parity"] == parity.DENSE_BASELINE for r in others if r["provider"] == "nn.Linear")
     assert all(r["parity"].startswith("ok") for r in others if r["provider"] != "nn.Linear")
     assert all(r["speedup_vs_linear"] > 0 and r["roofline_fraction"] > 0 for r in others)
+    # Every timed row says whether its measurement was stable, and why not when it was not.
+    assert all(isinstance(r["stable"], bool) and r["repeats"] >= 1 for r in others)
+    assert all(r["unstable_reason"] for r in others if not r["stable"])
+    assert data["meta"]["stability"]["spread_threshold"] == 1.5
+    if any(not r["stable"] for r in others):
+        assert "UNSTABLE" in proc.stdout and "timed rows unstable" in proc.stdout
 
     # The summary table has one column headed by each provider's name.
     header = next(line for line in proc.stdout.splitlines()
@@ -114,11 +121,11 @@ class NaNOutput(providers.ReferenceProvider):
         return lambda x: inner(x) + float("nan")
 
 
-def _sweep(provider_list, modes=("fwd", "fwd+bwd"), Ms=(5,)):
+def _sweep(provider_list, modes=("fwd", "fwd+bwd"), Ms=(5,), dtype=torch.float32, **kwargs):
     roof = roofline.Roofline(1.0, 10.0, "test", "test")
     cfg = SweepConfig(shapes=[TINY], Ms=list(Ms), modes=list(modes), providers=provider_list,
-                      dtype=torch.float32, device=CPU, roofline=roof, budget_s=0.0, min_reps=2,
-                      measure_memory=False)
+                      dtype=dtype, device=CPU, roofline=roof, budget_s=0.0, min_reps=2,
+                      measure_memory=False, **kwargs)
     return run_sweep(cfg, progress=False)
 
 
@@ -209,6 +216,163 @@ def test_triton_is_shown_as_needing_a_gpu_on_cpu_even_when_interpreting(monkeypa
     assert run.verdict(rows)[0] == 0
 
 
+# --- stable rows: re-timing and marking -------------------------------------------------------
+
+class FakeTimer:
+    """A timer that calls nothing: run i of each mode gets ``script[i]`` (the last one repeats),
+    ``{provider: (median, p20, p80)}`` in ms; it records which providers each run timed."""
+
+    def __init__(self, *script):
+        self.script, self.runs = script, []
+
+    def __call__(self, fns, device, grad_to_none, budget_s, min_reps):
+        self.runs.append(sorted(fns))
+        step = self.script[min(len(self.runs) - 1, len(self.script) - 1)]
+        return {name: timing.Timing(*step[name], reps=min_reps, method="fake") for name in fns}
+
+
+STEADY = {"nn.Linear": (9.3, 9.2, 9.4), "reference": (6.0, 5.9, 6.1)}  # 1.55x, under G/2 = 2
+
+
+def _timed(timer, **kwargs):
+    rows = _sweep([providers.LinearProvider(), providers.ReferenceProvider()], modes=("fwd",),
+                  timer=timer, **kwargs)
+    return {r.provider: r for r in rows}, rows
+
+
+def test_an_outlier_run_is_timed_again_with_every_provider_and_the_stable_run_kept():
+    # A nn.Linear outlier (30.5 ms; reference "7.56x" past the ideal 2x), then a steady run.
+    outlier = {"nn.Linear": (30.5, 30.0, 31.0), "reference": (4.03, 4.0, 4.1)}
+    timer = FakeTimer(outlier, STEADY)
+    by, rows = _timed(timer)
+    assert timer.runs == [["nn.Linear", "reference"]] * 2  # both providers, in both runs
+    assert all(r.stable is True and r.unstable_reason == "" and r.repeats == 2 for r in rows)
+    assert by["nn.Linear"].median_ms == 9.3 and by["reference"].median_ms == 6.0
+    assert by["reference"].speedup_vs_linear == pytest.approx(9.3 / 6.0)
+    # A spread outlier (p20-p80 0.9-6.2 ms) is timed again just the same.
+    noisy = dict(STEADY, **{"nn.Linear": (3.0, 0.9, 6.2)})
+    timer = FakeTimer(noisy, STEADY)
+    by, rows = _timed(timer)
+    assert len(timer.runs) == 2 and all(r.stable for r in rows)
+    assert "UNSTABLE" not in report.format_report(rows, _meta())
+
+
+def test_a_row_that_stays_noisy_is_marked_unstable_with_the_reason(tmp_path):
+    noisy = dict(STEADY, **{"nn.Linear": (3.0, 0.9, 6.2)})
+    timer = FakeTimer(noisy)
+    by, rows = _timed(timer, max_repeats=2)
+    assert len(timer.runs) == 3  # the first run and two repeats
+    linear = by["nn.Linear"]
+    assert linear.stable is False and linear.repeats == 3
+    assert "noisy: p80/p20 = 6.89 > 1.5" in linear.unstable_reason
+    assert "timed 3 times, never stable" in linear.unstable_reason
+    assert by["reference"].stable is True  # its own measurement was fine
+    # The table, the summary, the closing line and the JSON say so.
+    text = report.format_report(rows, _meta())
+    assert "1.00x UNSTABLE" in text and "3 ms UNSTABLE" in text
+    assert "1 of 2 timed rows unstable (1 noisy)" in text
+    status, closing = run.verdict(rows)
+    assert status == 0 and "1 of them UNSTABLE (1 noisy" in closing
+    report.write_json(str(tmp_path / "r.json"), rows, _meta())
+    saved = {r["provider"]: r for r in _load(tmp_path / "r.json")["results"]}
+    assert saved["nn.Linear"]["stable"] is False and "noisy" in saved["nn.Linear"]["unstable_reason"]
+    assert saved["reference"]["stable"] is True and saved["reference"]["unstable_reason"] == ""
+    # The threshold is the caller's: at 10 the same run is stable at once.
+    timer = FakeTimer(noisy)
+    assert all(r.stable for r in _timed(timer, spread_threshold=10.0)[1]) and len(timer.runs) == 1
+
+
+def test_a_speedup_above_the_ideal_is_flagged_and_counted(tmp_path):
+    from kphi3_bench import results_readme
+
+    too_fast = {"nn.Linear": (30.5, 30.0, 31.0), "reference": (1.55, 1.5, 1.6)}  # 19.7x > 2x
+    timer = FakeTimer(too_fast)
+    by, rows = _timed(timer, max_repeats=1)
+    ref = by["reference"]
+    assert len(timer.runs) == 2 and ref.stable is False and by["nn.Linear"].stable is True
+    assert 1.5 < ref.roofline_speedup_vs_linear <= TINY.groups / 2  # memory-bound: a bit < G/2
+    assert "above the ideal: 19.68x vs nn.Linear" in ref.unstable_reason
+    assert "19.68x UNSTABLE" in report.detailed_table(rows)
+    assert "(19.68x) UNSTABLE" in report.summary_table(rows)
+    assert "1 of 2 timed rows unstable (1 above the ideal)" in report.format_report(rows, _meta())
+    # The results page marks and counts it too.
+    env = {"device": "cpu", "device_name": "CPU (test)", "torch": "t", "triton": "t",
+           "transformers": "t", "date": "2026-01-01T00:00:00+00:00", "python": "3"}
+    for r in rows:
+        r.env = env
+    report.write_json(str(tmp_path / "cpu.json"), rows, dict(_meta(), command="c", env=env))
+    (tmp_path / "README.md").write_text(f"{results_readme.BEGIN}\n{results_readme.END}\n")
+    assert results_readme.main(["--dir", str(tmp_path)]) == 0
+    page = (tmp_path / "README.md").read_text()
+    assert "(19.68x) UNSTABLE" in page and "1 of 2 timed rows unstable" in page
+
+
+def test_no_repeat_past_max_time_and_a_failing_call_is_an_error_row():
+    noisy = dict(STEADY, **{"nn.Linear": (3.0, 0.9, 6.2)})
+    timer = FakeTimer(noisy)
+    by, _ = _timed(timer, max_time_s=0.0)
+    assert len(timer.runs) == 1 and by["nn.Linear"].stable is False
+    assert "another run would have passed --max-time 0 s" in by["nn.Linear"].unstable_reason
+
+    class FailsOnce(FakeTimer):
+        def __call__(self, fns, *args):
+            if not self.runs:
+                self.runs.append(sorted(fns))
+                raise timing.CallFailed("reference", RuntimeError("kernel exploded"))
+            return super().__call__(fns, *args)
+
+    timer = FailsOnce(STEADY)
+    by, rows = _timed(timer)
+    assert by["reference"].status == "error" and "kernel exploded" in by["reference"].error
+    assert by["nn.Linear"].status == "ok" and by["nn.Linear"].stable is True
+    assert timer.runs == [["nn.Linear", "reference"], ["nn.Linear"]]
+
+
+def test_interleaved_cpu_timing_alternates_the_providers():
+    order = []
+    fns = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    got = timing.bench_cpu_interleaved(fns, {}, budget_s=0.0, min_reps=3, warmup=0)
+    assert order == list("abc" "cba" "abc")  # one call each per pass, every other pass reversed
+    assert all(t.reps == 3 for t in got.values())
+    assert timing.spread(timing.Timing(2.0, 1.0, 3.0, 3, "")) == 3.0
+
+    def boom():
+        raise ValueError("no")
+    with pytest.raises(timing.CallFailed) as failed:
+        timing.bench_cpu_interleaved({"a": fns["a"], "b": boom}, {}, budget_s=0.0, min_reps=1,
+                                     warmup=0)
+    assert failed.value.name == "b"
+
+
+# --- the grouped_mm provider ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_provider_matches_the_reference_or_says_why_not(dtype):
+    provider = providers.GroupedMMProvider()
+    rows = _sweep([provider], dtype=dtype, timer=FakeTimer({"grouped_mm": (1.0, 1.0, 1.0)}))
+    reason = provider.unavailable(CPU, dtype)
+    if reason is not None:
+        assert reason.startswith("unavailable: ") and all(r.status == reason for r in rows)
+    else:
+        for r in rows:  # forward and, for fwd+bwd, dx, dw1 and dw2 against float64
+            assert r.status == "ok" and r.parity.startswith("ok"), r.parity
+            assert r.parity_rel_err <= parity.tolerance(dtype)
+    assert run.verdict(rows)[0] == 0
+
+
+def test_grouped_mm_refusals_are_reported_not_raised(monkeypatch):
+    reason = providers.GroupedMMProvider().unavailable(CPU, torch.float64)  # torch takes no fp64
+    assert reason.startswith("unavailable: ") and "fp64 on cpu" in reason
+    monkeypatch.delattr(torch.nn.functional, "grouped_mm", raising=False)
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    providers._grouped_mm_refusal.cache_clear()
+    try:
+        assert providers.grouped_mm_function() == (None, "")
+        assert "has no grouped_mm" in providers.GroupedMMProvider().unavailable(CPU, torch.float32)
+    finally:
+        providers._grouped_mm_refusal.cache_clear()
+
+
 # --- counts and roofline ----------------------------------------------------------------------
 
 def test_released_shapes_and_group_counts():
@@ -244,7 +408,7 @@ def test_h200_roofline_from_spec(monkeypatch):
     monkeypatch.setattr(roofline, "device_name", lambda device: "NVIDIA H200")
     roof = roofline.roofline_for(torch.device("cuda"), torch.bfloat16)
     assert (roof.peak_tflops, roof.peak_gbps) == (790.0, 4300.0)
-    assert "SPEC.md" in roof.tflops_source and "SPEC.md" in roof.gbps_source
+    assert "H200" in roof.tflops_source and "H200" in roof.gbps_source
     qkv = shapes.SHAPES["kphi3-qkv"]
     # M = 2048, bf16: compute-bound at 790 TFLOP/s.
     f, b = shapes.flops(qkv, 2048, "fwd"), shapes.min_bytes(qkv, 2048, "fwd", 2)
@@ -287,6 +451,10 @@ def test_timing_quantiles_and_cpu_peak_memory():
     (["--out", "/nonexistent-dir/sub/r.json"], "cannot write there"),
     (["--dtype", "fp8"], "invalid choice"),
     (["--budget-s", "-1"], "must be positive"),
+    (["--min-repeats", "0"], "--min-repeats must be positive"),
+    (["--max-repeats", "-1"], "--max-repeats must be 0 or more"),
+    (["--max-time", "0"], "--max-time must be positive"),
+    (["--spread-threshold", "0.9"], "must exceed 1"),
 ])
 def test_bad_arguments_give_a_clear_error_and_exit_2(argv, needle, capsys):
     assert run.main(argv + ["--no-progress"]) == 2
@@ -318,7 +486,7 @@ def test_gpu_check_dry_run_exercises_every_step_on_cpu(tmp_path):
     assert gpu_check.main(["--dry-run", "--no-compile", "--out-dir", str(out)]) == 0
     summary = _load(out / "summary.json")
     assert summary["ok"] and summary["dry_run"]
-    assert set(summary["steps"]) == {"env", "pytest -m gpu", "parity", "timing"}
+    assert {"env", "pytest -m gpu", "parity", "timing"} <= set(summary["steps"])
     assert "-m gpu" in summary["steps"]["pytest -m gpu"]["command"]
     cases = _load(out / "parity.json")["cases"]
     assert {c["op"] for c in cases} == {"gpc_io", "grouped_linear", "gpc_block"}
