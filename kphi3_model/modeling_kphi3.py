@@ -396,8 +396,9 @@ class KPhi3PreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
-    # As Phi-3: `generate` may compile the forward with the static cache, whole-graph. The grouped
-    # layers are traceable on the torch backend and are custom ops on the Triton one.
+    # As Phi-3: the whole model compiles as one graph (`generate` compiles its decoding forward with
+    # the static cache). The grouped layers are registered operators (`torch.ops.kphi3`), one node
+    # each, on both backends.
     _can_compile_fullgraph = True
     _supports_attention_backend = True
     _can_record_outputs = {
