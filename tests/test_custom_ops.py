@@ -1,0 +1,180 @@
+"""The registered operators (``torch.ops.kphi3``): ``torch.library.opcheck`` on every forward and
+backward operator of both backends (Triton through its interpreter on CPU), ``torch.compile`` of
+every module with ``fullgraph=True`` against eager, and ``torch.export`` of a module."""
+import pytest
+import torch
+from torch.library import opcheck
+
+from kphi3_kernels import (GroupedLinear, GroupedLinearFast, GroupedPointwiseConvolutionBlock,
+                           GroupedPointwiseConvolutionBlockIO, InterleaveChannelsFast,
+                           SignedSquareRoot1)
+from kphi3_kernels.functional import _flatten
+from kphi3_kernels.ops import custom_ops
+
+from _utils import DEVICE, FP32_TOL, rel_error
+
+BACKENDS = ["torch", "triton"]
+OPS = ["grouped_linear", "grouped_linear_bwd", "gpc_io", "gpc_io_bwd", "gpc_block",
+       "gpc_block_bwd", "interleave"]
+CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor",
+          "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
+M = 5
+
+
+def test_every_operator_is_registered_without_mutation_or_aliasing():
+    for backend in BACKENDS:
+        for name in OPS:
+            schema = custom_ops.op(name, backend).default._schema
+            assert schema.name == f"kphi3::{name}_{backend}"
+            assert not schema.is_mutable
+            for arg in (*schema.arguments, *schema.returns):
+                assert arg.alias_info is None, (schema, arg)
+
+
+# --------------------------------------------------------------------------------------------
+# opcheck: tiny operands, contiguous or not, gradients required on all or on a subset
+# --------------------------------------------------------------------------------------------
+
+
+def _t(*shape, grad=False):
+    return torch.randn(*shape, device=DEVICE).requires_grad_(grad)
+
+
+def _strided_3d(lead, channels, grad=False):
+    """A 3-D input with column stride 2, flattened as ``functional.py`` does (a strided view)."""
+    base = torch.randn(*lead, 2 * channels, device=DEVICE).requires_grad_(grad)
+    return _flatten(base[..., ::2])
+
+
+def _weight_t(G, k, n, grad=False):
+    """A ``[G, k, n]`` weight stored transposed (non-contiguous)."""
+    return torch.randn(G, n, k, device=DEVICE).transpose(1, 2).requires_grad_(grad)
+
+
+def _h(backend, x, w1, w2):
+    return custom_ops.op("gpc_block", backend)(x.detach(), w1.detach(), w2.detach(), None, None)[1]
+
+
+# (id, op, args builder(backend)); G in {1, 3, 4}, channels 12..40
+OPCHECK_CASES = [
+    ("all-grad", "grouped_linear", lambda b: (_t(M, 12, grad=True), _t(3, 4, 5, grad=True),
+                                              _t(3, 5, grad=True))),
+    ("3d-strided-wT-w-grad", "grouped_linear",
+     lambda b: (_strided_3d((2, 3), 12), _weight_t(1, 12, 7, grad=True), None)),
+    ("all-needs", "grouped_linear_bwd", lambda b: (_t(M, 15, grad=True), _t(M, 12, grad=True),
+                                                   _t(3, 4, 5, grad=True), True, True, True)),
+    ("dx-only-strided", "grouped_linear_bwd",
+     lambda b: (_strided_3d((1, M), 20, grad=True), _t(M, 16), _weight_t(4, 4, 5),
+                True, False, False)),
+    ("all-grad", "gpc_io", lambda b: (_t(M, 12, grad=True), _t(3, 4, 5, grad=True),
+                                      _t(3, 4, 5, grad=True), _t(3, 5, grad=True),
+                                      _t(3, 5, grad=True))),
+    ("3d-strided-x-grad-bias2", "gpc_io",
+     lambda b: (_strided_3d((2, 3), 40, grad=True), _t(4, 10, 3), _weight_t(4, 10, 3), None,
+                _t(4, 3))),
+    ("all-needs", "gpc_io_bwd", lambda b: (_t(M, 15, grad=True), _t(M, 12, grad=True),
+                                           _t(3, 4, 5, grad=True), _t(3, 4, 5, grad=True),
+                                           True, True, True, True, True)),
+    ("dw2-db1-x-grad", "gpc_io_bwd", lambda b: (_t(M, 12), _t(M, 16, grad=True), _t(4, 4, 3),
+                                                _t(4, 4, 3), False, False, True, True, False)),
+    ("all-grad", "gpc_block", lambda b: (_t(M, 12, grad=True), _t(3, 4, 5, grad=True),
+                                         _t(3, 5, 5, grad=True), _t(3, 5, grad=True),
+                                         _t(3, 5, grad=True))),
+    ("no-w2-x-grad", "gpc_block", lambda b: (_strided_3d((1, M), 12, grad=True), _t(4, 3, 5),
+                                             None, _t(4, 5), None)),
+    ("all-needs", "gpc_block_bwd",
+     lambda b: (lambda x, w1, w2: (_t(M, 15, grad=True), x.requires_grad_(),
+                                   _h(b, x, w1, w2).requires_grad_(), w1.requires_grad_(),
+                                   w2.requires_grad_(), True, True, True, True, True))(
+         _t(M, 12), _t(3, 4, 5), _t(3, 5, 5))),
+    ("no-w2-dx-db1", "gpc_block_bwd", lambda b: (_t(M, 20, grad=True), _t(M, 12), None,
+                                                 _t(4, 3, 5, grad=True), None,
+                                                 True, False, False, True, False)),
+    ("grad", "interleave", lambda b: (_t(M, 12, grad=True), 3)),
+    ("3d-strided", "interleave", lambda b: (_strided_3d((2, 3), 40), 8)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,make", [pytest.param(n, m, id=f"{n}-{i}")
+                                       for i, n, m in OPCHECK_CASES])
+def test_opcheck(name, make, backend):
+    opcheck(custom_ops.op(name, backend).default, make(backend), test_utils=CHECKS)
+
+
+def test_opcheck_cases_cover_every_operator():
+    assert {n for _, n, _ in OPCHECK_CASES} == set(OPS)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True) of every module against eager, and torch.export
+# --------------------------------------------------------------------------------------------
+
+MODULES = {
+    "fast": lambda b: GroupedLinearFast(12, 15, 3, backend=b),
+    "slow": lambda b: GroupedLinear(12, 15, 3, backend=b),
+    "slow-G1": lambda b: GroupedLinear(12, 15, 1, backend=b),
+    "interleave": lambda b: InterleaveChannelsFast(4, 2, backend=b),
+    "io": lambda b: GroupedPointwiseConvolutionBlockIO(12, 16, 3, use_bias=True, backend=b),
+    "io-G1": lambda b: GroupedPointwiseConvolutionBlockIO(12, 16, 32, backend=b),
+    "block": lambda b: GroupedPointwiseConvolutionBlock(12, 12, 4, use_bias=True, backend=b),
+    "block-in<out": lambda b: GroupedPointwiseConvolutionBlock(12, 24, 4, backend=b),
+    "block-act": lambda b: GroupedPointwiseConvolutionBlock(12, 12, 4, use_bias=True,
+                                                            activation=SignedSquareRoot1(),
+                                                            backend=b),
+}
+# Inductor for the grouped layers on the torch backend; elsewhere the AOT-autograd graph
+# (aot_eager) shows all there is to see (the interpreted Triton operators are opaque) and spares
+# the C++ builds.
+INDUCTOR = ("fast", "io", "block")
+
+
+def _run(module, x):
+    y = module(x)
+    dy = torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape)
+    grads = torch.autograd.grad(y, [x, *module.parameters()], dy)
+    return y, grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(MODULES))
+def test_compile_fullgraph_matches_eager(name, backend):
+    module = MODULES[name](backend).to(DEVICE)
+    x = torch.randn(2, 3, 12, device=DEVICE, requires_grad=True)
+    torch._dynamo.reset()
+    compiler = "inductor" if backend == "torch" and name in INDUCTOR else "aot_eager"
+    compiled = torch.compile(module, fullgraph=True, backend=compiler)
+    y, grads = _run(compiled, x)  # fullgraph: a graph break would raise here
+    y_eager, grads_eager = _run(module, x)
+    assert y.shape == y_eager.shape
+    errs = [rel_error(a, b) for a, b in zip([y, *grads], [y_eager, *grads_eager])]
+    assert max(errs) < FP32_TOL, errs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,op", [("io", "gpc_io"), ("block", "gpc_block"),
+                                     ("fast", "grouped_linear"), ("interleave", "interleave")])
+def test_export(name, op, backend):
+    module = MODULES[name](backend).to(DEVICE)
+    x = torch.randn(4, 12, device=DEVICE)
+    batch = torch.export.Dim("batch", min=2)
+    exported = torch.export.export(module, (x,), dynamic_shapes={"x": {0: batch}})
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert f"kphi3.{op}_{backend}.default" in targets, targets
+    for rows in (4, 7):
+        x = torch.randn(rows, 12, device=DEVICE)
+        assert rel_error(exported.module()(x), module(x)) < FP32_TOL
+
+
+def test_compiled_module_follows_its_backend():
+    """The backend is resolved while tracing: the graph calls that backend's operator."""
+    seen = []
+
+    def record(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    module = GroupedPointwiseConvolutionBlockIO(12, 16, 3, backend="triton").to(DEVICE)
+    torch._dynamo.reset()
+    torch.compile(module, fullgraph=True, backend=record)(torch.randn(5, 12, device=DEVICE))
+    assert any("kphi3.gpc_io_triton" in s for s in seen), seen
