@@ -467,12 +467,12 @@ def _register() -> None:
         traceable = backend == "triton" and _traceable_triton()
         for name, body in _bodies(backend).items():
             qualname = f"{NAMESPACE}::{name}_{backend}"
-            if traceable:
-                # triton_op registers its body as the fake implementation (it is traceable).
-                torch.library.triton_op(qualname, body, mutates_args=())
-            else:
-                torch.library.custom_op(qualname, body, mutates_args=())
-                torch.library.register_fake(qualname, _FAKES[name])
+            kind = torch.library.triton_op if traceable else torch.library.custom_op
+            kind(qualname, body, mutates_args=())
+            # Shape-only fakes for every operator. For a triton_op this replaces its body as the
+            # fake (Dynamo and export need shapes only); AOT autograd still traces the body
+            # when it decomposes the operator for Inductor.
+            torch.library.register_fake(qualname, _FAKES[name])
         _register_autograd(backend)
 
 
