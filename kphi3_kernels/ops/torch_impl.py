@@ -1,10 +1,26 @@
 """PyTorch launchers with the same signatures as ``triton_impl``: the ``torch`` backend.
 
-Faster than the plain reference (``reference.py``) on CPU: at training sizes one BLAS GEMM per
-group writing straight into its slice of the output (no einsum permutes, no output copy), and for
-the IO block a single contiguous copy of the interleaved input; at decode sizes (few rows) one
-batched GEMM for all groups, since there the per-call overhead dominates. Tested against
-the reference, forward and backward, and gradchecked in float64.
+Every grouped GEMM is one batched GEMM (``torch.bmm``) over a strided view of its operand: group
+``n`` of ``x[:, n*s:(n+1)*s]`` is ``x.view(M, G, s).transpose(0, 1)`` (read in place), and the IO
+block's interleaved operand ``x[:, n::G]`` is ``x.view(M, s, G).permute(2, 0, 1)`` (one contiguous
+copy, so that each group is a BLAS matrix). Results come back as ``[G, M, og]`` and are written
+into the ``[M, G*og]`` output in one elementwise pass that also adds the other terms (the second
+product, the residual). Compared with the plain reference (``reference.py``) this saves its
+output copies and separate sums, and compared with a Python loop of ``2G`` small GEMMs it saves
+the per-call overhead that dominates at decode sizes and at G = 20.
+
+Intermediate precision: one rule for every launcher, every M. Everything is accumulated in the
+*accumulation dtype*, float32 for float16 / bfloat16 operands and the operand dtype otherwise
+(float32, float64): half-precision operands are upcast first, both products of the IO block, the
+biases and the residual are summed in float32, and each returned tensor is rounded to the operand
+dtype once, at the end. This is the Triton kernels' rule (an fp32 accumulator, one rounding in the
+epilogue), so an intermediate product that would overflow float16 while the final sum does not
+gives the finite sum, and never ``inf``. The one intermediate that is itself returned, the
+non-IO block's ``h`` (saved for the backward), is rounded once like any output, and the second
+GEMM and the residual read the rounded ``h``, as the Triton kernel does. Bias gradients are sums
+in the accumulation dtype too (float64 sums for float64).
+
+Every output is allocated through ``outputs.new_output`` (tests poison them with NaN).
 """
 from __future__ import annotations
 
@@ -21,136 +37,236 @@ __all__ = [
 
 Grads = Tuple[Optional[torch.Tensor], ...]
 
+# No effect. The per-group-loop formulation this used to switch to (at M >= 256) is gone: one
+# batched GEMM was as fast or faster at every released shape and M, and the loop degrades badly
+# when the CPU is shared (one threaded BLAS call per group instead of one per product). The name
+# stays so that code which sets it keeps working.
+_BATCHED_MAX_ROWS = None
 
-# Below this many rows one batched GEMM beats G separate calls: at decode sizes the per-call
-# overhead dominates (measured on a 2-core CPU at the released shapes: M <= 16 is up to 3x faster
-# with bmm, M = 2048 is 10-25% faster with the per-group loop).
-_BATCHED_MAX_ROWS = 256
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype: float32 for float16 / bfloat16, else the dtype itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _acc(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _new(shape, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    return outputs.new_output(shape, dtype, like.device)
+
+
+def _finish(work: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``work`` (accumulation dtype) as a fresh ``dtype`` output: rounded once, or ``work`` itself."""
+    if work.dtype == dtype:
+        return work
+    out = _new(work.shape, dtype, work)
+    out.copy_(work)
+    return out
 
 
 def interleave_fwd(x: torch.Tensor, step: int) -> torch.Tensor:
     M, C = x.shape
-    return x.reshape(M, step, C // step).transpose(1, 2).reshape(M, C).contiguous()
+    y = _new((M, C), x.dtype, x)
+    y.view(M, C // step, step).copy_(x.view(M, step, C // step).transpose(1, 2))
+    return y
 
 
-def _interleaved_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[M, G, s]`` contiguous, group n holding ``x[:, n::G]``."""
-    M, C = x.shape
-    return x.reshape(M, C // groups, groups).transpose(1, 2).contiguous()
+# ------------------------------------------------------------------------------------------------
+# Group views. ``t`` is 2-D ``[M, G*w]`` with any strides; views are ``[G, M, w]``.
+# ------------------------------------------------------------------------------------------------
 
 
-def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool,
-             bias: Optional[torch.Tensor] = None) -> None:
-    if accumulate:
-        out.addmm_(a, b)
-    elif bias is not None:
-        torch.addmm(bias, a, b, out=out)
+def _groups(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Group n is ``t[:, n*w:(n+1)*w]`` (a view)."""
+    M, C = t.shape
+    return t.view(M, groups, C // groups).transpose(0, 1)
+
+
+def _strided_groups_copy(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Group n is ``t[:, n::groups]``, as ``[G, M, w]`` views of one contiguous ``[M, G, w]`` copy
+    (in place, no group would have a unit stride, which BLAS needs)."""
+    M, C = t.shape
+    copy = torch.empty((M, groups, C // groups), dtype=t.dtype, device=t.device)
+    copy.copy_(t.view(M, C // groups, groups).transpose(1, 2))
+    return copy.transpose(0, 1)
+
+
+def _products(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              a2: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None
+              ) -> torch.Tensor:
+    """``a[n] @ w[n] (+ a2[n] @ w2[n]) (+ bias[n])`` for every group, as ``[G, M, og]``."""
+    if bias is None:
+        out = torch.bmm(a, w)
     else:
-        torch.mm(a, b, out=out)
-
-
-def _grouped_mm(a_groups, weights, out: torch.Tensor, accumulate=False, bias=None) -> torch.Tensor:
-    """``out[:, n*og:(n+1)*og] (+)= a_groups[n] @ weights[n]`` (+ bias[n]); ``out`` is ``[M, G*og]``
-    with unit column stride."""
-    G, _, og = weights.shape
-    M = out.shape[0]
-    if M < _BATCHED_MAX_ROWS:
-        y = torch.bmm(torch.stack(a_groups), weights)
-        if bias is not None:
-            y += bias.unsqueeze(1)
-        target = out.view(M, G, og)
-        if accumulate:
-            target.add_(y.transpose(0, 1))
-        else:
-            target.copy_(y.transpose(0, 1))
-        return out
-    for n in range(G):
-        _mm_into(out[:, n * og:(n + 1) * og], a_groups[n], weights[n], accumulate,
-                 None if bias is None else bias[n])
+        out = torch.baddbmm(bias.unsqueeze(1), a, w)
+    if a2 is not None:
+        out.baddbmm_(a2, w2)
     return out
 
 
-def _column_groups(x: torch.Tensor, width: int):
-    return [x[:, n * width:(n + 1) * width] for n in range(x.shape[1] // width)]
-
-
-def _weight_grad(a_groups, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    G, _, og = weight.shape
-    dw = outputs.new_output(weight.shape, weight.dtype, weight.device)
-    if dy.shape[0] < _BATCHED_MAX_ROWS:
-        dy_groups = dy.reshape(-1, G, og).transpose(0, 1)
-        return torch.bmm(torch.stack(a_groups).transpose(1, 2), dy_groups, out=dw)
-    for n in range(G):
-        torch.mm(a_groups[n].t(), dy[:, n * og:(n + 1) * og], out=dw[n])
-    return dw
+def _weight_grads(a: torch.Tensor, dy_groups: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a[n]^T @ dy_n`` for every group, as a fresh ``[G, s, og]`` output in ``dtype``."""
+    G, M, s = a.shape
+    og = dy_groups.shape[2]
+    work = _new((G, s, og), a.dtype, a)
+    torch.bmm(a.transpose(1, 2), dy_groups, out=work)
+    return _finish(work, dtype)
 
 
 def bias_grad(dy: torch.Tensor, groups: int) -> torch.Tensor:
-    """``dy`` summed over rows as ``[G, og]``, accumulated in fp32 (both backends use this)."""
-    return dy.sum(0, dtype=torch.float32).to(dy.dtype).reshape(groups, -1)
+    """``dy`` summed over rows as ``[G, og]``, accumulated in ``acc_dtype`` (both backends use
+    this): float32 sums for float16 / bfloat16, float64 sums for float64."""
+    db = _new((dy.shape[1],), dy.dtype, dy)
+    db.copy_(dy.sum(0, dtype=acc_dtype(dy.dtype)))
+    return db.view(groups, -1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
 
 
 def grouped_linear_fwd(x, weight, bias=None):
     G, s, og = weight.shape
-    y = outputs.new_output((x.shape[0], G * og), x.dtype, x.device)
-    return _grouped_mm(_column_groups(x, s), weight, y, bias=bias)
+    M = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    prod = _products(_groups(_acc(x, acc), G), _acc(weight, acc), _acc(bias, acc))
+    y = _new((M, G * og), x.dtype, x)
+    y.view(M, G, og).copy_(prod.transpose(0, 1))  # rounds once for half dtypes
+    return y
+
+
+def _input_grad(dy_groups: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``dy_n @ weight[n]^T`` for every group, as ``[G, M, s]``."""
+    return torch.bmm(dy_groups, weight.transpose(1, 2))
 
 
 def grouped_linear_bwd(dy, x, weight, need_dx=True, need_dw=True, need_db=False) -> Grads:
     G, s, og = weight.shape
+    M = x.shape[0]
+    dtype = dy.dtype
+    acc = acc_dtype(dtype)
+    dy_groups = _groups(_acc(dy, acc), G)
     dx = dw = db = None
     if need_dx:
-        dx = outputs.new_output((x.shape[0], G * s), dy.dtype, dy.device)
-        _grouped_mm(_column_groups(dy, og), weight.transpose(1, 2), dx)
+        dx = _new((M, G * s), dtype, dy)
+        dx.view(M, G, s).copy_(_input_grad(dy_groups, _acc(weight, acc)).transpose(0, 1))
     if need_dw:
-        dw = _weight_grad(_column_groups(x, s), dy, weight)
+        dw = _weight_grads(_groups(_acc(x, acc), G), dy_groups, weight.dtype)
     if need_db:
         db = bias_grad(dy, G)
     return dx, dw, db
 
 
 def gpc_io_fwd(x, weight1, weight2, bias1=None, bias2=None):
-    G = weight1.shape[0]
-    y = grouped_linear_fwd(x, weight1, bias1)
-    _grouped_mm(_interleaved_groups(x, G).unbind(1), weight2, y, accumulate=True)
+    G, s, og = weight1.shape
+    M = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    xa = _acc(x, acc)
+    bias = _acc(bias1, acc)
     if bias2 is not None:
-        y += bias2.reshape(-1)
+        bias = _acc(bias2, acc) if bias is None else bias + _acc(bias2, acc)
+    prod = _products(_groups(xa, G), _acc(weight1, acc), bias,
+                     _strided_groups_copy(xa, G), _acc(weight2, acc))
+    y = _new((M, G * og), x.dtype, x)
+    y.view(M, G, og).copy_(prod.transpose(0, 1))
     return y
 
 
 def gpc_io_bwd(dy, x, weight1, weight2, need_dx=True, need_dw1=True, need_dw2=True,
                need_db1=False, need_db2=False) -> Grads:
     G, s, og = weight1.shape
-    dx, dw1, db = grouped_linear_bwd(dy, x, weight1, need_dx, need_dw1, need_db1 or need_db2)
-    dw2 = None
+    M = x.shape[0]
+    dtype = dy.dtype
+    acc = acc_dtype(dtype)
+    dy_groups = _groups(_acc(dy, acc), G)
+    xa = _acc(x, acc)
+    dx = dw1 = dw2 = db = None
     if need_dx:
-        d_interleaved = outputs.new_output((x.shape[0], G, s), dy.dtype, dy.device)
-        _grouped_mm(_column_groups(dy, og), weight2.transpose(1, 2),
-                    d_interleaved.view(x.shape[0], G * s))
-        dx.view(-1, s, G).add_(d_interleaved.transpose(1, 2))
+        work = _new((M, G * s), acc, dy)
+        work.view(M, G, s).copy_(_input_grad(dy_groups, _acc(weight1, acc)).transpose(0, 1))
+        # the interleaved term: group n of the second GEMM reads x[:, n::G]
+        work.view(M, s, G).add_(_input_grad(dy_groups, _acc(weight2, acc)).permute(1, 2, 0))
+        dx = _finish(work, dtype)
+    if need_dw1:
+        dw1 = _weight_grads(_groups(xa, G), dy_groups, weight1.dtype)
     if need_dw2:
-        dw2 = _weight_grad(_interleaved_groups(x, G).unbind(1), dy, weight2)
+        dw2 = _weight_grads(_strided_groups_copy(xa, G), dy_groups, weight2.dtype)
+    if need_db1 or need_db2:
+        db = bias_grad(dy, G)
     return dx, dw1, dw2, db if need_db1 else None, db if need_db2 else None
 
 
 def gpc_block_fwd(x, weight1, weight2=None, bias1=None, bias2=None):
     G, s, og = weight1.shape
-    h = interleave_fwd(grouped_linear_fwd(x, weight1, bias1), og)
+    M = x.shape[0]
+    C = G * og
+    dtype = x.dtype
+    acc = acc_dtype(dtype)
+    first = _products(_groups(_acc(x, acc), G), _acc(weight1, acc), _acc(bias1, acc))
+    # h = interleave(first(x), og), from first(x) in natural column order
+    natural = first.transpose(0, 1).reshape(M, C)
+    h = _new((M, C), dtype, x)
+    h.view(M, G, og).copy_(natural.view(M, og, G).transpose(1, 2))  # rounds once for half dtypes
     if weight2 is None:
         return h, h
-    y = grouped_linear_fwd(h, weight2, bias2)
-    y += interleave_fwd(h, G)  # the residual first(x), back in natural order
+    residual = first.transpose(0, 1)  # first(x) as [M, G, og]
+    ha = h
+    if dtype != acc:  # the second GEMM and the residual read the rounded h, like the kernel
+        ha = h.to(acc)
+        residual = interleave_fwd(ha, G).view(M, G, og)
+    second = _products(_groups(ha, G), _acc(weight2, acc), _acc(bias2, acc))
+    y = _new((M, C), dtype, x)
+    # y = second(h) + first(x) (the residual, back in natural order): one pass, one rounding
+    torch.add(second.transpose(0, 1), residual, out=y.view(M, G, og))
     return y, h
 
 
 def gpc_block_bwd(dy, x, h, weight1, weight2=None, need_dx=True, need_dw1=True, need_dw2=True,
                   need_db1=False, need_db2=False) -> Grads:
     G, s, og = weight1.shape
+    M = x.shape[0]
+    C = G * og
+    dtype = dy.dtype
+    acc = acc_dtype(dtype)
+    dya = _acc(dy, acc)
     dw2 = db2 = None
     if weight2 is None:
-        dh = interleave_fwd(dy, G)
+        # y = interleave(first(x), og); its inverse is the interleave with step G
+        dh = interleave_fwd(dya, G)
     else:
-        d_interleaved, dw2, db2 = grouped_linear_bwd(dy, h, weight2, True, need_dw2, need_db2)
-        dh = interleave_fwd(d_interleaved, G) + dy
-    dx, dw1, db1 = grouped_linear_bwd(dh, x, weight1, need_dx, need_dw1, need_db1)
+        dy_groups = _groups(dya, G)
+        if need_dw2:
+            dw2 = _weight_grads(_groups(_acc(h, acc), G), dy_groups, weight2.dtype)
+        if need_db2:
+            db2 = bias_grad(dy, G)
+        # d first(x) = dy + interleave(dy @ W2^T, G), kept in the accumulation dtype
+        # (dy @ W2^T) is [G, M, og] in h's order; interleave(., G) of it, viewed as [M, og, G],
+        # is its permute(1, 2, 0)
+        d_h = _input_grad(dy_groups, _acc(weight2, acc))
+        dh = _new((M, C), acc, dy)
+        torch.add(d_h.permute(1, 2, 0), dya.view(M, og, G), out=dh.view(M, og, G))
+    dx, dw1, db1 = _first_bwd(dh, x, weight1, dtype, need_dx, need_dw1, need_db1)
     return dx, dw1, dw2, db1, db2
+
+
+def _first_bwd(dh, x, weight1, dtype, need_dx, need_dw1, need_db1) -> Grads:
+    """``grouped_linear_bwd`` for an upstream gradient ``dh`` already in the accumulation dtype;
+    the gradients are rounded to ``dtype`` once."""
+    G, s, og = weight1.shape
+    M = x.shape[0]
+    acc = dh.dtype
+    dh_groups = _groups(dh, G)
+    dx = dw1 = db1 = None
+    if need_dx:
+        dx = _new((M, G * s), dtype, dh)
+        dx.view(M, G, s).copy_(_input_grad(dh_groups, _acc(weight1, acc)).transpose(0, 1))
+    if need_dw1:
+        dw1 = _weight_grads(_groups(_acc(x, acc), G), dh_groups, weight1.dtype)
+    if need_db1:
+        db1 = _new((G * og,), dtype, dh)
+        db1.copy_(dh.sum(0))
+        db1 = db1.view(G, og)
+    return dx, dw1, db1

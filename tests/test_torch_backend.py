@@ -1,0 +1,255 @@
+"""The torch backend (``ops/torch_impl.py``): its intermediate-precision rule, bias-gradient sums,
+and parity with the float64 oracle at every M, group count, layout and rank.
+
+Outputs are NaN-poisoned by conftest (``outputs.POISON``), so an element a launcher forgets to
+write fails parity.
+"""
+import math
+
+import pytest
+import torch
+
+import kphi3_kernels
+from kphi3_kernels import reference as R
+from kphi3_kernels.ops import torch_impl
+
+from _utils import Case, check_op, make_operands, rel_error, run_package, run_reference
+
+OPS = ["grouped_linear", "gpc_io", "gpc_block"]
+FP64_TOL = 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# Parity with the float64 oracle
+# --------------------------------------------------------------------------------------------
+
+
+def _check_fp64(op: str, case: Case) -> None:
+    """Output and every gradient of the torch backend in float64 against the reference in float64."""
+    ops = make_operands(op, case, torch.float64)
+    out_shape = run_reference(op, ops, torch.float64, None)[0].shape
+    dy = torch.randn(out_shape, dtype=torch.float64)
+    y, grads = run_package(op, ops, "torch", dy)
+    y64, grads64 = run_reference(op, ops, torch.float64, dy)
+    names = ["out"] + [n for n, _ in ops.grad_targets()]
+    errs = {n: rel_error(a, b) for n, a, b in zip(names, [y] + grads, [y64] + grads64)}
+    assert all(e < FP64_TOL for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("G", [1, 2, 3, 5, 20])
+@pytest.mark.parametrize("op", OPS)
+def test_group_counts(op, G):
+    """3-D inputs through the functional API, fp32 and float64, every group count the shapes use."""
+    second = not (op == "gpc_block" and G == 3)
+    case = Case(G, 6, 4 if op != "gpc_block" else 6, (2, 3), "contig", True, second=second)
+    check_op(op, make_operands(op, case, torch.float32), "torch", torch.float32)
+    _check_fp64(op, case)
+
+
+# M across the old regime boundary (256) and around powers of two; every layout the API accepts.
+@pytest.mark.parametrize("M", [1, 2, 16, 255, 256, 257, 300])
+@pytest.mark.parametrize("op", OPS)
+def test_rows(op, M):
+    for case in (Case(5, 7, 9, (M,), "sliced", True),
+                 Case(3, 5, 4, (M,), "transposed", False, weight_t=True),
+                 Case(20, 3, 2, (M,), "expanded", True)):
+        check_op(op, make_operands(op, case, torch.float32), "torch", torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["contig", "sliced", "transposed", "expanded"])
+@pytest.mark.parametrize("op", OPS)
+def test_float64_oracle(op, layout):
+    """float64 stays float64 all the way (products, biases, bias gradients)."""
+    _check_fp64(op, Case(5, 4, 3, (3, 7), layout, True, weight_t=layout == "transposed"))
+    if op == "gpc_block":
+        _check_fp64(op, Case(5, 4, 6, (2, 9), layout, True, second=False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("M", [3, 300])
+@pytest.mark.parametrize("op", OPS)
+def test_half_dtypes(op, M, dtype):
+    for case in (Case(5, 8, 6, (M,), "sliced", True), Case(2, 4, 4, (1, M), "transposed", True)):
+        check_op(op, make_operands(op, case, dtype), "torch", dtype)
+
+
+def test_block_without_second_weight_float64():
+    _check_fp64("gpc_block", Case(3, 2, 5, (4, 2), "sliced", True, second=False))
+
+
+def test_batched_max_rows_has_no_effect(monkeypatch):
+    """One formulation at every M: setting the old threshold changes nothing."""
+    case = Case(3, 5, 4, (9,), "contig", True)
+    ops = make_operands("gpc_io", case, torch.float32)
+    with torch.no_grad():
+        y = kphi3_kernels.gpc_io(ops.x, *ops.params.values(), backend="torch")
+        monkeypatch.setattr(torch_impl, "_BATCHED_MAX_ROWS", 0)
+        assert torch.equal(kphi3_kernels.gpc_io(ops.x, *ops.params.values(), backend="torch"), y)
+
+
+# --------------------------------------------------------------------------------------------
+# Bias gradients: summed in the accumulation dtype
+# --------------------------------------------------------------------------------------------
+
+
+def _exact_column_sums(dy: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([math.fsum(col) for col in dy.t().tolist()], dtype=torch.float64)
+
+
+def test_bias_grad_float64_sums_in_float64():
+    dy = torch.randn(4099, 6, dtype=torch.float64) * 1e3 + 1.0
+    db = torch_impl.bias_grad(dy, 3)
+    assert db.dtype == torch.float64 and db.shape == (3, 2)
+    assert rel_error(db.reshape(-1), _exact_column_sums(dy)) < FP64_TOL
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bias_grads_float64_through_the_api(op):
+    G, s, og, M = 2, 3, 4, 4099
+    x = torch.randn(M, G * s, dtype=torch.float64)
+    w1 = torch.randn(G, s, og, dtype=torch.float64)
+    w2 = torch.randn(G, og if op == "gpc_block" else s, og, dtype=torch.float64)
+    b1 = torch.randn(G, og, dtype=torch.float64)
+    b2 = torch.randn(G, og, dtype=torch.float64)
+    args = {"grouped_linear": [w1, b1], "gpc_io": [w1, w2, b1, b2], "gpc_block": [w1, w2, b1, b2]}[op]
+    biases = [1] if op == "grouped_linear" else [2, 3]
+    dy = torch.randn(M, G * og, dtype=torch.float64) * 1e3 + 1.0
+    grads = []
+    for fn in (getattr(kphi3_kernels, op), getattr(R, op)):
+        leaves = [a.clone().requires_grad_(i in biases) for i, a in enumerate(args)]
+        kwargs = {"backend": "torch"} if fn is getattr(kphi3_kernels, op) else {}
+        y = fn(x, *leaves, **kwargs)
+        grads.append(torch.autograd.grad(y, [leaves[i] for i in biases], dy))
+    for g, ref in zip(*grads):
+        assert g.dtype == torch.float64
+        assert rel_error(g, ref) < FP64_TOL
+
+
+def test_bias_grad_half_accumulates_in_fp32():
+    """Partial sums beyond fp16's range: an fp16 accumulator would give inf - inf = nan."""
+    dy = torch.tensor([[60000.0, 1.0]] * 2 + [[-60000.0, 1.0]] * 2, dtype=torch.float16)
+    db = torch_impl.bias_grad(dy, 1)
+    assert db.dtype == torch.float16
+    assert db.tolist() == [[0.0, 4.0]]
+
+
+# --------------------------------------------------------------------------------------------
+# fp16: one rounding at the end, at every M
+# --------------------------------------------------------------------------------------------
+
+H = torch.float16
+ROWS = [1, 4, 255, 256, 300]  # both sides of the old 256-row regime boundary
+
+
+def _full(shape, value, requires_grad=False):
+    return torch.full(shape, float(value), dtype=H, requires_grad=requires_grad)
+
+
+def _oracle(fn, *args):
+    """``fn`` on float64 copies of fp16 operands, rounded once to fp16."""
+    return fn(*[None if a is None else a.detach().double() for a in args]).to(H)
+
+
+def _dense(w1, w2=None):
+    """The IO block as one dense ``[out, in]`` weight (for F.linear)."""
+    G, s, og = w1.shape
+    dense = torch.zeros(G * og, G * s, dtype=torch.float64)
+    for n in range(G):
+        dense[n * og:(n + 1) * og, n * s:(n + 1) * s] += w1[n].double().t()
+        if w2 is not None:
+            dense[n * og:(n + 1) * og, n::G] += w2[n].double().t()
+    return dense.to(H)
+
+
+@pytest.mark.parametrize("M", ROWS)
+def test_fp16_io_products_overflow_sum_does_not(M):
+    """first(x) = 70000 and second(x) = -60000 each overflow fp16; their sum, 10000, does not."""
+    G, s, og = 2, 2, 2
+    x = _full((M, G * s), 250)
+    w1, w2 = _full((G, s, og), 140), _full((G, s, og), -120)
+    y = kphi3_kernels.gpc_io(x, w1, w2, backend="torch")
+    assert torch.equal(y, torch.full_like(y, 10000))
+    assert torch.equal(y, _oracle(R.gpc_io, x, w1, w2))
+    assert torch.equal(y, torch.nn.functional.linear(x, _dense(w1, w2)))
+
+
+@pytest.mark.parametrize("op", ["grouped_linear", "gpc_io"])
+@pytest.mark.parametrize("M", ROWS)
+def test_fp16_product_overflows_bias_brings_it_back(op, M):
+    """x @ W1 = 70000 overflows fp16; with the bias -10000 the result, 60000, does not."""
+    G, s, og = 2, 2, 2
+    x = _full((M, G * s), 250)
+    w1, b1 = _full((G, s, og), 140), _full((G, og), -10000)
+    if op == "grouped_linear":
+        y = kphi3_kernels.grouped_linear(x, w1, b1, backend="torch")
+        expected = _oracle(R.grouped_linear, x, w1, b1)
+    else:
+        w2, b2 = _full((G, s, og), 0), _full((G, og), 0)
+        y = kphi3_kernels.gpc_io(x, w1, w2, b1, b2, backend="torch")
+        expected = _oracle(R.gpc_io, x, w1, w2, b1, b2)
+    assert torch.equal(y, torch.full_like(y, 60000))
+    assert torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("M", ROWS)
+def test_fp16_block_second_product_overflows_bias_and_residual_do_not(M):
+    """h = first(x) = 20000; h @ W2 = 80000 overflows, + b2 (-49152) + the residual (20000) does not."""
+    G, s, og = 2, 2, 2
+    x = _full((M, G * s), 100)
+    w1, w2 = _full((G, s, og), 100), _full((G, og, og), 2)
+    b2 = _full((G, og), -49152)
+    y = kphi3_kernels.gpc_block(x, w1, w2, None, b2, backend="torch")
+    assert torch.isfinite(y).all()
+    assert torch.equal(y, torch.full_like(y, 80000 - 49152 + 20000))
+    assert torch.equal(y, _oracle(R.gpc_block, x, w1, w2, None, b2))
+
+
+@pytest.mark.parametrize("op", ["gpc_io", "gpc_block"])
+@pytest.mark.parametrize("M", ROWS)
+def test_fp16_final_overflow_is_inf(op, M):
+    """The other way round: terms that fit (40000 each) whose sum (80000) does not give +inf, like
+    the float64 result rounded to fp16."""
+    G, s, og = 2, 2, 2
+    if op == "gpc_io":
+        x = _full((M, G * s), 200)
+        w1 = w2 = _full((G, s, og), 100)
+        y = kphi3_kernels.gpc_io(x, w1, w2, backend="torch")
+        expected = _oracle(R.gpc_io, x, w1, w2)
+    else:  # h = 40000, h @ W2 = 40000, + residual 40000
+        x = _full((M, G * s), 200)
+        w1, w2 = _full((G, s, og), 100), _full((G, og, og), 0.5)
+        y = kphi3_kernels.gpc_block(x, w1, w2, backend="torch")
+        expected = _oracle(R.gpc_block, x, w1, w2)
+    assert torch.isposinf(y).all()
+    assert torch.equal(y, expected)
+
+
+@pytest.mark.parametrize("M", ROWS)
+def test_fp16_io_input_grad_terms_overflow_sum_does_not(M):
+    """dx = dy @ W1^T (70000) + interleave(dy @ W2^T) (-60000): one rounding, 10000."""
+    G, s, og = 2, 2, 2
+    x = _full((M, G * s), 1, requires_grad=True)
+    w1, w2 = _full((G, s, og), 140), _full((G, s, og), -120)
+    y = kphi3_kernels.gpc_io(x, w1, w2, backend="torch")
+    (dx,) = torch.autograd.grad(y, [x], _full(y.shape, 250))
+    assert torch.equal(dx, torch.full_like(dx, 10000))
+
+
+@pytest.mark.parametrize("M", ROWS)
+def test_fp16_block_input_grad_intermediate_stays_fp32(M):
+    """d first(x) = dy + interleave(dy @ W2^T) = 250 + 70000 overflows fp16 but is not returned;
+    dx = d first(x) @ W1^T = 35125 is, rounded once (to 35136)."""
+    G, s, og = 2, 2, 2
+    x = _full((M, G * s), 1, requires_grad=True)
+    w1, w2 = _full((G, s, og), 0.25), _full((G, og, og), 140)
+    y = kphi3_kernels.gpc_block(x, w1, w2, backend="torch")
+    (dx,) = torch.autograd.grad(y, [x], _full(y.shape, 250))
+    assert torch.equal(dx, torch.full_like(dx, 35125.0))  # 35125 rounds to 35136 in fp16
+    assert dx[0, 0].item() == 35136.0
+
+
+def test_acc_dtype():
+    assert torch_impl.acc_dtype(torch.float16) == torch.float32
+    assert torch_impl.acc_dtype(torch.bfloat16) == torch.float32
+    assert torch_impl.acc_dtype(torch.float32) == torch.float32
+    assert torch_impl.acc_dtype(torch.float64) == torch.float64
