@@ -19,6 +19,7 @@ before it still in the cache.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import math
@@ -285,7 +286,8 @@ class Sweep:
         self.progress = progress or Progress(0, enabled=False)
         self.tol = cfg.tolerance if cfg.tolerance is not None else parity.tolerance(cfg.dtype)
         self.spread_threshold = cfg.spread_threshold or default_spread_threshold(cfg.device)
-        self.timer: Timer = cfg.timer or timing.bench_many
+        # The calls are warmed up here (one per input set) before the first run: no more.
+        self.timer: Timer = cfg.timer or functools.partial(timing.bench_many, warmup=0)
         self.rows: List[Row] = []
 
     def total(self) -> int:
@@ -428,7 +430,7 @@ class Sweep:
                     try:
                         call, grad_to_none, cleanup = _timed_call(mode, fns, sets, following)
                         cleanups.append(cleanup)
-                        for _ in sets:  # one call per input set before the timer's own warm-up
+                        for _ in sets:  # the warm-up: one call per input set (on CUDA, do_bench adds its own)
                             call()
                     except Exception as err:
                         errors[provider.name] = _describe(err)
