@@ -178,3 +178,17 @@ def test_compiled_module_follows_its_backend():
     torch._dynamo.reset()
     torch.compile(module, fullgraph=True, backend=record)(torch.randn(5, 12, device=DEVICE))
     assert any("kphi3.gpc_io_triton" in s for s in seen), seen
+
+
+def test_compile_under_autocast_matches_eager():
+    """Autocast still casts in functional.py when compiled: bf16 out, fp32 parameter gradients."""
+    module = GroupedPointwiseConvolutionBlockIO(12, 16, 3, use_bias=True, backend="torch")
+    x = torch.randn(4, 12, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, grads = _run(compiled, x)
+        y_eager, grads_eager = _run(module, x)
+    assert y.dtype == y_eager.dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in grads)
+    assert all(torch.equal(a, b) for a, b in zip([y, *grads], [y_eager, *grads_eager]))
