@@ -180,9 +180,10 @@ def gpc_io_grouped_mm(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     lead = x.shape[:-1]
     x2 = x.reshape(-1, groups * s)
     M = x2.shape[0]
-    operand = torch.cat([x2.view(M, groups, s), x2.view(M, s, groups).transpose(1, 2)], dim=-1)
+    operand = torch.cat([x2.view(M, groups, s).transpose(0, 1),        # x_g:  [G, M, s]
+                         x2.view(M, s, groups).permute(2, 0, 1)], dim=-1)  # xi_g: [G, M, s]
     weight = torch.cat([w1, w2], dim=1)  # [G, 2s, og]
-    y = grouped_mm(operand.transpose(0, 1), weight)  # [G, M, og]
+    y = grouped_mm(operand, weight)  # operand: [G, M, 2s], contiguous; y: [G, M, og]
     return y.transpose(0, 1).reshape(*lead, groups * og)
 
 
