@@ -1,13 +1,15 @@
 """PyTorch launchers with the same signatures as ``triton_impl``: the ``torch`` backend.
 
-Every grouped GEMM is one batched GEMM (``torch.bmm``) over a strided view of its operand: group
-``n`` of ``x[:, n*s:(n+1)*s]`` is ``x.view(M, G, s).transpose(0, 1)`` (read in place), and the IO
-block's interleaved operand ``x[:, n::G]`` is ``x.view(M, s, G).permute(2, 0, 1)`` (one contiguous
-copy, so that each group is a BLAS matrix). Results come back as ``[G, M, og]`` and are written
-into the ``[M, G*og]`` output in one elementwise pass that also adds the other terms (the second
-product, the residual). Compared with the plain reference (``reference.py``) this saves its
-output copies and separate sums, and compared with a Python loop of ``2G`` small GEMMs it saves
-the per-call overhead that dominates at decode sizes and at G = 20.
+Every grouped product is one batched GEMM (``torch.bmm`` / ``baddbmm``) over a strided view of
+its operand, at every M: group ``n`` of ``x[:, n*s:(n+1)*s]`` is ``x.view(M, G, s).transpose(0, 1)``
+(read in place), and the IO block's interleaved operand ``x[:, n::G]`` is
+``x.view(M, s, G).permute(2, 0, 1)`` (copied once to ``[M, G, s]``, since BLAS needs a unit
+stride). The IO block's second product accumulates onto the first in the same ``[G, M, og]``
+buffer; one elementwise pass then writes that buffer into the ``[M, G*og]`` output (adding the
+residual, for the non-IO block). Compared with the plain reference (``reference.py``) this saves
+one of its two output copies and its output-sized sum; compared with a
+Python loop of per-group GEMMs it saves ``2G`` dispatches and threaded BLAS calls per product,
+which dominate at decode sizes and at G = 20 and degrade badly when the CPU is shared.
 
 Intermediate precision: one rule for every launcher, every M. Everything is accumulated in the
 *accumulation dtype*, float32 for float16 / bfloat16 operands and the operand dtype otherwise
@@ -17,8 +19,11 @@ dtype once, at the end. This is the Triton kernels' rule (an fp32 accumulator, o
 epilogue), so an intermediate product that would overflow float16 while the final sum does not
 gives the finite sum, and never ``inf``. The one intermediate that is itself returned, the
 non-IO block's ``h`` (saved for the backward), is rounded once like any output, and the second
-GEMM and the residual read the rounded ``h``, as the Triton kernel does. Bias gradients are sums
-in the accumulation dtype too (float64 sums for float64).
+GEMM and the residual read the rounded ``h``, as the Triton kernel does. Intermediates that are
+not returned stay in the accumulation dtype: the IO block's two input-gradient terms are summed
+before rounding, and the non-IO block's gradient with respect to ``first(x)`` (``dy`` plus the
+second GEMM's input gradient) is never rounded. Bias gradients are sums in the accumulation dtype
+too: float32 sums for float16 / bfloat16, float64 sums for float64.
 
 Every output is allocated through ``outputs.new_output`` (tests poison them with NaN).
 """
@@ -37,10 +42,10 @@ __all__ = [
 
 Grads = Tuple[Optional[torch.Tensor], ...]
 
-# No effect. The per-group-loop formulation this used to switch to (at M >= 256) is gone: one
-# batched GEMM was as fast or faster at every released shape and M, and the loop degrades badly
-# when the CPU is shared (one threaded BLAS call per group instead of one per product). The name
-# stays so that code which sets it keeps working.
+# No effect: the per-group-loop formulation this used to switch to (at M >= 256) is gone. With two
+# threads on a shared 2-core CPU the batched GEMMs were as fast or up to 3x faster at the released
+# shapes, M = 16 to 2048; the loop was ahead only single-threaded, by up to 20% (the IO block's
+# input gradient at G = 20, M = 2048). The name stays so that code which sets it keeps working.
 _BATCHED_MAX_ROWS = None
 
 
