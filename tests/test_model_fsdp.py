@@ -1,0 +1,167 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) on CPU: two gloo processes, each decoder layer a
+shard unit and the root one more, activation checkpointing on, AdamW.
+
+* fp32: the sharded run on half of the global batch per process follows the loss curve of one
+  unsharded process on the whole batch and ends with the same weights, within the fp32 contract.
+  The grouped weights ``[G, s, og]`` are sharded on their group dimension, unevenly (G = 5 over two
+  processes), so this also covers FSDP2's padded shards.
+* bf16 mixed precision (``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``), torch
+  backend: compared with a one-process run under the same policy. The two differ only by where the
+  gradients are rounded to bf16 before the fp32 reduction (per half batch, or once over the whole
+  batch): a couple of roundings of 2^-8 = 3.9e-3 (bf16's unit roundoff). So the first step's reduced
+  gradients and every step's loss must agree to 1e-2 (relative). The final weights are not compared
+  element by element: an AdamW step is close to ``lr * sign(grad)`` per element, so an element whose
+  gradient is within rounding of zero can step the other way, by 2 lr, whatever the precision of the
+  rest. What the roundings cannot change is the update as a whole: the total updates
+  (final - initial weights) of the two runs must point the same way, cosine > 1 - 1e-2 (about 0.3%
+  of the elements disagree in sign here; cosine 0.9997). The bf16 run is also checked to really
+  compute in bf16: its first loss (same weights) differs from the fp32 run's, within 1e-2.
+"""
+import os
+import socket
+import tempfile
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from _utils import FP32_TOL, rel_error
+
+WORLD_SIZE = 2
+STEPS = 3
+TIMEOUT_S = 180
+BF16_TOL = 1e-2
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+if not hasattr(fsdp, "fully_shard"):
+    pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)", allow_module_level=True)
+
+
+def build_model():
+    from kphi3_model import KPhi3Config, KPhi3ForCausalLM
+
+    torch.manual_seed(0)
+    # The released group structure scaled down (G = 5, 5, 5, 20), embed_size != hidden_size.
+    config = KPhi3Config(vocab_size=64, embed_size=40, hidden_size=80, intermediate_size=320, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, min_channels_per_group=16,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, kernel_backend="torch")
+    model = KPhi3ForCausalLM(config).train()
+    # Non-reentrant activation checkpointing of every decoder layer (the name of the switch changed in
+    # transformers 5.2x; the older one still works there, with a deprecation warning).
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    return model
+
+
+def global_batch():
+    return torch.randint(3, 64, (4, 8), generator=torch.Generator().manual_seed(1))
+
+
+def train(model, batch, reduce_loss=lambda loss: loss, first_grads=None):
+    """STEPS AdamW steps; the losses. ``first_grads``: a dict to fill with the first step's gradients."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for step in range(STEPS):
+        loss = model(batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        if step == 0 and first_grads is not None:
+            for name, param in model.named_parameters():  # reduced and sharded: DTensors
+                first_grads[name] = param.grad.full_tensor().clone()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(reduce_loss(loss.detach().float()).item())
+    return losses
+
+
+def fsdp_worker(rank, world_size, port, modes, result_path):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=TIMEOUT_S))
+    try:
+        results = {}
+        for mode in modes:
+            model = build_model()
+            policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                      if mode == "bf16" else MixedPrecisionPolicy())
+            for layer in model.model.layers:
+                fully_shard(layer, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
+            shard = global_batch().chunk(world_size)[rank]  # equal token counts: mean of means = global mean
+
+            def mean_over_ranks(loss):
+                dist.all_reduce(loss)
+                return loss / world_size
+
+            initial = {name: param.full_tensor().clone() for name, param in model.named_parameters()}  # a collective
+            first_grads = {}
+            losses = train(model, shard, mean_over_ranks, first_grads)
+            state = {name: param.full_tensor().clone() for name, param in model.named_parameters()}
+            results[mode] = {"losses": losses, "state": state, "initial": initial, "first_grads": first_grads}
+        if rank == 0:
+            torch.save(results, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_fsdp(world_size, modes):
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = os.path.join(tmp, "rank0.pt")
+        context = mp.start_processes(fsdp_worker, args=(world_size, free_port(), modes, result_path),
+                                     nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + TIMEOUT_S
+        try:
+            while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"FSDP workers did not finish within {TIMEOUT_S} s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+        return torch.load(result_path)
+
+
+def test_fsdp2_two_processes_match_one_process():
+    sharded = run_fsdp(WORLD_SIZE, ("fp32", "bf16"))
+    one_bf16 = run_fsdp(1, ("bf16",))["bf16"]
+
+    # fp32: one plain process on the whole batch, same checkpointing, same optimizer.
+    model = build_model()
+    losses = train(model, global_batch())
+    fp32 = sharded["fp32"]
+    for step, (a, b) in enumerate(zip(fp32["losses"], losses)):
+        assert abs(a - b) <= FP32_TOL * abs(b), (step, a, b)
+    reference = dict(model.named_parameters())
+    assert fp32["state"].keys() == reference.keys()
+    for name, value in fp32["state"].items():
+        assert value.dtype == torch.float32
+        assert rel_error(value, reference[name]) < FP32_TOL, name
+
+    # bf16 mixed precision: two processes vs one under the same policy (see the module docstring).
+    bf16 = sharded["bf16"]
+    for name, grad in bf16["first_grads"].items():  # where the bf16 roundings act: the reduced gradients
+        assert grad.dtype == torch.float32  # reduce_dtype
+        assert rel_error(grad, one_bf16["first_grads"][name]) < BF16_TOL, name
+    for step, (a, b) in enumerate(zip(bf16["losses"], one_bf16["losses"])):
+        assert abs(a - b) <= BF16_TOL * abs(b), (step, a, b)
+    update, one_update = ({name: r["state"][name] - r["initial"][name] for name in r["state"]} for r in (bf16, one_bf16))
+    assert all(value.dtype == torch.float32 for value in bf16["state"].values())  # sharded parameters stay fp32
+    flat, one_flat = (torch.cat([u[name].flatten() for name in sorted(u)]) for u in (update, one_update))
+    cosine = (flat @ one_flat / (flat.norm() * one_flat.norm())).item()
+    assert cosine > 1 - BF16_TOL, cosine
+    # It did compute in bf16: the first loss (same weights) differs from fp32's, within the bf16 bound.
+    a, b = bf16["losses"][0], fp32["losses"][0]
+    assert FP32_TOL * abs(b) < abs(a - b) <= BF16_TOL * abs(b), (a, b)
