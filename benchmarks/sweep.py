@@ -430,7 +430,8 @@ class Sweep:
                     try:
                         call, grad_to_none, cleanup = _timed_call(mode, fns, sets, following)
                         cleanups.append(cleanup)
-                        for _ in sets:  # the warm-up: one call per input set (on CUDA, do_bench adds its own)
+                        # The warm-up: one call per input set (do_bench adds its own on CUDA).
+                        for _ in sets:
                             call()
                     except Exception as err:
                         errors[provider.name] = _describe(err)

@@ -275,7 +275,8 @@ def test_a_row_that_stays_noisy_is_marked_unstable_with_the_reason(tmp_path):
     assert status == 0 and "1 of them UNSTABLE (1 noisy" in closing
     report.write_json(str(tmp_path / "r.json"), rows, _meta())
     saved = {r["provider"]: r for r in _load(tmp_path / "r.json")["results"]}
-    assert saved["nn.Linear"]["stable"] is False and "noisy" in saved["nn.Linear"]["unstable_reason"]
+    linear = saved["nn.Linear"]
+    assert linear["stable"] is False and "noisy" in linear["unstable_reason"]
     assert saved["reference"]["stable"] is True and saved["reference"]["unstable_reason"] == ""
     # The threshold is the caller's: at 10 the same run is stable at once.
     timer = FakeTimer(noisy)
