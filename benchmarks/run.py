@@ -2,7 +2,7 @@
 
 Examples::
 
-    kphi3-bench --quick                                  # a first try (~30 s on an idle 2-core CPU)
+    kphi3-bench --quick                                  # a first try (< 60 s on a 2-core CPU)
     kphi3-bench --out results.json --plot plots/         # the full sweep, saved
     kphi3-bench --shapes kphi3 --M 2048 --modes fwd      # the released shapes at one M
     kphi3-bench --list                                   # shapes, providers, modes
