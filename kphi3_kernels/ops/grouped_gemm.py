@@ -248,7 +248,7 @@ def grouped_gemm(
         p_bucket=triton.next_power_of_2(P), k_bucket=triton.next_power_of_2(max(K, K2)),
         HAS_SECOND=has_second, SHARED_STRIDES=shared, HAS_BIAS=bias is not None,
         HAS_BIAS2=bias2 is not None, HAS_RESIDUAL=residual is not None,
-        INPUT_PRECISION=_input_precision(c.tensor.dtype), GROUP_P=8,
+        INPUT_PRECISION=_input_precision(a.tensor.dtype), GROUP_P=8,
         # fp32 accumulation for fp32/fp16/bf16; float64 operands keep a float64 accumulator.
         ACC_DTYPE=tl.float64 if c.tensor.dtype == torch.float64 else tl.float32,
     )

@@ -26,7 +26,7 @@ from .launch import KernelLaunch, launch
 @triton.jit
 def _interleave_kernel(
     x_ptr, r_ptr, y_ptr, M, C, step, L, s_xm, s_xc, s_rm,
-    HAS_ADDEND: tl.constexpr,
+    HAS_ADDEND: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -41,10 +41,11 @@ def _interleave_kernel(
     dst_col = a[None, :, None] * step + b[None, None, :]
     mask_dst = (rows < M)[:, None, None] & (a < L)[None, :, None] & (b < step)[None, None, :]
     if HAS_ADDEND:
-        # The fp32 sum rounds once, like the GEMM epilogues.
+        # Summed in fp32 (float64 for float64) and rounded once, like the GEMM epilogues.
         addend = tl.load(r_ptr + rows[:, None, None] * s_rm + dst_col, mask=mask_dst)
-        tile = (tile.to(tl.float32) + addend.to(tl.float32)).to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + rows[:, None, None] * C + dst_col, tile, mask=mask_dst)
+        tile = tile.to(ACC_DTYPE) + addend.to(ACC_DTYPE)
+    tl.store(y_ptr + rows[:, None, None] * C + dst_col, tile.to(y_ptr.dtype.element_ty),
+             mask=mask_dst)
 
 
 def _tile(n: int, cap: int) -> int:
@@ -52,13 +53,15 @@ def _tile(n: int, cap: int) -> int:
 
 
 def interleave_fwd(x: torch.Tensor, step: int, addend: Optional[torch.Tensor] = None,
-                   name: str = "interleave") -> torch.Tensor:
+                   out_dtype: Optional[torch.dtype] = None, name: str = "interleave"
+                   ) -> torch.Tensor:
     """Interleave the columns of a 2-D ``x`` (any strides) with ``step``: a new contiguous tensor.
 
-    With ``addend`` (same shape, unit column stride) the result is ``addend + interleave(x)``.
+    With ``addend`` (same shape) the result is ``addend + interleave(x)``, summed in fp32
+    (float64 for float64) and rounded once to ``out_dtype`` (default: ``x``'s dtype).
     """
     M, C = x.shape
-    y = outputs.new_output((M, C), x.dtype, x.device)
+    y = outputs.new_output((M, C), out_dtype or x.dtype, x.device)
     if M == 0 or C == 0:
         return y
     L = C // step
@@ -81,7 +84,8 @@ def interleave_fwd(x: torch.Tensor, step: int, addend: Optional[torch.Tensor] = 
         args=dict(x_ptr=x, r_ptr=addend if addend is not None else y, y_ptr=y, M=M, C=C,
                   step=step, L=L, s_xm=x.stride(0), s_xc=x.stride(1),
                   s_rm=addend.stride(0) if addend is not None else 0,
-                  HAS_ADDEND=addend is not None),
+                  HAS_ADDEND=addend is not None,
+                  ACC_DTYPE=tl.float64 if torch.float64 in (x.dtype, y.dtype) else tl.float32),
         configs=[config], interpreter_config=config, device=x.device,
         meta=dict(M=M, C=C, step=step),
     ))

@@ -77,11 +77,17 @@ def grouped_linear_fwd(x, weight, bias=None):
     return y
 
 
-def _grouped_input_grad(dy, weight, name: str) -> torch.Tensor:
-    """``dx_n = dy_n @ weight[n]^T``, a new ``[M, G*s]`` tensor."""
+def _intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Partial results that are summed again stay in fp32 (float64 for float64): one rounding."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped_input_grad(dy, weight, name: str, dtype: Optional[torch.dtype] = None
+                        ) -> torch.Tensor:
+    """``dx_n = dy_n @ weight[n]^T``, a new ``[M, G*s]`` tensor (in ``dtype``, default dy's)."""
     M = dy.shape[0]
     G, s, og = weight.shape
-    dx = _empty(M, G * s, dy)
+    dx = outputs.new_output((M, G * s), dtype or dy.dtype, dy.device)
     grouped_gemm(G, M, s, _groups_of(dy, og), _weight_t(weight), og, _groups_of(dx, s),
                  name=name)
     return dx
@@ -138,10 +144,13 @@ def gpc_io_bwd(dy, x, weight1, weight2, need_dx=True, need_dw1=True, need_dw2=Tr
     dx = dw1 = dw2 = db = None
     if need_dx:
         # dx = dy_n W1[n]^T + (dy_n W2[n]^T scattered to columns k*G + n): the scatter is the
-        # interleave with step G, run as one pass with the first product as its addend.
-        dx1 = _grouped_input_grad(dy, weight1, "gpc_io_bwd_dx1")
-        dxi = _grouped_input_grad(dy, weight2, "gpc_io_bwd_dx2")
-        dx = interleave_fwd(dxi, G, addend=dx1, name="gpc_io_bwd_dx_interleave")
+        # interleave with step G, run as one pass with the first product as its addend. Both
+        # products stay in fp32 until that sum, which rounds once.
+        wide = _intermediate_dtype(dy.dtype)
+        dx1 = _grouped_input_grad(dy, weight1, "gpc_io_bwd_dx1", wide)
+        dxi = _grouped_input_grad(dy, weight2, "gpc_io_bwd_dx2", wide)
+        dx = interleave_fwd(dxi, G, addend=dx1, out_dtype=dy.dtype,
+                            name="gpc_io_bwd_dx_interleave")
     if need_dw1:
         dw1 = _grouped_weight_grad(_groups_of_transposed(x, s), dy, weight1, "gpc_io_bwd_dw1")
     if need_dw2:
@@ -183,8 +192,10 @@ def gpc_block_bwd(dy, x, h, weight1, weight2=None, need_dx=True, need_dw1=True, 
                                        "gpc_block_bwd_dw2")
         if need_db2:
             db2 = bias_grad(dy, G)
-        # d first(x) = dy (the residual) + the inverse interleave of dy_n @ W2[n]^T.
-        d_h = _grouped_input_grad(dy, weight2, "gpc_block_bwd_dh")
-        dh = interleave_fwd(d_h, G, addend=dy, name="gpc_block_bwd_interleave")
+        # d first(x) = dy (the residual) + the inverse interleave of dy_n @ W2[n]^T, the product
+        # kept in fp32 until that sum.
+        d_h = _grouped_input_grad(dy, weight2, "gpc_block_bwd_dh", _intermediate_dtype(dy.dtype))
+        dh = interleave_fwd(d_h, G, addend=dy, out_dtype=dy.dtype,
+                            name="gpc_block_bwd_interleave")
     dx, dw1, db1 = grouped_linear_bwd(dh, x, weight1, need_dx, need_dw1, need_db1)
     return dx, dw1, dw2, db1, db2
