@@ -1,8 +1,9 @@
 """kphi3_kernels: fused Triton kernels for KPhi-3's grouped layers, with a PyTorch fallback.
 
 Read in this order to follow one forward call: ``modules.py`` (drop-in layers) ->
-``functional.py`` (checks, autocast, backend choice) -> ``ops/autograd.py`` (autograd glue) ->
-``ops/triton_impl.py`` / ``ops/torch_impl.py`` (launchers) -> ``ops/grouped_gemm.py`` (the kernel).
+``functional.py`` (checks, autocast, backend choice) -> ``ops/custom_ops.py`` (the
+``torch.ops.kphi3`` operators and their autograd formulas) -> ``ops/triton_impl.py`` /
+``ops/torch_impl.py`` (launchers) -> ``ops/grouped_gemm.py`` (the kernel) via ``ops/launch.py``.
 """
 from .backend import (
     BACKENDS,
