@@ -19,7 +19,6 @@ Four ways to choose, the first that is set wins:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import threading
@@ -108,16 +107,21 @@ def use_backend(name: str) -> Iterator[str]:
         del stack[depth - 1:]
 
 
-@functools.lru_cache(maxsize=None)
+_triton_imports: Optional[bool] = None
+
+
 def triton_available() -> bool:
-    """True when Triton imports (it is a Linux-only dependency)."""
-    global _triton_import_error
-    try:
-        import triton  # noqa: F401
-    except Exception as err:  # an ImportError, or a broken install raising at import
-        _triton_import_error = f"{type(err).__name__}: {err}"
-        return False
-    return True
+    """True when Triton imports (it is a Linux-only dependency). Tried once, then remembered in a
+    plain global (not ``functools.lru_cache``, which torch.compile warns about when tracing)."""
+    global _triton_import_error, _triton_imports
+    if _triton_imports is None:
+        try:
+            import triton  # noqa: F401
+            _triton_imports = True
+        except Exception as err:  # an ImportError, or a broken install raising at import
+            _triton_import_error = f"{type(err).__name__}: {err}"
+            _triton_imports = False
+    return _triton_imports
 
 
 def triton_interpreting() -> bool:
