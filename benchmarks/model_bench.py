@@ -8,6 +8,14 @@
 - ``phi3-dense``: transformers' ``Phi3ForCausalLM`` with the same hidden, intermediate, heads,
   layers and vocabulary: what the grouped projections replace.
 
+With ``--compile`` each chosen variant also runs compiled (``<variant>+compile``, or name them in
+``--variants``): ``torch.compile(model, fullgraph=True)`` of the whole model for the training step,
+and transformers' own compile path for ``generate`` (static cache, the decoding step compiled with
+``CompileConfig(fullgraph=True)``). ``--compile-backend`` picks the compiler (default ``inductor``).
+A compiled row's first call (``first call s``, compile included) is recorded next to its steady
+time, and its logits must equal the same model's eager logits on the training batch (relative error
+under 1e-5 in fp32, 1e-2 in fp16 / bf16) before it is timed.
+
 A training step is forward + backward + ``AdamW.step()`` on ``batch x seq`` tokens; ``generate``
 is greedy decoding of exactly ``new_tokens`` tokens after a ``prompt``-token prompt (prefill
 included). Before timing, each KPhi-3 variant's logits are compared with a float64 copy of the
@@ -36,7 +44,20 @@ from .progress import Progress
 from .timing import quantiles_ms
 
 VARIANTS = ("kphi3-triton", "kphi3-torch", "phi3-dense")
+COMPILED = "+compile"  # suffix of a compiled variant: "kphi3-torch+compile"
+ALL_VARIANTS = VARIANTS + tuple(v + COMPILED for v in VARIANTS)
 TASKS = ("train", "generate")
+# Compiled vs eager logits of the same model (only fusion and ordering change).
+COMPILE_TOL = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 1e-2}
+
+
+def base_variant(variant: str) -> str:
+    """The eager variant a (possibly compiled) variant runs: ``kphi3-torch+compile -> kphi3-torch``."""
+    return variant[: -len(COMPILED)] if variant.endswith(COMPILED) else variant
+
+
+def is_compiled(variant: str) -> bool:
+    return variant.endswith(COMPILED)
 
 
 @dataclass(frozen=True)
@@ -86,6 +107,8 @@ class ModelRow:
     p80_ms: Optional[float] = None
     tokens: int = 0
     speedup_vs_dense: Optional[float] = None
+    first_call_s: Optional[float] = None  # the first (warm-up) call; for compiled rows: compile included
+    compile_backend: str = ""
     params: int = 0
     state_mb: Optional[float] = None
     peak_mb: Optional[float] = None
@@ -122,6 +145,7 @@ def build_model(variant: str, sizes: ModelSizes, dtype: torch.dtype, device: tor
                   max_position_embeddings=4096, pad_token_id=family.pad_token_id,
                   eos_token_id=family.pad_token_id, bos_token_id=1)
     torch.manual_seed(seed)
+    variant = base_variant(variant)
     if variant == "phi3-dense":
         from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -140,11 +164,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, reps: int):
-    """Wall clock per call (synchronized on CUDA), warm-up excluded: (median, p20, p80) in ms."""
-    for _ in range(warmup):
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, reps: int,
+               first_call: Optional[list] = None):
+    """Wall clock per call (synchronized on CUDA), warm-up excluded: (median, p20, p80) in ms.
+
+    ``first_call``: a list to append the first warm-up call's wall time to, in seconds.
+    """
+    for i in range(warmup):
+        start = time.perf_counter()
         fn()
-    _sync(device)
+        _sync(device)
+        if i == 0 and first_call is not None:
+            first_call.append(time.perf_counter() - start)
     samples = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -165,9 +196,10 @@ def check_logits(model, oracle_logits: torch.Tensor, ids: torch.Tensor) -> float
 
 class ModelBench:
     def __init__(self, sizes: ModelSizes, dtype: torch.dtype, device: torch.device,
-                 variants: Sequence[str], progress: Progress, seed: int = 0):
+                 variants: Sequence[str], progress: Progress, seed: int = 0,
+                 compile_backend: str = "inductor"):
         self.sizes, self.dtype, self.device, self.variants = sizes, dtype, device, variants
-        self.progress, self.seed = progress, seed
+        self.progress, self.seed, self.compile_backend = progress, seed, compile_backend
         self.info = env.environment(device)
         self.rows: List[ModelRow] = []
         g = torch.Generator().manual_seed(seed)
@@ -176,6 +208,7 @@ class ModelBench:
         self.train_ids = torch.randint(0, high, (sizes.batch, sizes.seq), generator=g).to(device)
         self.prompt = torch.randint(0, high, (sizes.gen_batch, sizes.prompt), generator=g).to(device)
         self._oracle = None  # (ids, float64 logits, the torch backend's error in self.dtype)
+        self._compiled_check = None  # (ok, description) of the compiled variant being run
 
     def _row(self, variant: str, task: str, status: str, **kw) -> ModelRow:
         s = self.sizes
@@ -183,6 +216,7 @@ class ModelBench:
                  f"layers={s.layers} batch={s.gen_batch} prompt={s.prompt} new={s.new_tokens}")
         row = ModelRow(variant=variant, task=task, family=s.family, dtype=shapes.dtype_name(self.dtype),
                        status=status, shape=shape,
+                       compile_backend=self.compile_backend if is_compiled(variant) else "",
                        env=env.row_env(self.info), **kw)
         self.rows.append(row)
         return row
@@ -202,6 +236,7 @@ class ModelBench:
 
     def parity(self, variant: str, model) -> tuple:
         """(ok or None when there is nothing to compare, description)."""
+        variant = base_variant(variant)  # compiled rows: the eager model first, then compiled vs eager
         if variant == "phi3-dense":
             return None, "n/a (dense baseline)"
         ids, logits, torch_err = self.oracle()
@@ -216,19 +251,23 @@ class ModelBench:
     def run(self) -> List[ModelRow]:
         for variant in self.variants:
             self._run_variant(variant)
-        dense = {r.task: r.median_ms for r in self.rows if r.variant == "phi3-dense" and r.median_ms}
+        # Eager rows against eager phi3-dense, compiled rows against compiled phi3-dense (when run).
+        dense = {(r.task, is_compiled(r.variant)): r.median_ms for r in self.rows
+                 if base_variant(r.variant) == "phi3-dense" and r.median_ms}
         for r in self.rows:
-            if r.median_ms and dense.get(r.task):
-                r.speedup_vs_dense = dense[r.task] / r.median_ms
+            reference = dense.get((r.task, is_compiled(r.variant)))
+            if r.median_ms and reference:
+                r.speedup_vs_dense = reference / r.median_ms
         return self.rows
 
     def _run_variant(self, variant: str) -> None:
-        if variant == "kphi3-triton" and self.device.type != "cuda":
+        if base_variant(variant) == "kphi3-triton" and self.device.type != "cuda":
             for task in TASKS:
                 self._row(variant, task, "needs a GPU", parity="not run")
             self.progress.advance(len(TASKS))
             return
         model = None
+        self._compiled_check = None  # (ok, description) of a compiled variant, set by its train task
         try:
             self.progress.step(f"{variant} build + parity")
             model = build_model(variant, self.sizes, self.dtype, self.device, self.seed)
@@ -255,48 +294,96 @@ class ModelBench:
                     self.progress.write(f"ERROR {variant} {task}: {message}")
             self.progress.advance()
         del model
+        if is_compiled(variant):
+            torch._dynamo.reset()  # drop the compiled graphs (and their guards on this model)
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def compiled_parity(self, model, compiled, ids) -> tuple:
+        """The compiled model's first training call (compile included): (ok, description, seconds)."""
+        with torch.no_grad():
+            eager = model(input_ids=ids, labels=ids)
+        start = time.perf_counter()
+        out = compiled(input_ids=ids, labels=ids)
+        out.loss.backward()
+        _sync(self.device)
+        seconds = time.perf_counter() - start
+        model.zero_grad(set_to_none=True)
+        err = max(rel_err(out.logits.detach(), eager.logits), rel_err(out.loss.detach(), eager.loss))
+        limit = COMPILE_TOL[shapes.dtype_name(self.dtype)]
+        verdict = "ok" if err <= limit else "FAILED"
+        return err <= limit, f"{verdict} (compiled vs eager: logits/loss rel err {err:.1e}, limit {limit:.0e})", seconds
+
+    def compile_config(self):
+        """transformers' CompileConfig for ``generate``: whole-graph, on any device."""
+        from transformers import CompileConfig
+
+        mode = "reduce-overhead" if self.compile_backend == "inductor" and self.device.type == "cuda" else None
+        config = CompileConfig(fullgraph=True, backend=self.compile_backend, mode=mode)
+        config._compile_all_devices = True  # transformers compiles on CUDA only unless told otherwise
+        return config
+
     def _time_task(self, variant, task, model, parity_text, params) -> None:
         s, device = self.sizes, self.device
+        compiled = is_compiled(variant)
+        first_call: list = []
         if task == "train":
             model.train()
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
             ids = self.train_ids
+            forward = model
+            if compiled:
+                forward = torch.compile(model, fullgraph=True, backend=self.compile_backend)
+                ok, text, seconds = self.compiled_parity(model, forward, ids)
+                parity_text = f"{parity_text}; {text}"
+                self._compiled_check = (ok, parity_text)
+                if not ok:
+                    self._row(variant, task, "parity failed", parity=parity_text, params=params,
+                              first_call_s=seconds)
+                    return
+                first_call.append(seconds)
 
             def call():
-                model(input_ids=ids, labels=ids).loss.backward()
+                forward(input_ids=ids, labels=ids).loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
             tokens = s.batch * s.seq
-            median, p20, p80 = time_calls(call, device, warmup=2, reps=s.steps)
+            median, p20, p80 = time_calls(call, device, warmup=2, reps=s.steps,
+                                          first_call=None if compiled else first_call)
             state = list(model.parameters()) + [
                 t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
         else:
             model.eval()
             prompt = self.prompt
+            extra = dict(cache_implementation="static", compile_config=self.compile_config()) if compiled else {}
+            if compiled and self._compiled_check is not None:
+                ok, parity_text = self._compiled_check
+                if not ok:
+                    self._row(variant, task, "parity failed", parity=parity_text, params=params)
+                    return
 
             def call():
                 return model.generate(prompt, max_new_tokens=s.new_tokens,
                                       min_new_tokens=s.new_tokens, do_sample=False,
-                                      pad_token_id=self.family.pad_token_id)
+                                      pad_token_id=self.family.pad_token_id, **extra)
 
             tokens = s.gen_batch * s.new_tokens
-            median, p20, p80 = time_calls(call, device, warmup=1, reps=max(2, s.steps // 2))
+            median, p20, p80 = time_calls(call, device, warmup=2 if compiled else 1,
+                                          reps=max(2, s.steps // 2), first_call=first_call)
             state = list(model.parameters())
         peak, _ = memory.peak_bytes(call, device)
         self._row(variant, task, "ok", tokens_per_s=tokens / (median * 1e-3), median_ms=median,
                   p20_ms=p20, p80_ms=p80, tokens=tokens, params=params,
+                  first_call_s=first_call[0] if first_call else None,
                   state_mb=_tensor_mb(state), peak_mb=None if peak is None else peak / 2 ** 20,
                   parity=parity_text)
 
 
 def format_table(rows: Sequence[ModelRow], meta: dict) -> str:
-    headers = ["variant", "task", "sizes", "tokens/s", "median ms", "p20-p80 ms", "vs phi3-dense",
-               "params", "state MB", "peak MB", "parity / status"]
+    headers = ["variant", "task", "sizes", "tokens/s", "median ms", "p20-p80 ms", "first call s",
+               "vs phi3-dense", "params", "state MB", "peak MB", "parity / status"]
     body = []
     for r in rows:
         timed = r.median_ms is not None
@@ -304,6 +391,7 @@ def format_table(rows: Sequence[ModelRow], meta: dict) -> str:
             r.variant, r.task, r.shape, f"{r.tokens_per_s:.4g}" if timed else "-",
             f"{r.median_ms:.4g}" if timed else "-",
             f"{r.p20_ms:.4g}-{r.p80_ms:.4g}" if timed else "-",
+            f"{r.first_call_s:.3g}" if r.first_call_s is not None else "-",
             f"{r.speedup_vs_dense:.2f}x" if r.speedup_vs_dense else "-",
             f"{r.params / 1e6:.1f}M" if r.params else "-",
             f"{r.state_mb:.4g}" if r.state_mb is not None else "-",
@@ -316,12 +404,21 @@ def format_table(rows: Sequence[ModelRow], meta: dict) -> str:
             f"{e['transformers']} | {e['date']}",
             f"dtype {meta['dtype']}; {meta['family']} sizes, {meta['attention']}; timing: "
             f"{meta['timing']}", f"memory: {meta['memory']}", ""]
-    return "\n".join(head) + report.render(headers, body, right=range(3, 10))
+    if any(is_compiled(r.variant) for r in rows):
+        head.insert(-1, f"compiled rows: {meta.get('compile', '')}; 'vs phi3-dense' compares compiled "
+                        "with compiled phi3-dense")
+    return "\n".join(head) + report.render(headers, body, right=range(3, 11))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kphi3-bench model", description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", help=f"comma-separated (default: all: {', '.join(VARIANTS)})")
+    p.add_argument("--variants", help=f"comma-separated (default: {', '.join(VARIANTS)}; compiled: "
+                   f"the same names + '{COMPILED}')")
+    p.add_argument("--compile", action="store_true",
+                   help="also run each chosen variant compiled (torch.compile of the whole model, "
+                        "fullgraph; generate with the static cache through transformers' compile path)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compiled rows (default inductor)")
     p.add_argument("--family", choices=sorted(MODEL_FAMILIES), default="kphi3",
                    help="model sizes (default kphi3: the released 1280/5120, 10 heads)")
     p.add_argument("--layers", type=int, help="decoder layers (default 2, as released)")
@@ -370,8 +467,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         device = resolve_device(args.device)
         variants = _split(args.variants) if args.variants else list(VARIANTS)
         for v in variants:
-            if v not in VARIANTS:
-                raise UsageError(f"unknown variant {v!r}; known variants: {', '.join(VARIANTS)}")
+            if v not in ALL_VARIANTS:
+                raise UsageError(f"unknown variant {v!r}; known variants: {', '.join(ALL_VARIANTS)}")
+        if args.compile:
+            variants += [v + COMPILED for v in variants
+                         if not is_compiled(v) and v + COMPILED not in variants]
         cuda = device.type == "cuda"
         sizes = _sizes(args, cuda)
         for name, value in asdict(sizes).items():
@@ -385,7 +485,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         return 2
     dtype = shapes.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     progress = Progress(len(variants) * len(TASKS), enabled=not args.no_progress, desc="model")
-    bench = ModelBench(sizes, dtype, device, variants, progress, seed=args.seed)
+    bench = ModelBench(sizes, dtype, device, variants, progress, seed=args.seed,
+                       compile_backend=args.compile_backend)
     try:
         rows = bench.run()
     finally:
@@ -396,6 +497,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         "sizes": asdict(sizes),
         "attention": "transformers' default attention implementation (sdpa where supported)",
         "timing": "wall clock per call (CUDA-synchronized), median; warm-up excluded",
+        "compile": (f"torch.compile(model, fullgraph=True, backend={args.compile_backend!r}) for train; "
+                    "generate: static cache, decoding step compiled by transformers (CompileConfig(fullgraph="
+                    "True)); first call s includes the compile"),
         "memory": "state MB = weights + AdamW state (summed from the tensors); peak MB: "
                   + (memory.CUDA_METHOD if device.type == "cuda" else memory.CPU_METHOD),
     }

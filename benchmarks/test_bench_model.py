@@ -68,3 +68,33 @@ def test_generate(benchmark, model):
     benchmark.group = f"generate {SIZES.new_tokens} tokens after {SIZES.prompt}"
     benchmark.extra_info.update(variant=model.variant, tokens=SIZES.gen_batch * SIZES.new_tokens)
     benchmark.pedantic(generate, rounds=3, iterations=1)
+
+
+def test_compiled_rows_on_a_tiny_model(monkeypatch, tmp_path):
+    """``--compile`` adds the compiled counterpart of each variant: timed after its compiled logits
+    matched eager, with the first call (compile included) recorded. ``aot_eager`` keeps this fast;
+    the command line defaults to Inductor."""
+    import json
+
+    monkeypatch.setitem(model_bench.MODEL_FAMILIES, "tiny",
+                        model_bench.ModelFamily(80, 320, 16, heads=4, vocab=128, pad_token_id=127))
+    out = tmp_path / "model.json"
+    status = model_bench.main(["--family", "tiny", "--layers", "1", "--batch", "1", "--seq", "8",
+                               "--prompt", "4", "--new-tokens", "3", "--steps", "2", "--device", "cpu",
+                               "--variants", "kphi3-torch,phi3-dense", "--compile",
+                               "--compile-backend", "aot_eager", "--out", str(out), "--no-progress"])
+    assert status == 0
+    payload = json.loads(out.read_text())
+    rows = {(r["variant"], r["task"]): r for r in payload["results"]}
+    variants = ("kphi3-torch", "phi3-dense", "kphi3-torch+compile", "phi3-dense+compile")
+    assert set(rows) == {(v, t) for v in variants for t in model_bench.TASKS}
+    for variant in variants:
+        for task in model_bench.TASKS:
+            r = rows[variant, task]
+            assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["first_call_s"] > 0, r
+            assert r["compile_backend"] == ("aot_eager" if variant.endswith("+compile") else "")
+    assert "compiled vs eager" in rows["kphi3-torch+compile", "train"]["parity"]
+    assert rows["phi3-dense+compile", "train"]["speedup_vs_dense"] == pytest.approx(1.0)
+    assert "fullgraph=True" in payload["meta"]["compile"]
+    # Unknown names are refused, compiled ones are known.
+    assert model_bench.main(["--variants", "kphi3-torch+jit", "--no-progress"]) == 2
