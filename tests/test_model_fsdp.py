@@ -1,5 +1,7 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) on CPU: two gloo processes, each decoder layer a
-shard unit and the root one more, activation checkpointing on, AdamW.
+shard unit and the root one more, activation checkpointing on, AdamW. The recipes of
+docs/distributed.md are run as written there: saving from the shards, building on the meta device
+and loading by broadcast.
 
 * fp32: the sharded run on half of the global batch per process follows the loss curve of one
   unsharded process on the whole batch and ends with the same weights, within the fp32 contract.
@@ -105,10 +107,44 @@ def fsdp_worker(rank, world_size, port, modes, result_path):
             losses = train(model, shard, mean_over_ranks, first_grads)
             state = {name: param.full_tensor().clone() for name, param in model.named_parameters()}
             results[mode] = {"losses": losses, "state": state, "initial": initial, "first_grads": first_grads}
+            if mode == "fp32":
+                results["reloaded"] = save_and_rebuild(model, shard, result_path + ".checkpoint")
         if rank == 0:
             torch.save(results, result_path)
     finally:
         dist.destroy_process_group()
+
+
+def save_and_rebuild(model, batch, directory):
+    """docs/distributed.md's recipes: the full state dict gathered to rank 0 and saved with
+    save_pretrained, then a model built on the meta device, sharded, materialised with to_empty +
+    init_weights and loaded by broadcast from rank 0. Returns the saved state dict (rank 0) and the
+    largest difference of the rebuilt model's logits from the trained one's."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict)
+    from torch.distributed.fsdp import fully_shard
+
+    from kphi3_model import KPhi3ForCausalLM
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    saved = {name: tensor.clone() for name, tensor in state.items()}  # save_pretrained consumes its dict
+    if dist.get_rank() == 0:
+        model.save_pretrained(directory, state_dict=state)
+    dist.barrier()
+    loaded = KPhi3ForCausalLM.from_pretrained(directory)
+    with torch.device("meta"):
+        rebuilt = KPhi3ForCausalLM(loaded.config)
+    for layer in rebuilt.model.layers:
+        fully_shard(layer)
+    fully_shard(rebuilt)
+    rebuilt.to_empty(device="cpu")
+    rebuilt.init_weights()
+    full = loaded.state_dict() if dist.get_rank() == 0 else {}
+    set_model_state_dict(rebuilt, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        difference = (rebuilt(batch).logits - model(batch).logits).abs().max()
+    dist.all_reduce(difference, op=dist.ReduceOp.MAX)
+    return {"saved": saved, "loaded": loaded.state_dict(), "logits_difference": difference.item()}
 
 
 def free_port():
@@ -149,6 +185,14 @@ def test_fsdp2_two_processes_match_one_process():
     for name, value in fp32["state"].items():
         assert value.dtype == torch.float32
         assert rel_error(value, reference[name]) < FP32_TOL, name
+
+    # The trained model saved from the shards reloads exactly; rebuilt on the meta device and loaded by
+    # broadcast, it computes the same logits.
+    reloaded = sharded["reloaded"]
+    assert reloaded["saved"].keys() == reloaded["loaded"].keys() == fp32["state"].keys()
+    for name, value in reloaded["loaded"].items():
+        assert torch.equal(value, reloaded["saved"][name]) and torch.equal(value, fp32["state"][name]), name
+    assert reloaded["logits_difference"] == 0.0
 
     # bf16 mixed precision: two processes vs one under the same policy (see the module docstring).
     bf16 = sharded["bf16"]
