@@ -358,17 +358,3 @@ def test_gpc_io_fused_variant_parity(case, monkeypatch):
 
     monkeypatch.setattr(triton_impl, "IO_FORWARD", "fused")
     check_op("gpc_io", make_operands("gpc_io", case, torch.float32), "triton", torch.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# The torch backend's two formulations: one batched GEMM (few rows) and the per-group loop
-# --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
-@pytest.mark.parametrize("formulation,max_rows", [("batched", 10**9), ("per_group_loop", 0)])
-@pytest.mark.parametrize("op", ["grouped_linear", "gpc_io", "gpc_block"])
-def test_torch_backend_formulations(op, formulation, max_rows, dtype, monkeypatch):
-    from kphi3_kernels.ops import torch_impl
-
-    monkeypatch.setattr(torch_impl, "_BATCHED_MAX_ROWS", max_rows)
-    for case in (Case(5, 7, 9, (3, 5), "sliced", True), Case(3, 5, 4, (1,), "contig", False)):
-        check_op(op, make_operands(op, case, dtype), "torch", dtype)

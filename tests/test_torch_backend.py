@@ -77,16 +77,6 @@ def test_block_without_second_weight_float64():
     _check_fp64("gpc_block", Case(3, 2, 5, (4, 2), "sliced", True, second=False))
 
 
-def test_batched_max_rows_has_no_effect(monkeypatch):
-    """One formulation at every M: setting the old threshold changes nothing."""
-    case = Case(3, 5, 4, (9,), "contig", True)
-    ops = make_operands("gpc_io", case, torch.float32)
-    with torch.no_grad():
-        y = kphi3_kernels.gpc_io(ops.x, *ops.params.values(), backend="torch")
-        monkeypatch.setattr(torch_impl, "_BATCHED_MAX_ROWS", 0)
-        assert torch.equal(kphi3_kernels.gpc_io(ops.x, *ops.params.values(), backend="torch"), y)
-
-
 # --------------------------------------------------------------------------------------------
 # Bias gradients: summed in the accumulation dtype
 # --------------------------------------------------------------------------------------------

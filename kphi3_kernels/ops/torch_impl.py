@@ -42,12 +42,6 @@ __all__ = [
 
 Grads = Tuple[Optional[torch.Tensor], ...]
 
-# No effect: the per-group-loop formulation this used to switch to (at M >= 256) is gone. With two
-# threads on a shared 2-core CPU the batched GEMMs were as fast or up to 3x faster at the released
-# shapes, M = 16 to 2048; the loop was ahead only single-threaded, by up to 20% (the IO block's
-# input gradient at G = 20, M = 2048). The name stays so that code which sets it keeps working.
-_BATCHED_MAX_ROWS = None
-
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype: float32 for float16 / bfloat16, else the dtype itself."""
