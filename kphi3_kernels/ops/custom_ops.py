@@ -41,6 +41,7 @@ Double backward: the gradient of each backward operator is written in terms of t
 themselves (the backward of a grouped GEMM is grouped GEMMs; the IO block's input gradient is its
 own forward on the upstream gradient), so gradients of any order keep a graph.
 """
+import contextlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -52,9 +53,17 @@ BACKENDS = ("torch", "triton")
 NAMESPACE = "kphi3"
 
 
+_IMPLS = {}
+
+
 def _impl(backend: str):
-    from . import get_impl  # the launcher module, looked up at call time (tests spy on it)
-    return get_impl(backend)
+    """The launcher module of ``backend``, imported once (tests spy on its attributes, which are
+    still looked up at call time)."""
+    module = _IMPLS.get(backend)
+    if module is None:
+        from . import get_impl
+        module = _IMPLS[backend] = get_impl(backend)
+    return module
 
 
 def _fresh(outputs: Sequence[Tensor], inputs: Sequence[Optional[Tensor]]) -> List[Tensor]:
@@ -81,8 +90,12 @@ def _unpack(grads: Sequence[Optional[Tensor]], needs: Sequence[bool]) -> Tuple:
 
 
 def _no_autocast(t: Tensor):
-    # Operands arrive already cast by functional.py; nothing inside may be re-cast.
-    return torch.autocast(device_type=t.device.type, enabled=False)
+    # Operands arrive already cast by functional.py; nothing inside may be re-cast. Entering an
+    # autocast context costs more than a small call's math, so only when autocast is on.
+    device_type = t.device.type
+    if device_type in ("cpu", "cuda") and not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 # --------------------------------------------------------------------------------------------
