@@ -169,7 +169,8 @@ class KPhi3RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
         if long_inv_freq is not None:
-            # Read by `dynamic_rope_update` instead of being recomputed at every step past the switch.
+            # The long factors' frequencies, which `dynamic_rope_update` reads (where the installed
+            # transformers looks for them) instead of recomputing them past the switch.
             self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
 
     @staticmethod
@@ -588,12 +589,20 @@ class KPhi3ForCausalLM(KPhi3PreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         **kwargs,
     ):
-        # As Phi-3 (explicit parameters: GenerationMixin reads `inputs_embeds` from this signature to
-        # allow `generate(inputs_embeds=...)`). Longrope switches to the long factors once the sequence
+        # Explicit parameters, as Phi-3: GenerationMixin reads `inputs_embeds` from this signature to
+        # allow `generate(inputs_embeds=...)`. Longrope switches to the long factors once the sequence
         # outgrows `original_max_position_embeddings`; the keys cached with the short factors are then
-        # stale, so the first step past that point recomputes the whole sequence without the cache.
-        original = self.config.original_max_position_embeddings
-        if cache and input_ids.shape[1] >= original + 1 and cache.get_seq_length() <= original:
+        # stale, so the first step past that point recomputes the whole sequence without the cache, as
+        # Phi-3 does (only for longrope here: with other RoPE types the cache stays valid).
+        original = self.config.rope_parameters.get(
+            "original_max_position_embeddings", self.config.original_max_position_embeddings
+        )
+        if (
+            cache
+            and self.model.rotary_emb.rope_type == "longrope"
+            and input_ids.shape[1] >= original + 1
+            and cache.get_seq_length() <= original
+        ):
             cache = None
             kwargs["next_sequence_length"] = None
         return super().prepare_inputs_for_generation(

@@ -151,3 +151,19 @@ def test_cache_passed_as_past_key_values_is_handled_as_phi3_handles_it():
             assert [m.replace("KPhi3", "Phi3") for m in warned] == phi3_warned
     if CACHE_KWARG == "cache":
         assert phi3_warned and "past_key_values" in phi3_warned[0]  # this release deprecates the old name
+
+
+@pytest.mark.parametrize("rope", ["default", "longrope"])
+def test_the_cache_is_dropped_at_the_longrope_switch_only(rope):
+    overrides = dict(original_max_position_embeddings=6, max_position_embeddings=32)
+    if rope == "longrope":
+        overrides["rope_scaling"] = {"type": "longrope", "short_factor": [1.0, 1.2, 1.4, 1.6],
+                                     "long_factor": [3.0, 4.0, 5.0, 6.0]}
+    model = grouped_model(**overrides)
+    input_ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache = getattr(model(input_ids[:, :6], use_cache=True), CACHE_KWARG)
+    inputs = model.prepare_inputs_for_generation(input_ids, **{CACHE_KWARG: cache})
+    # Past original_max_position_embeddings longrope's cached keys (short factors) are stale: Phi-3
+    # recomputes the sequence without them. Other RoPE types keep their cache.
+    assert inputs.get(CACHE_KWARG) is (None if rope == "longrope" else cache)
