@@ -53,6 +53,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -678,10 +679,15 @@ def plan(shape_names: Sequence[str] = ("kphi3",), dtypes: Sequence[str] = DTYPE_
 
 
 def compile_all(entries: List[Dict[str, Any]], jobs: int = 2, sass_dir: Optional[str] = None,
-                progress: bool = True) -> List[Dict[str, Any]]:
-    """Compile planned entries (in a pool of ``jobs`` processes) into finished records."""
+                progress: bool = True, records: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """Compile planned entries (in a pool of ``jobs`` processes) into finished records.
+
+    Records are appended to ``records`` (a new list by default) as they finish, so a caller that
+    is interrupted still holds every finished one.
+    """
     global _JOBS
     _refuse_interpreter()
+    done = records if records is not None else []
     records = [_base_record(e["spec"], e["config"], e["index"], e["uses"]) for e in entries]
     _JOBS = []
     for n, r in enumerate(records):
@@ -706,13 +712,17 @@ def compile_all(entries: List[Dict[str, Any]], jobs: int = 2, sass_dir: Optional
         try:
             for n, result in enumerate(results):
                 records[n].update(result)
-                _finish(records[n])
+                done.append(_finish(records[n]))
                 if progress:
                     r = records[n]
                     state = "ok" if r.get("compiled") else "FAILED"
                     print(f"[{n + 1}/{len(records)}] {r['launch']} {r['shape']} {r['dtype']} "
                           f"{r['target']} {r['config']}: {state} ({r.get('compile_s', 0):.1f}s, "
                           f"{time.perf_counter() - start:.0f}s total)", file=sys.stderr, flush=True)
+        except BaseException:
+            if pool is not None:
+                pool.terminate()
+            raise
         finally:
             if pool is not None:
                 pool.close()
@@ -724,7 +734,7 @@ def compile_all(entries: List[Dict[str, Any]], jobs: int = 2, sass_dir: Optional
         else:
             os.environ["TRITON_CACHE_DIR"] = saved_cache
         shutil.rmtree(cache, ignore_errors=True)
-    return records
+    return done
 
 
 def environment(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -856,7 +866,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    args.op_list)
     print(f"{len(entries)} distinct kernels to compile ({time.perf_counter() - start:.1f}s to record)",
           file=sys.stderr, flush=True)
-    records = compile_all(entries, jobs=args.jobs, sass_dir=args.sass_dir)
+    records: List[Dict[str, Any]] = []
+    interrupted = False
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        compile_all(entries, jobs=args.jobs, sass_dir=args.sass_dir, records=records)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted: reporting the {len(records)} of {len(entries)} kernels that finished",
+              file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(format_table(records))
     violations = [v for r in records for v in r["violations"]]
     print(f"\n{len(records)} kernels, {sum(1 for r in records if r.get('compiled'))} compiled, "
@@ -869,6 +893,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "settings": {"shapes": args.shape_names, "m": args.m, "dtypes": args.dtype_list,
                          "targets": args.target_list, "first_choice": args.first_choice,
                          "ops": args.op_list or list(OPS)},
+            "complete": not interrupted, "planned": len(entries),
             "records": records,
             "violations": violations,
         }
@@ -876,6 +901,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.out, "w") as f:
             json.dump(payload, f, indent=1, default=str)
         print(f"wrote {args.out}", file=sys.stderr)
+    if interrupted:
+        return 130
     return 1 if args.strict and violations else 0
 
 
