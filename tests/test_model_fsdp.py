@@ -4,7 +4,12 @@ docs/distributed.md are run as written there: saving from the shards, building o
 and loading by broadcast.
 
 * fp32: the sharded run on half of the global batch per process follows the loss curve of one
-  unsharded process on the whole batch and ends with the same weights, within the fp32 contract.
+  unsharded process on the whole batch, its first step's reduced gradients are that process's, and
+  it ends with the same weights, all within the fp32 contract (1e-5 relative). The learning rate is
+  a fine-tuning one, 1e-3: AdamW normalises each element's step by its gradient's size, which turns
+  the ~1e-7 rounding differences of near-zero gradients into weight differences in proportion to
+  the learning rate (after three steps: 2e-6 at 1e-3, 1.2e-5 at 1e-2, while the first step's
+  gradients agree to 1e-7 either way).
   The grouped weights ``[G, s, og]`` are sharded on their group dimension, unevenly (G = 5 over two
   processes), so this also covers FSDP2's padded shards.
 * bf16 mixed precision (``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``), torch
@@ -15,9 +20,10 @@ and loading by broadcast.
   element by element: an AdamW step is close to ``lr * sign(grad)`` per element, so an element whose
   gradient is within rounding of zero can step the other way, by 2 lr, whatever the precision of the
   rest. What the roundings cannot change is the update as a whole: the total updates
-  (final - initial weights) of the two runs must point the same way, cosine > 1 - 1e-2 (about 0.3%
-  of the elements disagree in sign here; cosine 0.9997). The bf16 run is also checked to really
-  compute in bf16: its first loss (same weights) differs from the fp32 run's, within 1e-2.
+  (final - initial weights) of the two runs must point the same way, cosine > 1 - 1e-2 (about 0.1%
+  of the elements disagree in sign here; cosine 0.9999). The bf16 run is also checked to really
+  compute in bf16: its first gradients (same weights) differ from the fp32 run's by bf16's error, far
+  beyond the fp32 contract (1.4e-2 here: bf16 all through the forward and backward).
 """
 import os
 import socket
@@ -34,6 +40,7 @@ from _utils import FP32_TOL, rel_error
 
 WORLD_SIZE = 2
 STEPS = 3
+LR = 1e-3  # see the module docstring
 TIMEOUT_S = 180
 BF16_TOL = 1e-2
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -66,14 +73,15 @@ def global_batch():
 
 def train(model, batch, reduce_loss=lambda loss: loss, first_grads=None):
     """STEPS AdamW steps; the losses. ``first_grads``: a dict to fill with the first step's gradients."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     losses = []
     for step in range(STEPS):
         loss = model(batch, labels=batch, use_cache=False).loss
         loss.backward()
         if step == 0 and first_grads is not None:
-            for name, param in model.named_parameters():  # reduced and sharded: DTensors
-                first_grads[name] = param.grad.full_tensor().clone()
+            for name, param in model.named_parameters():  # sharded: DTensors, gathered here
+                grad = param.grad
+                first_grads[name] = (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).clone()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(reduce_loss(loss.detach().float()).item())
@@ -176,10 +184,13 @@ def test_fsdp2_two_processes_match_one_process():
 
     # fp32: one plain process on the whole batch, same checkpointing, same optimizer.
     model = build_model()
-    losses = train(model, global_batch())
+    first_grads = {}
+    losses = train(model, global_batch(), first_grads=first_grads)
     fp32 = sharded["fp32"]
     for step, (a, b) in enumerate(zip(fp32["losses"], losses)):
         assert abs(a - b) <= FP32_TOL * abs(b), (step, a, b)
+    for name, grad in fp32["first_grads"].items():
+        assert rel_error(grad, first_grads[name]) < FP32_TOL, name
     reference = dict(model.named_parameters())
     assert fp32["state"].keys() == reference.keys()
     for name, value in fp32["state"].items():
@@ -206,6 +217,6 @@ def test_fsdp2_two_processes_match_one_process():
     flat, one_flat = (torch.cat([u[name].flatten() for name in sorted(u)]) for u in (update, one_update))
     cosine = (flat @ one_flat / (flat.norm() * one_flat.norm())).item()
     assert cosine > 1 - BF16_TOL, cosine
-    # It did compute in bf16: the first loss (same weights) differs from fp32's, within the bf16 bound.
-    a, b = bf16["losses"][0], fp32["losses"][0]
-    assert FP32_TOL * abs(b) < abs(a - b) <= BF16_TOL * abs(b), (a, b)
+    # It did compute in bf16: its first gradients (same weights) are far from fp32's (about 1e-2).
+    versus_fp32 = max(rel_error(grad, fp32["first_grads"][name]) for name, grad in bf16["first_grads"].items())
+    assert versus_fp32 > 100 * FP32_TOL, versus_fp32
