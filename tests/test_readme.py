@@ -56,24 +56,20 @@ def test_docs_cite_only_what_users_have(path):
 
 
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
-# Written separately; a missing one is reported as a skip until it is committed.
-WRITTEN_ELSEWHERE = {"docs/distributed.md"}
 
 
 @pytest.mark.parametrize("path", [README, *DOCS], ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_relative_links_resolve(path):
-    missing, pending = [], []
+    missing = []
     for target in LINK.findall(path.read_text()):
         if re.match(r"[a-z]+:", target):
             continue  # an external URL
         resolved = (path.parent / target).resolve()
         if not resolved.exists():
             rel = resolved.relative_to(ROOT).as_posix() if ROOT in resolved.parents else target
-            (pending if rel in WRITTEN_ELSEWHERE else missing).append(rel)
+            missing.append(rel)
     name = path.relative_to(ROOT).as_posix()
     assert not missing, f"{name} links to missing files: {sorted(set(missing))}"
-    if pending:
-        pytest.skip(f"{name} links to {sorted(set(pending))}, not committed yet")
 
 
 def test_group_count_examples_match_the_code():
