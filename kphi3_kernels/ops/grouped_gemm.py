@@ -39,12 +39,14 @@ from .launch import KernelLaunch, launch
 # released shapes have K = s = 256 per operand (K = 512 for the IO block) and og = out/G in
 # {64, 256, 768, 2048}, so: 128x128 / 128x256 tiles with BLOCK_K 64 and 3-4 stages keep the wgmma
 # pipeline fed at training sizes (M >= 2048); 128x64 / 64x64 cover og = 64 (down_proj, G = 20)
-# without masking half a tile; the narrow BLOCK_P = 16/32 tiles serve decode (M <= 16), where the
-# op is bound by weight bytes and the win comes from spreading the weight read over many
-# programs. ``configs_for`` prunes, per launch, the tiles wider than the problem and those whose
-# pipeline buffers do not fit the shared memory of the device for the operand dtype, before the
-# autotuner tries them. Autotuning is keyed on the power-of-two bucket of M (``p_bucket`` /
-# ``k_bucket``) so that varying batch sizes do not re-tune on every call.
+# without masking half a tile; at decode sizes (M <= 16) the op is bound by weight bytes, and
+# the narrow 64x32 / 64x64 tiles with BLOCK_K 128 spread the weight read over many programs.
+# No tile is under 64 rows: a wgmma instruction covers 64 rows per warpgroup, and the 16- and
+# 32-row tiles compiled to HMMA (and spilled at 32x128x128). ``configs_for`` prunes, per launch,
+# the tiles wider than the problem and those whose pipeline buffers do not fit the device's
+# shared memory for the operand dtype, before the autotuner tries them. Autotuning is keyed on
+# the power-of-two bucket of M (``p_bucket`` / ``k_bucket``) so that varying batch sizes do not
+# re-tune on every call.
 CUDA_CONFIGS = (
     triton.Config({"BLOCK_P": 128, "BLOCK_Q": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
@@ -52,8 +54,8 @@ CUDA_CONFIGS = (
     triton.Config({"BLOCK_P": 128, "BLOCK_Q": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_P": 16, "BLOCK_Q": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_P": 64, "BLOCK_Q": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
 )
 
 # Shared memory per block on Hopper (H100/H200): 227 KiB. Ampere (A100): 163 KiB.
@@ -69,16 +71,28 @@ def smem_bytes(config: triton.Config, itemsize: int) -> int:
 def configs_for(P: int, Q: int, dtype: torch.dtype, smem_limit: int = SMEM_LIMIT_BYTES[9]):
     """The configs the autotuner may pick for a ``P x Q`` output in ``dtype``, best guess first.
 
-    Drops tiles wider than the (power-of-two rounded) output in P or Q, where a smaller tile
-    covers the same work with fewer masked lanes, and tiles whose pipeline does not fit in shared
-    memory. At least the smallest config always stays.
+    Drops tiles wider than the (power-of-two rounded) output in P or Q (below the 64 rows and
+    64 columns every problem may use), where a smaller tile covers the same work with fewer
+    masked lanes, and tiles whose pipeline does not fit in shared memory. At least the smallest
+    config always stays.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     p_cap, q_cap = triton.next_power_of_2(max(P, 16)), triton.next_power_of_2(max(Q, 16))
     kept = [c for c in CUDA_CONFIGS
-            if c.kwargs["BLOCK_P"] <= max(p_cap, 16) and c.kwargs["BLOCK_Q"] <= max(q_cap, 64)
+            if c.kwargs["BLOCK_P"] <= max(p_cap, 64) and c.kwargs["BLOCK_Q"] <= max(q_cap, 64)
             and smem_bytes(c, itemsize) <= smem_limit]
     return tuple(kept) or (CUDA_CONFIGS[-1],)
+
+
+def _smem_limit(device: torch.device) -> int:
+    """The shared memory one block may use on ``device`` (Hopper's when it cannot be asked)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        limit = getattr(props, "shared_memory_per_block_optin", None)
+        if limit:
+            return int(limit)
+        return SMEM_LIMIT_BYTES.get(props.major, SMEM_LIMIT_BYTES[8])
+    return SMEM_LIMIT_BYTES[9]
 
 
 @triton.jit
@@ -258,7 +272,7 @@ def grouped_gemm(
 
     launch(KernelLaunch(
         name=name, kernel=_grouped_gemm_kernel, grid=grid, args=args,
-        configs=configs_for(P, Q, a.tensor.dtype),
+        configs=configs_for(P, Q, a.tensor.dtype, _smem_limit(c.tensor.device)),
         interpreter_config=_interpreter_config(P, Q, max(K, K2)),
         tune_key=("p_bucket", "Q", "k_bucket", "K2", "HAS_SECOND", "SHARED_STRIDES",
                   "HAS_RESIDUAL"),
