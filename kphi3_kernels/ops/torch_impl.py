@@ -143,20 +143,8 @@ def _input_grad(dy_groups: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_linear_bwd(dy, x, weight, need_dx=True, need_dw=True, need_db=False) -> Grads:
-    G, s, og = weight.shape
-    M = x.shape[0]
-    dtype = dy.dtype
-    acc = acc_dtype(dtype)
-    dy_groups = _groups(_acc(dy, acc), G)
-    dx = dw = db = None
-    if need_dx:
-        dx = _new((M, G * s), dtype, dy)
-        dx.view(M, G, s).copy_(_input_grad(dy_groups, _acc(weight, acc)).transpose(0, 1))
-    if need_dw:
-        dw = _weight_grads(_groups(_acc(x, acc), G), dy_groups, weight.dtype)
-    if need_db:
-        db = bias_grad(dy, G)
-    return dx, dw, db
+    return _linear_bwd_acc(_acc(dy, acc_dtype(dy.dtype)), x, weight, dy.dtype, need_dx, need_dw,
+                           need_db)
 
 
 def gpc_io_fwd(x, weight1, weight2, bias1=None, bias2=None):
@@ -247,13 +235,13 @@ def gpc_block_bwd(dy, x, h, weight1, weight2=None, need_dx=True, need_dw1=True, 
         d_h = _input_grad(dy_groups, _acc(weight2, acc))
         dh = _new((M, C), acc, dy)
         torch.add(d_h.permute(1, 2, 0), dya.view(M, og, G), out=dh.view(M, og, G))
-    dx, dw1, db1 = _first_bwd(dh, x, weight1, dtype, need_dx, need_dw1, need_db1)
+    dx, dw1, db1 = _linear_bwd_acc(dh, x, weight1, dtype, need_dx, need_dw1, need_db1)
     return dx, dw1, dw2, db1, db2
 
 
-def _first_bwd(dh, x, weight1, dtype, need_dx, need_dw1, need_db1) -> Grads:
-    """``grouped_linear_bwd`` for an upstream gradient ``dh`` already in the accumulation dtype;
-    the gradients are rounded to ``dtype`` once."""
+def _linear_bwd_acc(dh, x, weight1, dtype, need_dx, need_dw1, need_db1) -> Grads:
+    """``grouped_linear_bwd`` for an upstream gradient ``dh`` already in the accumulation dtype
+    (the non-IO block's d first(x) arrives so); the gradients are rounded to ``dtype`` once."""
     G, s, og = weight1.shape
     M = x.shape[0]
     acc = dh.dtype
