@@ -396,7 +396,7 @@ def test_flop_byte_and_parameter_counts():
     assert shapes.flops(qkv, M, "bwd") == 2 * shapes.flops(qkv, M, "fwd")
     assert shapes.flops(qkv, M, "fwd+bwd") == 3 * shapes.flops(qkv, M, "fwd")
     assert shapes.flops(down, M, "fwd") == 4 * M * 5120 * 1280 // 20
-    for s in (qkv, down):  # SPEC.md: the ideal IO-block / nn.Linear ratio is 2 / G
+    for s in (qkv, down):  # docs/performance.md: the ideal IO-block / nn.Linear ratio is 2 / G
         assert shapes.flops(s, M, "fwd") / shapes.flops(s, M, "fwd", dense=True) == 2 / s.groups
         assert shapes.params(s) / shapes.params(s, dense=True) == 2 / s.groups
         assert shapes.ideal_speedup(s) == s.groups / 2

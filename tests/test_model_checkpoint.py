@@ -1,6 +1,6 @@
 """Released-checkpoint compatibility: the original keys and shapes load with ``strict=True``, a
 released-style checkpoint directory loads with ``from_pretrained`` (no remote code), and the model
-computes SPEC.md's function, checked against an independent float64 forward written from SPEC.md."""
+computes the function of docs/layers.md, checked against an independent float64 forward written from it."""
 import json
 import math
 
@@ -30,13 +30,13 @@ VARIANTS = {
 
 
 def group_count(cin, cout, minimum):
-    """SPEC.md's group rule, written out again so the test does not trust the code under test."""
+    """The group rule of docs/group-count.md, written out again so the test does not trust the code under test."""
     limit = max(1, min(cin, cout, cin // minimum))
     return next(d for d in range(limit, 0, -1) if cin % d == 0 and cout % d == 0)
 
 
 def released_state_dict(cfg: dict, seed: int = 0) -> dict:
-    """Exactly the keys and shapes the original code saves (SPEC.md, "State-dict keys")."""
+    """Exactly the keys and shapes the original code saves (docs/layers.md, state-dict keys)."""
     gen = torch.Generator().manual_seed(seed)
     sd = {}
 
@@ -80,7 +80,7 @@ def released_state_dict(cfg: dict, seed: int = 0) -> dict:
 
 
 def reference_logits(sd: dict, cfg: dict, input_ids: torch.Tensor) -> torch.Tensor:
-    """SPEC.md's model in float64 with plain torch ops (no KV cache, no padding)."""
+    """The model of docs/layers.md in float64 with plain torch ops (no KV cache, no padding)."""
     w = {k: v.double() for k, v in sd.items()}
     E, H, inter = cfg["embed_size"], cfg["hidden_size"], cfg["intermediate_size"]
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]

@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import kphi3_model
 from kphi3_model import KPhi3Config, KPhi3ForCausalLM
 
-# The config.json shipped with the original source (the "released shapes" of SPEC.md).
+# The config.json shipped with the original source (the "released shapes" of docs/performance.md).
 RELEASED_CONFIG = {
     "architectures": ["KPhi3ForCausalLM"],
     "auto_map": {
@@ -76,7 +76,7 @@ def test_released_config_builds_the_released_shapes(released_dir):
     layer = model.model.layers[0]
     groups = [block.num_groups for block in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                              layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-    assert groups == [5, 5, 5, 20]  # SPEC.md: the released shapes
+    assert groups == [5, 5, 5, 20]  # docs/group-count.md: the released shapes
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     p = "model.layers.0."
     assert shapes == {

@@ -1,6 +1,6 @@
 """Kernels on vs off: the same model with ``kernel_backend="triton"`` (on CPU: the real kernels through
-Triton's interpreter) and ``"torch"`` gives the same logits, loss and every gradient within SPEC.md's
-numerics contract (fp32: relative Frobenius error far under 1e-5)."""
+Triton's interpreter) and ``"torch"`` gives the same logits, loss and every gradient within the
+numerics contract of docs/numerics.md (fp32: relative Frobenius error far under 1e-5)."""
 import contextlib
 import os
 
@@ -19,7 +19,7 @@ needs_triton = pytest.mark.skipif(
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# The released group structure at a fifth of the width: G = 5, 5, 5, 20 (SPEC.md).
+# The released group structure at a fifth of the width: G = 5, 5, 5, 20 (docs/group-count.md).
 RELEASED_STRUCTURE = dict(vocab_size=64, embed_size=320, hidden_size=320, intermediate_size=1280, num_hidden_layers=1,
                           num_attention_heads=5, min_channels_per_group=64)
 # embed_size != hidden_size (embed_to_hidden / hidden_to_embed blocks) and GQA.

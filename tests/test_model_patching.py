@@ -16,7 +16,7 @@ BACKEND = "triton" if kk.backend.triton_available() and (
 
 
 # --- Stand-ins for the original remote-code layers: the original class and attribute names, the
-# --- semantics of SPEC.md, written plainly (not the kphi3_kernels classes).
+# --- semantics of docs/layers.md, written plainly (not the kphi3_kernels classes).
 
 def original_group_count(cin, cout, minimum):
     limit = max(1, min(cin, cout, cin // minimum))

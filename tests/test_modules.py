@@ -50,7 +50,7 @@ def check_module(module, x, backend=None, use_global=None):
 
 
 def _original_state_dict(kind, cin, cout, G, bias):
-    """What the ORIGINAL classes hold, written out by hand (SPEC.md, "State-dict keys")."""
+    """What the ORIGINAL classes hold, written out by hand (docs/layers.md, state-dict keys)."""
     s, og = cin // G, cout // G
 
     def w(*shape):
