@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -335,3 +338,35 @@ def spy_impls(monkeypatch) -> List[Tuple[str, str]]:
 
 requires_interpreter = pytest.mark.skipif(
     not INTERPRETING, reason="needs Triton's CPU interpreter (TRITON_INTERPRET=1, no GPU)")
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-process tests (gloo on CPU)
+# --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_spawned(worker, args: tuple, nprocs: int, timeout_s: float, what: str):
+    """Run ``worker(rank, *args, result_path)`` in ``nprocs`` spawned processes and return what
+    rank 0 saved to ``result_path`` with ``torch.save``; fail the test after ``timeout_s``."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = os.path.join(tmp, "rank0.pt")
+        context = mp.start_processes(worker, args=(*args, result_path), nprocs=nprocs, join=False,
+                                     start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{what} workers did not finish within {timeout_s} s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+        return torch.load(result_path)

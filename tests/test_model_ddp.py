@@ -1,17 +1,14 @@
 """DistributedDataParallel on CPU: two gloo processes, each on half of the global batch, follow the
 same loss curve and end with the same weights as one process on the whole batch."""
 import os
-import socket
-import tempfile
-import time
 from datetime import timedelta
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import kphi3_kernels
+
+from _utils import free_port, run_spawned
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -70,27 +67,8 @@ def ddp_worker(rank, port, backend, result_path):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_match_one_process():
-    with tempfile.TemporaryDirectory() as tmp:
-        result_path = os.path.join(tmp, "rank0.pt")
-        context = mp.start_processes(ddp_worker, args=(free_port(), BACKEND, result_path), nprocs=WORLD_SIZE,
-                                     join=False, start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            while not context.join(timeout=max(1.0, deadline - time.monotonic())):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"DDP workers did not finish within {TIMEOUT_S} s")
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-        result = torch.load(result_path)
+    result = run_spawned(ddp_worker, (free_port(), BACKEND), WORLD_SIZE, TIMEOUT_S, "DDP")
 
     model = build_model(BACKEND)
     losses = train(model, global_batch)

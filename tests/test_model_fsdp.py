@@ -26,17 +26,13 @@ and loading by broadcast.
   beyond the fp32 contract (1.4e-2 here: bf16 all through the forward and backward).
 """
 import os
-import socket
-import tempfile
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from _utils import FP32_TOL, rel_error
+from _utils import FP32_TOL, free_port, rel_error, run_spawned
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -155,27 +151,8 @@ def save_and_rebuild(model, batch, directory):
     return {"saved": saved, "loaded": loaded.state_dict(), "logits_difference": difference.item()}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_fsdp(world_size, modes):
-    with tempfile.TemporaryDirectory() as tmp:
-        result_path = os.path.join(tmp, "rank0.pt")
-        context = mp.start_processes(fsdp_worker, args=(world_size, free_port(), modes, result_path),
-                                     nprocs=world_size, join=False, start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            while not context.join(timeout=max(1.0, deadline - time.monotonic())):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"FSDP workers did not finish within {TIMEOUT_S} s")
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-        return torch.load(result_path)
+    return run_spawned(fsdp_worker, (world_size, free_port(), modes), world_size, TIMEOUT_S, "FSDP")
 
 
 def test_fsdp2_two_processes_match_one_process():
