@@ -106,6 +106,8 @@ def time_variants(device: torch.device, dtype: torch.dtype, shapes_: Sequence[Sh
                   budget_s: float = 1.0) -> List[dict]:
     """One row per (shape, M, provider): median/p20/p80 ms, ratio to nn.Linear, parity of each
     Triton variant with the reference (relative error), FLOPs, bytes and floor."""
+    from kphi3_kernels.ops import triton_impl
+
     elem = torch.empty((), dtype=dtype).element_size()
     rows = []
     for shape in shapes_:
@@ -116,7 +118,6 @@ def time_variants(device: torch.device, dtype: torch.dtype, shapes_: Sequence[Sh
                 errors = {}
                 for v in VARIANTS:
                     with io_forward(v):
-                        from kphi3_kernels.ops import triton_impl
                         got = triton_impl.gpc_io_fwd(x, w1, w2).double()
                     errors[f"triton-{v}"] = float((got - want).norm() / want.norm())
                 timings = bench_many(fns, device, {}, budget_s=budget_s)

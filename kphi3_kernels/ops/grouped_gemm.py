@@ -279,5 +279,4 @@ def grouped_gemm(
         # An output that is also the residual is accumulated into: restore it between trials.
         restore=("c_ptr",) if residual is not None and residual.tensor is c.tensor else (),
         device=c.tensor.device,
-        meta=dict(groups=groups, P=P, Q=Q, K=K, K2=K2 if has_second else 0),
     ))

@@ -87,6 +87,5 @@ def interleave_fwd(x: torch.Tensor, step: int, addend: Optional[torch.Tensor] = 
                   HAS_ADDEND=addend is not None,
                   ACC_DTYPE=tl.float64 if torch.float64 in (x.dtype, y.dtype) else tl.float32),
         configs=[config], interpreter_config=config, device=x.device,
-        meta=dict(M=M, C=C, step=step),
     ))
     return y

@@ -13,7 +13,7 @@ interpreter.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -35,7 +35,6 @@ class KernelLaunch:
     tune_key: Sequence[str] = ()              # argument names that decide when to re-tune
     restore: Sequence[str] = ()               # outputs the kernel accumulates into
     device: Optional[torch.device] = None
-    meta: Dict[str, Any] = field(default_factory=dict)  # free-form notes for reports
 
 
 # A tool that wants to see launches instead of running them sets this to a callable.
