@@ -219,39 +219,95 @@ def op(name: str, backend: str):
     return getattr(getattr(torch.ops, NAMESPACE), f"{name}_{backend}")
 
 
+# Eager calls skip the dispatcher. Going through a registered operator costs tens of
+# microseconds of Python per call (the autograd wrapper, the redispatch, the dynamo guard), as
+# much as the whole product at decode sizes on a CPU. When nothing but autograd would see the
+# call (no tracing, no dispatch or function mode, no functorch transform, plain non-meta
+# tensors), the operator's body runs directly: inside an autograd.Function with the same formula
+# where a gradient is needed, else bare. Same body, same formula, same results; any tracer, fake
+# or meta tensor, or tensor subclass (DTensor) gets the operator.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(args) -> bool:
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    # Meta tensors take the operator's fake implementation (shapes only, nothing launched).
+    return all(type(a) in _PLAIN and not a.is_meta for a in args if isinstance(a, Tensor))
+
+
+def _needs_grad(args) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
+_EAGER = {}  # (name, backend) -> (body, autograd.Function)
+
+
+def _call(name: str, backend: str, *args):
+    """``kphi3::<name>_<backend>(*args)``, directly in eager mode (see ``_eager``)."""
+    if not _eager(args):
+        return op(name, backend)(*args)
+    body, function = _EAGER[(name, backend)]
+    if _needs_grad(args):
+        return function.apply(*args)
+    return body(*args)
+
+
+def _eager_function(name: str, body, setup_context, backward):
+    """An autograd.Function running ``body`` with the operator's own autograd formula."""
+    def forward(*args):
+        out = body(*args)
+        return tuple(out) if isinstance(out, list) else out
+
+    def backward_(ctx, *grads):
+        # Operators returning a list get their gradients as one list, as register_autograd does.
+        return backward(ctx, list(grads)) if ctx.list_output else backward(ctx, *grads)
+
+    def setup(ctx, inputs, output):
+        ctx.list_output = isinstance(output, tuple) and name.endswith("_bwd")
+        setup_context(ctx, inputs, list(output) if ctx.list_output else output)
+
+    return type(f"{name}_eager", (torch.autograd.Function,), dict(
+        forward=staticmethod(forward), setup_context=staticmethod(setup),
+        backward=staticmethod(backward_)))
+
+
 def grouped_linear(x, weight, bias=None, *, backend: str) -> Tensor:
-    return op("grouped_linear", backend)(x, weight, bias)
+    return _call("grouped_linear", backend, x, weight, bias)
 
 
 def grouped_linear_bwd(dy, x, weight, need_dx=True, need_dw=True, need_db=False, *, backend: str):
     needs = (need_dx, need_dw, need_db)
-    return _unpack(op("grouped_linear_bwd", backend)(dy, x, weight, *needs), needs)
+    return _unpack(_call("grouped_linear_bwd", backend, dy, x, weight, *needs), needs)
 
 
 def gpc_io(x, weight1, weight2, bias1=None, bias2=None, *, backend: str) -> Tensor:
-    return op("gpc_io", backend)(x, weight1, weight2, bias1, bias2)
+    return _call("gpc_io", backend, x, weight1, weight2, bias1, bias2)
 
 
 def gpc_io_bwd(dy, x, weight1, weight2, need_dx=True, need_dw1=True, need_dw2=True,
                need_db1=False, need_db2=False, *, backend: str):
     needs = (need_dx, need_dw1, need_dw2, need_db1, need_db2)
-    return _unpack(op("gpc_io_bwd", backend)(dy, x, weight1, weight2, *needs), needs)
+    return _unpack(_call("gpc_io_bwd", backend, dy, x, weight1, weight2, *needs), needs)
 
 
 def gpc_block(x, weight1, weight2=None, bias1=None, bias2=None, *, backend: str) -> Tensor:
     """The non-IO block's output (the operator's second output, ``h``, is for its backward)."""
-    return op("gpc_block", backend)(x, weight1, weight2, bias1, bias2)[0]
+    return _call("gpc_block", backend, x, weight1, weight2, bias1, bias2)[0]
 
 
 def gpc_block_bwd(dy, x, h, weight1, weight2=None, need_dx=True, need_dw1=True, need_dw2=True,
                   need_db1=False, need_db2=False, *, backend: str):
     second = weight2 is not None
     needs = (need_dx, need_dw1, need_dw2 and second, need_db1, need_db2 and second)
-    return _unpack(op("gpc_block_bwd", backend)(dy, x, h, weight1, weight2, *needs), needs)
+    return _unpack(_call("gpc_block_bwd", backend, dy, x, h, weight1, weight2, *needs), needs)
 
 
 def interleave(x, step: int, *, backend: str) -> Tensor:
-    return op("interleave", backend)(x, step)
+    return _call("interleave", backend, x, step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,10 +360,12 @@ def _grouped_linear_bwd_vjp(dy, x, weight, gdx, gdw, gdb, needs, backend):
     return g_dy, g_x, g_w
 
 
-def _register_autograd(backend: str) -> None:
+def _register_autograd(backend: str, bodies) -> None:
     def register(name, backward, setup_context):
         torch.library.register_autograd(f"{NAMESPACE}::{name}_{backend}", backward,
                                         setup_context=setup_context)
+        _EAGER[(name, backend)] = (bodies[name], _eager_function(name, bodies[name],
+                                                                 setup_context, backward))
 
     # ---- grouped_linear ----------------------------------------------------------------------
     def gl_setup(ctx, inputs, output):
@@ -478,7 +536,8 @@ def _traceable_triton() -> bool:
 def _register() -> None:
     for backend in BACKENDS:
         traceable = backend == "triton" and _traceable_triton()
-        for name, body in _bodies(backend).items():
+        bodies = _bodies(backend)
+        for name, body in bodies.items():
             qualname = f"{NAMESPACE}::{name}_{backend}"
             kind = torch.library.triton_op if traceable else torch.library.custom_op
             kind(qualname, body, mutates_args=())
@@ -486,7 +545,7 @@ def _register() -> None:
             # fake (Dynamo and export need shapes only); AOT autograd still traces the body
             # when it decomposes the operator for Inductor.
             torch.library.register_fake(qualname, _FAKES[name])
-        _register_autograd(backend)
+        _register_autograd(backend, bodies)
 
 
 _register()
