@@ -73,6 +73,21 @@ def test_half_dtypes(op, M, dtype):
         check_op(op, make_operands(op, case, dtype), "torch", dtype)
 
 
+@pytest.mark.parametrize("block_bytes", [1, 2000])
+@pytest.mark.parametrize("M", [1, 37, 75])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_io_row_blocks(monkeypatch, block_bytes, M, dtype):
+    """The IO block in many row blocks, the last one partial: with og = 9 the weight gradients
+    accumulate over blocks of 36 rows (M = 37 ends on a one-row block, the outer-product path),
+    the forward and the input gradient over blocks of 1 or 4 rows."""
+    monkeypatch.setattr(torch_impl, "BLOCK_BYTES", block_bytes)
+    case = Case(5, 7, 9, (M,), "sliced", True)
+    check_op("gpc_io", make_operands("gpc_io", case, dtype), "torch", dtype)
+    if dtype == torch.float32:
+        _check_fp64("gpc_io", case)
+
+
 def test_block_without_second_weight_float64():
     _check_fp64("gpc_block", Case(3, 2, 5, (4, 2), "sliced", True, second=False))
 

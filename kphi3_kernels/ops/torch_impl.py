@@ -1,15 +1,17 @@
 """PyTorch launchers with the same signatures as ``triton_impl``: the ``torch`` backend.
 
 Every grouped product is one batched GEMM (``torch.bmm`` / ``baddbmm``) over a strided view of
-its operand, at every M: group ``n`` of ``x[:, n*s:(n+1)*s]`` is ``x.view(M, G, s).transpose(0, 1)``
-(read in place), and the IO block's interleaved operand ``x[:, n::G]`` is
-``x.view(M, s, G).permute(2, 0, 1)`` (copied once to ``[M, G, s]``, since BLAS needs a unit
-stride). The IO block's second product accumulates onto the first in the same ``[G, M, og]``
-buffer; one elementwise pass then writes that buffer into the ``[M, G*og]`` output (adding the
-residual, for the non-IO block). Compared with the plain reference (``reference.py``) this saves
-one of its two output copies and its output-sized sum; compared with a
-Python loop of per-group GEMMs it saves ``2G`` dispatches and threaded BLAS calls per product,
-which dominate at decode sizes and at G = 20 and degrade badly when the CPU is shared.
+its operand: group ``n`` of ``x[:, n*s:(n+1)*s]`` is ``x.view(M, G, s).transpose(0, 1)`` (read
+in place), and the IO block's interleaved operand ``x[:, n::G]`` is
+``x.view(M, s, G).permute(2, 0, 1)`` (copied to ``[M, G, s]``, since BLAS needs a unit stride).
+The IO block's second product accumulates onto the first in the same ``[G, M, og]`` buffer; one
+elementwise pass then writes that buffer into the ``[M, G*og]`` output (adding the residual, for
+the non-IO block). Compared with the plain reference (``reference.py``) this saves one of its two
+output copies and its output-sized sum; compared with a Python loop of per-group GEMMs it saves
+``2G`` dispatches and threaded BLAS calls per product, which dominate at decode sizes and at
+G = 20 and degrade badly when the CPU is shared. The IO block runs in row blocks of a few MB
+(``BLOCK_BYTES``, see ``_row_block``): its temporaries then stay in the heap and in cache instead of
+being page-faulted in on every call, which at G = 20 and M = 2048 is a third of its time.
 
 Intermediate precision: one rule for every launcher, every M. Everything is accumulated in the
 *accumulation dtype*, float32 for float16 / bfloat16 operands and the operand dtype otherwise
@@ -83,15 +85,6 @@ def _groups(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t.view(M, groups, C // groups).transpose(0, 1)
 
 
-def _strided_groups_copy(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """Group n is ``t[:, n::groups]``, as ``[G, M, w]`` views of one contiguous ``[M, G, w]`` copy
-    (in place, no group would have a unit stride, which BLAS needs)."""
-    M, C = t.shape
-    copy = torch.empty((M, groups, C // groups), dtype=t.dtype, device=t.device)
-    copy.copy_(t.view(M, C // groups, groups).transpose(1, 2))
-    return copy.transpose(0, 1)
-
-
 def _products(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
               a2: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None
               ) -> torch.Tensor:
@@ -110,8 +103,46 @@ def _weight_grads(a: torch.Tensor, dy_groups: torch.Tensor, dtype: torch.dtype) 
     G, M, s = a.shape
     og = dy_groups.shape[2]
     work = _new((G, s, og), a.dtype, a)
-    torch.bmm(a.transpose(1, 2), dy_groups, out=work)
+    _weight_grads_into(work, a, dy_groups, accumulate=False)
     return _finish(work, dtype)
+
+
+def _weight_grads_into(work: torch.Tensor, a: torch.Tensor, dy_groups: torch.Tensor,
+                       accumulate: bool) -> None:
+    """``work (+)= a[n]^T @ dy_n``. One row is an outer product: a broadcast multiply writes it in
+    about half the time of BLAS's batched GEMM with K = 1 (decode steps of training)."""
+    at = a.transpose(1, 2)
+    if a.shape[1] == 1:
+        if accumulate:
+            work.addcmul_(at, dy_groups)
+        else:
+            torch.mul(at, dy_groups, out=work)
+    elif accumulate:
+        work.baddbmm_(at, dy_groups)
+    else:
+        torch.bmm(at, dy_groups, out=work)
+
+
+# Row blocks. Whole-M temporaries (an upcast or de-interleaved copy of x, a [G, M, w] product
+# before its permute into the output) are tens of MB at M = 2048; glibc serves blocks that
+# large with fresh mmaps, so every call page-faults them in, and they fall out of the
+# last-level cache between passes. Row blocks of a few MB are reused from the heap and stay
+# in cache. Reductions over M (weight gradients) are chunked no finer than 4*og rows, so that
+# re-reading the [G, s, og] accumulator costs at most about a quarter of the operand traffic.
+BLOCK_BYTES = 8 << 20
+
+
+def _row_block(M: int, row_bytes: int, at_least: int = 1) -> int:
+    return max(1, min(M, max(at_least, BLOCK_BYTES // max(1, row_bytes))))
+
+
+def _strided_groups_into(buf: torch.Tensor, t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Group n of ``t[:, n::groups]`` as ``[G, M, w]`` views of ``buf`` (``[>= M, G, w]``),
+    cast to ``buf``'s dtype on the way."""
+    M, C = t.shape
+    out = buf[:M]
+    out.copy_(t.view(M, C // groups, groups).transpose(1, 2))
+    return out.transpose(0, 1)
 
 
 def bias_grad(dy: torch.Tensor, groups: int) -> torch.Tensor:
@@ -151,14 +182,29 @@ def gpc_io_fwd(x, weight1, weight2, bias1=None, bias2=None):
     G, s, og = weight1.shape
     M = x.shape[0]
     acc = acc_dtype(x.dtype)
-    xa = _acc(x, acc)
+    w1, w2 = _acc(weight1, acc), _acc(weight2, acc)
     bias = _acc(bias1, acc)
     if bias2 is not None:
         bias = _acc(bias2, acc) if bias is None else bias + _acc(bias2, acc)
-    prod = _products(_groups(xa, G), _acc(weight1, acc), bias,
-                     _strided_groups_copy(xa, G), _acc(weight2, acc))
     y = _new((M, G * og), x.dtype, x)
-    y.view(M, G, og).copy_(prod.transpose(0, 1))
+    elem = torch.empty((), dtype=acc).element_size()
+    rows = _row_block(M, elem * G * (2 * s + og))
+    half = acc != x.dtype
+    xa = x.new_empty((rows, G * s), dtype=acc) if half else None
+    xi = x.new_empty((rows, G, s), dtype=acc)
+    prod = x.new_empty((G, rows, og), dtype=acc)
+    for r in range(0, M, rows):
+        xc = x[r:r + rows]
+        m = xc.shape[0]
+        if half:
+            xc = xa[:m].copy_(xc)
+        p = prod[:, :m]
+        if bias is None:
+            torch.bmm(_groups(xc, G), w1, out=p)
+        else:
+            torch.baddbmm(bias.unsqueeze(1), _groups(xc, G), w1, out=p)
+        p.baddbmm_(_strided_groups_into(xi, xc, G), w2)
+        y[r:r + m].view(m, G, og).copy_(p.transpose(0, 1))  # rounds once for half dtypes
     return y
 
 
@@ -168,19 +214,51 @@ def gpc_io_bwd(dy, x, weight1, weight2, need_dx=True, need_dw1=True, need_dw2=Tr
     M = x.shape[0]
     dtype = dy.dtype
     acc = acc_dtype(dtype)
-    dy_groups = _groups(_acc(dy, acc), G)
-    xa = _acc(x, acc)
+    elem = torch.empty((), dtype=acc).element_size()
+    half = acc != dtype
     dx = dw1 = dw2 = db = None
     if need_dx:
-        work = _new((M, G * s), acc, dy)
-        work.view(M, G, s).copy_(_input_grad(dy_groups, _acc(weight1, acc)).transpose(0, 1))
-        # the interleaved term: group n of the second GEMM reads x[:, n::G]
-        work.view(M, s, G).add_(_input_grad(dy_groups, _acc(weight2, acc)).permute(1, 2, 0))
-        dx = _finish(work, dtype)
-    if need_dw1:
-        dw1 = _weight_grads(_groups(xa, G), dy_groups, weight1.dtype)
-    if need_dw2:
-        dw2 = _weight_grads(_strided_groups_copy(xa, G), dy_groups, weight2.dtype)
+        dx = _new((M, G * s), dtype, dy)
+        w1, w2 = _acc(weight1, acc), _acc(weight2, acc)
+        rows = _row_block(M, elem * G * (og + 2 * s))
+        dya = dy.new_empty((rows, G * og), dtype=acc) if half else None
+        term = dy.new_empty((G, rows, s), dtype=acc)
+        work = dy.new_empty((rows, G * s), dtype=acc) if half else None
+        for r in range(0, M, rows):
+            dyc = dy[r:r + rows]
+            m = dyc.shape[0]
+            if half:
+                dyc = dya[:m].copy_(dyc)
+            out = work[:m] if half else dx[r:r + m]
+            t = term[:, :m]
+            torch.bmm(_groups(dyc, G), w1.transpose(1, 2), out=t)
+            out.view(m, G, s).copy_(t.transpose(0, 1))
+            # the interleaved term: group n of the second GEMM reads x[:, n::G]
+            torch.bmm(_groups(dyc, G), w2.transpose(1, 2), out=t)
+            out.view(m, s, G).add_(t.permute(1, 2, 0))
+            if half:
+                dx[r:r + m].copy_(out)  # both terms summed in fp32, rounded once
+    if need_dw1 or need_dw2:
+        rows = _row_block(M, elem * G * (2 * s + og), at_least=4 * og)
+        g1 = _new((G, s, og), acc, dy) if need_dw1 else None
+        g2 = _new((G, s, og), acc, dy) if need_dw2 else None
+        xa = x.new_empty((rows, G * s), dtype=acc) if half and need_dw1 else None
+        dya = dy.new_empty((rows, G * og), dtype=acc) if half else None
+        xi = x.new_empty((rows, G, s), dtype=acc) if need_dw2 else None
+        for i, r in enumerate(range(0, max(M, 1), rows)):
+            xc, dyc = x[r:r + rows], dy[r:r + rows]
+            m = xc.shape[0]
+            if half:
+                dyc = dya[:m].copy_(dyc)
+            dy_groups = _groups(dyc, G)
+            if need_dw1:
+                a = _groups(xa[:m].copy_(xc) if half else xc, G)
+                _weight_grads_into(g1, a, dy_groups, accumulate=i > 0)
+            if need_dw2:
+                _weight_grads_into(g2, _strided_groups_into(xi, xc, G), dy_groups,
+                                   accumulate=i > 0)
+        dw1 = None if g1 is None else _finish(g1, weight1.dtype)
+        dw2 = None if g2 is None else _finish(g2, weight2.dtype)
     if need_db1 or need_db2:
         db = bias_grad(dy, G)
     return dx, dw1, dw2, db if need_db1 else None, db if need_db2 else None
