@@ -5,10 +5,10 @@
 
 For each device (``meta.env.device_name``) the latest layer sweep (``schema kphi3-bench/1``) and
 the latest model benchmark (``kphi3-bench-model/1``) are shown: the command that produced them,
-the roofline used, the torch backend against nn.Linear at M = 2048 on the released shapes, the
-summary table (rows whose measurement stayed unstable marked UNSTABLE, and counted) and the
-roofline fractions. Only the text between the two GENERATED markers is
-rewritten; the numbers come from the JSON files, never from a hand.
+the roofline used, the torch backend against nn.Linear at M = 2048 on the released shapes and
+against the plain reference everywhere, the summary table (rows whose measurement stayed
+unstable marked UNSTABLE, and counted) and the roofline fractions. Only the text between the two
+GENERATED markers is rewritten; the numbers come from the JSON files, never from a hand.
 """
 from __future__ import annotations
 
@@ -72,6 +72,34 @@ def released_ratio_table(rows: Sequence[Row]) -> str:
         return "_(no torch-backend and nn.Linear rows at M = 2048 on the released shapes)_"
     return report.markdown_table(["shape", "G", "mode", "nn.Linear ms", "torch ms",
                                   "torch / nn.Linear", "ideal 2/G"], body, right=range(3, 7))
+
+
+def backend_vs_reference_table(rows: Sequence[Row]) -> str:
+    """The torch backend against the plain reference, every shape, M and mode of the sweep: time
+    ratio, each row's p20-p80, and whether the backend is faster, within the spread (its p20 at
+    or below the reference's p80: the runs overlap), or slower."""
+    ref = {(r.shape, r.M, r.mode): r for r in rows if r.provider == "reference" and r.timed}
+    body, verdicts = [], []
+    for r in rows:
+        base = ref.get((r.shape, r.M, r.mode))
+        if r.provider != "torch" or base is None or not r.timed:
+            continue
+        if r.median_ms <= base.median_ms:
+            verdict = "faster"
+        elif r.p20_ms is not None and base.p80_ms is not None and r.p20_ms <= base.p80_ms:
+            verdict = "within spread"
+        else:
+            verdict = "slower"
+        verdicts.append(verdict)
+        spread = lambda x: f"{_ms(x.p20_ms)}-{_ms(x.p80_ms)}"  # noqa: E731
+        body.append([r.shape, str(r.M), r.mode, _ms(base.median_ms), spread(base),
+                     _ms(r.median_ms), spread(r), f"{r.median_ms / base.median_ms:.2f}", verdict])
+    if not body:
+        return "_(no torch-backend and reference rows)_"
+    counts = ", ".join(f"{verdicts.count(v)} {v}" for v in ("faster", "within spread", "slower"))
+    return report.markdown_table(
+        ["shape", "M", "mode", "reference ms", "p20-p80", "torch ms", "p20-p80",
+         "torch / reference", ""], body, right=range(3, 8)) + f"\n\n{len(body)} rows: {counts}."
 
 
 def summary_markdown(rows: Sequence[Row]) -> str:
@@ -145,6 +173,11 @@ def device_section(name: str, layer: Optional[tuple], model: Optional[tuple], di
             "the ideal at the roofline is 2/G):",
             "",
             released_ratio_table(rows),
+            "",
+            "**The torch backend against the plain reference** (`kphi3_kernels.reference`; "
+            "median ms and p20-p80 of each):",
+            "",
+            backend_vs_reference_table(rows),
             "",
             "**Summary** (median ms; in brackets the speedup over nn.Linear, nn.Linear's time / "
             f"this time; {report.UNSTABLE}: the row's measurement stayed unstable, not a result):",
