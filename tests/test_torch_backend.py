@@ -81,6 +81,7 @@ def test_io_row_blocks(monkeypatch, block_bytes, M, dtype):
     """The IO block in many row blocks, the last one partial: with og = 9 the weight gradients
     accumulate over blocks of 36 rows (M = 37 ends on a one-row block, the outer-product path),
     the forward and the input gradient over blocks of 1 or 4 rows."""
+    monkeypatch.setattr(torch_impl, "WHOLE_BYTES", 0)
     monkeypatch.setattr(torch_impl, "BLOCK_BYTES", block_bytes)
     case = Case(5, 7, 9, (M,), "sliced", True)
     check_op("gpc_io", make_operands("gpc_io", case, dtype), "torch", dtype)

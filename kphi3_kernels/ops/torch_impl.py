@@ -124,15 +124,20 @@ def _weight_grads_into(work: torch.Tensor, a: torch.Tensor, dy_groups: torch.Ten
 
 
 # Row blocks. Whole-M temporaries (an upcast or de-interleaved copy of x, a [G, M, w] product
-# before its permute into the output) are tens of MB at M = 2048; glibc serves blocks that
-# large with fresh mmaps, so every call page-faults them in, and they fall out of the
-# last-level cache between passes. Row blocks of a few MB are reused from the heap and stay
-# in cache. Reductions over M (weight gradients) are chunked no finer than 4*og rows, so that
-# re-reading the [G, s, og] accumulator costs at most about a quarter of the operand traffic.
+# before its permute into the output) are tens of MB at M = 2048; glibc serves blocks of 32 MB
+# and more with fresh mmaps, so every call page-faults them in, and they fall out of the
+# last-level cache between passes. Past WHOLE_BYTES of temporaries the IO block runs in row
+# blocks of BLOCK_BYTES, which are reused from the heap and stay in cache; below it one block
+# (blocking a few MB only adds calls). Reductions over M (weight gradients) are chunked no finer
+# than 4*og rows, so that re-reading the [G, s, og] accumulator costs at most about a quarter of
+# the operand traffic.
+WHOLE_BYTES = 24 << 20
 BLOCK_BYTES = 8 << 20
 
 
 def _row_block(M: int, row_bytes: int, at_least: int = 1) -> int:
+    if M * row_bytes <= WHOLE_BYTES:
+        return max(1, M)
     return max(1, min(M, max(at_least, BLOCK_BYTES // max(1, row_bytes))))
 
 
