@@ -79,6 +79,10 @@ def backend_vs_reference_table(rows: Sequence[Row]) -> str:
     ratio, each row's p20-p80, and whether the backend is faster, within the spread (its p20 at
     or below the reference's p80: the runs overlap), or slower."""
     ref = {(r.shape, r.M, r.mode): r for r in rows if r.provider == "reference" and r.timed}
+
+    def spread(row: Row) -> str:
+        return f"{_ms(row.p20_ms)}-{_ms(row.p80_ms)}"
+
     body, verdicts = [], []
     for r in rows:
         base = ref.get((r.shape, r.M, r.mode))
@@ -91,7 +95,6 @@ def backend_vs_reference_table(rows: Sequence[Row]) -> str:
         else:
             verdict = "slower"
         verdicts.append(verdict)
-        spread = lambda x: f"{_ms(x.p20_ms)}-{_ms(x.p80_ms)}"  # noqa: E731
         body.append([r.shape, str(r.M), r.mode, _ms(base.median_ms), spread(base),
                      _ms(r.median_ms), spread(r), f"{r.median_ms / base.median_ms:.2f}", verdict])
     if not body:

@@ -258,17 +258,19 @@ def _call(name: str, backend: str, *args):
 
 def _eager_function(name: str, body, setup_context, backward):
     """An autograd.Function running ``body`` with the operator's own autograd formula."""
+    # The backward operators return a list: an autograd.Function returns it as a tuple, and
+    # their formulas take the outputs and the gradients as one list, as register_autograd does.
+    list_output = name.endswith("_bwd")
+
     def forward(*args):
         out = body(*args)
-        return tuple(out) if isinstance(out, list) else out
+        return tuple(out) if list_output else out
 
     def backward_(ctx, *grads):
-        # Operators returning a list get their gradients as one list, as register_autograd does.
-        return backward(ctx, list(grads)) if ctx.list_output else backward(ctx, *grads)
+        return backward(ctx, list(grads)) if list_output else backward(ctx, *grads)
 
     def setup(ctx, inputs, output):
-        ctx.list_output = isinstance(output, tuple) and name.endswith("_bwd")
-        setup_context(ctx, inputs, list(output) if ctx.list_output else output)
+        setup_context(ctx, inputs, list(output) if list_output else output)
 
     return type(f"{name}_eager", (torch.autograd.Function,), dict(
         forward=staticmethod(forward), setup_context=staticmethod(setup),

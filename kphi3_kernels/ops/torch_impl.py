@@ -9,9 +9,10 @@ elementwise pass then writes that buffer into the ``[M, G*og]`` output (adding t
 the non-IO block). Compared with the plain reference (``reference.py``) this saves one of its two
 output copies and its output-sized sum; compared with a Python loop of per-group GEMMs it saves
 ``2G`` dispatches and threaded BLAS calls per product, which dominate at decode sizes and at
-G = 20 and degrade badly when the CPU is shared. The IO block runs in row blocks of a few MB
-(``BLOCK_BYTES``, see ``_row_block``): its temporaries then stay in the heap and in cache instead of
-being page-faulted in on every call, which at G = 20 and M = 2048 is a third of its time.
+G = 20 and degrade badly when the CPU is shared. Once its whole-M temporaries would pass
+``WHOLE_BYTES``, the IO block runs in row blocks of ``BLOCK_BYTES`` (see ``_row_block``): they then
+stay in the heap and in cache instead of being page-faulted in on every call, which cut its
+backward at G = 20, M = 2048 by about 40%.
 
 Intermediate precision: one rule for every launcher, every M. Everything is accumulated in the
 *accumulation dtype*, float32 for float16 / bfloat16 operands and the operand dtype otherwise
