@@ -129,6 +129,8 @@ def _grouped_gemm_kernel(
     mask_p = offs_p < P
     mask_q = offs_q < Q
 
+    # Every tl.dot names the accumulator's dtype: Triton 3.6 defaults out_dtype to fp32 and
+    # rejects the float64 accumulator otherwise (3.9 infers it); for fp32/fp16/bf16 it is fp32.
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC_DTYPE)
     a_rows = offs_p[:, None] * s_ap
     b_cols = offs_q[None, :] * s_bq
@@ -146,7 +148,7 @@ def _grouped_gemm_kernel(
                         mask=mask_p[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_base + k[:, None] * s_bk + b_cols,
                         mask=mask_k[:, None] & mask_q[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     else:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
@@ -155,7 +157,7 @@ def _grouped_gemm_kernel(
                         mask=mask_p[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_ptr + g * s_bg + k[:, None] * s_bk + b_cols,
                         mask=mask_k[:, None] & mask_q[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if HAS_SECOND:
             # The fused variant: A2 has its own strides (x[..., n::G] read in place).
             a2_rows = a2_ptr + g * s_a2g + offs_p[:, None] * s_a2p
@@ -167,7 +169,7 @@ def _grouped_gemm_kernel(
                             mask=mask_p[:, None] & mask_k[None, :], other=0.0)
                 b = tl.load(b2_cols + k[:, None] * s_b2k,
                             mask=mask_k[:, None] & mask_q[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     # Epilogue: biases and residual in the fp32 accumulator, one rounding at the store.
     if HAS_BIAS:
