@@ -1,0 +1,273 @@
+"""The launch ledger (``kphi3_bench.ledger``): its counts on cases computed by hand, and the
+committed budget of the Triton path's launches and bytes.
+
+Nothing here runs a kernel: the launchers are called on meta tensors and ``ops.launch.RECORDER``
+keeps each launch, so these tests take the same time with or without a GPU or the interpreter.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kphi3_bench import ledger
+from kphi3_bench.shapes import SHAPES, Shape, min_bytes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUDGET = os.path.join(ROOT, "benchmarks", "results", "ledger-budget.json")
+LEDGER_JSON = os.path.join(ROOT, "benchmarks", "results", "ledger-2026-12-02.json")
+H200 = ledger.CostModel(790.0, 4300.0, 2.0)
+
+# in 96 -> out 80 with G = 2 (96 // 48 = 2 divides both): s = 48, og = 40.
+TINY = Shape("tiny-io", "tiny", "io", 96, 80, 48)
+M = 100
+
+
+def _meta(*size, dtype=torch.bfloat16, grad=False):
+    return torch.empty(*size, dtype=dtype, device="meta", requires_grad=grad)
+
+
+def _by_name(path):
+    return {l.name: l for l in path.launches}
+
+
+# --- The Triton path, by hand -----------------------------------------------------------------
+
+def test_tiny_gpc_io_forward_by_hand():
+    assert (TINY.groups, TINY.in_per_group, TINY.out_per_group) == (2, 48, 40)
+    path = ledger.triton_launches(ledger.Problem("gpc_io", TINY, M, "bf16"), "fwd")
+    assert [l.name for l in path.launches] == ["gpc_io_deinterleave", "gpc_io_fwd"]
+    pre, gemm = path.launches
+    # The pre-pass moves data only: reads x (100 x 96 bf16) and writes xi (the same size).
+    assert pre.flops == 0
+    assert pre.bytes == 2 * 100 * 96 * 2 == 38_400
+    # First-choice tile for a 100 x 40 output: 128 x 64 x 64 (no 256-wide tile: Q rounds up to 64).
+    assert gemm.config.startswith("BLOCK_P=128, BLOCK_Q=64, BLOCK_K=64")
+    # One 128 x 64 tile per group, 2 groups, K = 48 + 48, each half padded to one 64-step:
+    # 2 * 2 programs * 128 * 64 * 64 * 2 steps.
+    assert gemm.flops == 4_194_304
+    # x 19200 + xi 19200 + W1 7680 + W2 7680 + y 16000 (bias/residual placeholders are y again).
+    assert gemm.bytes == 19_200 + 19_200 + 7_680 + 7_680 + 16_000 == 69_760
+    # Both memory-bound: bytes / 4.3 TB/s + 2 us.
+    assert H200.time_us(pre.flops, pre.bytes) == pytest.approx(2 + 38_400 / 4.3e6)
+    assert path.time_us(H200) == pytest.approx(4 + (38_400 + 69_760) / 4.3e6)
+
+
+def test_tiny_gpc_io_backward_by_hand():
+    path = ledger.triton_launches(ledger.Problem("gpc_io", TINY, M, "bf16"), "bwd")
+    assert [l.name for l in path.launches] == [
+        "gpc_io_bwd_dx1", "gpc_io_bwd_dx2", "gpc_io_bwd_dx_interleave", "gpc_io_bwd_dw1",
+        "gpc_io_deinterleave", "gpc_io_bwd_dw2"]
+    got = _by_name(path)
+    # dx1 = dy_n W1[n]^T: a 100 x 48 output per group (128 x 64 tile), K = og = 40 (one 64-step);
+    # dy 16000 + W1 7680 + dx1 in fp32 (100 x 96 x 4 = 38400).
+    assert got["gpc_io_bwd_dx1"].flops == 2 * 2 * 128 * 64 * 64 == 2_097_152
+    assert got["gpc_io_bwd_dx1"].bytes == 16_000 + 7_680 + 38_400
+    # dx = dx1 + interleave(dxi): two fp32 reads, one bf16 write.
+    assert got["gpc_io_bwd_dx_interleave"].flops == 0
+    assert got["gpc_io_bwd_dx_interleave"].bytes == 38_400 + 38_400 + 19_200
+    # dW1[n] = x_n^T dy_n: a 48 x 40 output (64 x 64 tile), K = M = 100 -> two 64-steps;
+    # x 19200 + dy 16000 + dW1 7680.
+    assert got["gpc_io_bwd_dw1"].config.startswith("BLOCK_P=64, BLOCK_Q=64, BLOCK_K=64")
+    assert got["gpc_io_bwd_dw1"].flops == 2 * 2 * 64 * 64 * 64 * 2 == 2_097_152
+    assert got["gpc_io_bwd_dw1"].bytes == 19_200 + 16_000 + 7_680
+
+
+def test_tiny_grouped_linear_backward_by_hand():
+    path = ledger.triton_launches(ledger.Problem("grouped_linear", TINY, M, "bf16"), "bwd")
+    dx, dw = path.launches
+    assert (dx.name, dw.name) == ("grouped_linear_bwd_dx", "grouped_linear_bwd_dw")
+    assert dx.flops == 2_097_152 and dx.bytes == 16_000 + 7_680 + 19_200
+    assert dw.flops == 2_097_152 and dw.bytes == 19_200 + 16_000 + 7_680
+
+
+def test_accumulated_output_counts_read_and_write():
+    from kphi3_kernels.ops.launch import KernelLaunch
+
+    a, c = _meta(4, 8), _meta(4, 8)
+    spec = KernelLaunch(name="acc", kernel=None, grid=lambda meta: (1,),
+                        args=dict(x_ptr=a, r_ptr=c, y_ptr=c, M=4),
+                        configs=[_move_config()], interpreter_config=_move_config(),
+                        restore=("y_ptr",))
+    assert ledger.triton_launch_cost(spec).bytes == 64 + 64 + 64  # a, then c read and written
+
+
+def _move_config():
+    import triton
+
+    return triton.Config({"BLOCK_M": 1, "BLOCK_A": 8, "BLOCK_B": 2}, num_warps=4)
+
+
+def test_unknown_kernel_is_refused():
+    import triton
+    from kphi3_kernels.ops.launch import KernelLaunch
+
+    config = triton.Config({"BLOCK_X": 64}, num_warps=4)
+    spec = KernelLaunch(name="new", kernel=None, grid=lambda meta: (1,), args={},
+                        configs=[config], interpreter_config=config)
+    with pytest.raises(ValueError, match="teach the ledger"):
+        ledger.triton_launch_cost(spec)
+
+
+# --- The aten recording, by hand --------------------------------------------------------------
+
+def test_dense_linear_by_hand():
+    x, w = _meta(3, 4, grad=True), _meta(5, 4, grad=True)
+    dy = _meta(3, 5)
+    fwd = ledger.record_aten(F.linear, [x, w], "fwd", dy)
+    # t(W) is a view: the one launch is the mm, 2*M*in*out FLOPs, x + W + y bytes.
+    assert [l.name for l in fwd.launches] == ["aten.mm.default"]
+    assert fwd.flops == 2 * 3 * 4 * 5 == 120
+    assert fwd.bytes == (3 * 4 + 5 * 4 + 3 * 5) * 2 == 94
+    bwd = ledger.record_aten(F.linear, [x, w], "bwd", dy)
+    # dx = dy W (reads dy, W; writes dx) and dW = dy^T x (reads dy, x; writes dW): 94 bytes each.
+    assert [l.name for l in bwd.launches] == ["aten.mm.default"] * 2
+    assert [l.flops for l in bwd.launches] == [120, 120]
+    assert [l.bytes for l in bwd.launches] == [94, 94]
+
+
+def test_aten_bytes_rules():
+    x, y = _meta(8, 8), _meta(8, 8)  # 128 bytes each
+    with ledger.AtenRecorder() as rec:
+        x.mul(x)              # x read once, out written: 256
+        x.add_(y)             # x read and written, y read: 384
+        x.copy_(y)            # y read, x written (not read): 256
+        x.t().contiguous()    # the view is free, the copy reads and writes: 256
+        x.view(64)            # metadata only: no launch
+        torch.empty_like(x)   # allocation only: no launch
+    assert [l.name for l in rec.launches] == [
+        "aten.mul.Tensor", "aten.add_.Tensor", "aten.copy_.default", "aten.clone.default"]
+    assert [l.bytes for l in rec.launches] == [256, 384, 256, 256]
+
+
+def test_reference_interleave_is_one_copy():
+    path = ledger.reference_launches(ledger.Problem("interleave", TINY, M, "bf16"), "fwd")
+    assert [(l.name, l.flops, l.bytes) for l in path.launches] == [
+        ("aten.clone.default", 0, 2 * 100 * 96 * 2)]
+
+
+def test_floor_matches_the_shape_table():
+    for mode in ledger.LEDGER_MODES:
+        f = ledger.floor(ledger.Problem("gpc_io", TINY, M, "bf16"), mode)
+        assert f.bytes == min_bytes(TINY, M, mode, 2)
+    f = ledger.floor(ledger.Problem("gpc_io", TINY, M, "bf16"), "fwd")
+    assert f.flops == 4 * 100 * 96 * 80 // 2 == 1_536_000
+    assert f.bytes == (100 * 96 + 2 * 2 * 48 * 40 + 100 * 80) * 2 == 50_560
+    inter = ledger.floor(ledger.Problem("interleave", TINY, M, "bf16"), "bwd")
+    assert (inter.flops, inter.bytes) == (0, 2 * 100 * 96 * 2)
+
+
+# --- The released shapes against figures computed before with this model ---------------------
+
+@pytest.mark.parametrize("name,triton_fwd,triton_bwd,ref_fwd,ref_bwd,dense_bwd", [
+    ("kphi3-qkv", 54.5, 136.6, 165, 141, 207.9),
+    ("kphi3-o", 28.7, 95.5, 76, 99.5, 72.0),
+    ("kphi3-gate_up", 122.5, 263.6, 404, 277, 547.6),
+    ("kphi3-down", 87.2, 285.7, 134, 290, 275.8),
+])
+def test_released_gpc_io_at_8192(name, triton_fwd, triton_bwd, ref_fwd, ref_bwd, dense_bwd):
+    p = ledger.Problem("gpc_io", SHAPES[name], 8192, "bf16")
+    got = [ledger.triton_launches(p, "fwd").time_us(H200),
+           ledger.triton_launches(p, "bwd").time_us(H200),
+           ledger.reference_launches(p, "fwd").time_us(H200),
+           ledger.reference_launches(p, "bwd").time_us(H200),
+           ledger.dense_launches(p, "bwd").time_us(H200)]
+    want = [triton_fwd, triton_bwd, ref_fwd, ref_bwd, dense_bwd]
+    assert got == pytest.approx(want, rel=5e-3)
+
+
+# --- The budget -------------------------------------------------------------------------------
+
+def _load_budget():
+    with open(BUDGET) as f:
+        return json.load(f)
+
+
+def test_budget_covers_the_released_shapes():
+    grid = _load_budget()["grid"]
+    assert set(ledger.OPS) <= set(grid["ops"])
+    assert {s.name for s in SHAPES.values() if s.family == "kphi3"} <= set(grid["shapes"])
+    assert set(ledger.DEFAULT_M) <= set(grid["m"])
+    assert set(ledger.LEDGER_MODES) <= set(grid["modes"])
+    assert "bf16" in grid["dtypes"]
+
+
+def test_triton_path_is_within_its_budget():
+    """Fails when a change adds a launch or moves more bytes than benchmarks/results/
+    ledger-budget.json allows; the message names the row, the count and the budget, and the
+    command that rewrites the budget when the increase is intended."""
+    budget = _load_budget()
+    rows = ledger.build_ledger(**ledger.budget_grid(budget), io_forward=budget["io_forward"],
+                               baselines=False)
+    problems = ledger.check_budget(rows, budget, os.path.relpath(BUDGET, ROOT))
+    assert not problems, "\n".join(problems)
+
+
+def test_check_budget_reports_rows_over_budget():
+    rows = ledger.build_ledger([TINY], [M], ["fwd"], ["bf16"], ["gpc_io"], baselines=False)
+    budget = ledger.budget_from_rows(rows, "split", "b.json")
+    assert ledger.check_budget(rows, budget, "b.json") == []
+    key = "gpc_io tiny-io M=100 fwd bf16"
+    budget["rows"][key] = {"launches": 1, "bytes": 108_159}   # counted: 2 launches, 108160 bytes
+    problems = ledger.check_budget(rows, budget, "b.json")
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{key}: the Triton path makes 2 launches "
+                                  "(gpc_io_deinterleave, gpc_io_fwd), over its budget of 1")
+    assert "moves 108,160 bytes, over its budget of 108,159 bytes in b.json" in problems[1]
+    assert all("--write-budget b.json" in p and "--shapes tiny-io" in p for p in problems)
+    assert "no budget" in ledger.check_budget(rows, {"rows": {}}, "b.json")[0]
+
+
+# --- Command line and committed results -------------------------------------------------------
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from kphi3_bench import ledger; ledger.build_parser().format_help(); "
+            "assert 'torch' not in sys.modules, 'importing the ledger imported torch'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_main_writes_json_markdown_and_budget(tmp_path, capsys):
+    out, md, budget = tmp_path / "l.json", tmp_path / "l.md", tmp_path / "b.json"
+    assert ledger.main(["--shapes", "kphi3-o", "--m", "16", "--dtypes", "bf16", "--json", str(out),
+                        "--markdown", str(md), "--write-budget", str(budget)]) == 0
+    printed = capsys.readouterr().out
+    assert "gpc_io" in printed and "a prediction, not a measurement" in printed
+    data = json.loads(out.read_text())
+    assert data["schema"] == ledger.SCHEMA and len(data["rows"]) == 4 * 2
+    row = next(r for r in data["rows"] if r["op"] == "gpc_io" and r["mode"] == "fwd")
+    assert [k["name"] for k in row["triton"]["kernels"]] == ["gpc_io_deinterleave", "gpc_io_fwd"]
+    assert "not a measurement" in md.read_text()
+    assert ledger.main(["--check-budget", str(budget), "--quiet"]) == 0
+    written = json.loads(budget.read_text())
+    written["rows"]["gpc_io kphi3-o M=16 fwd bf16"]["bytes"] -= 1
+    budget.write_text(json.dumps(written))
+    assert ledger.main(["--check-budget", str(budget), "--quiet"]) == 1
+    assert "over its budget" in capsys.readouterr().err
+
+
+def test_main_rejects_unknown_names(capsys):
+    assert ledger.main(["--ops", "conv"]) == 2
+    assert ledger.main(["--shapes", "nope"]) == 2
+    assert "unknown" in capsys.readouterr().err
+
+
+def test_committed_ledger_matches_the_code():
+    """The Triton and floor columns of the committed ledger at the released shapes, M = 8192."""
+    with open(LEDGER_JSON) as f:
+        data = json.load(f)
+    kept = [r for r in data["rows"] if r["family"] == "kphi3" and r["M"] == 8192
+            and r["dtype"] == "bf16"]
+    assert len(kept) == 4 * 4 * 2
+    rows = ledger.build_ledger([SHAPES[n] for n in dict.fromkeys(r["shape"] for r in kept)],
+                               [8192], dtypes=["bf16"], io_forward=data["model"]["io_forward"],
+                               baselines=False)
+    fresh = {r.key: r.to_dict(H200) for r in rows}
+    for r in kept:
+        now = fresh[ledger.row_key(r["op"], r["shape"], r["M"], r["mode"], r["dtype"])]
+        assert (now["triton"], now["floor"]) == (r["triton"], r["floor"]), (
+            "the committed ledger is stale: regenerate it with python -m kphi3_bench.ledger "
+            "--json benchmarks/results/ledger-<date>.json --markdown "
+            "benchmarks/results/ledger-<date>.md")
