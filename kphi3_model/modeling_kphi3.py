@@ -16,6 +16,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -47,6 +48,20 @@ from kphi3_kernels import (
 from kphi3_kernels.backend import validate_backend
 
 from .configuration_kphi3 import KPhi3Config, check_kphi3_config
+
+try:  # transformers' own, where it has one (Phi-3's RoPE enters its fp32 region through it)
+    from transformers.utils.generic import maybe_autocast
+except ImportError:
+    def maybe_autocast(device_type: str, dtype: torch.dtype | None = None, enabled: bool = True,
+                       cache_enabled: bool | None = None):
+        """``torch.autocast``, entered only where it changes something: when it enables autocast, or
+        autocast is on already; never for ``meta``, which has no autocast (``torch.autocast`` raises
+        ``unsupported scalarType`` there)."""
+        if device_type == "meta":
+            return nullcontext()
+        if enabled or torch.is_autocast_enabled(device_type):
+            return torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+        return nullcontext()
 
 # The name transformers gives the KV cache, as a forward argument and as an output field: newer
 # releases renamed `past_key_values` to `cache`. The model emits the installed release's name and
@@ -143,14 +158,39 @@ def rope_init_function(rope_type: str) -> Callable:
     return ROPE_INIT_FUNCTIONS[rope_type]
 
 
+def rope_update(rope_forward: Callable) -> Callable:
+    """``dynamic_rope_update``, with longrope's short / long switch made traceable.
+
+    Longrope picks its long factors' frequencies once the sequence outgrows
+    ``original_max_position_embeddings``. Some transformers releases decide that with a Python ``if``
+    on ``max(position_ids)``, which needs the positions' values: it raises on meta tensors and under
+    ``FakeTensorMode``, and breaks a compiled graph. This picks the set with ``torch.where`` on the
+    device, as the releases that made it traceable do, and copies it into ``inv_freq`` in place (the
+    buffer keeps its address, which CUDA graphs replay from); same frequencies, on every release.
+    Every other type goes through transformers' ``dynamic_rope_update`` (dynamic NTK grows its
+    frequencies there, as in Phi-3).
+    """
+    dynamic = dynamic_rope_update(rope_forward)
+
+    @functools.wraps(rope_forward)
+    def wrapper(self, x, position_ids):
+        if self.rope_type != "longrope":
+            return dynamic(self, x, position_ids)
+        long = position_ids.max() + 1 > self.original_max_position_embeddings
+        self.inv_freq.copy_(torch.where(long, self.long_inv_freq, self.original_inv_freq))
+        return rope_forward(self, x, position_ids)
+
+    return wrapper
+
+
 class KPhi3RotaryEmbedding(nn.Module):
     """Phi-3's RoPE, through transformers' own RoPE functions.
 
     The frequencies come from ``rope_init_function(rope_type)`` (``default``, ``longrope`` with its
     short / long factors, and whatever else transformers' Phi-3 computes when a config is changed after
-    construction: ``linear``, ``dynamic``, ``yarn``, ...); ``dynamic_rope_update`` switches longrope to
-    its long factors once the sequence outgrows ``original_max_position_embeddings`` and grows the
-    dynamic-NTK frequencies, exactly as in Phi-3. All frequency sets are non-persistent buffers (never
+    construction: ``linear``, ``dynamic``, ``yarn``, ...); ``rope_update`` switches longrope to its long
+    factors once the sequence outgrows ``original_max_position_embeddings`` and grows the dynamic-NTK
+    frequencies, as in Phi-3. All frequency sets are non-persistent buffers (never
     in checkpoints); ``_init_weights`` recomputes them, so they are right after ``from_pretrained`` and
     after materialising a model built on the meta device.
     """
@@ -169,9 +209,16 @@ class KPhi3RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
         if long_inv_freq is not None:
-            # The long factors' frequencies, which `dynamic_rope_update` reads (where the installed
-            # transformers looks for them) instead of recomputing them past the switch.
+            # The long factors' frequencies, which `rope_update` switches to past
+            # `original_max_position_embeddings`.
             self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
+
+    @property
+    def original_max_position_embeddings(self) -> int:
+        """Longrope's switch point: the config's own ``original_max_position_embeddings`` wins, as for Phi-3."""
+        return self.config.rope_parameters.get(
+            "original_max_position_embeddings", self.config.original_max_position_embeddings
+        )
 
     @staticmethod
     def compute_default_rope_parameters(config: KPhi3Config, device=None, **kwargs) -> tuple[torch.Tensor, float]:
@@ -189,19 +236,17 @@ class KPhi3RotaryEmbedding(nn.Module):
         inv_freq, attention_scaling = self.rope_init_fn(self.config, device)
         long_inv_freq = None
         if self.rope_type == "longrope":
-            # Read after the call above, which standardises `rope_parameters` (the config's own
-            # `original_max_position_embeddings` wins, as for Phi-3).
-            original = self.config.rope_parameters.get(
-                "original_max_position_embeddings", self.config.original_max_position_embeddings
-            )
+            # Read after the call above, which standardises `rope_parameters`.
+            original = self.original_max_position_embeddings
             long_inv_freq, _ = self.rope_init_fn(self.config, device, seq_len=original + 1)
         return inv_freq, long_inv_freq, attention_scaling
 
     @torch.no_grad()
-    @dynamic_rope_update  # longrope's short / long switch and dynamic NTK, as in Phi-3
+    @rope_update  # longrope's short / long switch and dynamic NTK, as in Phi-3
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        device_type = x.device.type if x.device.type != "mps" else "cpu"
-        with torch.autocast(device_type=device_type, enabled=False):  # angles in fp32
+        device_type = x.device.type if isinstance(x.device.type, str) and x.device.type != "mps" else "cpu"
+        # Angles in fp32 whatever autocast is on outside; on meta tensors there is no autocast to turn off.
+        with maybe_autocast(device_type=device_type, enabled=False):
             freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
             emb = torch.cat((freqs, freqs), dim=-1)
             cos = emb.cos() * self.attention_scaling
@@ -483,6 +528,11 @@ class KPhi3Model(KPhi3PreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
 
+        # Without a cache or an attention mask, the mask function searches the position ids for packed
+        # sequences, reading their values (a host sync on an accelerator; an error on meta tensors).
+        # It is given only the caller's: the positions made here are one sequence per row, and the
+        # search would find none.
+        mask_position_ids = position_ids
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
@@ -490,7 +540,7 @@ class KPhi3Model(KPhi3PreTrainedModel):
 
         mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
         # The cache is the fourth argument under both of its names.
-        causal_mask = mask_function(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
+        causal_mask = mask_function(self.config, inputs_embeds, attention_mask, cache, position_ids=mask_position_ids)
 
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         hidden_states = self.embed_dropout(inputs_embeds)
@@ -594,9 +644,7 @@ class KPhi3ForCausalLM(KPhi3PreTrainedModel, GenerationMixin):
         # outgrows `original_max_position_embeddings`; the keys cached with the short factors are then
         # stale, so the first step past that point recomputes the whole sequence without the cache, as
         # Phi-3 does (only for longrope here: with other RoPE types the cache stays valid).
-        original = self.config.rope_parameters.get(
-            "original_max_position_embeddings", self.config.original_max_position_embeddings
-        )
+        original = self.model.rotary_emb.original_max_position_embeddings
         if (
             cache
             and self.model.rotary_emb.rope_type == "longrope"
