@@ -209,8 +209,6 @@ def test_flop_counter_counts_the_meta_forward_and_backward(attn_implementation):
     assert total >= attention + lm_head > 0
 
 
-@pytest.mark.xfail(strict=True, reason="the kphi3 operators (gpc_io and its backward) have no FLOP formula "
-                                       "registered with torch.utils.flop_counter, so FlopCounterMode counts 0 for them")
 def test_flop_counter_counts_the_grouped_projections():
     config = make_config()
     with torch.device("meta"):

@@ -548,6 +548,8 @@ def _register() -> None:
             # when it decomposes the operator for Inductor.
             torch.library.register_fake(qualname, _FAKES[name])
         _register_autograd(backend, bodies)
+    from . import flops
+    flops.register(op)
 
 
 _register()

@@ -1,0 +1,58 @@
+"""``torch.utils.flop_counter`` counts the kphi3 operators: each op's grouped GEMMs, forward and
+every gradient, on both backends' operators, on real and on meta tensors."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import kphi3_kernels as K
+from kphi3_kernels.ops import custom_ops, flops
+
+M, G, S, OG = 7, 4, 10, 6
+GEMM = 2 * M * G * S * OG  # one [G, s, og] grouped GEMM over M rows
+
+
+def count(fn, *tensors):
+    with FlopCounterMode(display=False) as counter:
+        fn(*tensors).sum().backward()
+    return counter.get_total_flops()
+
+
+def params(*shapes, device="cpu", grad=(True,)):
+    grads = list(grad) + [grad[-1]] * (len(shapes) - len(grad))
+    return [torch.randn(shape, device=device).requires_grad_(g) for shape, g in zip(shapes, grads)]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_gpc_io_forward_and_every_gradient(device):
+    x, w1, w2 = params((M, G * S), (G, S, OG), (G, S, OG), device=device)
+    # forward 2 GEMMs; backward dx 2, dW1 1, dW2 1
+    assert count(lambda *t: K.gpc_io(*t, backend="torch"), x, w1, w2) == 6 * GEMM
+
+
+def test_gradients_not_asked_for_are_not_counted():
+    x, w1, w2 = params((M, G * S), (G, S, OG), (G, S, OG), grad=(False, False, True))
+    assert count(lambda *t: K.gpc_io(*t, backend="torch"), x, w1, w2) == 3 * GEMM
+    x, w = params((M, G * S), (G, S, OG), grad=(True, False))
+    assert count(lambda *t: K.grouped_linear(*t, backend="torch"), x, w) == 2 * GEMM
+
+
+def test_gpc_block_with_and_without_the_second_gemm():
+    # in >= out: og = s, so W2 is [G, og, og]; its GEMMs count like the first's
+    x, w1, w2 = params((M, G * OG), (G, OG, OG), (G, OG, OG))
+    gemm = 2 * M * G * OG * OG
+    # forward 2; backward dy @ W2^T, dW2, dx, dW1
+    assert count(lambda *t: K.gpc_block(*t, backend="torch"), x, w1, w2) == 6 * gemm
+    x, w1 = params((M, G * S), (G, S, OG))
+    assert count(lambda *t: K.gpc_block(*t, backend="torch"), x, w1) == 3 * GEMM
+
+
+def test_interleave_counts_no_flops():
+    (x,) = params((M, 12))
+    assert count(lambda t: K.interleave(t, 3, backend="torch"), x) == 0
+
+
+def test_every_operator_of_every_backend_has_a_formula():
+    registry = torch.utils.flop_counter.flop_registry
+    for name in flops.FORMULAS:
+        for backend in custom_ops.BACKENDS:
+            assert custom_ops.op(name, backend) in registry, (name, backend)
