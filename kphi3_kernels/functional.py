@@ -9,7 +9,7 @@ groups or zero channels per group are refused with a ValueError.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -54,12 +54,34 @@ def _backend(x: torch.Tensor, override: Optional[str]) -> str:
     return resolve_backend(x, override)
 
 
+_AUTOCAST_AVAILABLE: Dict[str, bool] = {}
+
+
+def _constant_while_tracing(fn):
+    # torch.compile calls such a function at trace time and keeps its result as a constant.
+    mark = getattr(getattr(torch, "compiler", None), "assume_constant_result", None)
+    return fn if mark is None else mark(fn)
+
+
+@_constant_while_tracing
+def _autocast_available(device_type: str) -> bool:
+    """Whether autocast has state for ``device_type`` (meta has none), once per device type.
+
+    Depends on the device type alone, so torch.compile takes it as a constant instead of tracing
+    ``torch.amp.is_autocast_available``: some versions' dynamo (torch 2.11) cannot trace the C
+    function behind it and break the graph there.
+    """
+    known = _AUTOCAST_AVAILABLE.get(device_type)
+    if known is None:
+        check = getattr(torch.amp, "is_autocast_available", None)
+        known = device_type != "meta" if check is None else bool(check(device_type))
+        _AUTOCAST_AVAILABLE[device_type] = known
+    return known
+
+
 def _autocast_on(device_type: str) -> bool:
     # Autocast has no state for some devices (meta): nothing is cast there.
-    available = getattr(torch.amp, "is_autocast_available", None)
-    if available is not None and not available(device_type):
-        return False
-    return torch.is_autocast_enabled(device_type)
+    return _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _cast_params(x: torch.Tensor, params: Sequence[Optional[torch.Tensor]], op: str):
