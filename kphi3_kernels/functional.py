@@ -5,10 +5,12 @@ This is the one validation layer of the package, shared by both backends: every 
 before any operator is called (so before any kernel launches), also under ``FakeTensorMode``
 and while ``torch.compile`` traces, and each error names the argument and the problem.
 Zero-size dimensions: any number of rows (``M = 0`` included) works like ``nn.Linear``; zero
-groups or zero channels per group are refused with a ValueError.
+groups or zero channels per group are refused with a ValueError. ``interleave`` of a tensor with
+no channels returns the empty result (any step divides 0), like torch's own ops.
 """
 from __future__ import annotations
 
+import operator
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -176,26 +178,54 @@ def gpc_block(x, weight1, weight2=None, bias1=None, bias2=None, *, backend: Opti
     _check_input(x, G * s, op)
     _check_bias(bias1, G, og, op, "bias1")
     _check_bias(bias2, G, og, op, "bias2")
+    if bias2 is not None and weight2 is None:
+        raise ValueError(
+            f"{op}: bias2 is given but weight2 is None; bias2 is the bias of the second GEMM, "
+            "which exists only with weight2 (pass both, or neither)"
+        )
     name = _backend(x, backend)
     x, params = _cast_params(x, (weight1, weight2, bias1, bias2), op)
     y = custom_ops.gpc_block(_flatten(x), *params, backend=name)
     return y.reshape(*x.shape[:-1], G * og)
 
 
-def interleave(x, step: int, *, backend: Optional[str] = None) -> torch.Tensor:
-    """InterleaveChannelsFast's function: ``out[..., a*step + b] = x[..., b*(C/step) + a]``."""
-    op = "interleave"
+def _channels(x, op: str) -> int:
+    """The size of ``x``'s last (channel) dimension, after checking that ``x`` has one."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: expected a torch.Tensor input, got {_type_name(x)}")
     if x.dim() == 0:
         raise ValueError(f"{op}: expected an input with a channel dimension, got a 0-d tensor")
-    # A bool is an int to Python, but never a step.
-    if (not isinstance(step, int) or isinstance(step, bool) or step <= 0
-            or x.shape[-1] % step != 0):
+    return x.shape[-1]
+
+
+def _step(step, op: str) -> int:
+    """An interleave step as a Python int: integer-like values through ``operator.index`` (as
+    torch takes sizes); a bool or a non-integer is a TypeError."""
+    if type(step) is int:
+        return step
+    if isinstance(step, bool):  # an int to Python, but never a step
+        raise TypeError(f"{op}: step must be an integer, got {step!r}: a bool is not a step")
+    # Asked of the type rather than by catching operator.index's TypeError: torch.compile's
+    # dynamo (torch 2.11) turns that TypeError into an internal error.
+    if getattr(type(step), "__index__", None) is None:
+        raise TypeError(f"{op}: step must be an integer, got {step!r} ({type(step).__name__})")
+    return operator.index(step)
+
+
+def interleave(x, step: int, *, backend: Optional[str] = None) -> torch.Tensor:
+    """InterleaveChannelsFast's function: ``out[..., a*step + b] = x[..., b*(C/step) + a]``."""
+    op = "interleave"
+    channels = _channels(x, op)
+    step = _step(step, op)
+    if step <= 0 or channels % step != 0:
         raise ValueError(
             f"{op}: step {step!r} must be a positive integer divisor of the last dimension "
-            f"{x.shape[-1]}"
+            f"{channels}"
         )
     name = _backend(x, backend)
+    if channels == 0:
+        # Nothing to permute (and [M, 0] has no 2-D form for every M): the empty result, still
+        # a fresh tensor connected to x for autograd.
+        return x.clone(memory_format=torch.contiguous_format)
     y = custom_ops.interleave(_flatten(x), step, backend=name)
     return y.reshape(x.shape)

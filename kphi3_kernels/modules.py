@@ -7,26 +7,27 @@ Each module takes an extra keyword ``backend`` (``None`` follows the global flag
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import functional as F
 from .backend import validate_backend
-from .reference import group_count, signed_square_root1
+from .reference import as_int, group_count, signed_square_root1
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # a bool is not a count
+def _as_int(value, name: str, cls: str) -> int:
+    """An integer argument of a constructor as a Python int (numpy integers welcome; a bool, a
+    float or a string is a TypeError naming ``cls`` and ``name``)."""
+    return as_int(value, f"{cls}: {name}")
 
 
-def _check_divisible(in_features: int, out_features: int, num_groups: int, cls: str) -> None:
-    for name, value in (("in_features", in_features), ("out_features", out_features),
-                        ("num_groups", num_groups)):
-        if not _is_int(value):
-            raise TypeError(f"{cls}: {name} must be an integer, got {value!r} "
-                            f"({type(value).__name__})")
+def _check_divisible(in_features, out_features, num_groups, cls: str) -> Tuple[int, int, int]:
+    """The three counts as Python ints, after checking that G divides both feature counts."""
+    in_features = _as_int(in_features, "in_features", cls)
+    out_features = _as_int(out_features, "out_features", cls)
+    num_groups = _as_int(num_groups, "num_groups", cls)
     if num_groups <= 0:
         raise ValueError(f"{cls}: num_groups must be a positive integer, got {num_groups!r}")
     for name, value in (("in_features", in_features), ("out_features", out_features)):
@@ -34,6 +35,7 @@ def _check_divisible(in_features: int, out_features: int, num_groups: int, cls: 
             raise ValueError(
                 f"{cls}: {name}={value} is not a positive multiple of num_groups={num_groups}"
             )
+    return in_features, out_features, num_groups
 
 
 class _BackendMixin:
@@ -53,7 +55,8 @@ class GroupedLinearFast(_BackendMixin, nn.Module):
     def __init__(self, in_features: int, out_features: int, num_groups: int, bias: bool = True,
                  backend: Optional[str] = None):
         super().__init__()
-        _check_divisible(in_features, out_features, num_groups, type(self).__name__)
+        in_features, out_features, num_groups = _check_divisible(
+            in_features, out_features, num_groups, type(self).__name__)
         self.in_features = in_features
         self.out_features = out_features
         self.num_groups = num_groups
@@ -89,7 +92,8 @@ class GroupedLinear(_BackendMixin, nn.Module):
     def __init__(self, in_features: int, out_features: int, num_groups: int, bias: bool = True,
                  backend: Optional[str] = None):
         super().__init__()
-        _check_divisible(in_features, out_features, num_groups, type(self).__name__)
+        in_features, out_features, num_groups = _check_divisible(
+            in_features, out_features, num_groups, type(self).__name__)
         self.in_features = in_features
         self.out_features = out_features
         self.num_groups = num_groups
@@ -123,7 +127,8 @@ class InterleaveChannelsFast(_BackendMixin, nn.Module):
 
     def __init__(self, step_size: int = 2, last_dim: int = 3, backend: Optional[str] = None):
         super().__init__()
-        if not _is_int(step_size) or step_size <= 0:
+        step_size = _as_int(step_size, "step_size", type(self).__name__)
+        if step_size <= 0:
             raise ValueError(f"InterleaveChannelsFast: step_size must be a positive integer, got {step_size!r}")
         self.step_size = step_size
         self.last_dim = last_dim
@@ -142,6 +147,10 @@ class _GroupedBlock(_BackendMixin, nn.Module):
     def __init__(self, in_features, out_features, min_channels_per_group, last_dim, use_bias,
                  activation, backend):
         super().__init__()
+        cls = type(self).__name__
+        in_features = _as_int(in_features, "in_features", cls)
+        out_features = _as_int(out_features, "out_features", cls)
+        min_channels_per_group = _as_int(min_channels_per_group, "min_channels_per_group", cls)
         self.num_groups = group_count(in_features, out_features, min_channels_per_group)
         self.in_features = in_features
         self.out_features = out_features

@@ -1,23 +1,35 @@
 """Plain PyTorch semantics of every KPhi-3 grouped op (docs/layers.md), written for clarity, not speed.
 
-These functions are the oracle of the test suite: every faster path (the Triton kernels in
-``ops/`` and the fast torch formulation in ``torch_ops.py``) is checked against them. They
-work on any leading shape: the last dimension holds the channels.
+These functions are the oracle of the test suite: every faster path (the Triton kernels behind
+``ops/triton_impl.py`` and the fast torch formulation in ``ops/torch_impl.py``) is checked
+against them. They work on any leading shape: the last dimension holds the channels.
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable, Optional
 
 import torch
 
 
+def as_int(value, name: str) -> int:
+    """``value`` as a Python int. Integer-like values (numpy integers, anything with
+    ``__index__``) are accepted through ``operator.index``, as torch accepts sizes; a bool (an int
+    to Python, but never a count) and a non-integer (``3.0``, ``"3"``) are a TypeError."""
+    if type(value) is int:
+        return value
+    # Asked of the type rather than by catching operator.index's TypeError: torch.compile's
+    # dynamo (torch 2.11) turns that TypeError into an internal error.
+    if isinstance(value, bool) or getattr(type(value), "__index__", None) is None:
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return operator.index(value)
+
+
 def group_count(in_features: int, out_features: int, min_channels_per_group: int) -> int:
     """The largest d <= max(1, min(in, out, in // min)) dividing both ``in`` and ``out``."""
-    for name, value in (("in_features", in_features), ("out_features", out_features),
-                        ("min_channels_per_group", min_channels_per_group)):
-        # A bool is an int to Python, but never a channel count.
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    in_features = as_int(in_features, "in_features")
+    out_features = as_int(out_features, "out_features")
+    min_channels_per_group = as_int(min_channels_per_group, "min_channels_per_group")
     if min_channels_per_group == 0:
         raise ValueError("min_channels_per_group must be non-zero (it divides in_features)")
     if in_features <= 0 or out_features <= 0:

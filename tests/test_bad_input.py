@@ -87,8 +87,17 @@ CASES = [
     ("interleave-step-zero", lambda b: K.interleave(_x(4, 10), 0, backend=b), ValueError, "step 0"),
     ("interleave-step-negative", lambda b: K.interleave(_x(4, 10), -2, backend=b), ValueError,
      "step -2"),
-    ("interleave-step-float", lambda b: K.interleave(_x(4, 10), 2.0, backend=b), ValueError,
-     "step 2.0"),
+    ("interleave-step-float", lambda b: K.interleave(_x(4, 10), 2.0, backend=b), TypeError,
+     r"step must be an integer, got 2.0 \(float\)"),
+    ("interleave-step-str", lambda b: K.interleave(_x(4, 12), "3", backend=b), TypeError,
+     r"step must be an integer, got '3' \(str\)"),
+    ("interleave-step-none", lambda b: K.interleave(_x(4, 12), None, backend=b), TypeError,
+     r"step must be an integer, got None \(NoneType\)"),
+    ("interleave-step-numpy-not-divisor", lambda b: K.interleave(_x(4, 10), np.int64(3),
+                                                                 backend=b), ValueError,
+     r"step 3 .*divisor.* 10"),
+    ("interleave-step-zero-no-channels", lambda b: K.interleave(_x(4, 0), 0, backend=b),
+     ValueError, "step 0"),
     # device mismatch that CPU can show: a meta parameter with a CPU input
     ("gl-meta-weight", lambda b: K.grouped_linear(_x(4, C), _w(*W, device="meta"), backend=b),
      ValueError, "meta"),
@@ -105,6 +114,10 @@ CASES = [
     ("block-numpy-bias2", lambda b: K.gpc_block(_x(4, C), _w(*W), _w(*W2_BLOCK), None,
                                                 np.zeros((G, OG)), backend=b),
      TypeError, "bias2 must be a torch.Tensor"),
+    # a second bias without the second weight would be silently unused
+    ("block-bias2-without-weight2", lambda b: K.gpc_block(_x(4, C), _w(*W), None, None,
+                                                          _w(G, OG), backend=b),
+     ValueError, "bias2 is given but weight2 is None"),
     # zero-size dimensions other than the rows: refused (zero rows work, test_ops_parity)
     ("gl-zero-channels", lambda b: K.grouped_linear(_x(4, 0), _w(G, 0, OG), backend=b), ValueError,
      r"weight of shape \(3, 0, 4\) has zero groups or zero channels"),
@@ -115,8 +128,10 @@ CASES = [
     ("block-zero-groups", lambda b: K.gpc_block(_x(4, 0), _w(0, S, OG), backend=b), ValueError,
      "zero groups or zero channels"),
     # a bool is not a step
-    ("interleave-step-bool", lambda b: K.interleave(_x(4, 10), True, backend=b), ValueError,
-     "step True must be a positive integer"),
+    ("interleave-step-bool", lambda b: K.interleave(_x(4, 10), True, backend=b), TypeError,
+     "got True: a bool is not a step"),
+    ("interleave-step-false", lambda b: K.interleave(_x(4, 10), False, backend=b), TypeError,
+     "a bool is not a step"),
 ]
 
 UNKNOWN_BACKEND = [
@@ -139,7 +154,8 @@ def test_bad_input_raises_before_launch(call, exc, msg, backend, monkeypatch):
 # ordinary Python over shapes and dtypes, so it raises the same error there.
 FAKE_AND_COMPILE = ["gl-last-dim", "io-0d", "gl-int-input", "io-dtype-w2", "block-w2-shape",
                     "interleave-step-not-divisor", "gl-numpy-bias", "io-weight2-none",
-                    "gl-zero-channels", "io-zero-out", "interleave-step-bool"]
+                    "gl-zero-channels", "io-zero-out", "interleave-step-bool",
+                    "interleave-step-float", "interleave-step-str", "block-bias2-without-weight2"]
 BY_ID = {c[0]: c[1:] for c in CASES}
 
 
@@ -193,10 +209,10 @@ def test_forbid_launch_really_forbids(monkeypatch):
     (lambda: GroupedPointwiseConvolutionBlock(64, 64, 0), "min_channels_per_group"),
     (lambda: group_count(64, 64, 0), "min_channels_per_group"),
     (lambda: InterleaveChannelsFast(0, 2), "step_size"),
-    (lambda: InterleaveChannelsFast(True, 2), "step_size"),
+    (lambda: InterleaveChannelsFast(np.int64(-2), 2), "step_size must be a positive integer, got -2"),
 ], ids=["in-not-divisible", "out-not-divisible", "slow-out-not-divisible", "zero-groups",
         "negative-groups", "zero-features", "io-min0", "block-min0", "group_count-min0",
-        "interleave-step0", "interleave-step-bool"])
+        "interleave-step0", "interleave-step-numpy-negative"])
 def test_module_construction_errors(make, msg):
     with pytest.raises(ValueError, match=msg):
         make()
@@ -211,8 +227,12 @@ def test_module_construction_errors(make, msg):
     (lambda: GroupedPointwiseConvolutionBlock(64, 64, min_channels_per_group=True),
      "min_channels_per_group must be an integer, got True"),
     (lambda: group_count(64, 32.0, 8), "out_features must be an integer"),
+    # a bool is not a step either (InterleaveChannels' original treats any step below 2 as 1,
+    # but never a bool or a float)
+    (lambda: InterleaveChannelsFast(True, 2), r"step_size must be an integer, got True \(bool\)"),
+    (lambda: InterleaveChannelsFast(2.0, 2), r"step_size must be an integer, got 2.0 \(float\)"),
 ], ids=["fast-bool-groups", "slow-bool-groups", "fast-float-in", "io-float-min", "block-bool-min",
-        "group_count-float-out"])
+        "group_count-float-out", "interleave-step-bool", "interleave-step-float"])
 def test_module_construction_type_errors(make, msg):
     with pytest.raises(TypeError, match=msg):
         make()
@@ -240,6 +260,64 @@ def test_module_dtype_mismatch(backend, monkeypatch):
     forbid_launch(monkeypatch)
     with pytest.raises(TypeError, match="does not match"):
         module(_x(2, 15, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------
+# Not errors: no channels, no rows, integer-like steps and counts
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("step", [1, 2, 3, 7])
+@pytest.mark.parametrize("lead", [(4,), (2, 3), (0,)])
+def test_interleave_of_no_channels_is_the_empty_result(lead, step, backend):
+    # Every positive step divides 0: like torch's own ops, the result is empty, not an error.
+    x = _x(*lead, 0).requires_grad_()
+    y = K.interleave(x, step, backend=backend)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert dx.shape == x.shape
+
+
+def test_interleave_of_no_channels_on_meta_and_fake_tensors():
+    x = torch.empty(2, 3, 0, device="meta", requires_grad=True)
+    assert K.interleave(x, 2).shape == (2, 3, 0)
+    with FakeTensorMode():
+        assert K.interleave(torch.empty(5, 0), 4).shape == (5, 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)])
+def test_interleave_of_no_rows(lead, backend):
+    x = _x(*lead, 12).requires_grad_()
+    y = K.interleave(x, 3, backend=backend)
+    assert y.shape == x.shape
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert dx.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("step", [np.int64(3), np.int32(3), np.uint8(3)],
+                         ids=["int64", "int32", "uint8"])
+def test_interleave_accepts_integer_like_steps(step, backend):
+    x = _x(2, 12)
+    assert torch.equal(K.interleave(x, step, backend=backend), K.interleave(x, 3, backend=backend))
+    m = InterleaveChannelsFast(step, 2, backend=backend)
+    assert type(m.step_size) is int and m.step_size == 3
+    assert torch.equal(m(x), K.interleave(x, 3, backend=backend))
+
+
+def test_modules_accept_integer_like_counts():
+    fast = GroupedLinearFast(np.int64(15), np.int32(12), np.int64(3))
+    slow = GroupedLinear(np.int64(15), 12, np.int16(3))
+    for m in (fast, slow):
+        assert all(type(v) is int for v in (m.in_features, m.out_features, m.num_groups))
+    assert fast.weight.shape == (3, 5, 4)
+    for cls in (GroupedPointwiseConvolutionBlockIO, GroupedPointwiseConvolutionBlock):
+        block = cls(np.int64(15), np.int64(12), np.int64(5))
+        assert block.num_groups == group_count(15, 12, 5) == 3
+        assert type(block.in_features) is int and type(block.min_channels_per_group) is int
+    assert group_count(np.int64(1280), np.int64(5120), np.int64(256)) == 5
 
 
 # --------------------------------------------------------------------------------------------
