@@ -7,7 +7,7 @@ Each module takes an extra keyword ``backend`` (``None`` follows the global flag
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -186,7 +186,7 @@ class GroupedPointwiseConvolutionBlockIO(_GroupedBlock):
     """``act(first(x) + second(interleave(x, step=in/G)))``; a single ``GroupedLinear`` when G == 1."""
 
     def __init__(self, in_features: int, out_features: int, min_channels_per_group: int = 32,
-                 last_dim: int = 2, use_bias: bool = False, activation: Optional[nn.Module] = None,
+                 last_dim: int = 2, use_bias: bool = False, activation: Optional[Callable] = None,
                  backend: Optional[str] = None):
         super().__init__(in_features, out_features, min_channels_per_group, last_dim, use_bias,
                          activation, backend)
@@ -214,7 +214,7 @@ class GroupedPointwiseConvolutionBlock(_GroupedBlock):
     """
 
     def __init__(self, in_features: int, out_features: int, min_channels_per_group: int = 32,
-                 last_dim: int = 2, use_bias: bool = False, activation: Optional[nn.Module] = None,
+                 last_dim: int = 2, use_bias: bool = False, activation: Optional[Callable] = None,
                  backend: Optional[str] = None):
         super().__init__(in_features, out_features, min_channels_per_group, last_dim, use_bias,
                          activation, backend)
@@ -248,8 +248,10 @@ class GroupedPointwiseConvolutionBlock(_GroupedBlock):
         return h
 
 
-class SignedSquareRoot1(nn.Module):
-    """``sign(x) * (sqrt(|x| + 1) - 1)``, usable as a block's ``activation``."""
+def SignedSquareRoot1(x: torch.Tensor) -> torch.Tensor:
+    """The original KPhi-3 activation, a plain function as there: ``sqrt(x)`` for ``x > 1``,
+    ``sqrt(-x)`` (positive) for ``x < -1``, ``x`` in between (``reference.signed_square_root1``).
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return signed_square_root1(x)
+    Pass the function itself as a block's activation: ``activation=SignedSquareRoot1``.
+    """
+    return signed_square_root1(x)

@@ -119,5 +119,17 @@ def gpc_block(
 
 
 def signed_square_root1(x: torch.Tensor) -> torch.Tensor:
-    """``sign(x) * (sqrt(|x| + 1) - 1)``: a smooth, sign-preserving square-root squash."""
-    return torch.sign(x) * (torch.sqrt(torch.abs(x) + 1) - 1)
+    """The original KPhi-3 activation: ``sqrt(x)`` for ``x > 1``, ``sqrt(-x)`` (positive) for
+    ``x < -1``, ``x`` for ``-1 <= x <= 1``; NaN stays NaN and -0.0 stays -0.0.
+
+    The original writes ``torch.where(x > 1, torch.sqrt(x), torch.where(x < -1, torch.sqrt(-x),
+    x))``. The values here are that expression's, bit for bit; only each square root sees the
+    inputs of its own branch (and 1 elsewhere). In the original the branch not taken still takes
+    the square root of negative numbers, and autograd's zero gradient through that NaN is NaN
+    (``0 / (2 * NaN)``), so every input gets a NaN gradient. Here the gradient is the derivative
+    of the branch taken: ``1 / (2 sqrt(x))``, ``-1 / (2 sqrt(-x))``, or 1.
+    """
+    above, below = x > 1, x < -1
+    root_above = torch.sqrt(torch.where(above, x, 1.0))
+    root_below = torch.sqrt(torch.where(below, -x, 1.0))
+    return torch.where(above, root_above, torch.where(below, root_below, x))

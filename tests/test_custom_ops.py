@@ -120,7 +120,7 @@ MODULES = {
     "block": lambda b: GroupedPointwiseConvolutionBlock(12, 12, 4, use_bias=True, backend=b),
     "block-in<out": lambda b: GroupedPointwiseConvolutionBlock(12, 24, 4, backend=b),
     "block-act": lambda b: GroupedPointwiseConvolutionBlock(12, 12, 4, use_bias=True,
-                                                            activation=SignedSquareRoot1(),
+                                                            activation=SignedSquareRoot1,
                                                             backend=b),
 }
 # Inductor for the grouped layers on the torch backend; elsewhere the AOT-autograd graph

@@ -245,14 +245,16 @@ def test_grouped_linear_equals_grouped_linear_fast(G, bias, backend):
     (GroupedPointwiseConvolutionBlock, 20, 10, True),      # G = 1
 ], ids=["io-G5", "io-G1", "block-in<out", "block-in>out", "block-G1"])
 def test_signed_square_root_activation(cls, cin, cout, bias, backend):
-    block = cls(cin, cout, 48, use_bias=bias, activation=SignedSquareRoot1(),
+    block = cls(cin, cout, 48, use_bias=bias, activation=SignedSquareRoot1,
                 backend=backend).to(DEVICE)
     check_module(block, torch.randn(2, 3, cin, device=DEVICE) * 3)
 
 
-def test_signed_square_root1_module():
-    x = torch.randn(4, 5, dtype=torch.float64)
-    assert torch.equal(SignedSquareRoot1()(x), R.signed_square_root1(x))
+def test_signed_square_root1_is_the_reference_function():
+    # A plain function, as in the original (its values: tests/test_original_fidelity.py).
+    assert not isinstance(SignedSquareRoot1, type)
+    x = torch.randn(4, 5, dtype=torch.float64) * 3
+    assert torch.equal(SignedSquareRoot1(x), R.signed_square_root1(x))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -281,7 +283,7 @@ def test_module_backend_overrides_global_flag(module_backend, global_backend, mo
         (GroupedPointwiseConvolutionBlockIO(15, 21, 5, backend=module_backend), 15),  # G = 3
         (GroupedPointwiseConvolutionBlock(15, 21, 5, backend=module_backend), 15),
         # with an activation the non-IO block is composed from its children: they must follow
-        (GroupedPointwiseConvolutionBlock(21, 15, 7, activation=SignedSquareRoot1(),
+        (GroupedPointwiseConvolutionBlock(21, 15, 7, activation=SignedSquareRoot1,
                                           backend=module_backend), 21),
         (InterleaveChannelsFast(3, 2, backend=module_backend), 15),
     ]
@@ -297,7 +299,7 @@ def test_module_backend_overrides_global_flag(module_backend, global_backend, mo
 
 
 def test_block_backend_assignment_reaches_children():
-    block = GroupedPointwiseConvolutionBlock(21, 15, 7, activation=SignedSquareRoot1())
+    block = GroupedPointwiseConvolutionBlock(21, 15, 7, activation=SignedSquareRoot1)
     assert block.backend is None
     block.backend = "Torch"
     assert block.backend == "torch"
@@ -327,7 +329,7 @@ META_MODULES = {
     "io-G1": lambda b: GroupedPointwiseConvolutionBlockIO(12, 6, 32, backend=b),
     "block": lambda b: GroupedPointwiseConvolutionBlock(12, 12, 4, use_bias=True, backend=b),
     "block-in<out": lambda b: GroupedPointwiseConvolutionBlock(12, 24, 4, backend=b),
-    "block-act": lambda b: GroupedPointwiseConvolutionBlock(12, 12, 4, activation=SignedSquareRoot1(),
+    "block-act": lambda b: GroupedPointwiseConvolutionBlock(12, 12, 4, activation=SignedSquareRoot1,
                                                             backend=b),
     "interleave": lambda b: InterleaveChannelsFast(3, 2, backend=b),
 }

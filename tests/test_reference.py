@@ -156,10 +156,11 @@ def test_gpc_io_activation():
 
 
 def test_signed_square_root1_definition():
-    x = torch.tensor([-4.0, -1.0, 0.0, 0.5, 3.0, 8.0], dtype=D)
-    expected = torch.tensor([-(math.sqrt(5) - 1), -(math.sqrt(2) - 1), 0.0, math.sqrt(1.5) - 1,
-                             1.0, 2.0], dtype=D)
-    assert torch.allclose(R.signed_square_root1(x), expected, rtol=0, atol=1e-15)
+    # docs/layers.md: sqrt(x) for x > 1, sqrt(-x) (positive) for x < -1, x in between.
+    x = torch.tensor([-9.0, -4.0, -2.25, -1.0, -0.5, 0.0, 0.5, 1.0, 2.25, 3.0, 16.0], dtype=D)
+    expected = torch.tensor([3.0, 2.0, 1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, math.sqrt(3), 4.0],
+                            dtype=D)
+    assert torch.equal(R.signed_square_root1(x), expected)
 
 
 # --------------------------------------------------------------------------------------------
