@@ -19,6 +19,7 @@ from .modules import (
     GroupedLinearFast,
     GroupedPointwiseConvolutionBlock,
     GroupedPointwiseConvolutionBlockIO,
+    InterleaveChannels,
     InterleaveChannelsFast,
     SignedSquareRoot1,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "BACKENDS", "get_backend", "set_backend", "use_backend", "resolve_backend", "explain_backend",
     "grouped_linear", "gpc_io", "gpc_block", "interleave",
     "GroupedLinear", "GroupedLinearFast", "GroupedPointwiseConvolutionBlock",
-    "GroupedPointwiseConvolutionBlockIO", "InterleaveChannelsFast", "SignedSquareRoot1",
+    "GroupedPointwiseConvolutionBlockIO", "InterleaveChannels", "InterleaveChannelsFast",
+    "SignedSquareRoot1",
     "group_count", "get_max_acceptable_common_divisor",
 ]

@@ -141,6 +141,39 @@ class InterleaveChannelsFast(_BackendMixin, nn.Module):
         return f"step_size={self.step_size}, last_dim={self.last_dim}"
 
 
+class InterleaveChannels(_BackendMixin, nn.Module):
+    """The original's slicing form: ``cat([x[..., k::step] for k in range(step)], dim=-1)``.
+
+    That is ``InterleaveChannelsFast(C // step)`` on ``C`` channels (the inverse permutation of
+    ``InterleaveChannelsFast(step)``), and it runs on the same kernel. As in the original, a
+    ``step_size`` below 2 means 1 (the identity). ``C`` must be divisible by ``step_size`` (the
+    original also accepts uneven slices). ``last_dim`` (2 for 3-D, 3 for 4-D inputs in the
+    original) is kept for compatibility; the interleave always acts on the last dimension, for
+    inputs of any rank.
+    """
+
+    def __init__(self, step_size: int = 2, last_dim: int = 3, backend: Optional[str] = None):
+        super().__init__()
+        step_size = _as_int(step_size, "step_size", type(self).__name__)
+        self.step_size = step_size if step_size >= 2 else 1
+        self.last_dim = last_dim
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = F._channels(x, type(self).__name__)
+        if channels % self.step_size != 0:
+            raise ValueError(
+                f"InterleaveChannels: the last dimension {channels} is not divisible by "
+                f"step_size={self.step_size} (input shape {tuple(x.shape)})"
+            )
+        # Zero channels: any step is the identity on an empty dimension.
+        step = channels // self.step_size if channels else 1
+        return F.interleave(x, step, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"step_size={self.step_size}, last_dim={self.last_dim}"
+
+
 class _GroupedBlock(_BackendMixin, nn.Module):
     """What both block kinds share: the group rule, the single-group form and the activation."""
 

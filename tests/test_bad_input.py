@@ -9,7 +9,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import kphi3_kernels as K
 from kphi3_kernels import (GroupedLinear, GroupedLinearFast, GroupedPointwiseConvolutionBlock,
-                           GroupedPointwiseConvolutionBlockIO, InterleaveChannelsFast, group_count)
+                           GroupedPointwiseConvolutionBlockIO, InterleaveChannels,
+                           InterleaveChannelsFast, group_count)
 
 from _utils import DEVICE, forbid_launch
 
@@ -132,6 +133,13 @@ CASES = [
      "got True: a bool is not a step"),
     ("interleave-step-false", lambda b: K.interleave(_x(4, 10), False, backend=b), TypeError,
      "a bool is not a step"),
+    # InterleaveChannels: the channels must divide into step_size slices
+    ("interleave-channels-not-divisible", lambda b: InterleaveChannels(4, 2, backend=b)(_x(2, 3, 10)),
+     ValueError, r"InterleaveChannels: the last dimension 10 is not divisible by step_size=4"),
+    ("interleave-channels-0d", lambda b: InterleaveChannels(2, backend=b)(_x()), ValueError,
+     "InterleaveChannels: .*0-d"),
+    ("interleave-channels-list", lambda b: InterleaveChannels(2, backend=b)([1.0, 2.0]),
+     TypeError, "InterleaveChannels: expected a torch.Tensor"),
 ]
 
 UNKNOWN_BACKEND = [
@@ -155,7 +163,8 @@ def test_bad_input_raises_before_launch(call, exc, msg, backend, monkeypatch):
 FAKE_AND_COMPILE = ["gl-last-dim", "io-0d", "gl-int-input", "io-dtype-w2", "block-w2-shape",
                     "interleave-step-not-divisor", "gl-numpy-bias", "io-weight2-none",
                     "gl-zero-channels", "io-zero-out", "interleave-step-bool",
-                    "interleave-step-float", "interleave-step-str", "block-bias2-without-weight2"]
+                    "interleave-step-float", "interleave-step-str", "block-bias2-without-weight2",
+                    "interleave-channels-not-divisible"]
 BY_ID = {c[0]: c[1:] for c in CASES}
 
 
@@ -231,8 +240,13 @@ def test_module_construction_errors(make, msg):
     # but never a bool or a float)
     (lambda: InterleaveChannelsFast(True, 2), r"step_size must be an integer, got True \(bool\)"),
     (lambda: InterleaveChannelsFast(2.0, 2), r"step_size must be an integer, got 2.0 \(float\)"),
+    (lambda: InterleaveChannels(True, 2), r"InterleaveChannels: step_size must be an integer, got True"),
+    (lambda: InterleaveChannels(2.0, 2), r"InterleaveChannels: step_size must be an integer, got 2.0"),
+    (lambda: InterleaveChannels("2"), r"step_size must be an integer, got '2' \(str\)"),
 ], ids=["fast-bool-groups", "slow-bool-groups", "fast-float-in", "io-float-min", "block-bool-min",
-        "group_count-float-out", "interleave-step-bool", "interleave-step-float"])
+        "group_count-float-out", "interleave-step-bool", "interleave-step-float",
+        "interleave-channels-step-bool", "interleave-channels-step-float",
+        "interleave-channels-step-str"])
 def test_module_construction_type_errors(make, msg):
     with pytest.raises(TypeError, match=msg):
         make()
@@ -275,6 +289,11 @@ def test_interleave_of_no_channels_is_the_empty_result(lead, step, backend):
     x = _x(*lead, 0).requires_grad_()
     y = K.interleave(x, step, backend=backend)
     assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert dx.shape == x.shape
+    m = InterleaveChannels(step, backend=backend)
+    y = m(x)
+    assert y.shape == x.shape
     (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
     assert dx.shape == x.shape
 

@@ -7,8 +7,8 @@ import torch
 
 import kphi3_kernels
 from kphi3_kernels import (GroupedLinear, GroupedLinearFast, GroupedPointwiseConvolutionBlock,
-                           GroupedPointwiseConvolutionBlockIO, InterleaveChannelsFast,
-                           SignedSquareRoot1, group_count)
+                           GroupedPointwiseConvolutionBlockIO, InterleaveChannels,
+                           InterleaveChannelsFast, SignedSquareRoot1, group_count)
 from kphi3_kernels import reference as R
 
 from _utils import DEVICE, FP32_TOL, module_reference, rel_error, spy_impls
@@ -286,6 +286,7 @@ def test_module_backend_overrides_global_flag(module_backend, global_backend, mo
         (GroupedPointwiseConvolutionBlock(21, 15, 7, activation=SignedSquareRoot1,
                                           backend=module_backend), 21),
         (InterleaveChannelsFast(3, 2, backend=module_backend), 15),
+        (InterleaveChannels(3, 2, backend=module_backend), 15),
     ]
     for block, cin in blocks:
         block.to(DEVICE)
@@ -312,7 +313,8 @@ def test_block_backend_assignment_reaches_children():
 def test_module_backend_kwarg_rejects_unknown_name():
     for make in (lambda: GroupedLinearFast(4, 4, 2, backend="cuda"),
                  lambda: GroupedPointwiseConvolutionBlockIO(64, 64, 32, backend="fast"),
-                 lambda: InterleaveChannelsFast(2, 2, backend="")):
+                 lambda: InterleaveChannelsFast(2, 2, backend=""),
+                 lambda: InterleaveChannels(2, 2, backend="Fast")):
         with pytest.raises(ValueError, match="auto, triton, torch"):
             make()
 
@@ -332,6 +334,7 @@ META_MODULES = {
     "block-act": lambda b: GroupedPointwiseConvolutionBlock(12, 12, 4, activation=SignedSquareRoot1,
                                                             backend=b),
     "interleave": lambda b: InterleaveChannelsFast(3, 2, backend=b),
+    "interleave-original": lambda b: InterleaveChannels(3, 2, backend=b),
 }
 
 
