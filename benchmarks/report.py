@@ -153,8 +153,11 @@ def unstable_lines(rows: Sequence[Row], meta: Optional[dict] = None) -> List[str
     if not count:
         return []
     rule = (meta or {}).get("stability", {}).get("rule", "")
-    lines = [f"{count}: their times and speedups are marked {UNSTABLE} and are not results; "
-             "rerun them on a quieter machine (or with a longer --max-time)."]
+    lines = [f"{count}. A row is {UNSTABLE} when its call times varied too much ({NOISY}) or it "
+             f"beat nn.Linear by more than the roofline allows ({ABOVE_IDEAL}) in every run it "
+             "was given (usually other work on the machine disturbed it). Its time and speedup "
+             "are shown but are not results. To measure them: rerun on an idle machine, or give "
+             "each row more time (--max-time) and more repeats (--max-repeats)."]
     if rule:
         lines.append(f"Stability rule: {rule}")
     return lines

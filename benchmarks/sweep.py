@@ -240,14 +240,16 @@ def assess(timings: Mapping[str, timing.Timing], spread_threshold: float,
         spread = timing.spread(t)
         if spread > spread_threshold:
             issues.append((NOISY, spread / spread_threshold,
-                           f"{NOISY}: p80/p20 = {spread:.2f} > {spread_threshold:g}"))
+                           f"{NOISY}: its call times varied too much (p80 = {spread:.2f}x p20, "
+                           f"at most {spread_threshold:g}x accepted)"))
         bound = speedup_bounds.get(name)
         if base is not None and name != baseline and bound and t.median_ms > 0:
             speedup = base.median_ms / t.median_ms
             if speedup > bound:
                 issues.append((ABOVE_IDEAL, speedup / bound,
-                               f"{ABOVE_IDEAL}: {speedup:.2f}x vs {baseline} > {bound:.2f}x, "
-                               "the most the roofline allows"))
+                               f"{ABOVE_IDEAL}: {speedup:.2f}x faster than {baseline}, more than "
+                               f"the {bound:.2f}x the roofline allows, so one of the two timings "
+                               "was disturbed"))
         if issues:
             found[name] = issues
     return found
@@ -267,17 +269,27 @@ class Measurement:
     max_time_s: Optional[float] = None  # set when that limit, not the repeat count, ended them
 
     def reason(self, name: str) -> str:
+        """Why ``name``'s row is unstable, and how often it was timed ("" when it is stable)."""
         found = self.issues.get(name)
         if not found:
             return ""
         text = "; ".join(words for _, _, words in found)
         runs = "once" if self.runs == 1 else f"{self.runs} times"
         if self.max_time_s is not None:
-            return (f"{text} (timed {runs}; another run would have passed --max-time "
-                    f"{self.max_time_s:g} s)")
+            return (f"{text}; timed {runs}, not again: another run would have taken this row "
+                    f"past --max-time {self.max_time_s:g} s")
         if self.runs == 1:
-            return f"{text} (timed once; no repeat allowed)"
-        return f"{text} (timed {runs}, never stable; the least unstable run kept)"
+            return f"{text}; timed once, not again: --max-repeats 0 allows no repeat"
+        return f"{text}; timed {runs}, unstable every time (the least unstable run is kept)"
+
+    def advice(self) -> str:
+        """What would give the unstable rows of this measurement a usable number."""
+        if self.max_time_s is not None:
+            return ("rerun on an idle machine, or give each row more time with a larger "
+                    f"--max-time (e.g. --max-time {max(10.0, 4 * self.max_time_s):g})")
+        if self.runs == 1:
+            return "rerun on an idle machine, or allow repeats with --max-repeats (e.g. 3)"
+        return "rerun on an idle machine, or allow more repeats with a larger --max-repeats"
 
 
 class Sweep:
@@ -521,7 +533,8 @@ class Sweep:
         row.gbps = row.bytes / seconds / 1e9
         row.roofline_fraction = c.roofline.fraction(row.flops, row.bytes, seconds)
         if reason:
-            self.progress.write(f"UNSTABLE {provider.name} {shape.name} M={M} {mode}: {reason}")
+            self.progress.write(f"UNSTABLE {provider.name} {shape.name} M={M} {mode}: {reason}. "
+                                f"This time is not a result: {kept.advice()}.")
 
 
 def _describe(err: BaseException) -> str:

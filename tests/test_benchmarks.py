@@ -264,13 +264,15 @@ def test_a_row_that_stays_noisy_is_marked_unstable_with_the_reason(tmp_path):
     assert len(timer.runs) == 3  # the first run and two repeats
     linear = by["nn.Linear"]
     assert linear.stable is False and linear.repeats == 3
-    assert "noisy: p80/p20 = 6.89 > 1.5" in linear.unstable_reason
-    assert "timed 3 times, never stable" in linear.unstable_reason
+    assert "noisy: its call times varied too much (p80 = 6.89x p20, at most 1.5x accepted)" in \
+        linear.unstable_reason
+    assert "timed 3 times, unstable every time" in linear.unstable_reason
     assert by["reference"].stable is True  # its own measurement was fine
     # The table, the summary, the closing line and the JSON say so.
     text = report.format_report(rows, _meta())
     assert "1.00x UNSTABLE" in text and "3 ms UNSTABLE" in text
     assert "1 of 2 timed rows unstable (1 noisy)" in text
+    assert "rerun on an idle machine" in text  # and what to do about it
     status, closing = run.verdict(rows)
     assert status == 0 and "1 of them UNSTABLE (1 noisy" in closing
     report.write_json(str(tmp_path / "r.json"), rows, _meta())
@@ -292,7 +294,7 @@ def test_a_speedup_above_the_ideal_is_flagged_and_counted(tmp_path):
     ref = by["reference"]
     assert len(timer.runs) == 2 and ref.stable is False and by["nn.Linear"].stable is True
     assert 1.5 < ref.roofline_speedup_vs_linear <= TINY.groups / 2  # memory-bound: a bit < G/2
-    assert "above the ideal: 19.68x vs nn.Linear" in ref.unstable_reason
+    assert "above the ideal: 19.68x faster than nn.Linear, more than the" in ref.unstable_reason
     assert "19.68x UNSTABLE" in report.detailed_table(rows)
     assert "(19.68x) UNSTABLE" in report.summary_table(rows)
     assert "1 of 2 timed rows unstable (1 above the ideal)" in report.format_report(rows, _meta())
@@ -308,12 +310,18 @@ def test_a_speedup_above_the_ideal_is_flagged_and_counted(tmp_path):
     assert "(19.68x) UNSTABLE" in page and "1 of 2 timed rows unstable" in page
 
 
-def test_no_repeat_past_max_time_and_a_failing_call_is_an_error_row():
+def test_no_repeat_past_max_time_and_a_failing_call_is_an_error_row(capsys):
     noisy = dict(STEADY, **{"nn.Linear": (3.0, 0.9, 6.2)})
     timer = FakeTimer(noisy)
     by, _ = _timed(timer, max_time_s=0.0)
     assert len(timer.runs) == 1 and by["nn.Linear"].stable is False
-    assert "another run would have passed --max-time 0 s" in by["nn.Linear"].unstable_reason
+    assert ("timed once, not again: another run would have taken this row past --max-time 0 s"
+            in by["nn.Linear"].unstable_reason)
+    # The line printed as it happens says what the row's time is worth, and what to do.
+    printed = capsys.readouterr().err
+    assert "UNSTABLE nn.Linear tiny-io M=5 fwd: noisy: its call times varied too much" in printed
+    assert ("This time is not a result: rerun on an idle machine, or give each row more time "
+            "with a larger --max-time (e.g. --max-time 10)." in printed)
 
     class FailsOnce(FakeTimer):
         def __call__(self, fns, *args):
