@@ -136,6 +136,7 @@ class SweepConfig:
     measure_memory: bool = True
     rotate_bytes: Optional[int] = None  # None: twice the L2 (CUDA) or 64 MiB (CPU)
     max_sets: int = 64  # small shapes need many sets to exceed a cache (M = 1: ~3 MB each)
+    warmup_calls: Optional[int] = None  # untimed calls per provider and mode; None: one per set
 
 
 class InputSet:
@@ -172,6 +173,12 @@ def _rotation_count(cfg: SweepConfig, shape: Shape, M: int) -> int:
     elem = torch.empty((), dtype=cfg.dtype).element_size()
     set_bytes = elem * (M * (shape.in_features + shape.out_features) + shapes.params(shape))
     return max(1, min(cfg.max_sets, math.ceil(target / set_bytes)))
+
+
+def warmup_count(cfg: SweepConfig, sets: int) -> int:
+    """Untimed calls per provider before a mode's first run: one per input set, or
+    ``cfg.warmup_calls`` when that is fewer (at least one: the first call compiles, allocates)."""
+    return sets if cfg.warmup_calls is None else max(1, min(cfg.warmup_calls, sets))
 
 
 def _cycle(n: int) -> Callable[[], int]:
@@ -298,7 +305,7 @@ class Sweep:
         self.progress = progress or Progress(0, enabled=False)
         self.tol = cfg.tolerance if cfg.tolerance is not None else parity.tolerance(cfg.dtype)
         self.spread_threshold = cfg.spread_threshold or default_spread_threshold(cfg.device)
-        # The calls are warmed up here (one per input set) before the first run: no more.
+        # The calls are warmed up here (``warmup_calls``) before the first run: no more.
         self.timer: Timer = cfg.timer or functools.partial(timing.bench_many, warmup=0)
         self.rows: List[Row] = []
 
@@ -442,8 +449,9 @@ class Sweep:
                     try:
                         call, grad_to_none, cleanup = _timed_call(mode, fns, sets, following)
                         cleanups.append(cleanup)
-                        # The warm-up: one call per input set (do_bench adds its own on CUDA).
-                        for _ in sets:
+                        # The warm-up: one call per input set unless told fewer (do_bench adds
+                        # its own on CUDA).
+                        for _ in range(warmup_count(c, len(sets))):
                             call()
                     except Exception as err:
                         errors[provider.name] = _describe(err)
