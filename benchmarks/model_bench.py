@@ -41,6 +41,8 @@ import torch
 from . import env, memory, report, shapes
 from .parity import rel_err
 from .progress import Progress
+from .run import (MODEL_DEFAULT_SIZES, UsageError, _check_writable_file, _split,
+                  build_model_parser, parse, resolve_device)
 from .timing import quantiles_ms
 
 VARIANTS = ("kphi3-triton", "kphi3-torch", "phi3-dense")
@@ -410,65 +412,33 @@ def format_table(rows: Sequence[ModelRow], meta: dict) -> str:
     return "\n".join(head) + report.render(headers, body, right=range(3, 11))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kphi3-bench model", description=__doc__.split("\n\n")[0])
-    p.add_argument("--variants", help=f"comma-separated (default: {', '.join(VARIANTS)}; compiled: "
-                   f"the same names + '{COMPILED}')")
-    p.add_argument("--compile", action="store_true",
-                   help="also run each chosen variant compiled (torch.compile of the whole model, "
-                        "fullgraph; generate with the static cache through transformers' compile path)")
-    p.add_argument("--compile-backend", default="inductor",
-                   help="torch.compile backend of the compiled rows (default inductor)")
-    p.add_argument("--family", choices=sorted(MODEL_FAMILIES), default="kphi3",
-                   help="model sizes (default kphi3: the released 1280/5120, 10 heads)")
-    p.add_argument("--layers", type=int, help="decoder layers (default 2, as released)")
-    p.add_argument("--batch", type=int, help="training batch (default 8 CUDA, 2 CPU; --quick 1)")
-    p.add_argument("--seq", type=int, help="training sequence length (default 1024 CUDA, 256 CPU; "
-                   "--quick 64)")
-    p.add_argument("--gen-batch", type=int, default=1, help="generate batch (default 1)")
-    p.add_argument("--prompt", type=int, help="prompt tokens (default 128 CUDA, 32 CPU; --quick 8)")
-    p.add_argument("--new-tokens", type=int, help="generated tokens (default 128 CUDA, 32 CPU; "
-                   "--quick 8)")
-    p.add_argument("--steps", type=int, help="timed training steps (default 10 CUDA, 4 CPU; "
-                   "--quick 2); generate runs half as many")
-    p.add_argument("--dtype", choices=sorted(shapes.DTYPES), help="default bf16 CUDA, fp32 CPU")
-    p.add_argument("--device", choices=("cpu", "cuda"))
-    p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke test)")
-    p.add_argument("--out", metavar="FILE.json")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-# Defaults per size: (--quick, CUDA, CPU).
-DEFAULT_SIZES = {"layers": (2, 2, 2), "batch": (1, 8, 2), "seq": (64, 1024, 256),
-                 "prompt": (8, 128, 32), "new_tokens": (8, 128, 32), "steps": (2, 10, 4)}
-
-
 def _sizes(args: argparse.Namespace, cuda: bool) -> ModelSizes:
     column = 0 if args.quick else (1 if cuda else 2)
     chosen = {name: getattr(args, name) if getattr(args, name) is not None else defaults[column]
-              for name, defaults in DEFAULT_SIZES.items()}
+              for name, defaults in MODEL_DEFAULT_SIZES.items()}
     return ModelSizes(family=args.family, gen_batch=args.gen_batch, **chosen)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """``prog``: how the command was invoked, for the record (``kphi3-bench model`` passes it)."""
-    from .run import UsageError, _check_writable_file, _split, resolve_device
-
     prog = prog or "python -m kphi3_bench.model_bench"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, status = parse(build_model_parser(prog), argv)
+    return status if args is None else run_model(args, argv, prog)
 
-    parser = build_parser()
-    try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+
+def run_model(args: argparse.Namespace, argv: Sequence[str], prog: str) -> int:
+    """The benchmark that ``args`` (parsed by ``run.build_model_parser``) asks for."""
+    parser = build_model_parser(prog)
     try:
         device = resolve_device(args.device)
         variants = _split(args.variants) if args.variants else list(VARIANTS)
         for v in variants:
             if v not in ALL_VARIANTS:
                 raise UsageError(f"unknown variant {v!r}; known variants: {', '.join(ALL_VARIANTS)}")
+        if args.family not in MODEL_FAMILIES:
+            raise UsageError(f"unknown family {args.family!r}; known families: "
+                             f"{', '.join(MODEL_FAMILIES)}")
         if args.compile:
             variants += [v + COMPILED for v in variants
                          if not is_compiled(v) and v + COMPILED not in variants]
@@ -483,6 +453,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         parser.print_usage(sys.stderr)
         print(f"kphi3-bench model: error: {err}", file=sys.stderr)
         return 2
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # this run's own bar is the one to read
     dtype = shapes.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     progress = Progress(len(variants) * len(TASKS), enabled=not args.no_progress, desc="model")
     bench = ModelBench(sizes, dtype, device, variants, progress, seed=args.seed,
@@ -492,7 +465,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     finally:
         progress.close()
     meta = {
-        "command": f"{prog} {shlex.join(argv if argv is not None else sys.argv[1:])}".strip(),
+        "command": f"{prog} {shlex.join(argv)}".strip(),
         "env": bench.info, "dtype": shapes.dtype_name(dtype), "family": sizes.family,
         "sizes": asdict(sizes),
         "attention": "transformers' default attention implementation (sdpa where supported)",

@@ -14,12 +14,79 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence
-
-from .sweep import ABOVE_IDEAL, NOISY, OK, Row
 
 JSON_SCHEMA = "kphi3-bench/1"
 UNSTABLE = "UNSTABLE"
+
+OK, PARITY_FAILED, ERROR = "ok", "parity failed", "error"
+FAILED_STATUSES = (PARITY_FAILED, ERROR)
+NOISY, ABOVE_IDEAL = "noisy", "above the ideal"  # the two kinds of unstable_reason
+
+
+@dataclass
+class Row:
+    """One tidy result: a provider on a shape at M tokens in one mode (what the JSON holds).
+
+    The sweep (``sweep.py``) makes them; this module prints, saves and plots them, so it needs
+    neither torch nor the kernels (``kphi3-bench plot`` reads a JSON file without them).
+    """
+
+    provider: str
+    op: str
+    shape: str
+    family: str
+    in_features: int
+    out_features: int
+    groups: int
+    M: int
+    dtype: str
+    mode: str
+    status: str  # "ok", "parity failed", "error", or why it did not run ("needs a GPU", ...)
+    parity: str = ""
+    parity_rel_err: Optional[float] = None
+    parity_tol: Optional[float] = None
+    median_ms: Optional[float] = None
+    p20_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    reps: Optional[int] = None
+    speedup_vs_linear: Optional[float] = None
+    ideal_speedup_vs_linear: Optional[float] = None
+    flops: int = 0
+    bytes: int = 0
+    tflops: Optional[float] = None
+    gbps: Optional[float] = None
+    roofline_ms: Optional[float] = None
+    roofline_fraction: Optional[float] = None
+    roofline_speedup_vs_linear: Optional[float] = None  # nn.Linear's roofline time / this row's
+    bound: str = ""
+    stable: Optional[bool] = None  # timed rows: False when the measurement stayed unstable
+    unstable_reason: str = ""
+    repeats: Optional[int] = None  # timed rows: how many times the row's providers were timed
+    params: int = 0
+    peak_mem_mb: Optional[float] = None
+    peak_mem_method: str = ""
+    error: str = ""
+    env: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.status in FAILED_STATUSES
+
+    @property
+    def timed(self) -> bool:
+        return self.median_ms is not None
+
+    @property
+    def unstable(self) -> bool:
+        return self.stable is False
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        env = d.pop("env")
+        d.update(env)  # device, device_name, versions and date on every row
+        return d
 
 
 def _fmt(value: Optional[float], spec: str = ".3g", none: str = "-") -> str:
@@ -244,45 +311,81 @@ def markdown_table(headers: Sequence[str], body: Sequence[Sequence[str]],
     return "\n".join(lines)
 
 
-def write_plots(rows: Sequence[Row], directory: str, dpi: int = 80) -> List[str]:
-    """One PNG per shape: median time vs M (log-log), a panel per mode, a line per provider."""
+def _log_tick_label(value: float, digits: Sequence[int]) -> str:
+    """``"20"`` for 20 when 2 is in ``digits`` (ticks 1, 2, 5 x 10^k are labelled), else ``""``."""
+    if value <= 0:
+        return ""
+    exponent = math.floor(math.log10(value) + 1e-9)
+    mantissa = value / 10 ** exponent
+    if round(mantissa) in digits and abs(mantissa - round(mantissa)) < 1e-6:
+        return f"{round(mantissa) * 10.0 ** exponent:g}"
+    return ""
+
+
+def write_plots(rows: Sequence[Row], directory: str, dpi: int = 100) -> List[str]:
+    """One PNG per shape: median time vs M (log-log), a panel per mode, a line per provider.
+
+    1200 x 750 pixels for two panels, 1800 x 750 for three; the time axis has a tick at every
+    decade and at 2 and 5 between (labelled when the panel spans at most three decades, else the
+    decades only). An unstable row's time is drawn as a hollow marker.
+    """
     try:
         import matplotlib
     except ImportError as err:
         raise RuntimeError("--plot needs matplotlib (pip install matplotlib)") from err
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
     os.makedirs(directory, exist_ok=True)
     providers = _provider_order(rows)
+    colours = {name: f"C{i}" for i, name in enumerate(providers)}
     written = []
     for shape in dict.fromkeys(r.shape for r in rows):
+        any_unstable = False
         of_shape = [r for r in rows if r.shape == shape]
         modes = list(dict.fromkeys(r.mode for r in of_shape))
-        fig, axes = plt.subplots(1, len(modes), figsize=(3.6 * len(modes), 3.0), squeeze=False)
+        fig, axes = plt.subplots(1, len(modes), figsize=(max(8.0, 6.0 * len(modes)), 7.5),
+                                 squeeze=False)
         for ax, mode in zip(axes[0], modes):
+            times = []
             for name in providers:
-                pts = sorted((r.M, r.median_ms) for r in of_shape
-                             if r.mode == mode and r.provider == name and r.timed)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", markersize=3, label=name)
+                timed = sorted((r.M, r.median_ms, r.unstable) for r in of_shape
+                               if r.mode == mode and r.provider == name and r.timed)
+                if timed:
+                    Ms_, ts, unstable = zip(*timed)
+                    ax.plot(Ms_, ts, marker="o", markersize=6, linewidth=2, label=name,
+                            color=colours[name])
+                    shaky = [(m, t) for m, t, u in timed if u]
+                    if shaky:  # an unstable row's time is drawn hollow: not a result
+                        ax.plot(*zip(*shaky), linestyle="none", marker="o", markersize=9,
+                                markerfacecolor="white", markeredgewidth=2, color=colours[name])
+                        any_unstable = True
+                    times += ts
             ax.set_xscale("log")
             ax.set_yscale("log")
             Ms = sorted({r.M for r in of_shape})
             ax.set_xticks(Ms)
             ax.set_xticklabels([str(m) for m in Ms])
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(NullFormatter())
-            ax.set_title(f"{mode}", fontsize=9)
-            ax.set_xlabel("M (tokens)", fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0][0].set_ylabel("median time (ms)", fontsize=8)
+            ax.xaxis.set_minor_locator(NullLocator())  # the M values are the x ticks
+            decades = math.log10(max(times) / min(times)) if times and min(times) > 0 else 0.0
+            minor_digits = (2, 5) if decades <= 3 else ()
+            ax.yaxis.set_major_locator(LogLocator(base=10, numticks=30))
+            ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2, 3, 4, 5, 6, 7, 8, 9),
+                                                  numticks=30))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _log_tick_label(v, (1,))))
+            ax.yaxis.set_minor_formatter(FuncFormatter(
+                lambda v, _, digits=minor_digits: _log_tick_label(v, digits)))
+            ax.set_title(mode, fontsize=15)
+            ax.set_xlabel("M (tokens)", fontsize=13)
+            ax.tick_params(which="major", labelsize=12, length=6)
+            ax.tick_params(which="minor", labelsize=10, length=3)
+            ax.grid(True, which="major", alpha=0.45)
+            ax.grid(True, which="minor", alpha=0.15)
+        axes[0][0].set_ylabel("median time per call (ms)", fontsize=13)
         first = of_shape[0]
         fig.suptitle(f"{shape}: {first.in_features}->{first.out_features}, G={first.groups}, "
-                     f"{first.dtype}, {first.env.get('device_name', '')}", fontsize=9)
+                     f"{first.dtype}, {first.env.get('device_name', '')}", fontsize=16)
         handles, labels = axes[0][0].get_legend_handles_labels()
         for ax in axes[0][1:]:
             for h, l in zip(*ax.get_legend_handles_labels()):
@@ -290,9 +393,12 @@ def write_plots(rows: Sequence[Row], directory: str, dpi: int = 80) -> List[str]
                     handles.append(h)
                     labels.append(l)
         if handles:
-            fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7,
+            fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=13,
                        frameon=False)
-        fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+        if any_unstable:
+            fig.text(0.99, 0.01, f"hollow: {UNSTABLE}, not a result", ha="right", va="bottom",
+                     fontsize=11)
+        fig.tight_layout(rect=(0, 0.07, 1, 0.95))
         path = os.path.join(directory, f"{shape}.png")
         fig.savefig(path, dpi=dpi)
         plt.close(fig)

@@ -25,7 +25,7 @@ import itertools
 import math
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -33,17 +33,15 @@ import torch
 from . import memory, parity, shapes, timing
 from .progress import Progress
 from .providers import Provider
+from .report import ABOVE_IDEAL, ERROR, NOISY, OK, PARITY_FAILED, Row
 from .roofline import Roofline
 from .shapes import Shape
 
-OK, PARITY_FAILED, ERROR = "ok", "parity failed", "error"
-FAILED_STATUSES = (PARITY_FAILED, ERROR)
 BASELINE = "nn.Linear"  # the provider the speedups are measured against
 
 # p80 / p20 above which a row is timed again: measured on this project's machines, see
 # ``default_spread_threshold``.
 SPREAD_THRESHOLD = {"cpu": 1.5, "cuda": 1.2}
-NOISY, ABOVE_IDEAL = "noisy", "above the ideal"  # the two kinds of unstable_reason
 
 # timer(calls by provider name, device, tensors whose .grad to clear by name, budget_s, min_reps)
 Timer = Callable[[Mapping[str, Callable[[], object]], torch.device,
@@ -53,66 +51,6 @@ Timer = Callable[[Mapping[str, Callable[[], object]], torch.device,
 def default_spread_threshold(device: torch.device) -> float:
     """1.5 on a CPU (wall clock of a shared machine), 1.2 on CUDA (do_bench's CUDA events)."""
     return SPREAD_THRESHOLD["cuda" if device.type == "cuda" else "cpu"]
-
-
-@dataclass
-class Row:
-    """One tidy result: a provider on a shape at M tokens in one mode (what the JSON holds)."""
-
-    provider: str
-    op: str
-    shape: str
-    family: str
-    in_features: int
-    out_features: int
-    groups: int
-    M: int
-    dtype: str
-    mode: str
-    status: str  # "ok", "parity failed", "error", or why it did not run ("needs a GPU", ...)
-    parity: str = ""
-    parity_rel_err: Optional[float] = None
-    parity_tol: Optional[float] = None
-    median_ms: Optional[float] = None
-    p20_ms: Optional[float] = None
-    p80_ms: Optional[float] = None
-    reps: Optional[int] = None
-    speedup_vs_linear: Optional[float] = None
-    ideal_speedup_vs_linear: Optional[float] = None
-    flops: int = 0
-    bytes: int = 0
-    tflops: Optional[float] = None
-    gbps: Optional[float] = None
-    roofline_ms: Optional[float] = None
-    roofline_fraction: Optional[float] = None
-    roofline_speedup_vs_linear: Optional[float] = None  # nn.Linear's roofline time / this row's
-    bound: str = ""
-    stable: Optional[bool] = None  # timed rows: False when the measurement stayed unstable
-    unstable_reason: str = ""
-    repeats: Optional[int] = None  # timed rows: how many times the row's providers were timed
-    params: int = 0
-    peak_mem_mb: Optional[float] = None
-    peak_mem_method: str = ""
-    error: str = ""
-    env: Dict[str, str] = field(default_factory=dict)
-
-    @property
-    def failed(self) -> bool:
-        return self.status in FAILED_STATUSES
-
-    @property
-    def timed(self) -> bool:
-        return self.median_ms is not None
-
-    @property
-    def unstable(self) -> bool:
-        return self.stable is False
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        env = d.pop("env")
-        d.update(env)  # device, device_name, versions and date on every row
-        return d
 
 
 @dataclass

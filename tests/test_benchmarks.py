@@ -3,6 +3,7 @@ the roofline, the argument errors, the GPU script's dry run and the model benchm
 
 Timings are never asserted (they are noise on a shared CPU); what a run writes and refuses is.
 """
+import argparse
 import json
 import math
 import os
@@ -71,7 +72,7 @@ def test_quick_runs_end_to_end_and_writes_json_and_plots(tmp_path):
 
     pngs = sorted(plots.glob("*.png"))
     assert [p.stem for p in pngs] == sorted(shapes.QUICK_SHAPES)
-    assert all(p.read_bytes()[:8] == PNG for p in pngs)
+    assert all(_png_size(p)[0] >= 1200 and _png_size(p)[1] >= 700 for p in pngs)
 
 
 # --- the parity gate --------------------------------------------------------------------------
@@ -486,6 +487,87 @@ def test_bad_argument_exit_status_from_the_command_line():
     proc = subprocess.run([sys.executable, "-m", "kphi3_bench.run", "--shapes", "nope"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown shape 'nope'" in proc.stderr
+
+
+# --- the command line: help texts, lazy imports, the plot command -------------------------------
+
+HEAVY = ("torch", "transformers", "matplotlib", "triton", "kphi3_kernels", "kphi3_model")
+
+
+@pytest.mark.parametrize("command", [[], ["model"], ["plot"]], ids=["sweep", "model", "plot"])
+def test_help_imports_neither_torch_nor_the_kernels(command):
+    """`--help` must print at once: no torch, transformers, matplotlib or kernels imported."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "kphi3_bench.run", *command,
+                           "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "kphi3_bench" in imported  # -X importtime did report (run itself runs as __main__)
+    assert not {name for name in imported if name.split(".")[0] in HEAVY}
+
+
+def _parsers():
+    from kphi3_bench import results_readme
+
+    found = {name: build() for name, build in run.COMMANDS.items()}
+    found["python -m kphi3_bench.results_readme"] = results_readme.build_parser()
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(_parsers()))
+def test_every_option_has_a_help_text(name):
+    parser = _parsers()[name]
+    missing = [action.option_strings or [action.dest] for action in parser._actions
+               if not isinstance(action, argparse._HelpAction)
+               and not (action.help and action.help.strip())]
+    assert not missing, f"{name}: options without a help text: {missing}"
+
+
+def test_the_help_texts_quote_what_the_sweep_uses():
+    """run.py writes these out so that --help needs no torch; they must match their sources."""
+    from kphi3_bench import sweep
+
+    assert run.FAMILY_NAMES == tuple(shapes.FAMILIES) == tuple(model_bench.MODEL_FAMILIES)
+    assert run.PROVIDER_NAMES == providers.PROVIDER_NAMES
+    assert run.MODES == shapes.MODES and run.DTYPE_NAMES == tuple(shapes.DTYPES)
+    assert (run.DEFAULT_M_CUDA, run.DEFAULT_M_CPU) == (shapes.DEFAULT_M_CUDA, shapes.DEFAULT_M_CPU)
+    assert run.QUICK_SHAPES == shapes.QUICK_SHAPES and run.QUICK_MODES == shapes.QUICK_MODES
+    assert (run.QUICK_M_CPU, run.QUICK_M_CUDA) == (shapes.QUICK_M_CPU, shapes.QUICK_M_CUDA)
+    assert run.SPREAD_THRESHOLD == sweep.SPREAD_THRESHOLD
+    assert run.MODEL_VARIANTS == model_bench.VARIANTS and run.MODEL_COMPILED == model_bench.COMPILED
+
+
+def _png_size(path):
+    head = path.read_bytes()[:24]
+    assert head[:8] == PNG
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_plot_command_replots_a_saved_sweep(tmp_path, capsys):
+    timer = FakeTimer(dict(STEADY, **{"nn.Linear": (3.0, 0.9, 6.2)}))  # nn.Linear unstable
+    rows = _sweep([providers.LinearProvider(), providers.ReferenceProvider()], Ms=(5, 64),
+                  timer=timer, max_repeats=0)
+    saved = tmp_path / "sweep.json"
+    report.write_json(str(saved), rows, _meta())
+    assert run.main(["plot", str(saved), "--out", str(tmp_path / "plots")]) == 0
+    png = tmp_path / "plots" / f"{TINY.name}.png"
+    assert f"wrote {png}" in capsys.readouterr().out
+    width, height = _png_size(png)
+    assert width >= 1200 and height >= 700
+    # A file that is not a layer sweep's results, or none at all, is refused with status 2.
+    other = tmp_path / "model.json"
+    other.write_text(json.dumps({"schema": "kphi3-bench-model/1", "meta": {}, "results": []}))
+    assert run.main(["plot", str(other), "--out", str(tmp_path / "p")]) == 2
+    assert "not a layer sweep's results" in capsys.readouterr().err
+    assert run.main(["plot", str(tmp_path / "missing.json"), "--out", str(tmp_path / "p")]) == 2
+    assert run.main(["plot", str(saved)]) == 2  # --out is required
+    assert "--out" in capsys.readouterr().err
+
+
+def test_log_axis_labels_decades_and_two_and_five_between():
+    label = report._log_tick_label
+    assert [label(v, (1,)) for v in (0.01, 1.0, 100.0, 2.0)] == ["0.01", "1", "100", ""]
+    assert [label(v, (2, 5)) for v in (0.2, 5.0, 50.0, 3.0, 2e4)] == ["0.2", "5", "50", "", "20000"]
 
 
 # --- gpu_check and the model benchmark --------------------------------------------------------
