@@ -2,7 +2,7 @@
 
 Examples::
 
-    kphi3-bench --quick                                  # a first try (about 100 s on 2 cores)
+    kphi3-bench --quick                                  # a first try (about a minute on 2 cores)
     kphi3-bench --out results.json --plot plots/         # the full sweep, saved
     kphi3-bench --shapes kphi3 --M 2048 --modes fwd      # the released shapes at one M
     kphi3-bench --list                                   # shapes, providers, modes
@@ -51,6 +51,9 @@ def _csv(values) -> str:
 # its providers together).
 MAX_REPEATS, QUICK_MAX_REPEATS = 3, 2
 MAX_TIME_S, QUICK_MAX_TIME_S = 15.0, 2.0
+# Untimed calls per provider and mode before the first run: one per rotated input set (up to 64
+# at small M), but --quick makes two (enough to compile and allocate once).
+QUICK_WARMUP_CALLS = 2
 
 # What the help texts quote, written out so that `--help` needs no torch. The sweep itself reads
 # shapes.py, providers.py, sweep.py and model_bench.py; tests/test_benchmarks.py checks that these
@@ -71,9 +74,9 @@ MODEL_COMPILED = "+compile"
 MODEL_DEFAULT_SIZES = {"layers": (2, 2, 2), "batch": (1, 8, 2), "seq": (64, 1024, 256),
                        "prompt": (8, 128, 32), "new_tokens": (8, 128, 32), "steps": (2, 10, 4)}
 
-# How long `--quick` takes: `kphi3-bench --quick --no-progress` took 99 and 101 s (two runs) on a
-# 2-core CPU that other jobs were using too.
-QUICK_TAKES = "about 100 s on a 2-core CPU"
+# How long `--quick` takes: `time kphi3-bench --quick --no-progress` took 49-72 s (median 60 s,
+# three runs) on a 2-core CPU that other jobs were using too.
+QUICK_TAKES = "about a minute on a 2-core CPU"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,7 +301,8 @@ def plan(args: argparse.Namespace) -> dict:
                 spread_threshold=args.spread_threshold or default_spread_threshold(device),
                 max_repeats=args.max_repeats if args.max_repeats is not None else
                 (QUICK_MAX_REPEATS if quick else MAX_REPEATS),
-                max_time_s=args.max_time or (QUICK_MAX_TIME_S if quick else MAX_TIME_S))
+                max_time_s=args.max_time or (QUICK_MAX_TIME_S if quick else MAX_TIME_S),
+                warmup_calls=QUICK_WARMUP_CALLS if quick else None)
 
 
 def list_choices() -> str:
@@ -346,13 +350,15 @@ def sweep_meta(cfg, info: dict, roof, command: str, no_memory: bool) -> dict:
     cuda = cfg.device.type == "cuda"
     timing = ("triton.testing.do_bench (CUDA events, L2 flushed), median of ~100 ms of calls" if cuda
               else f"wall clock, median of >= {cfg.min_reps} calls / {cfg.budget_s} s per row")
+    warmup = ("one call per provider and input set" if cfg.warmup_calls is None else
+              f"at most {cfg.warmup_calls} calls per provider")
     return {
         "command": command,
         "env": info,
         "dtype": shapes.dtype_name(cfg.dtype),
         "roofline": roof.to_dict(),
-        "timing": timing + f"; warm-up excluded; inputs rotated over up to {cfg.max_sets} sets "
-                           "sized to exceed the last-level cache",
+        "timing": timing + f"; warm-up excluded ({warmup}); inputs rotated over up to "
+                           f"{cfg.max_sets} sets sized to exceed the last-level cache",
         "memory": "not measured" if no_memory else (memory.CUDA_METHOD if cuda else memory.CPU_METHOD),
         "stability": stability_meta(cfg),
         "parity": "rel err vs kphi3_kernels.reference.gpc_io in float64, tolerance "
@@ -447,6 +453,7 @@ def run_layers(args: argparse.Namespace, config: dict, command: str) -> int:
                       budget_s=config["budget_s"], min_reps=config["min_reps"],
                       spread_threshold=config["spread_threshold"],
                       max_repeats=config["max_repeats"], max_time_s=config["max_time_s"],
+                      warmup_calls=config["warmup_calls"],
                       tolerance=args.tolerance, seed=args.seed,
                       measure_memory=not args.no_memory)
     rows = run_sweep(cfg, progress=not args.no_progress)
