@@ -35,6 +35,10 @@ and scalar 16-bit global loads / stores in a kernel that does matrix work.
 Python API: ``record_launches``, ``compile_launch``, ``compile_all``, ``parse_sass``,
 ``check_properties``, ``tools_available``.
 
+The output's first line and the JSON's ``environment`` name the Triton and ptxas versions that
+compiled: registers and spills differ between compiler versions (Triton 3.6 spilled kernels that
+3.9 compiles clean), so a report holds for its own versions only.
+
 Checked with Triton 3.6 and 3.9 (both have the binder, ``JITFunction._pack_args`` and the ptxas-log
 knob; without ``_pack_args`` the same steps are taken by hand, without the knob spill bytes are
 read from the LDL / STL instructions of the SASS).
@@ -756,6 +760,15 @@ def environment(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 
+def describe_environment(info: Dict[str, Any]) -> str:
+    """One line naming the compiler that made the report: the numbers depend on its version."""
+    tools = ", ".join(f"{info[k]} for sm_{k[len('ptxas_sm'):]}" for k in sorted(info)
+                      if k.startswith("ptxas_sm"))
+    return (f"Triton {info.get('triton')}" + (f" ({tools})" if tools else "")
+            + f", torch {info.get('torch')}, Python {info.get('python')}, {info.get('date')}; "
+            f"command: {info.get('command')}")
+
+
 def _kinds(memory: Dict[str, int], prefixes: Sequence[str]) -> str:
     parts = []
     for kind, count in memory.items():
@@ -881,6 +894,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr, flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    info = environment(argv)
+    print(describe_environment(info))
     print(format_table(records))
     violations = [v for r in records for v in r["violations"]]
     print(f"\n{len(records)} kernels, {sum(1 for r in records if r.get('compiled'))} compiled, "
@@ -889,7 +904,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"  - {v}")
     if args.out:
         payload = {
-            "environment": environment(argv),
+            "environment": info,
             "settings": {"shapes": args.shape_names, "m": args.m, "dtypes": args.dtype_list,
                          "targets": args.target_list, "first_choice": args.first_choice,
                          "ops": args.op_list or list(OPS)},

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import triton
 
 from kphi3_bench import compile_report as cr
 
@@ -118,7 +119,11 @@ def test_released_shapes_bf16_first_choice_sm90a_sass(tmp_path):
     proc = subprocess.run(cmd, env=_env_without_interpreter(), capture_output=True, text=True,
                           timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    records = json.loads(out.read_text())["records"]
+    payload = json.loads(out.read_text())
+    # The numbers hold for one compiler: the report names the Triton that made them.
+    assert payload["environment"]["triton"] == triton.__version__
+    assert proc.stdout.startswith(f"Triton {triton.__version__}")
+    records = payload["records"]
     assert records, "no launch was recorded"
     ops = {use["op"] for r in records for use in r["uses"]}
     assert ops == set(cr.OPS), f"launchers without a recorded launch: {set(cr.OPS) - ops}"
