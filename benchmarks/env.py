@@ -10,10 +10,14 @@ from typing import Dict
 import torch
 
 
-def _version(module: str) -> str:
+def _version(distribution: str) -> str:
+    # The installed distribution's metadata: importing transformers only to read its version
+    # cost seconds of every run.
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        return __import__(module).__version__
-    except Exception:  # not installed, or broken
+        return version(distribution)
+    except PackageNotFoundError:
         return "not installed"
 
 

@@ -787,9 +787,9 @@ def _csv(text: str) -> List[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m kphi3_bench.ledger") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m kphi3_bench.ledger",
+        prog=prog,
         description=("The launch ledger: predicted H200 time of every launch of the Triton path, "
                      "the plain reference and nn.Linear, from FLOP and byte counts (nothing is "
                      "run or timed)."))
@@ -838,8 +838,8 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m kphi3_bench.ledger") -> int:
+    args = build_parser(prog).parse_args(argv)
     from . import shapes as shape_table
 
     try:

@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kphi3-bench",
         description="Benchmark KPhi-3's grouped layers (the IO block) against nn.Linear and the "
-                    "PyTorch paths, with a parity check before every timing. Two more commands: "
-                    "`kphi3-bench model --help` (the model-level benchmark) and "
-                    "`kphi3-bench plot --help` (plot a saved sweep again).",
+                    "PyTorch paths, with a parity check before every timing. Three more commands: "
+                    "`kphi3-bench model --help` (the model-level benchmark), "
+                    "`kphi3-bench plot --help` (plot a saved sweep again) and "
+                    "`kphi3-bench ledger --help` (the predicted H200 cost of every launch).",
         epilog="exit status: 0 when every row that ran passed parity and raised nothing, 1 when a "
                "provider failed parity or raised, 2 for bad arguments",
     )
@@ -201,8 +202,14 @@ def build_plot_parser(prog: str = "kphi3-bench plot") -> argparse.ArgumentParser
 
 
 # Every command's parser, by how it is invoked (the tests check that each option has a help text).
+def build_ledger_parser(prog: str = "kphi3-bench ledger") -> argparse.ArgumentParser:
+    from . import ledger  # torch-free until its main() runs
+
+    return ledger.build_parser(prog)
+
+
 COMMANDS = {"kphi3-bench": build_parser, "kphi3-bench model": build_model_parser,
-            "kphi3-bench plot": build_plot_parser}
+            "kphi3-bench plot": build_plot_parser, "kphi3-bench ledger": build_ledger_parser}
 
 
 def _positive_ints(value: str, what: str) -> List[int]:
@@ -414,6 +421,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from . import model_bench
 
         return model_bench.run_model(args, argv[1:], prog=f"{prog} model")
+    if argv[:1] == ["ledger"]:
+        from . import ledger
+
+        return ledger.main(argv[1:], prog=f"{prog} ledger")
     if argv[:1] == ["plot"]:
         args, status = parse(build_plot_parser(f"{prog} plot"), argv[1:])
         return status if args is None else plot_main(args)
