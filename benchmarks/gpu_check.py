@@ -19,15 +19,18 @@ Steps (each one is recorded, a failing step does not stop the next):
    M in {16, 2048, 8192}, fwd / bwd / fwd+bwd, providers triton, torch, reference, torch.compile
    and nn.Linear, in bf16: ``<device>-<date>.json`` (ready for benchmarks/results/), its table and
    plots.
-5. ``variants.json``: the IO block's two forward designs (``split``: de-interleave pass + one
+5. ``ledger-vs-measured.json``: every timed row of the sweep that the launch ledger models
+   (triton, reference, nn.Linear) beside the ledger's H200 prediction for it, measured / predicted
+   (``kphi3_bench.ledger``): the run that calibrates the cost model.
+6. ``variants.json``: the IO block's two forward designs (``split``: de-interleave pass + one
    clean GEMM; ``fused``: one launch reading ``x[:, n::G]`` in place) timed in one run next to
    nn.Linear, the reference and ``torch.compile`` of the reference, at the released shapes and
    M in {2048, 8192}, each with its parity and its roofline floor: which design wins is decided
    here, by these numbers.
-6. ``compile-report.json``: the compile report (``kphi3_bench.compile_report``) of every launch
+7. ``compile-report.json``: the compile report (``kphi3_bench.compile_report``) of every launch
    at the released shapes in bf16/fp16 for this GPU's architecture: registers, spills, shared
    memory, matrix instructions and global access kinds, beside the timings they explain.
-7. Optionally (``--model``) the model-level benchmark: ``model-<device>-<date>.json``.
+8. Optionally (``--model``) the model-level benchmark: ``model-<device>-<date>.json``.
 ``summary.json`` says which steps passed; the exit status is 0 only when all did.
 
 ``--dry-run`` runs every step's logic on the CPU with the torch backend standing in for Triton,
@@ -194,6 +197,21 @@ def run_timing(out_dir: str, device, dtype, shapes_, Ms, provider_names, quick_b
             "rows": len(rows), "timed": sum(r.timed for r in rows)}
 
 
+def run_ledger(out_dir: str, timing_json: Optional[str]) -> dict:
+    """Every timed row of the timing step beside the launch ledger's H200 prediction for it:
+    measured / predicted per provider, shape, M and mode (the model's calibration)."""
+    from . import ledger
+
+    if not timing_json or not os.path.exists(timing_json):
+        return {"ok": False, "error": "the timing step wrote no results"}
+    pairs = ledger.measured_over_predicted(report.rows_from_dicts(report.load_rows(timing_json)))
+    report.write_payload(os.path.join(out_dir, "ledger-vs-measured.json"),
+                         {"model": ledger.model_dict(ledger.h200_model(), "split"),
+                          "rows": pairs})
+    print(ledger.format_measured(pairs))
+    return {"ok": True, "rows": len(pairs)}
+
+
 def run_variants(out_dir: str, device, dry_run: bool, with_compile: bool) -> dict:
     from . import variants
 
@@ -327,6 +345,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     _step(summary, "timing", lambda: run_timing(
         args.out_dir, device, torch.float32 if dry else torch.bfloat16,
         DRY_SHAPES if dry else released, DRY_M if dry else TIMING_M, names, quick_budget=dry))
+    _step(summary, "ledger", lambda: run_ledger(
+        args.out_dir, summary["steps"].get("timing", {}).get("json")))
     _step(summary, "variants", lambda: run_variants(args.out_dir, device, dry,
                                                     not args.no_compile))
     _step(summary, "compile report", lambda: run_compile_report(args.out_dir, dry,

@@ -901,3 +901,58 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m kphi3_benc
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ----------------------------------------------------------------------------------------------
+# Measured against predicted (gpu_check)
+# ----------------------------------------------------------------------------------------------
+
+# The sweep's providers that the ledger models, and the ledger's path for each.
+PROVIDER_PATHS = {"triton": "triton", "reference": "reference", "nn.Linear": "dense"}
+
+
+def measured_over_predicted(rows: Sequence[Any], model: Optional[CostModel] = None
+                            ) -> List[Dict[str, Any]]:
+    """Each timed sweep row (``report.Row``) of a provider the ledger models, its measured median
+    beside the ledger's prediction for the same op, shape, M, mode and dtype (``fwd+bwd`` is the
+    sum of the two). The ratio measured / predicted is what a GPU run calibrates the model with."""
+    from . import shapes as shape_table
+
+    model = model or h200_model()
+    cache: Dict[tuple, Dict[str, Optional[float]]] = {}
+    out = []
+    for r in rows:
+        path = PROVIDER_PATHS.get(r.provider)
+        if path is None or r.median_ms is None:
+            continue
+        # The sweep times the IO block (its ``op`` names the projection); a shape outside the
+        # table (gpu_check's dry-run shapes) is rebuilt from the row, min = in / G giving G.
+        shape = shape_table.SHAPES.get(r.shape) or shape_table.Shape(
+            r.shape, r.family, r.op, r.in_features, r.out_features, r.in_features // r.groups)
+        predicted = 0.0
+        for mode in (LEDGER_MODES if r.mode == "fwd+bwd" else (r.mode,)):
+            key = (r.shape, r.M, mode, r.dtype)
+            if key not in cache:
+                (row,) = build_ledger([shape], [r.M], [mode], [r.dtype], ["gpc_io"])
+                cache[key] = row.times(model)
+            t = cache[key][path]
+            predicted = None if t is None or predicted is None else predicted + t
+        if predicted is None:
+            continue
+        measured_us = r.median_ms * 1e3
+        out.append({"provider": r.provider, "op": "gpc_io", "shape": r.shape, "M": r.M,
+                    "mode": r.mode, "dtype": r.dtype, "measured_us": round(measured_us, 3),
+                    "predicted_us": round(predicted, 3),
+                    "measured_over_predicted": round(measured_us / predicted, 3)})
+    return out
+
+
+def format_measured(pairs: Sequence[Dict[str, Any]]) -> str:
+    head = ["provider", "shape", "M", "mode", "dtype", "measured us", "predicted us",
+            "measured/predicted"]
+    body = [[p["provider"], p["shape"], str(p["M"]), p["mode"], p["dtype"],
+             _us(p["measured_us"]), _us(p["predicted_us"]),
+             f"{p['measured_over_predicted']:.2f}"] for p in pairs]
+    widths = [max(len(c) for c in col) for col in zip(head, *body)] if body else [len(h) for h in head]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in [head, *body]]
+    return "\n".join(lines)
