@@ -10,13 +10,13 @@ no channels returns the empty result (any step divides 0), like torch's own ops.
 """
 from __future__ import annotations
 
-import operator
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 from .backend import resolve_backend, validate_backend
 from .ops import custom_ops
+from .reference import as_int
 
 
 def _type_name(t) -> str:
@@ -201,15 +201,9 @@ def _channels(x, op: str) -> int:
 def _step(step, op: str) -> int:
     """An interleave step as a Python int: integer-like values through ``operator.index`` (as
     torch takes sizes); a bool or a non-integer is a TypeError."""
-    if type(step) is int:
-        return step
     if isinstance(step, bool):  # an int to Python, but never a step
         raise TypeError(f"{op}: step must be an integer, got {step!r}: a bool is not a step")
-    # Asked of the type rather than by catching operator.index's TypeError: torch.compile's
-    # dynamo (torch 2.11) turns that TypeError into an internal error.
-    if getattr(type(step), "__index__", None) is None:
-        raise TypeError(f"{op}: step must be an integer, got {step!r} ({type(step).__name__})")
-    return operator.index(step)
+    return as_int(step, f"{op}: step")
 
 
 def interleave(x, step: int, *, backend: Optional[str] = None) -> torch.Tensor:
