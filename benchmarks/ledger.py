@@ -579,18 +579,10 @@ def table_body(rows: Sequence[LedgerRow], model: CostModel) -> List[List[str]]:
 
 
 def format_table(rows: Sequence[LedgerRow], model: CostModel) -> str:
-    """A fixed-width text table, one line per row."""
-    body = table_body(rows, model)
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
-              for i, h in enumerate(TABLE_HEADERS)]
-    left = 6  # op .. dtype left-aligned, numbers right-aligned
+    """A fixed-width text table, one line per row: op .. dtype left-aligned, numbers right."""
+    from .report import render
 
-    def line(cells):
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(TABLE_HEADERS), line(["-" * w for w in widths])]
-                     + [line(b) for b in body])
+    return render(TABLE_HEADERS, table_body(rows, model), right=range(6, len(TABLE_HEADERS)))
 
 
 def model_dict(model: CostModel, io_forward: str) -> Dict[str, Any]:
@@ -948,11 +940,11 @@ def measured_over_predicted(rows: Sequence[Any], model: Optional[CostModel] = No
 
 
 def format_measured(pairs: Sequence[Dict[str, Any]]) -> str:
+    from .report import render
+
     head = ["provider", "shape", "M", "mode", "dtype", "measured us", "predicted us",
             "measured/predicted"]
     body = [[p["provider"], p["shape"], str(p["M"]), p["mode"], p["dtype"],
              _us(p["measured_us"]), _us(p["predicted_us"]),
              f"{p['measured_over_predicted']:.2f}"] for p in pairs]
-    widths = [max(len(c) for c in col) for col in zip(head, *body)] if body else [len(h) for h in head]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in [head, *body]]
-    return "\n".join(lines)
+    return render(head, body, right=range(5, len(head)))
