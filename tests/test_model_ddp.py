@@ -63,6 +63,9 @@ def ddp_worker(rank, port, backend, result_path):
         losses = train(ddp, lambda: shard, mean_over_ranks)
         if rank == 0:
             torch.save({"losses": losses, "state": model.state_dict()}, result_path)
+        # Both ranks leave together: a rank whose peer has already torn gloo down can hang in
+        # its own teardown (seen once in a dozen runs on torch 2.11 without this barrier).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

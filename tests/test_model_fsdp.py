@@ -115,6 +115,7 @@ def fsdp_worker(rank, world_size, port, modes, result_path):
                 results["reloaded"] = save_and_rebuild(model, shard, result_path + ".checkpoint")
         if rank == 0:
             torch.save(results, result_path)
+        dist.barrier()  # both ranks leave together (see test_model_ddp.ddp_worker)
     finally:
         dist.destroy_process_group()
 
