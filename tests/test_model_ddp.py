@@ -1,14 +1,13 @@
 """DistributedDataParallel on CPU: two gloo processes, each on half of the global batch, follow the
 same loss curve and end with the same weights as one process on the whole batch."""
 import os
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 import kphi3_kernels
 
-from _utils import free_port, run_spawned
+from _utils import free_port, gloo_process_group, run_spawned
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -47,11 +46,7 @@ def train(model, batch_for_step, reduce_loss=lambda loss: loss):
 
 
 def ddp_worker(rank, port, backend, result_path):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=TIMEOUT_S))
-    try:
+    with gloo_process_group(rank, WORLD_SIZE, port, TIMEOUT_S):
         model = build_model(backend)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         shard = global_batch().chunk(WORLD_SIZE)[rank]  # equal token counts: mean of means = global mean
@@ -63,11 +58,6 @@ def ddp_worker(rank, port, backend, result_path):
         losses = train(ddp, lambda: shard, mean_over_ranks)
         if rank == 0:
             torch.save({"losses": losses, "state": model.state_dict()}, result_path)
-        # Both ranks leave together: a rank whose peer has already torn gloo down can hang in
-        # its own teardown (seen once in a dozen runs on torch 2.11 without this barrier).
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_two_processes_match_one_process():

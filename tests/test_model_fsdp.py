@@ -25,14 +25,12 @@ and loading by broadcast.
   compute in bf16: its first gradients (same weights) differ from the fp32 run's by bf16's error, far
   beyond the fp32 contract (1.4e-2 here: bf16 all through the forward and backward).
 """
-import os
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from _utils import FP32_TOL, free_port, rel_error, run_spawned
+from _utils import FP32_TOL, free_port, gloo_process_group, rel_error, run_spawned
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -87,11 +85,7 @@ def train(model, batch, reduce_loss=lambda loss: loss, first_grads=None):
 def fsdp_worker(rank, world_size, port, modes, result_path):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=TIMEOUT_S))
-    try:
+    with gloo_process_group(rank, world_size, port, TIMEOUT_S):
         results = {}
         for mode in modes:
             model = build_model()
@@ -115,9 +109,6 @@ def fsdp_worker(rank, world_size, port, modes, result_path):
                 results["reloaded"] = save_and_rebuild(model, shard, result_path + ".checkpoint")
         if rank == 0:
             torch.save(results, result_path)
-        dist.barrier()  # both ranks leave together (see test_model_ddp.ddp_worker)
-    finally:
-        dist.destroy_process_group()
 
 
 def save_and_rebuild(model, batch, directory):
