@@ -206,7 +206,7 @@ def run_ledger(out_dir: str, timing_json: Optional[str]) -> dict:
         return {"ok": False, "error": "the timing step wrote no results"}
     pairs = ledger.measured_over_predicted(report.rows_from_dicts(report.load_rows(timing_json)))
     report.write_payload(os.path.join(out_dir, "ledger-vs-measured.json"),
-                         {"model": ledger.model_dict(ledger.h200_model(), "split"),
+                         {"model": ledger.model_dict(ledger.h200_model(), "auto"),
                           "rows": pairs})
     print(ledger.format_measured(pairs))
     return {"ok": True, "rows": len(pairs)}

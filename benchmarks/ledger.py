@@ -278,7 +278,8 @@ def _triton_call(p: Problem, mode: str) -> Callable[[], Any]:
         ("grouped_linear", "fwd"): lambda: T.grouped_linear_fwd(x, w1),
         ("grouped_linear", "bwd"): lambda: T.grouped_linear_bwd(dy, x, w1),
         ("gpc_io", "fwd"): lambda: T.gpc_io_fwd(x, w1, w2),
-        ("gpc_io", "bwd"): lambda: T.gpc_io_bwd(dy, x, w1, w2),
+        # xi (x de-interleaved) is saved by a forward whose backward needs dW2, as here.
+        ("gpc_io", "bwd"): lambda: T.gpc_io_bwd(dy, x, _meta(*x.shape, dtype=x.dtype), w1, w2),
         ("gpc_block", "fwd"): lambda: T.gpc_block_fwd(x, w1, w2),
         # h (first(x) interleaved, saved by the forward) is read only by the second GEMM's dW2.
         ("gpc_block", "bwd"): lambda: T.gpc_block_bwd(
@@ -291,7 +292,7 @@ def _triton_call(p: Problem, mode: str) -> Callable[[], Any]:
     return calls[(p.op, mode)]
 
 
-def triton_launches(p: Problem, mode: str, io_forward: str = "split") -> PathCost:
+def triton_launches(p: Problem, mode: str, io_forward: str = "auto") -> PathCost:
     """The Triton path's launches for ``p`` in ``mode``: recorded, not run."""
     from kphi3_kernels.ops import launch as launch_mod
     from kphi3_kernels.ops import triton_impl as T
@@ -527,7 +528,7 @@ def row_key(op: str, shape: str, m: int, mode: str, dtype: str) -> str:
 
 def build_ledger(shapes: Sequence[Any], ms: Sequence[int], modes: Sequence[str] = LEDGER_MODES,
                  dtypes: Sequence[str] = DEFAULT_DTYPES, ops: Sequence[str] = OPS,
-                 io_forward: str = "split", baselines: bool = True) -> List[LedgerRow]:
+                 io_forward: str = "auto", baselines: bool = True) -> List[LedgerRow]:
     """Every (op, shape, M, mode, dtype) row; ``baselines=False`` skips reference and dense."""
     rows = []
     for op in ops:
@@ -556,7 +557,7 @@ def _us(v: Optional[float]) -> str:
 
 
 def _ratio(a: float, b: Optional[float]) -> str:
-    return "-" if b is None else f"{a / b:.2f}"
+    return "-" if not b else f"{a / b:.2f}"
 
 
 TABLE_HEADERS = ("op", "shape", "G", "M", "mode", "dtype", "triton launches", "triton MB",
@@ -655,7 +656,26 @@ def _summary(rows: Sequence[LedgerRow], model: CostModel, dtype: str) -> Optiona
     headers = ["shape", "G"] + [f"{mode} {path} us" for mode in LEDGER_MODES
                                 for path in ("triton", "reference", "dense", "floor")]
     return (f"### gpc_io at M = {m} ({dtype})\n\n"
-            + markdown_table(headers, body, right=range(1, len(headers))) + "\n")
+            + markdown_table(headers, body, right=range(1, len(headers))) + "\n"
+            + "".join(f"\n{line}\n" for line in layer_totals(io, model, m)))
+
+
+def layer_totals(rows: Sequence[LedgerRow], model: CostModel, m: int) -> List[str]:
+    """Per family, its projections' fwd + bwd summed (one decoder layer's grouped layers) for
+    each path, and the Triton path's ratio to the others: one line each."""
+    lines = []
+    for family in dict.fromkeys(r.shape.family for r in rows):
+        chosen = [r for r in rows if r.shape.family == family and r.m == m]
+        if {r.mode for r in chosen} != set(LEDGER_MODES):
+            continue
+        sums = {path: sum(r.times(model)[path] or 0.0 for r in chosen)
+                for path in ("triton", "reference", "dense", "floor")}
+        lines.append(
+            f"{family}, its {len(chosen) // len(LEDGER_MODES)} projections' fwd + bwd: triton "
+            f"{_us(sums['triton'])} us, reference {_us(sums['reference'])} us "
+            f"({_ratio(sums['triton'], sums['reference'])}x), dense {_us(sums['dense'])} us "
+            f"({_ratio(sums['triton'], sums['dense'])}x), floor {_us(sums['floor'])} us.")
+    return lines
 
 
 def markdown(rows: Sequence[LedgerRow], model: CostModel, io_forward: str,
@@ -698,13 +718,13 @@ def dump_json(data: Dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def budget_command(grid: Dict[str, Any], path: str, io_forward: str = "split") -> str:
+def budget_command(grid: Dict[str, Any], path: str, io_forward: str = "auto") -> str:
     """The command that rewrites a budget file of ``grid`` (the grid spelled out)."""
     parts = ["python -m kphi3_bench.ledger --triton-only"]
     for flag, key in (("--shapes", "shapes"), ("--ops", "ops"), ("--m", "m"),
                       ("--modes", "modes"), ("--dtypes", "dtypes")):
         parts.append(f"{flag} {','.join(map(str, grid[key]))}")
-    if io_forward != "split":
+    if io_forward != "auto":
         parts.append(f"--io-forward {io_forward}")
     parts.append(f"--write-budget {path}")
     return " ".join(parts)
@@ -742,7 +762,7 @@ def check_budget(rows: Sequence[LedgerRow], budget: Dict[str, Any],
     """What is over budget (or has no budget), one message per problem; empty when all is in."""
     grid = budget.get("grid") or _grid_of(rows)
     fix = ("if this is intended, rewrite the budget: "
-           + budget_command(grid, budget_path, budget.get("io_forward", "split")))
+           + budget_command(grid, budget_path, budget.get("io_forward", "auto")))
     limits = budget.get("rows", {})
     problems = []
     for r in rows:
@@ -797,7 +817,7 @@ def build_parser(prog: str = "python -m kphi3_bench.ledger") -> argparse.Argumen
     parser.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES),
                         help="comma-separated dtypes: bf16, fp16, fp32 (default: %(default)s; "
                              "the default ceilings are bf16's, give --peak-tflops for fp32)")
-    parser.add_argument("--io-forward", choices=("split", "fused"), default="split",
+    parser.add_argument("--io-forward", choices=("auto", "split", "fused"), default="auto",
                         help="the IO block's forward design recorded for the Triton path "
                              "(triton_impl.IO_FORWARD; default: %(default)s)")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -859,7 +879,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m kphi3_benc
     if args.check_budget:
         with open(args.check_budget) as f:
             budget = json.load(f)
-        rows = build_ledger(**budget_grid(budget), io_forward=budget.get("io_forward", "split"),
+        rows = build_ledger(**budget_grid(budget), io_forward=budget.get("io_forward", "auto"),
                             baselines=False)
         problems = check_budget(rows, budget, args.check_budget)
         for msg in problems:

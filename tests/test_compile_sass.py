@@ -1,7 +1,9 @@
 """What the compiler makes of the kernels: every bf16 launch at the released KPhi-3 shapes, in its
 first-choice config, compiled for sm_90a on the CPU (ptxas and cuobjdump ship with the Triton
 wheel) must use HGMMA where it does a dot, not spill, fit in shared memory and make no scalar
-16-bit global loads or stores in a matrix kernel (``kphi3_bench.compile_report.check_properties``).
+16-bit global loads or stores in a matrix kernel beyond those a launch's design makes
+(``NARROW_LOADS``: the decode forward's strided activation rows, dx's gathered addend), at a
+training and a decode size (``kphi3_bench.compile_report.check_properties``).
 
 The compile runs in a subprocess without ``TRITON_INTERPRET``: this file's conftest turns the
 interpreter on for CPU machines, and interpreted kernels cannot be compiled.
@@ -95,6 +97,31 @@ def test_check_properties_names_each_violation():
     assert "does not compile" in cr.check_properties(_record(compiled=False, error="boom\nmore"))[0]
 
 
+def _narrow(launch, loads, m=8192, stores=0, config=(128, 128, 64, 8)):
+    bp, bq, bk, warps = config
+    memory = {"LDGSTS.128": 24, "LDG.E.U16": loads}
+    if stores:
+        memory["STG.E.U16"] = stores
+    return _record(launch=f"op#1:{launch}", config_kwargs={"BLOCK_P": bp, "BLOCK_Q": bq,
+                                                           "BLOCK_K": bk, "num_warps": warps},
+                   uses=[{"m": m}], memory=memory)
+
+
+def test_narrow_loads_only_where_the_design_makes_them():
+    # dx's gathered addend: one load per accumulator element per thread (128 * 128 / 256).
+    assert cr.check_properties(_narrow("gpc_io_bwd_dx", 64)) == []
+    # One more (a strided K-loop operand beside it) or a narrow store still fails.
+    assert "65 LDG.E.U16" in cr.check_properties(_narrow("gpc_io_bwd_dx", 65))[0]
+    assert cr.check_properties(_narrow("gpc_io_bwd_dx", 64, stores=8))
+    # The decode forward: one load per element of the strided A tile (64 * 64 / 128), M <= 64.
+    decode = (64, 64, 64, 4)
+    assert cr.check_properties(_narrow("gpc_io_fwd_fused", 32, m=16, config=decode)) == []
+    assert cr.check_properties(_narrow("gpc_io_fwd_fused", 32, m=8192, config=decode))
+    # Any other matrix kernel: none at all.
+    assert cr.check_properties(_narrow("gpc_io_fwd", 1))
+    assert all(rule.reason for rule in cr.NARROW_LOADS.values())
+
+
 def _env_without_interpreter():
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
@@ -109,13 +136,15 @@ def test_report_refuses_the_interpreter():
     assert "TRITON_INTERPRET" in proc.stderr
 
 
-def test_released_shapes_bf16_first_choice_sm90a_sass(tmp_path):
+# Training (M = 8192) and decode (M = 16: the IO block's one-launch forward) sizes.
+@pytest.mark.parametrize("m", [8192, 16])
+def test_released_shapes_bf16_first_choice_sm90a_sass(tmp_path, m):
     ok, why = cr.tools_available((90,))
     if not ok:
         pytest.skip(f"cannot compile for sm_90a here: {why}")
     out = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "kphi3_bench.compile_report", "--first-choice", "--dtypes", "bf16",
-           "--shapes", "kphi3", "--targets", "90", "--jobs", "2", "--out", str(out)]
+           "--shapes", "kphi3", "--targets", "90", "--jobs", "2", "--m", str(m), "--out", str(out)]
     proc = subprocess.run(cmd, env=_env_without_interpreter(), capture_output=True, text=True,
                           timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -128,6 +157,8 @@ def test_released_shapes_bf16_first_choice_sm90a_sass(tmp_path):
     ops = {use["op"] for r in records for use in r["uses"]}
     assert ops == set(cr.OPS), f"launchers without a recorded launch: {set(cr.OPS) - ops}"
     assert all(r["target"] == "sm_90a" and r["first_choice"] for r in records)
+    launches = {use["launch"] for r in records for use in r["uses"]}
+    assert ("gpc_io_fwd_fused" in launches) == (m <= 64), launches
     violations = [v for r in records for v in cr.check_properties(r)]
     assert not violations, (f"{len(violations)} property violations in the sm_90a SASS:\n  - "
                             + "\n  - ".join(violations))

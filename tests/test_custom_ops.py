@@ -9,6 +9,7 @@ from kphi3_kernels import (GroupedLinear, GroupedLinearFast, GroupedPointwiseCon
                            GroupedPointwiseConvolutionBlockIO, InterleaveChannelsFast,
                            SignedSquareRoot1)
 from kphi3_kernels.functional import _flatten
+from kphi3_kernels import reference as R
 from kphi3_kernels.ops import custom_ops
 
 from _utils import DEVICE, FP32_TOL, rel_error
@@ -51,6 +52,11 @@ def _weight_t(G, k, n, grad=False):
     return torch.randn(G, n, k, device=DEVICE).transpose(1, 2).requires_grad_(grad)
 
 
+def _xi(x, G):
+    """The IO block's saved ``xi``: group n is ``x[:, n::G]``."""
+    return R.interleave(x.detach(), x.shape[1] // G).contiguous()
+
+
 def _h(backend, x, w1, w2):
     return custom_ops.op("gpc_block", backend)(x.detach(), w1.detach(), w2.detach(), None, None)[1]
 
@@ -66,17 +72,19 @@ OPCHECK_CASES = [
     ("dx-only-strided", "grouped_linear_bwd",
      lambda b: (_strided_3d((1, M), 20, grad=True), _t(M, 16), _weight_t(4, 4, 5),
                 True, False, False)),
-    ("all-grad", "gpc_io", lambda b: (_t(M, 12, grad=True), _t(3, 4, 5, grad=True),
-                                      _t(3, 4, 5, grad=True), _t(3, 5, grad=True),
-                                      _t(3, 5, grad=True))),
+    ("all-grad-save-xi", "gpc_io", lambda b: (_t(M, 12, grad=True), _t(3, 4, 5, grad=True),
+                                              _t(3, 4, 5, grad=True), _t(3, 5, grad=True),
+                                              _t(3, 5, grad=True), True)),
     ("3d-strided-x-grad-bias2", "gpc_io",
      lambda b: (_strided_3d((2, 3), 40, grad=True), _t(4, 10, 3), _weight_t(4, 10, 3), None,
-                _t(4, 3))),
-    ("all-needs", "gpc_io_bwd", lambda b: (_t(M, 15, grad=True), _t(M, 12, grad=True),
-                                           _t(3, 4, 5, grad=True), _t(3, 4, 5, grad=True),
-                                           True, True, True, True, True)),
-    ("dw2-db1-x-grad", "gpc_io_bwd", lambda b: (_t(M, 12), _t(M, 16, grad=True), _t(4, 4, 3),
-                                                _t(4, 4, 3), False, False, True, True, False)),
+                _t(4, 3), False)),
+    ("all-needs-saved-xi", "gpc_io_bwd",
+     lambda b: (lambda x: (_t(M, 15, grad=True), x.requires_grad_(), _xi(x, 3),
+                           _t(3, 4, 5, grad=True), _t(3, 4, 5, grad=True),
+                           True, True, True, True, True))(_t(M, 12))),
+    ("dw2-db1-x-grad-no-xi", "gpc_io_bwd",
+     lambda b: (_t(M, 12), _t(M, 16, grad=True), torch.empty(0, device=DEVICE), _t(4, 4, 3),
+                _t(4, 4, 3), False, False, True, True, False)),
     ("all-grad", "gpc_block", lambda b: (_t(M, 12, grad=True), _t(3, 4, 5, grad=True),
                                          _t(3, 5, 5, grad=True), _t(3, 5, grad=True),
                                          _t(3, 5, grad=True))),

@@ -347,7 +347,12 @@ def test_every_gpu_config_interpreted(config, io_forward, monkeypatch):
     cases = FORCED_CASES if io_forward == "split" else FORCED_CASES[1:2]
     for op, case in cases:
         check_op(op, make_operands(op, case, torch.float32), "triton", torch.float32)
-    assert forced, "no grouped GEMM launch went through the forced config"
+    # Every mode of the kernel: the K + K2 loop (or the strided second loop), the gathered
+    # residual (dx), the paired problems (dW1 and dW2), the plain residual (the non-IO block).
+    want = {"gpc_io_bwd_dxi", "gpc_io_bwd_dx", "gpc_io_bwd_dw"}
+    want |= ({"gpc_io_fwd", "gpc_block_fwd_second", "grouped_linear_fwd"} if io_forward == "split"
+             else {"gpc_io_fwd_fused"})
+    assert want <= set(forced), f"launches not forced through {config}: {want - set(forced)}"
 
 
 @requires_interpreter
@@ -358,3 +363,97 @@ def test_gpc_io_fused_variant_parity(case, monkeypatch):
 
     monkeypatch.setattr(triton_impl, "IO_FORWARD", "fused")
     check_op("gpc_io", make_operands("gpc_io", case, torch.float32), "triton", torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# The IO block's data flow: the saved xi, the decode forward, the paired dW, the gathered dx
+# --------------------------------------------------------------------------------------------
+
+
+def _grouped_launch_names(monkeypatch):
+    """Names of the grouped GEMM launches that run (the interpreter asks FORCE_CONFIG of each)."""
+    from kphi3_kernels.ops import launch
+
+    names = []
+
+    def spy(spec):
+        names.append(spec.name)
+        return None
+
+    monkeypatch.setattr(launch, "FORCE_CONFIG", spy)
+    return names
+
+
+@requires_interpreter
+@pytest.mark.parametrize("rows,launches", [(1, ["gpc_io_fwd_fused"]), (16, ["gpc_io_fwd_fused"]),
+                                           (64, ["gpc_io_fwd_fused"]),
+                                           (65, ["gpc_io_deinterleave", "gpc_io_fwd"])])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_gpc_io_inference_forward_is_one_launch_at_decode_sizes(rows, launches, dtype,
+                                                                monkeypatch):
+    names = _grouped_launch_names(monkeypatch)
+    case = Case(5, 48, 20, (rows,), "sliced", True)
+    ops = make_operands("gpc_io", case, dtype)
+    with torch.no_grad():
+        y = call_package("gpc_io", ops, ops.x, ops.params, "triton")
+    assert names == launches
+    y64 = call_reference("gpc_io", ops, *reference_operands(ops, torch.float64)[:2])
+    assert rel_error(y, y64) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", _params([Case(3, 7, 5, (70,), "transposed", True),
+                                          Case(20, 5, 3, (2, 9), "sliced", True),
+                                          Case(1, 48, 20, (13,), "contig", False)]))
+def test_gpc_io_with_frozen_weight2(case, backend):
+    """No gradient reaches W2, so the forward keeps no xi (and may run in one launch)."""
+    ops = make_operands("gpc_io", case, torch.float32)
+    ops.params["weight2"].requires_grad_(False)
+    x64, p64, _ = reference_operands(ops, torch.float64)
+    p64["weight2"].requires_grad_(False)
+    targets = [ops.x, ops.params["weight1"]] + ([ops.params["bias1"]] if case.bias else [])
+    targets64 = [x64, p64["weight1"]] + ([p64["bias1"]] if case.bias else [])
+    y = call_package("gpc_io", ops, ops.x, ops.params, backend)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, targets, dy)
+    y64 = call_reference("gpc_io", ops, x64, p64)
+    grads64 = torch.autograd.grad(y64, targets64, dy.double())
+    for got, want in zip([y, *grads], [y64, *grads64]):
+        assert rel_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows", [0, 1, 37])
+@pytest.mark.parametrize("G,s,og", [(1, 48, 20), (5, 7, 3), (20, 3, 5)])
+def test_gpc_io_bwd_with_saved_and_recomputed_xi(G, s, og, rows, backend):
+    """The backward operator gives the same gradients from the forward's xi as from none."""
+    from kphi3_kernels.ops import custom_ops
+
+    x = make_input((rows,), G * s, torch.float32, "sliced")
+    w1, w2 = (make_weight(G, s, og, torch.float32) for _ in range(2))
+    dy = torch.randn(rows, G * og, device=DEVICE)
+    xi = R.interleave(x, s).contiguous()
+    x64, w164, w264 = (t.detach().double().requires_grad_() for t in (x, w1, w2))
+    y64 = R.gpc_io(x64, w164, w264)
+    want = torch.autograd.grad(y64, [x64, w164, w264], dy.double())
+    for saved in (xi, None):
+        got = custom_ops.gpc_io_bwd(dy, x, w1, w2, True, True, True, True, True, xi=saved,
+                                    backend=backend)
+        for g, w in zip(got[:3], want):
+            assert g.shape == w.shape and rel_error(g, w) < 1e-5
+        db = dy.double().sum(0).view(G, og)
+        assert rel_error(got[3], db) < 1e-5 and rel_error(got[4], db) < 1e-5
+        assert got[3] is not got[4]
+
+
+@pytest.mark.parametrize("G,lead", [(3, (33,)), (5, (2, 7))])
+def test_gpc_io_dx_meets_its_rounding_bound_when_dxi_dominates(G, lead):
+    """fp16: dx = dx1 + dxi with dxi rounded to fp16 first (docs/numerics.md). With W1 small,
+    dx is nearly all dxi: check_op holds the Triton path to the rounding bound, about 2u."""
+    case = Case(G, 48, 40, lead, "contig", False)
+    ops = make_operands("gpc_io", case, torch.float16)
+    with torch.no_grad():
+        ops.params["weight1"].mul_(1e-3)
+    errs = check_op("gpc_io", ops, "triton", torch.float16)
+    # Two roundings of about the same tensor: at most 2u = 2^-10, plus the fp32 slack.
+    assert errs["x"] < 2 ** -10 + 1e-4

@@ -10,9 +10,14 @@ operator                                                    returns
 ``grouped_linear_b(x, weight, bias?)``                      ``y``
 ``grouped_linear_bwd_b(dy, x, weight, need_dx, need_dw,     the needed ones of ``[dx, dw, db]``
 need_db)``
-``gpc_io_b(x, weight1, weight2, bias1?, bias2?)``           ``y``
-``gpc_io_bwd_b(dy, x, weight1, weight2, need_dx, need_dw1,  the needed ones of
-need_dw2, need_db1, need_db2)``                             ``[dx, dw1, dw2, db1, db2]``
+``gpc_io_b(x, weight1, weight2, bias1?, bias2?, save_xi)``  ``(y, xi)``: ``xi`` is the
+                                                            de-interleaved input, kept for the
+                                                            backward's dW2 where ``save_xi``
+                                                            and the backend keeps it
+                                                            (``io_saves_xi``); else empty
+``gpc_io_bwd_b(dy, x, xi, weight1, weight2, need_dx,        the needed ones of
+need_dw1, need_dw2, need_db1, need_db2)``                   ``[dx, dw1, dw2, db1, db2]``; an
+                                                            empty ``xi`` is recomputed
 ``gpc_block_b(x, weight1, weight2?, bias1?, bias2?)``       ``(y, h)``: ``h`` is ``first(x)``
                                                             interleaved, kept for the backward;
                                                             empty when ``weight2`` is None
@@ -117,19 +122,20 @@ def _bodies(backend: str):
         return _fresh(_needed(grads, needs), [dy, x, weight])
 
     def gpc_io(x: Tensor, weight1: Tensor, weight2: Tensor, bias1: Optional[Tensor],
-               bias2: Optional[Tensor]) -> Tensor:
+               bias2: Optional[Tensor], save_xi: bool) -> Tuple[Tensor, Tensor]:
         with _no_autocast(x):
-            y = _impl(backend).gpc_io_fwd(x, weight1, weight2, bias1, bias2)
-        return _fresh([y], [x, weight1, weight2, bias1, bias2])[0]
+            y, xi = _impl(backend).gpc_io_fwd(x, weight1, weight2, bias1, bias2, save_xi)
+        y, xi = _fresh([y, xi], [x, weight1, weight2, bias1, bias2])
+        return y, xi
 
-    def gpc_io_bwd(dy: Tensor, x: Tensor, weight1: Tensor, weight2: Tensor, need_dx: bool,
-                   need_dw1: bool, need_dw2: bool, need_db1: bool,
+    def gpc_io_bwd(dy: Tensor, x: Tensor, xi: Tensor, weight1: Tensor, weight2: Tensor,
+                   need_dx: bool, need_dw1: bool, need_dw2: bool, need_db1: bool,
                    need_db2: bool) -> List[Tensor]:
         needs = (need_dx, need_dw1, need_dw2, need_db1, need_db2)
         with _no_autocast(dy):
-            grads = _impl(backend).gpc_io_bwd(dy, x, weight1, weight2, *needs)
+            grads = _impl(backend).gpc_io_bwd(dy, x, xi, weight1, weight2, *needs)
         # The two bias gradients are equal; _fresh makes them two tensors.
-        return _fresh(_needed(grads, needs), [dy, x, weight1, weight2])
+        return _fresh(_needed(grads, needs), [dy, x, xi, weight1, weight2])
 
     def gpc_block(x: Tensor, weight1: Tensor, weight2: Optional[Tensor], bias1: Optional[Tensor],
                   bias2: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -174,11 +180,17 @@ def _fake_grouped_linear_bwd(dy, x, weight, need_dx, need_dw, need_db):
                     dy.new_empty((G, og))], (need_dx, need_dw, need_db))
 
 
-def _fake_gpc_io(x, weight1, weight2, bias1, bias2):
-    return _fake_grouped_linear(x, weight1, None)
+def _fake_gpc_io(backend: str):
+    def fake(x, weight1, weight2, bias1, bias2, save_xi):
+        # The launcher's own rule; it does not depend on M, so no shape guard arises.
+        saved = _impl(backend).io_saves_xi(save_xi)
+        return (_fake_grouped_linear(x, weight1, None),
+                torch.empty_like(x, memory_format=torch.contiguous_format) if saved
+                else x.new_empty(0))
+    return fake
 
 
-def _fake_gpc_io_bwd(dy, x, weight1, weight2, need_dx, need_dw1, need_dw2, need_db1, need_db2):
+def _fake_gpc_io_bwd(dy, x, xi, weight1, weight2, need_dx, need_dw1, need_dw2, need_db1, need_db2):
     G, _, og = weight1.shape
     return _needed([_rows(dy, x, weight1), weight1.new_empty(weight1.shape),
                     weight2.new_empty(weight2.shape), dy.new_empty((G, og)),
@@ -205,7 +217,7 @@ def _fake_interleave(x, step):
 
 
 _FAKES = dict(grouped_linear=_fake_grouped_linear, grouped_linear_bwd=_fake_grouped_linear_bwd,
-              gpc_io=_fake_gpc_io, gpc_io_bwd=_fake_gpc_io_bwd, gpc_block=_fake_gpc_block,
+              gpc_io_bwd=_fake_gpc_io_bwd, gpc_block=_fake_gpc_block,
               gpc_block_bwd=_fake_gpc_block_bwd, interleave=_fake_interleave)
 
 
@@ -287,13 +299,19 @@ def grouped_linear_bwd(dy, x, weight, need_dx=True, need_dw=True, need_db=False,
 
 
 def gpc_io(x, weight1, weight2, bias1=None, bias2=None, *, backend: str) -> Tensor:
-    return _call("gpc_io", backend, x, weight1, weight2, bias1, bias2)
+    """The IO block's output. The operator's second output, ``xi``, is for its backward: it is
+    asked for only where a gradient will reach ``weight2`` (``dW2`` reads it)."""
+    save_xi = torch.is_grad_enabled() and weight2.requires_grad
+    return _call("gpc_io", backend, x, weight1, weight2, bias1, bias2, save_xi)[0]
 
 
 def gpc_io_bwd(dy, x, weight1, weight2, need_dx=True, need_dw1=True, need_dw2=True,
-               need_db1=False, need_db2=False, *, backend: str):
+               need_db1=False, need_db2=False, *, xi: Optional[Tensor] = None, backend: str):
+    """The IO block's gradients; ``xi`` is the forward's saved de-interleaved input (None or
+    empty: recomputed from ``x`` where ``dW2`` needs it)."""
     needs = (need_dx, need_dw1, need_dw2, need_db1, need_db2)
-    return _unpack(_call("gpc_io_bwd", backend, dy, x, weight1, weight2, *needs), needs)
+    xi = x.new_empty(0) if xi is None else xi
+    return _unpack(_call("gpc_io_bwd", backend, dy, x, xi, weight1, weight2, *needs), needs)
 
 
 def gpc_block(x, weight1, weight2=None, bias1=None, bias2=None, *, backend: str) -> Tensor:
@@ -399,30 +417,40 @@ def _register_autograd(backend: str, bodies) -> None:
 
     # ---- gpc_io ------------------------------------------------------------------------------
     def io_setup(ctx, inputs, output):
-        x, weight1, weight2, bias1, bias2 = inputs
-        ctx.save_for_backward(x, weight1, weight2)
+        x, weight1, weight2, bias1, bias2, _ = inputs
+        ctx.save_for_backward(x, output[1], weight1, weight2)
         ctx.has_bias = (bias1 is not None, bias2 is not None)
+        ctx.set_materialize_grads(False)
 
-    def io_backward(ctx, dy):
-        x, weight1, weight2 = ctx.saved_tensors
+    def io_backward(ctx, dy, dxi):
+        x, xi, weight1, weight2 = ctx.saved_tensors
         need = ctx.needs_input_grad
-        return gpc_io_bwd(dy, x, weight1, weight2, need[0], need[1], need[2],
-                          ctx.has_bias[0] and need[3], ctx.has_bias[1] and need[4],
-                          backend=backend)
+        if dy is None and dxi is None:
+            return None, None, None, None, None, None
+        if dy is None:  # a gradient reaches only xi (never from the public functions)
+            dy = x.new_zeros((x.shape[0], weight1.shape[0] * weight1.shape[2]))
+        grads = gpc_io_bwd(dy, x, weight1, weight2, need[0], need[1], need[2],
+                           ctx.has_bias[0] and need[3], ctx.has_bias[1] and need[4], xi=xi,
+                           backend=backend)
+        if dxi is not None and dxi.numel() and need[0]:
+            # xi = interleave(x, s), whose inverse is the interleave with step G.
+            grads = (grads[0] + interleave(dxi, weight1.shape[0], backend=backend), *grads[1:])
+        return (*grads, None)
 
     register("gpc_io", io_backward, io_setup)
 
     def io_bwd_setup(ctx, inputs, output):
-        dy, x, weight1, weight2, *needs = inputs
+        dy, x, xi, weight1, weight2, *needs = inputs
         ctx.save_for_backward(dy, x, weight1, weight2)
         ctx.out_needs = needs
         ctx.set_materialize_grads(False)
 
     def io_bwd_backward(ctx, grads):
-        # dx = io_fwd^T(dy), dW1 = x^T dy, dW2 = x[:, n::G]^T dy, db1 = db2 = sum(dy).
+        # dx = io_fwd^T(dy), dW1 = x^T dy, dW2 = x[:, n::G]^T dy, db1 = db2 = sum(dy). xi is a
+        # cache of x[:, n::G]: the derivative through it is x's (total), and xi gets None.
         dy, x, weight1, weight2 = ctx.saved_tensors
         gdx, gdw1, gdw2, gdb1, gdb2 = _unpack(grads, ctx.out_needs)
-        need_dy, need_x, need_w1, need_w2 = ctx.needs_input_grad[:4]
+        need_dy, need_x, _, need_w1, need_w2 = ctx.needs_input_grad[:5]
         g_dy = g_x = g_w1 = g_w2 = None
         has_gdw = gdw1 is not None or gdw2 is not None
         if need_dy:
@@ -437,7 +465,7 @@ def _register_autograd(backend: str, bodies) -> None:
         if (need_w1 or need_w2) and gdx is not None:
             _, g_w1, g_w2, _, _ = gpc_io_bwd(dy, gdx, weight1, weight2, False, need_w1, need_w2,
                                              backend=backend)
-        return g_dy, g_x, g_w1, g_w2, None, None, None, None, None
+        return g_dy, g_x, None, g_w1, g_w2, None, None, None, None, None
 
     register("gpc_io_bwd", io_bwd_backward, io_bwd_setup)
 
@@ -546,7 +574,8 @@ def _register() -> None:
             # Shape-only fakes for every operator. For a triton_op this replaces its body as the
             # fake (Dynamo and export need shapes only); AOT autograd still traces the body
             # when it decomposes the operator for Inductor.
-            torch.library.register_fake(qualname, _FAKES[name])
+            fake = _fake_gpc_io(backend) if name == "gpc_io" else _FAKES[name]
+            torch.library.register_fake(qualname, fake)
         _register_autograd(backend, bodies)
     from . import flops
     flops.register(op)

@@ -24,12 +24,12 @@ def grouped_linear_bwd(dy_shape, x_shape, weight_shape, need_dx, need_dw, need_d
     return (int(need_dx) + int(need_dw)) * _gemm(x_shape[0], weight_shape)
 
 
-def gpc_io(x_shape, weight1_shape, weight2_shape, bias1_shape, bias2_shape, out_shape=None,
-           **_) -> int:
+def gpc_io(x_shape, weight1_shape, weight2_shape, bias1_shape, bias2_shape, save_xi=False,
+           out_shape=None, **_) -> int:
     return 2 * _gemm(x_shape[0], weight1_shape)
 
 
-def gpc_io_bwd(dy_shape, x_shape, weight1_shape, weight2_shape, need_dx, need_dw1, need_dw2,
+def gpc_io_bwd(dy_shape, x_shape, xi_shape, weight1_shape, weight2_shape, need_dx, need_dw1, need_dw2,
                need_db1, need_db2, out_shape=None, **_) -> int:
     # dx is two GEMMs (through W1 and W2), each weight gradient one.
     return (2 * int(need_dx) + int(need_dw1) + int(need_dw2)) * _gemm(x_shape[0], weight1_shape)

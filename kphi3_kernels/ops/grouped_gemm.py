@@ -26,7 +26,7 @@ All offsets are computed in int64, so ``M * channels`` may pass 2**31.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -97,7 +97,7 @@ def _smem_limit(device: torch.device) -> int:
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, r_ptr, bias_ptr, bias2_ptr,
+    a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, c2_ptr, r_ptr, bias_ptr, bias2_ptr,
     P, Q, K, K2,
     s_ag, s_ap, s_ak,
     s_bg, s_bk, s_bq,
@@ -106,15 +106,30 @@ def _grouped_gemm_kernel(
     s_cg, s_cp, s_cq,
     s_rg, s_rp, s_rq,
     s_biasg, s_bias2g,
+    r_groups, r_width,
     p_bucket, k_bucket,  # autotune keys only
-    HAS_SECOND: tl.constexpr, SHARED_STRIDES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_BIAS2: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_SECOND: tl.constexpr, SHARED_STRIDES: tl.constexpr, PAIRED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    RESIDUAL_GATHER: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_P: tl.constexpr,
 ):
     # Tile order: GROUP_P row-tiles share each column tile, so B stays hot in L2.
     pid = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
+    if PAIRED:
+        # Two problems of one shape and one set of strides in one launch: groups G..2G-1 of
+        # grid axis 1 compute C2[g] = A2[g] @ B2[g]; only the base pointers switch.
+        half = tl.num_programs(1) // 2
+        second_problem = g >= half
+        g = tl.where(second_problem, g - half, g)
+        a_base = tl.where(second_problem, a2_ptr + g * s_a2g, a_ptr + g * s_ag)
+        b_base = tl.where(second_problem, b2_ptr + g * s_b2g, b_ptr + g * s_bg)
+        c_base = tl.where(second_problem, c2_ptr + g * s_cg, c_ptr + g * s_cg)
+    else:
+        a_base = a_ptr + g * s_ag
+        b_base = b_ptr + g * s_bg
+        c_base = c_ptr + g * s_cg
     num_p = tl.cdiv(P, BLOCK_P)
     num_q = tl.cdiv(Q, BLOCK_Q)
     tiles_per_band = GROUP_P * num_q
@@ -131,7 +146,20 @@ def _grouped_gemm_kernel(
 
     # Every tl.dot names the accumulator's dtype: Triton 3.6 defaults out_dtype to fp32 and
     # rejects the float64 accumulator otherwise (3.9 infers it); for fp32/fp16/bf16 it is fp32.
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC_DTYPE)
+    if HAS_RESIDUAL and RESIDUAL_GATHER:
+        # Output channel c = g*Q + q takes R's column (c % r_groups) * r_width + c // r_groups
+        # (the IO block's dx: dxi interleaved with step G). The gather has no unit stride, so it
+        # is scalar; loaded into the accumulator before the K loop, while no pipeline buffer is
+        # live, it costs no registers of its own (in the epilogue it spilled at 128-row tiles).
+        # Offsets within the tile are int32 (the tile's first row is added in int64).
+        chan = (g * Q + offs_q).to(tl.int32)
+        r_cols = (chan % r_groups) * r_width + chan // r_groups
+        r_rows = tl.arange(0, BLOCK_P) * s_rp
+        r_tile = r_ptr + (pid_p * BLOCK_P).to(tl.int64) * s_rp
+        acc = tl.load(r_tile + (r_rows[:, None] + r_cols[None, :] * s_rq),
+                      mask=mask_p[:, None] & mask_q[None, :], other=0.0).to(ACC_DTYPE)
+    else:
+        acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC_DTYPE)
     a_rows = offs_p[:, None] * s_ap
     b_cols = offs_q[None, :] * s_bq
     steps1 = tl.cdiv(K, BLOCK_K)
@@ -142,20 +170,20 @@ def _grouped_gemm_kernel(
             second = i >= steps1
             k = tl.where(second, i - steps1, i).to(tl.int64) * BLOCK_K + offs_k
             mask_k = k < tl.where(second, K2, K)
-            a_base = tl.where(second, a2_ptr + g * s_a2g, a_ptr + g * s_ag)
-            b_base = tl.where(second, b2_ptr + g * s_b2g, b_ptr + g * s_bg)
-            a = tl.load(a_base + a_rows + k[None, :] * s_ak,
+            a_src = tl.where(second, a2_ptr + g * s_a2g, a_base)
+            b_src = tl.where(second, b2_ptr + g * s_b2g, b_base)
+            a = tl.load(a_src + a_rows + k[None, :] * s_ak,
                         mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(b_base + k[:, None] * s_bk + b_cols,
+            b = tl.load(b_src + k[:, None] * s_bk + b_cols,
                         mask=mask_k[:, None] & mask_q[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     else:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             mask_k = k < K
-            a = tl.load(a_ptr + g * s_ag + a_rows + k[None, :] * s_ak,
+            a = tl.load(a_base + a_rows + k[None, :] * s_ak,
                         mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(b_ptr + g * s_bg + k[:, None] * s_bk + b_cols,
+            b = tl.load(b_base + k[:, None] * s_bk + b_cols,
                         mask=mask_k[:, None] & mask_q[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if HAS_SECOND:
@@ -179,11 +207,11 @@ def _grouped_gemm_kernel(
         bias2 = tl.load(bias2_ptr + g * s_bias2g + offs_q, mask=mask_q, other=0.0)
         acc += bias2.to(ACC_DTYPE)[None, :]
     mask = mask_p[:, None] & mask_q[None, :]
-    if HAS_RESIDUAL:
+    if HAS_RESIDUAL and not RESIDUAL_GATHER:
         residual = tl.load(r_ptr + g * s_rg + offs_p[:, None] * s_rp + offs_q[None, :] * s_rq,
                            mask=mask, other=0.0)
         acc += residual.to(ACC_DTYPE)
-    c = c_ptr + g * s_cg + offs_p[:, None] * s_cp + offs_q[None, :] * s_cq
+    c = c_base + offs_p[:, None] * s_cp + offs_q[None, :] * s_cq
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -229,6 +257,8 @@ def grouped_gemm(
     bias: Optional[torch.Tensor] = None,
     bias2: Optional[torch.Tensor] = None,
     residual: Optional[Operand] = None,
+    residual_gather: Optional[Tuple[int, int]] = None,
+    c2: Optional[Operand] = None,
     name: str = "grouped_gemm",
 ) -> None:
     """Launch the kernel: ``c[g] = a[g] @ b[g] (+ a2[g] @ b2[g]) (+ biases) (+ residual[g])``.
@@ -236,16 +266,32 @@ def grouped_gemm(
     ``a[g]`` is ``P x K``, ``b[g]`` is ``K x Q``, ``c[g]`` and ``residual[g]`` are ``P x Q``,
     ``bias`` is ``[groups, Q]``. When ``a2``/``b2`` have the strides of ``a``/``b`` the two
     products run as one K loop of ``K + K2``; otherwise as two loops on one accumulator.
+
+    ``c2`` makes the launch *paired* instead: ``c2[g] = a2[g] @ b2[g]`` is a second, independent
+    problem of the same shape and strides (grid axis 1 covers ``2 * groups``), e.g. the IO
+    block's two weight gradients, which read one ``dy``.
+
+    ``residual_gather=(r_groups, r_width)`` reads the residual (one ``P x groups*Q`` matrix, no
+    group stride) at column ``(c % r_groups) * r_width + c // r_groups`` for output channel
+    ``c = g*Q + q``: an interleaved addend, added in the fp32 epilogue.
     ``name`` says what the launch is for (reports and tests see it).
     """
     if P == 0 or Q == 0 or groups == 0:
         return
-    has_second = a2 is not None
+    paired = c2 is not None
+    if paired and (a2 is None or b2 is None or K2 not in (0, K) or bias is not None
+                   or residual is not None):
+        raise ValueError("a paired launch takes a2 and b2 of the first problem's shape, and no "
+                         "bias or residual")
+    if paired and (a2.strides()[1:] != a.strides()[1:] or b2.strides()[1:] != b.strides()[1:]
+                   or c2.strides() != c.strides()):
+        raise ValueError("a paired launch's two problems must share their row and column strides")
+    has_second = a2 is not None and not paired
     # Biases are tiny; a contiguous copy keeps the kernel's bias addressing to one stride.
     bias = bias.contiguous() if bias is not None else None
     bias2 = bias2.contiguous() if bias2 is not None else None
-    a2 = a2 if has_second else a
-    b2 = b2 if has_second else b
+    a2 = a2 if a2 is not None else a
+    b2 = b2 if b2 is not None else b
     shared = a2.strides()[1:] == a.strides()[1:] and b2.strides()[1:] == b.strides()[1:]
     res = residual if residual is not None else c
     dummy = c.tensor
@@ -255,29 +301,40 @@ def grouped_gemm(
                *res.strides())
     args = dict(
         a_ptr=a.tensor, b_ptr=b.tensor, a2_ptr=a2.tensor, b2_ptr=b2.tensor, c_ptr=c.tensor,
-        r_ptr=res.tensor, bias_ptr=bias if bias is not None else dummy,
+        c2_ptr=c2.tensor if paired else c.tensor, r_ptr=res.tensor, bias_ptr=bias if bias is not None else dummy,
         bias2_ptr=bias2 if bias2 is not None else dummy,
         P=P, Q=Q, K=K, K2=K2 if has_second else 0,
         **dict(zip(names, strides)),
         s_biasg=bias.stride(0) if bias is not None else 0,
         s_bias2g=bias2.stride(0) if bias2 is not None else 0,
+        r_groups=residual_gather[0] if residual_gather else 1,
+        r_width=residual_gather[1] if residual_gather else 1,
         p_bucket=triton.next_power_of_2(P), k_bucket=triton.next_power_of_2(max(K, K2)),
-        HAS_SECOND=has_second, SHARED_STRIDES=shared, HAS_BIAS=bias is not None,
+        HAS_SECOND=has_second, SHARED_STRIDES=shared, PAIRED=paired, HAS_BIAS=bias is not None,
         HAS_BIAS2=bias2 is not None, HAS_RESIDUAL=residual is not None,
+        RESIDUAL_GATHER=residual_gather is not None,
         INPUT_PRECISION=_input_precision(a.tensor.dtype), GROUP_P=8,
         # fp32 accumulation for fp32/fp16/bf16; float64 operands keep a float64 accumulator.
         ACC_DTYPE=tl.float64 if c.tensor.dtype == torch.float64 else tl.float32,
     )
 
     def grid(meta):
-        return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Q, meta["BLOCK_Q"]), groups)
+        return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Q, meta["BLOCK_Q"]),
+                2 * groups if paired else groups)
 
+    configs = configs_for(P, Q, a.tensor.dtype, _smem_limit(c.tensor.device))
+    if residual_gather is not None:
+        # The gathered addend is one scalar load per accumulator element: with 128 elements
+        # per thread (128x256 on 8 warps, 128x128 on 4) it spilled on sm_90a (Triton 3.6 and
+        # 3.9); 64 per thread compile clean.
+        configs = tuple(c for c in configs if c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"]
+                        <= 64 * 32 * c.num_warps) or configs
     launch(KernelLaunch(
         name=name, kernel=_grouped_gemm_kernel, grid=grid, args=args,
-        configs=configs_for(P, Q, a.tensor.dtype, _smem_limit(c.tensor.device)),
+        configs=configs,
         interpreter_config=_interpreter_config(P, Q, max(K, K2)),
-        tune_key=("p_bucket", "Q", "k_bucket", "K2", "HAS_SECOND", "SHARED_STRIDES",
-                  "HAS_RESIDUAL"),
+        tune_key=("p_bucket", "Q", "k_bucket", "K2", "HAS_SECOND", "SHARED_STRIDES", "PAIRED",
+                  "HAS_RESIDUAL", "RESIDUAL_GATHER"),
         # An output that is also the residual is accumulated into: restore it between trials.
         restore=("c_ptr",) if residual is not None and residual.tensor is c.tensor else (),
         device=c.tensor.device,

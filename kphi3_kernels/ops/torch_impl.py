@@ -192,7 +192,14 @@ def grouped_linear_bwd(dy, x, weight, need_dx=True, need_dw=True, need_db=False)
                            need_db)
 
 
-def gpc_io_fwd(x, weight1, weight2, bias1=None, bias2=None):
+def io_saves_xi(save_xi: bool) -> bool:
+    """Whether ``gpc_io_fwd(..., save_xi)`` returns the de-interleaved input: never here (its
+    copy is made in row blocks, and re-making it in the backward costs what keeping it saves)."""
+    return False
+
+
+def gpc_io_fwd(x, weight1, weight2, bias1=None, bias2=None, save_xi=False):
+    """Returns ``(y, xi)`` like the Triton launcher; ``xi`` is always empty (``io_saves_xi``)."""
     G, s, og = weight1.shape
     M = x.shape[0]
     acc = acc_dtype(x.dtype)
@@ -219,10 +226,10 @@ def gpc_io_fwd(x, weight1, weight2, bias1=None, bias2=None):
             torch.baddbmm(bias.unsqueeze(1), _groups(xc, G), w1, out=p)
         p.baddbmm_(_strided_groups_into(xi, xc, G), w2)
         _rows(y, r, m).view(m, G, og).copy_(p.transpose(0, 1))  # rounds once for half dtypes
-    return y
+    return y, x.new_empty(0)
 
 
-def gpc_io_bwd(dy, x, weight1, weight2, need_dx=True, need_dw1=True, need_dw2=True,
+def gpc_io_bwd(dy, x, xi, weight1, weight2, need_dx=True, need_dw1=True, need_dw2=True,
                need_db1=False, need_db2=False) -> Grads:
     G, s, og = weight1.shape
     M = x.shape[0]

@@ -10,10 +10,12 @@ interleaves that sit between the grouped GEMMs of a block (a stride-G gather, wh
 can serve) run as separate bandwidth-bound passes of ``interleave.py``:
 
 * IO block forward: ``xi = interleave(x, s)`` (group n of ``xi`` is ``x[:, n::G]``), then one GEMM
-  over K = 2s reading ``x`` and ``xi``. ``IO_FORWARD = "fused"`` instead reads ``x[:, n::G]``
-  in place (no pre-pass, 2-byte loads): kept so that a GPU run can compare the two.
-* IO block backward: ``dx = dy_n W1^T + interleave(dy_n W2^T, G)`` (addend fused into the pass);
-  ``dW2`` reads ``xi``, recomputed from ``x``.
+  over K = 2s reading ``x`` and ``xi``; ``xi`` is returned for the backward. At decode sizes
+  (``FUSED_MAX_ROWS``) one launch reads ``x[:, n::G]`` in place instead (2-byte loads of a few
+  activation rows, next to the weights it streams): ``IO_FORWARD`` picks, or forces either.
+* IO block backward: ``dxi = dy_n W2^T`` (in dy's dtype), then ``dx = dy_n W1^T`` with ``dxi`` added,
+  gathered at the interleaved columns, in the GEMM's epilogue; ``dW1`` and ``dW2`` (reading the
+  saved ``xi``) as one paired launch that reads ``dy`` once.
 * non-IO block: ``first(x)`` stored in natural order, ``h = interleave(first(x), og)``, and the
   second GEMM adds ``first(x)`` as a unit-stride residual.
 """
@@ -60,11 +62,31 @@ def _empty(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     return outputs.new_output((rows, cols), like.dtype, like.device)
 
 
-# "split" (default): de-interleave pre-pass + one clean GEMM. "fused": one launch reading the
-# strided operand in place. Read once at import; tests and benchmarks may assign it.
-IO_FORWARD = os.environ.get("KPHI3_IO_FORWARD", "split")
-if IO_FORWARD not in ("split", "fused"):
-    raise ValueError(f"KPHI3_IO_FORWARD must be 'split' or 'fused', got {IO_FORWARD!r}")
+# How the IO block's forward reads its interleaved operand x[:, n::G]:
+# "split": the de-interleave pre-pass writes xi, then one clean GEMM.
+# "fused": one launch reading x[:, n::G] in place with 2-byte loads.
+# "auto" (default): "split" where the backward will want xi (``save_xi``: it is dW2's operand,
+# and the split forward writes it anyway); otherwise "fused" for at most FUSED_MAX_ROWS rows,
+# where x is a few rows next to the weights and a pre-pass would be a second launch for little,
+# and "split" above. Read once at import; tests and benchmarks may assign it.
+IO_FORWARDS = ("auto", "split", "fused")
+FUSED_MAX_ROWS = 64
+IO_FORWARD = os.environ.get("KPHI3_IO_FORWARD", "auto")
+if IO_FORWARD not in IO_FORWARDS:
+    raise ValueError(f"KPHI3_IO_FORWARD must be one of {IO_FORWARDS}, got {IO_FORWARD!r}")
+
+
+def io_forward_mode(rows: int, save_xi: bool = False) -> str:
+    """``"split"`` or ``"fused"``: how ``gpc_io_fwd`` runs under IO_FORWARD."""
+    if IO_FORWARD == "auto":
+        return "fused" if rows <= FUSED_MAX_ROWS and not save_xi else "split"
+    return IO_FORWARD
+
+
+def io_saves_xi(save_xi: bool) -> bool:
+    """Whether ``gpc_io_fwd(..., save_xi)`` returns the de-interleaved input ``[M, C]`` (else
+    an empty tensor): as asked, whatever M (an output shape must not depend on M)."""
+    return save_xi
 
 
 def grouped_linear_fwd(x, weight, bias=None):
@@ -119,42 +141,67 @@ def _deinterleave(x, groups: int) -> torch.Tensor:
     return interleave_fwd(x, x.shape[1] // groups, name="gpc_io_deinterleave")
 
 
-def gpc_io_fwd(x, weight1, weight2, bias1=None, bias2=None):
-    """``y_n = x[:, n*s:(n+1)*s] @ W1[n] + x[:, n::G] @ W2[n]`` on one fp32 accumulator."""
+def gpc_io_fwd(x, weight1, weight2, bias1=None, bias2=None, save_xi=False):
+    """``y_n = x[:, n*s:(n+1)*s] @ W1[n] + x[:, n::G] @ W2[n]`` on one fp32 accumulator.
+
+    Returns ``(y, xi)``. With ``save_xi``, ``xi`` is the de-interleaved input (group n is
+    ``x[:, n::G]``, contiguous), for the backward's ``dW2``; else it is empty.
+    """
     M = x.shape[0]
     G, s, og = weight1.shape
     y = _empty(M, G * og, x)
-    if IO_FORWARD == "fused":
+    if io_forward_mode(M, save_xi) == "fused":
+        # Only a forced "fused" that must save xi writes it in a pass of its own.
+        xi = _deinterleave(x, G) if save_xi else x.new_empty(0)
         second = Operand(x, x.stride(1), x.stride(0), G * x.stride(1))
+        name = "gpc_io_fwd_fused"
     else:
         # x and xi get one layout (and W1, W2 one layout) so the GEMM runs ONE K loop of 2s.
         x = x.contiguous()
-        second = _groups_of(_deinterleave(x, G), s)
+        xi = _deinterleave(x, G)
+        second = _groups_of(xi, s)
         weight1, weight2 = weight1.contiguous(), weight2.contiguous()
+        name = "gpc_io_fwd"
     grouped_gemm(
         G, M, og, _groups_of(x, s), _weight(weight1), s, _groups_of(y, og),
-        a2=second, b2=_weight(weight2), K2=s, bias=bias1, bias2=bias2, name="gpc_io_fwd",
+        a2=second, b2=_weight(weight2), K2=s, bias=bias1, bias2=bias2, name=name,
     )
-    return y
+    return y, xi if save_xi else x.new_empty(0)
 
 
-def gpc_io_bwd(dy, x, weight1, weight2, need_dx=True, need_dw1=True, need_dw2=True,
+def gpc_io_bwd(dy, x, xi, weight1, weight2, need_dx=True, need_dw1=True, need_dw2=True,
                need_db1=False, need_db2=False) -> Grads:
+    """The IO block's gradients. ``xi`` is what the forward returned (recomputed when empty).
+
+    * ``dx = dy_n W1[n]^T + (dy_n W2[n]^T at columns k*G + n)``: the second product ``dxi`` is
+      written once, in dy's dtype, and the first GEMM adds it, gathered, in its fp32 epilogue:
+      no full-size pass after the GEMMs. In fp16 / bf16 that rounds ``dxi`` once before the sum
+      (docs/numerics.md states the bound); it halves the bytes of the op's largest intermediate.
+    * ``dW1 = x_n^T dy_n`` and ``dW2 = xi_n^T dy_n`` run as ONE paired launch over 2G groups.
+    """
+    M = x.shape[0]
     G, s, og = weight1.shape
     dx = dw1 = dw2 = db = None
     if need_dx:
-        # dx = dy_n W1[n]^T + (dy_n W2[n]^T scattered to columns k*G + n): the scatter is the
-        # interleave with step G, run as one pass with the first product as its addend. Both
-        # products stay in fp32 until that sum, which rounds once.
-        wide = _intermediate_dtype(dy.dtype)
-        dx1 = _grouped_input_grad(dy, weight1, "gpc_io_bwd_dx1", wide)
-        dxi = _grouped_input_grad(dy, weight2, "gpc_io_bwd_dx2", wide)
-        dx = interleave_fwd(dxi, G, addend=dx1, out_dtype=dy.dtype,
-                            name="gpc_io_bwd_dx_interleave")
-    if need_dw1:
-        dw1 = _grouped_weight_grad(_groups_of_transposed(x, s), dy, weight1, "gpc_io_bwd_dw1")
-    if need_dw2:
+        dxi = _grouped_input_grad(dy, weight2, "gpc_io_bwd_dxi")
+        dx = _empty(M, G * s, dy)
+        grouped_gemm(G, M, s, _groups_of(dy, og), _weight_t(weight1), og, _groups_of(dx, s),
+                     residual=Operand(dxi, 0, dxi.stride(0), dxi.stride(1)),
+                     residual_gather=(G, s), name="gpc_io_bwd_dx")
+    if need_dw2 and xi.shape != x.shape:
         xi = _deinterleave(x, G)
+    if need_dw1 and need_dw2:
+        # The paired launch needs one layout for both; an empty tensor counts as contiguous
+        # whatever its strides, so it gets fresh ones.
+        x, xi = (t.contiguous() if t.numel() else t.new_empty(t.shape) for t in (x, xi))
+        dw1 = outputs.new_output((G, s, og), weight1.dtype, weight1.device)
+        dw2 = outputs.new_output((G, s, og), weight2.dtype, weight2.device)
+        grouped_gemm(G, s, og, _groups_of_transposed(x, s), _groups_of(dy, og), M, _weight(dw1),
+                     a2=_groups_of_transposed(xi, s), b2=_groups_of(dy, og), c2=_weight(dw2),
+                     name="gpc_io_bwd_dw")
+    elif need_dw1:
+        dw1 = _grouped_weight_grad(_groups_of_transposed(x, s), dy, weight1, "gpc_io_bwd_dw1")
+    elif need_dw2:
         dw2 = _grouped_weight_grad(_groups_of_transposed(xi, s), dy, weight2, "gpc_io_bwd_dw2")
     if need_db1 or need_db2:
         db = bias_grad(dy, G)
