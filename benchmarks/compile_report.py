@@ -103,14 +103,15 @@ class NarrowLoads:
 NARROW_LOADS = {
     "gpc_io_fwd_fused": NarrowLoads(
         "the IO block's decode forward reads x[:, n::G] in place (stride G: no wide load "
-        "fits); at M <= 64 those are a few activation rows, about 1% of the launch's bytes "
-        "next to the weights it streams with LDGSTS.128 (python -m kphi3_bench.ledger)",
+        "fits); at M <= 64 those are a few activation rows next to the weights it streams "
+        "with LDGSTS.128: 1-11% of the launch's bytes at M = 16 at the released shapes "
+        "(python -m kphi3_bench.ledger), about a third at M = 64 for down_proj",
         ("BLOCK_P", "BLOCK_K"), max_m=64),
     "gpc_io_bwd_dx": NarrowLoads(
         "the IO block's dx adds dxi gathered at its interleaved columns (no unit stride), "
         "once per output tile before the K loop; the K loop's operands are LDGSTS.128. The "
         "gathered bytes are 10-44% of the launch's at the released shapes (down_proj the most), "
-        "read once, in runs of Q/G contiguous elements",
+        "read once, in runs of about BLOCK_Q / G contiguous elements",
         ("BLOCK_P", "BLOCK_Q")),
 }
 

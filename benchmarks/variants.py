@@ -3,11 +3,13 @@
 Two designs compute ``first(x) + second(interleave(x))`` on the Triton backend
 (``kphi3_kernels.ops.triton_impl.IO_FORWARD``):
 
-- ``split`` (default): a de-interleave pass writes ``xi`` (group n = ``x[:, n::G]``), then one
+- ``split`` (the default above M = 64, and wherever ``xi`` is kept for the backward): a
+  de-interleave pass writes ``xi`` (group n = ``x[:, n::G]``), then one
   grouped GEMM with K = 2s reads ``x`` and ``xi`` with 16-byte pipelined loads. Its least
   traffic is the floor plus three passes over x: the pre-pass reads x and writes xi, and the
   GEMM reads xi besides x.
-- ``fused``: one launch reading ``x[:, n::G]`` in place. Its least traffic is the floor (DRAM
+- ``fused`` (the default at M <= 64 without a backward): one launch reading ``x[:, n::G]``
+  in place. Its least traffic is the floor (DRAM
   reads x once; the G re-reads of each row hit L2), but the strided operand is fetched with
   2-byte loads, so its time depends on load throughput that only a GPU run measures.
 
