@@ -84,10 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kphi3-bench",
         description="Benchmark KPhi-3's grouped layers (the IO block) against nn.Linear and the "
-                    "PyTorch paths, with a parity check before every timing. Three more commands: "
+                    "PyTorch paths, with a parity check before every timing. Four more commands: "
                     "`kphi3-bench model --help` (the model-level benchmark), "
-                    "`kphi3-bench plot --help` (plot a saved sweep again) and "
-                    "`kphi3-bench ledger --help` (the predicted H200 cost of every launch).",
+                    "`kphi3-bench plot --help` (plot a saved sweep again), "
+                    "`kphi3-bench ledger --help` (the predicted H200 cost of every launch) and "
+                    "`kphi3-bench ledger --model --help` (the predicted cost of one decoder "
+                    "layer).",
         epilog="exit status: 0 when every row that ran passed parity and raised nothing, 1 when a "
                "provider failed parity or raised, 2 for bad arguments",
     )
@@ -208,8 +210,16 @@ def build_ledger_parser(prog: str = "kphi3-bench ledger") -> argparse.ArgumentPa
     return ledger.build_parser(prog)
 
 
+def build_model_ledger_parser(prog: str = "kphi3-bench ledger --model"
+                              ) -> argparse.ArgumentParser:
+    from . import model_ledger  # torch-free until its main() runs
+
+    return model_ledger.build_parser(prog)
+
+
 COMMANDS = {"kphi3-bench": build_parser, "kphi3-bench model": build_model_parser,
-            "kphi3-bench plot": build_plot_parser, "kphi3-bench ledger": build_ledger_parser}
+            "kphi3-bench plot": build_plot_parser, "kphi3-bench ledger": build_ledger_parser,
+            "kphi3-bench ledger --model": build_model_ledger_parser}
 
 
 def _positive_ints(value: str, what: str) -> List[int]:
@@ -421,6 +431,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from . import model_bench
 
         return model_bench.run_model(args, argv[1:], prog=f"{prog} model")
+    if argv[:2] == ["ledger", "--model"]:
+        from . import model_ledger
+
+        return model_ledger.main(argv[2:], prog=f"{prog} ledger --model")
     if argv[:1] == ["ledger"]:
         from . import ledger
 

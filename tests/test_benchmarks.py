@@ -494,8 +494,8 @@ def test_bad_argument_exit_status_from_the_command_line():
 HEAVY = ("torch", "transformers", "matplotlib", "triton", "kphi3_kernels", "kphi3_model")
 
 
-@pytest.mark.parametrize("command", [[], ["model"], ["plot"], ["ledger"]],
-                         ids=["sweep", "model", "plot", "ledger"])
+@pytest.mark.parametrize("command", [[], ["model"], ["plot"], ["ledger"], ["ledger", "--model"]],
+                         ids=["sweep", "model", "plot", "ledger", "model-ledger"])
 def test_help_imports_neither_torch_nor_the_kernels(command):
     """`--help` must print at once: no torch, transformers, matplotlib or kernels imported."""
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "kphi3_bench.run", *command,

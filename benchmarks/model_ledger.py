@@ -1,0 +1,603 @@
+"""The model-level ledger: the predicted H200 time of one decoder layer, dense Phi-3 against KPhi-3.
+
+    python -m kphi3_bench.model_ledger                       # kphi3 and phi3-mini, 8192 tokens
+    python -m kphi3_bench.model_ledger --families kphi3 --tokens 4096 --batch 2
+    python -m kphi3_bench.model_ledger --json ledger.json --markdown ledger.md
+
+Nothing is timed and nothing runs on a GPU: like ``kphi3_bench.ledger`` (whose cost model, launch
+records and aten recorder this module reuses), every number is arithmetic on what each launch
+reads, writes and computes, **a prediction from FLOP and byte counts, not a measurement**. Each
+launch costs ``max(FLOPs / 790 TFLOP/s, bytes / 4.3 TB/s) + 2 us`` (``ledger.h200_model``).
+
+One decoder layer's training step (forward, then the backward alone given the upstream gradient:
+every input and weight gradient) at ``tokens = batch * seq`` tokens, for three paths that differ
+only in their four projections (qkv, o, gate_up, down):
+
+* **dense**: Phi-3, the same widths as ``F.linear`` (``ledger.dense_launches``, an aten recording).
+* **reference**: KPhi-3 with ``kphi3_kernels.reference.gpc_io`` (``ledger.reference_launches``,
+  the einsum chain recorded as aten ops on meta tensors).
+* **triton**: KPhi-3 with today's op-level Triton kernels (``ledger.triton_launches``: the
+  launches of ``kphi3_kernels.ops.triton_impl`` recorded on meta tensors, none run).
+
+The rest of the layer is the same for every path and is costed by explicit formulas (not an aten
+recording), each a fused launch that reads every input and writes every output once; elementwise
+and reduction FLOPs are counted as 0, as ``torch.utils.flop_counter`` does (these launches are
+memory-bound by two orders of magnitude, so the time is their bytes). ``N`` tokens, hidden ``h``,
+intermediate ``i``, ``H`` query heads and ``Hkv`` key/value heads of ``D``, element size ``e``:
+
+* **norms**: two RMSNorms. Forward reads x ``[N, h]`` and the weight ``[h]``, writes y ``[N, h]``
+  and the fp32 inverse RMS ``[N]`` it saves; backward reads dy, x, the weight and the inverse
+  RMS, writes dx and the weight gradient.
+* **rope**: one launch for q and k. Forward reads q ``[N, H*D]``, k ``[N, Hkv*D]``, cos and sin
+  ``[N, D]`` (the model's per-row layout) and writes the rotated q and k; backward is the same
+  rotation of dq and dk (the same bytes).
+* **activation**: ``silu(gate) * up``. Forward reads gate_up ``[N, 2i]``, writes ``[N, i]``;
+  backward reads the output gradient ``[N, i]`` and the saved gate_up, writes d(gate_up).
+* **residuals**: two adds. Forward reads two ``[N, h]`` and writes one; backward is the add that
+  accumulates the two gradients meeting at each residual branch point (the same bytes).
+* **attention**, as flash attention (FA2's accounting), causal, ``B`` sequences of ``T``:
+  forward ``2 * B * H * T^2 * D`` FLOPs (the non-causal ``4 * B * H * T^2 * D`` halved for the
+  causal mask), one launch reading q, k, v and writing o and the fp32 logsumexp ``[B, H, T]``;
+  backward 2.5 times the forward's FLOPs (five ``T x T`` matmuls against the forward's two), in
+  FA2's three launches: the preprocess (reads o, do, writes the fp32 ``rowsum(do * o)``), the
+  main kernel (reads q, k, v, do, the logsumexp and that rowsum, writes dk, dv and the fp32 dq
+  accumulator, counted once) and the conversion of dq to ``e`` (reads fp32, writes ``e``).
+  Key/value heads are read once (no repeat_kv copy). The compute ceiling is the GEMMs' 790
+  TFLOP/s, which flash attention does not reach in practice.
+
+Dropout is 0 in the released config and costs nothing; the RoPE table (cos, sin) is built once
+per model, not per layer. The embedding and ``lm_head`` (an ``F.linear(h, vocab)``, the same for
+every path) are listed apart, not in the layer; the final norm and the loss are not counted.
+
+**Decode**: one new token for each of ``b`` sequences (``--decode-batches``, 1 and 16) against a
+static KV cache of ``S`` positions (``--cache``, 2048): the forward alone at ``M = b``; the
+projections at ``M = b``, the norms, RoPE, activation and residuals at ``N = b``, the cache
+update (writes the new k and v rows) and attention as one read of the cache: reads q
+``[b, H, D]`` and the cache's k and v ``[b, Hkv, S, D]``, writes o, ``4 * b * H * S * D`` FLOPs.
+
+Python API: ``LayerConfig``, ``CONFIGS``, ``flash_attention``, ``decode_attention``,
+``rms_norm``, ``rope``, ``activation``, ``residual_add``, ``projections``, ``train_layer``,
+``decode_layer``, ``outside_layer``, ``build``, ``format_table``, ``markdown``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+from .ledger import CostModel, LaunchCost, PathCost, h200_model
+
+SCHEMA = "kphi3_bench.model_ledger/1"
+PATHS = ("dense", "reference", "triton")
+PROJECTIONS = ("qkv", "o", "gate_up", "down")
+REST = ("norms", "rope", "activation", "residuals")
+COMPONENTS = ("projections", "attention") + REST
+DEFAULT_FAMILIES = ("kphi3", "phi3-mini")
+DEFAULT_TOKENS = 8192
+DEFAULT_BATCH = 4
+DEFAULT_DECODE_BATCHES = (1, 16)
+DEFAULT_CACHE = 2048
+ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """The widths of one decoder layer (Phi-3 layout, kv heads = heads as released)."""
+
+    family: str
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    min_channels_per_group: int
+    source: str = ""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"family": self.family, "hidden": self.hidden, "intermediate": self.intermediate,
+                "heads": self.heads, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+                "vocab": self.vocab, "min_channels_per_group": self.min_channels_per_group,
+                "source": self.source}
+
+
+# hidden / intermediate / min are those of kphi3_bench.shapes.FAMILIES (checked by the tests).
+CONFIGS: Dict[str, LayerConfig] = {c.family: c for c in (
+    LayerConfig("kphi3", 1280, 5120, 20, 20, 32064, 256,
+                "the released config.json (less-parameters-llm src/config.json): hidden 1280, "
+                "intermediate 5120, 20 heads of 64, 20 kv heads, vocab 32064, min 256"),
+    LayerConfig("phi3-mini", 3072, 8192, 32, 32, 32064, 256,
+                "Phi-3-mini widths: hidden 3072, intermediate 8192, 32 heads of 96, vocab 32064"),
+)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The rest of the layer: explicit formulas
+# ----------------------------------------------------------------------------------------------
+
+
+def rms_norm(n: int, hidden: int, dtype: str, mode: str) -> LaunchCost:
+    """One fused RMSNorm over ``[n, hidden]``: see the module docstring."""
+    e = ELEMENT_SIZE[dtype]
+    if mode == "fwd":   # x, weight -> y, inverse RMS (fp32)
+        nbytes = (2 * n * hidden + hidden) * e + n * FP32
+    else:               # dy, x, weight, inverse RMS -> dx, dweight
+        nbytes = (3 * n * hidden + 2 * hidden) * e + n * FP32
+    return LaunchCost(f"rms_norm_{mode}", 0, nbytes)
+
+
+def rope(n: int, heads: int, kv_heads: int, head_dim: int, dtype: str, mode: str) -> LaunchCost:
+    """RoPE of q and k in one launch: read q, k, cos, sin; write q, k (backward: the same)."""
+    e = ELEMENT_SIZE[dtype]
+    qk = n * (heads + kv_heads) * head_dim
+    return LaunchCost(f"rope_{mode}", 0, (2 * qk + 2 * n * head_dim) * e)
+
+
+def activation(n: int, intermediate: int, dtype: str, mode: str) -> LaunchCost:
+    """``silu(gate) * up``: read gate_up ``[n, 2i]``, write ``[n, i]``; backward reads the output
+    gradient and gate_up, writes d(gate_up)."""
+    e = ELEMENT_SIZE[dtype]
+    count = 3 * n * intermediate if mode == "fwd" else 5 * n * intermediate
+    return LaunchCost(f"silu_mul_{mode}", 0, count * e)
+
+
+def residual_add(n: int, hidden: int, dtype: str, mode: str) -> LaunchCost:
+    """One add of two ``[n, hidden]`` (backward: the add accumulating the two gradients)."""
+    return LaunchCost(f"residual_add_{mode}", 0, 3 * n * hidden * ELEMENT_SIZE[dtype])
+
+
+def flash_attention(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, dtype: str,
+                    mode: str) -> PathCost:
+    """Causal flash attention (FA2's accounting): see the module docstring."""
+    e = ELEMENT_SIZE[dtype]
+    B, T, H, Hkv, D = batch, seq, heads, kv_heads, head_dim
+    q = o = B * T * H * D
+    kv = B * T * Hkv * D
+    rows = B * H * T              # one fp32 per query row: the logsumexp, rowsum(do * o)
+    forward_flops = 2 * B * H * T * T * D    # 4 * B * H * T^2 * D, halved by the causal mask
+    if mode == "fwd":
+        return PathCost([LaunchCost("flash_attn_fwd", forward_flops,
+                                    (q + 2 * kv + o) * e + rows * FP32)])
+    return PathCost([
+        LaunchCost("flash_attn_bwd_preprocess", 0, 2 * o * e + rows * FP32),
+        LaunchCost("flash_attn_bwd", forward_flops * 5 // 2,
+                   (q + 2 * kv + o) * e + 2 * rows * FP32 + 2 * kv * e + q * FP32),
+        LaunchCost("flash_attn_bwd_convert_dq", 0, q * FP32 + q * e),
+    ])
+
+
+def decode_attention(batch: int, cache: int, heads: int, kv_heads: int, head_dim: int,
+                     dtype: str) -> LaunchCost:
+    """One new query per sequence against ``cache`` cached keys and values (one read of them)."""
+    e = ELEMENT_SIZE[dtype]
+    q = batch * heads * head_dim
+    kv = batch * cache * kv_heads * head_dim
+    return LaunchCost("decode_attn", 4 * batch * heads * cache * head_dim, (2 * q + 2 * kv) * e)
+
+
+def cache_update(batch: int, kv_heads: int, head_dim: int, dtype: str) -> LaunchCost:
+    """The static cache's write of the new k and v rows (read them, write them)."""
+    return LaunchCost("kv_cache_update", 0, 4 * batch * kv_heads * head_dim * ELEMENT_SIZE[dtype])
+
+
+def rest_of_layer(cfg: LayerConfig, n: int, dtype: str, mode: str) -> Dict[str, PathCost]:
+    """norms, rope, activation and residuals of one layer at ``n`` tokens, in ``mode``."""
+    return {
+        "norms": PathCost([rms_norm(n, cfg.hidden, dtype, mode) for _ in range(2)]),
+        "rope": PathCost([rope(n, cfg.heads, cfg.kv_heads, cfg.head_dim, dtype, mode)]),
+        "activation": PathCost([activation(n, cfg.intermediate, dtype, mode)]),
+        "residuals": PathCost([residual_add(n, cfg.hidden, dtype, mode) for _ in range(2)]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The projections: the op-level ledger
+# ----------------------------------------------------------------------------------------------
+
+
+def family_shapes(cfg: LayerConfig):
+    """qkv, o, gate_up and down of ``cfg`` as ``kphi3_bench.shapes.Shape`` (G from min)."""
+    from .shapes import Shape
+
+    h, i, m = cfg.hidden, cfg.intermediate, cfg.min_channels_per_group
+    qkv = (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim
+    return [Shape(f"{cfg.family}-{op}", cfg.family, op, cin, cout, m)
+            for op, cin, cout in (("qkv", h, qkv), ("o", cfg.heads * cfg.head_dim, h),
+                                  ("gate_up", h, 2 * i), ("down", i, h))]
+
+
+def projection_launches(path: str, shape, m: int, dtype: str, mode: str,
+                        io_forward: str = "auto") -> PathCost:
+    """One projection's launches on ``path`` (the IO block ``gpc_io`` for KPhi-3)."""
+    from . import ledger
+
+    p = ledger.Problem("gpc_io", shape, m, dtype)
+    if path == "dense":
+        return ledger.dense_launches(p, mode)
+    if path == "reference":
+        return ledger.reference_launches(p, mode)
+    if path == "triton":
+        return ledger.triton_launches(p, mode, io_forward)
+    raise ValueError(f"unknown path {path!r}; expected one of {', '.join(PATHS)}")
+
+
+def projections(cfg: LayerConfig, path: str, m: int, dtype: str, modes: Sequence[str],
+                io_forward: str = "auto") -> Dict[str, Dict[str, PathCost]]:
+    """``{projection: {mode: PathCost}}`` for the four projections of ``cfg``."""
+    return {sh.op: {mode: projection_launches(path, sh, m, dtype, mode, io_forward)
+                    for mode in modes}
+            for sh in family_shapes(cfg)}
+
+
+# ----------------------------------------------------------------------------------------------
+# A layer
+# ----------------------------------------------------------------------------------------------
+
+
+def _merge(paths: Sequence[PathCost]) -> PathCost:
+    return PathCost([l for p in paths for l in p.launches])
+
+
+def _cost_dict(p: PathCost, model: CostModel) -> Dict[str, Any]:
+    return {"launches": p.count, "flops": p.flops, "bytes": p.bytes,
+            "time_us": round(p.time_us(model), 4)}
+
+
+def _layer_dict(components: Dict[str, Dict[str, PathCost]],
+                proj: Dict[str, Dict[str, PathCost]], tokens: int,
+                model: CostModel) -> Dict[str, Any]:
+    """Totals, tokens/s and the per-component (and per-projection) costs of one path."""
+    out_components = {}
+    for name in COMPONENTS:
+        by_mode = components[name]
+        entry = {mode: _cost_dict(c, model) for mode, c in by_mode.items()}
+        entry["time_us"] = round(sum(c.time_us(model) for c in by_mode.values()), 4)
+        out_components[name] = entry
+    total = sum(c.time_us(model) for by_mode in components.values() for c in by_mode.values())
+    rest = sum(c.time_us(model) for name in REST for c in components[name].values())
+    launches = sum(c.count for by_mode in components.values() for c in by_mode.values())
+    return {
+        "time_us": round(total, 4),
+        "tokens_per_s": round(tokens / (total * 1e-6), 1),
+        "launches": launches,
+        "rest_us": round(rest, 4),
+        "components": out_components,
+        "projections": {op: {mode: _cost_dict(c, model) for mode, c in by_mode.items()}
+                        for op, by_mode in proj.items()},
+    }
+
+
+def _ratios(paths: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
+    t = {name: p["time_us"] for name, p in paths.items()}
+    return {"triton_over_dense": round(t["triton"] / t["dense"], 4),
+            "triton_over_reference": round(t["triton"] / t["reference"], 4),
+            "reference_over_dense": round(t["reference"] / t["dense"], 4)}
+
+
+def train_layer(cfg: LayerConfig, tokens: int, batch: int, dtype: str, model: CostModel,
+                io_forward: str = "auto") -> Dict[str, Any]:
+    """One layer's forward + backward at ``tokens = batch * seq``, every path."""
+    if tokens % batch:
+        raise ValueError(f"tokens ({tokens}) must be a multiple of batch ({batch})")
+    seq = tokens // batch
+    modes = ("fwd", "bwd")
+    shared: Dict[str, Dict[str, PathCost]] = {
+        "attention": {mode: flash_attention(batch, seq, cfg.heads, cfg.kv_heads, cfg.head_dim,
+                                            dtype, mode) for mode in modes}}
+    for mode in modes:
+        for name, cost in rest_of_layer(cfg, tokens, dtype, mode).items():
+            shared.setdefault(name, {})[mode] = cost
+    paths = {}
+    for path in PATHS:
+        proj = projections(cfg, path, tokens, dtype, modes, io_forward)
+        components = dict(shared, projections={
+            mode: _merge([proj[op][mode] for op in PROJECTIONS]) for mode in modes})
+        paths[path] = _layer_dict(components, proj, tokens, model)
+    return {"family": cfg.family, "task": "train", "tokens": tokens, "batch": batch, "seq": seq,
+            "dtype": dtype, "paths": paths, "ratios": _ratios(paths)}
+
+
+def decode_layer(cfg: LayerConfig, batch: int, cache: int, dtype: str, model: CostModel,
+                 io_forward: str = "auto") -> Dict[str, Any]:
+    """One layer's forward for one new token per sequence against a cache of ``cache``."""
+    shared: Dict[str, Dict[str, PathCost]] = {"attention": {"fwd": PathCost([
+        cache_update(batch, cfg.kv_heads, cfg.head_dim, dtype),
+        decode_attention(batch, cache, cfg.heads, cfg.kv_heads, cfg.head_dim, dtype)])}}
+    for name, cost in rest_of_layer(cfg, batch, dtype, "fwd").items():
+        shared[name] = {"fwd": cost}
+    paths = {}
+    for path in PATHS:
+        proj = projections(cfg, path, batch, dtype, ("fwd",), io_forward)
+        components = dict(shared, projections={
+            "fwd": _merge([proj[op]["fwd"] for op in PROJECTIONS])})
+        paths[path] = _layer_dict(components, proj, batch, model)
+    return {"family": cfg.family, "task": "decode", "tokens": batch, "batch": batch,
+            "cache": cache, "dtype": dtype, "paths": paths, "ratios": _ratios(paths)}
+
+
+def outside_layer(cfg: LayerConfig, tokens: int, dtype: str, model: CostModel) -> Dict[str, Any]:
+    """The embedding and ``lm_head`` at ``tokens`` (fwd and bwd), aten recordings on meta
+    tensors; the same for every path, not part of the layer."""
+    import torch
+    import torch.nn.functional as F
+
+    from . import ledger
+    from .shapes import DTYPES, Shape
+
+    dt = DTYPES[dtype]
+    out: Dict[str, Any] = {}
+    ids = torch.empty(tokens, dtype=torch.long, device="meta")
+    for mode in ("fwd", "bwd"):
+        w = torch.empty(cfg.vocab, cfg.hidden, dtype=dt, device="meta",
+                        requires_grad=(mode == "bwd"))
+        dy = torch.empty(tokens, cfg.hidden, dtype=dt, device="meta")
+        out.setdefault("embedding", {})[mode] = _cost_dict(
+            ledger.record_aten(lambda weight: F.embedding(ids, weight), [w], mode, dy), model)
+    head = Shape(f"{cfg.family}-lm_head", cfg.family, "lm_head", cfg.hidden, cfg.vocab,
+                 cfg.min_channels_per_group)
+    for mode in ("fwd", "bwd"):
+        out.setdefault("lm_head", {})[mode] = _cost_dict(
+            ledger.dense_launches(ledger.Problem("gpc_io", head, tokens, dtype), mode), model)
+    for entry in out.values():
+        entry["time_us"] = round(entry["fwd"]["time_us"] + entry["bwd"]["time_us"], 4)
+    return {"family": cfg.family, "tokens": tokens, "dtype": dtype, **out}
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole run
+# ----------------------------------------------------------------------------------------------
+
+
+def model_dict(model: CostModel, io_forward: str) -> Dict[str, Any]:
+    return {
+        "peak_tflops": model.peak_tflops, "peak_gbps": model.peak_gbps,
+        "launch_overhead_us": model.overhead_us,
+        "time": "sum over launches of max(flops / peak_tflops, bytes / peak_gbps) + overhead",
+        "projections": ("dense: ledger.dense_launches (F.linear, aten); reference: "
+                        "ledger.reference_launches (gpc_io einsum chain, aten); triton: "
+                        "ledger.triton_launches (gpc_io, KernelLaunch records)"),
+        "attention": ("causal flash attention, FA2 accounting: fwd 2*B*H*T^2*D FLOPs (4*B*H*T^2*D "
+                      "halved), reads q, k, v, writes o and fp32 logsumexp; bwd 2.5x the forward's "
+                      "FLOPs in 3 launches (preprocess, main with fp32 dq accumulator, dq "
+                      "conversion); decode: one read of the KV cache, 4*b*H*S*D FLOPs, plus the "
+                      "cache update"),
+        "rest": ("explicit formulas, one fused launch each, every tensor read or written once, "
+                 "0 FLOPs: 2 RMSNorms (+ fp32 inverse RMS), RoPE of q and k, silu(gate) * up, "
+                 "2 residual adds (bwd: the gradient accumulation at each branch point)"),
+        "outside_layer": "embedding and lm_head (aten recordings), not in the layer",
+        "io_forward": io_forward,
+        "note": "a prediction from FLOP and byte counts, not a measurement",
+    }
+
+
+def build(families: Sequence[str] = DEFAULT_FAMILIES, tokens: int = DEFAULT_TOKENS,
+          batch: int = DEFAULT_BATCH, decode_batches: Sequence[int] = DEFAULT_DECODE_BATCHES,
+          cache: int = DEFAULT_CACHE, dtype: str = "bf16", model: Optional[CostModel] = None,
+          io_forward: str = "auto") -> Dict[str, Any]:
+    """Everything ``main`` prints and writes, as one JSON-ready dict."""
+    model = model or h200_model()
+    cfgs = [CONFIGS[f] for f in families]
+    return {
+        "schema": SCHEMA, "tool": "python -m kphi3_bench.model_ledger",
+        "model": model_dict(model, io_forward),
+        "configs": [c.to_dict() for c in cfgs],
+        "train": [train_layer(c, tokens, batch, dtype, model, io_forward) for c in cfgs],
+        "decode": [decode_layer(c, b, cache, dtype, model, io_forward)
+                   for c in cfgs for b in decode_batches],
+        "outside_layer": [outside_layer(c, tokens, dtype, model) for c in cfgs],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+
+
+def _us(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else (f"{v:.1f}" if v >= 10 else f"{v:.2f}")
+
+
+TABLE_HEADERS = ("family", "task", "tokens", "path", "launches", "total us", "tokens/s",
+                 "projections us", "attention us", "norms us", "rope us", "activation us",
+                 "residuals us", "/dense", "/reference")
+
+
+def table_body(data: Dict[str, Any]) -> List[List[str]]:
+    body = []
+    for row in data["train"] + data["decode"]:
+        task = ("train fwd+bwd" if row["task"] == "train"
+                else f"decode b={row['batch']} S={row['cache']}")
+        t = {name: p["time_us"] for name, p in row["paths"].items()}
+        for path in PATHS:
+            p = row["paths"][path]
+            c = p["components"]
+            body.append([row["family"], task, str(row["tokens"]), path, str(p["launches"]),
+                         _us(p["time_us"]), f"{p['tokens_per_s']:,.0f}"]
+                        + [_us(c[name]["time_us"]) for name in COMPONENTS]
+                        + [f"{p['time_us'] / t['dense']:.2f}",
+                           f"{p['time_us'] / t['reference']:.2f}"])
+    return body
+
+
+def format_table(data: Dict[str, Any]) -> str:
+    from .report import render
+
+    return render(TABLE_HEADERS, table_body(data), right=range(2, len(TABLE_HEADERS)))
+
+
+def outside_lines(data: Dict[str, Any]) -> List[str]:
+    lines = []
+    for o in data["outside_layer"]:
+        lines.append(f"{o['family']} at {o['tokens']} tokens, outside the layer (every path): "
+                     f"embedding fwd+bwd {_us(o['embedding']['time_us'])} us, lm_head fwd+bwd "
+                     f"{_us(o['lm_head']['time_us'])} us.")
+    return lines
+
+
+def summary_lines(data: Dict[str, Any]) -> List[str]:
+    lines = []
+    for row in data["train"]:
+        p, r = row["paths"], row["ratios"]
+        lines.append(
+            f"{row['family']}, one layer, fwd+bwd at {row['tokens']} tokens: dense "
+            f"{_us(p['dense']['time_us'])} us, reference {_us(p['reference']['time_us'])} us, "
+            f"triton {_us(p['triton']['time_us'])} us; triton / dense "
+            f"{r['triton_over_dense']:.2f}, triton / reference {r['triton_over_reference']:.2f} "
+            "(predicted).")
+    return lines
+
+
+MARKDOWN_INTRO = """\
+Predicted with `python -m kphi3_bench.model_ledger` on the H200 cost model of
+`kphi3_bench.ledger`: **a prediction from FLOP and byte counts, not a measurement.** Each launch
+costs `max(FLOPs / {tflops:g} TFLOP/s, bytes / {gbps:g} GB/s) + {overhead:g} us`; a layer costs
+the sum of its launches.
+
+- One decoder layer, training step = forward + backward (every input and weight gradient), at
+  {tokens} tokens (batch {batch} x {seq}), {dtype}. Decode: the forward of one new token per
+  sequence against a static KV cache.
+- **dense** (Phi-3: the four projections as `F.linear`), **reference** (KPhi-3 with
+  `kphi3_kernels.reference.gpc_io`, an aten recording), **triton** (KPhi-3 with the op-level
+  Triton kernels, `ledger.triton_launches`, IO forward design `{io}`) differ only in the
+  projections.
+- Attention is causal flash attention with FA2's accounting: forward `2*B*H*T^2*D` FLOPs
+  (`4*B*H*T^2*D` halved by the mask), reading q, k, v and writing o and the fp32 logsumexp;
+  backward 2.5x the forward's FLOPs in three launches (preprocess, main kernel with an fp32 dq
+  accumulator, dq conversion). Decode attention is one read of the KV cache (`4*b*H*S*D`
+  FLOPs) plus the cache update. The compute ceiling is the GEMM peak, which flash attention
+  does not reach in practice.
+- The rest (two RMSNorms, RoPE of q and k, `silu(gate) * up`, two residual adds) is costed by
+  explicit formulas: one fused launch each that reads and writes every tensor once, 0 FLOPs.
+  Dropout (0) and the RoPE table (built once per model) cost nothing.
+- Ratios are a path's time over dense's or reference's (below 1: predicted faster).
+"""
+
+
+def markdown(data: Dict[str, Any]) -> str:
+    from .report import markdown_table
+
+    train = data["train"][0] if data["train"] else {"tokens": "-", "batch": "-", "seq": "-",
+                                                    "dtype": "-"}
+    m = data["model"]
+    parts = ["## Model-level ledger (predicted)", "",
+             "<!-- generated by python -m kphi3_bench.model_ledger --markdown; do not edit by "
+             "hand -->", "",
+             MARKDOWN_INTRO.format(tflops=m["peak_tflops"], gbps=m["peak_gbps"],
+                                   overhead=m["launch_overhead_us"], tokens=train["tokens"],
+                                   batch=train["batch"], seq=train["seq"], dtype=train["dtype"],
+                                   io=m["io_forward"]),
+             "### Configurations", ""]
+    heads = ["family", "hidden", "intermediate", "heads", "kv heads", "head_dim", "vocab", "min"]
+    parts += [markdown_table(heads, [[c["family"], str(c["hidden"]), str(c["intermediate"]),
+                                      str(c["heads"]), str(c["kv_heads"]), str(c["head_dim"]),
+                                      str(c["vocab"]), str(c["min_channels_per_group"])]
+                                     for c in data["configs"]], right=range(1, len(heads))), ""]
+    parts += [f"- {c['family']}: {c['source']}" for c in data["configs"]] + [""]
+    parts += ["### One decoder layer", "", markdown_table(TABLE_HEADERS, table_body(data),
+                                                          right=range(2, len(TABLE_HEADERS))), ""]
+    parts += [f"{line}\n" for line in summary_lines(data) + outside_lines(data)]
+    return "\n".join(parts)
+
+
+def dump_json(data: Dict[str, Any]) -> str:
+    return json.dumps(data, indent=1) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def _csv(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser(prog: str = "python -m kphi3_bench.model_ledger") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=("The model-level ledger: predicted H200 time of one decoder layer's "
+                     "training step (forward + backward) and decode step for dense Phi-3, KPhi-3 "
+                     "with the PyTorch reference and KPhi-3 with the op-level Triton kernels. "
+                     "These are predictions from FLOP and byte counts, not measurements: nothing "
+                     "is run or timed."))
+    parser.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
+                        help=f"comma-separated configs: {', '.join(CONFIGS)} "
+                             "(default: %(default)s)")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                        help="training tokens per step, batch x seq (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                        help="training sequences per step; seq = tokens / batch "
+                             "(default: %(default)s)")
+    parser.add_argument("--decode-batches", default=",".join(map(str, DEFAULT_DECODE_BATCHES)),
+                        help="comma-separated decode batch sizes, one new token each "
+                             "(default: %(default)s)")
+    parser.add_argument("--cache", type=int, default=DEFAULT_CACHE,
+                        help="static KV cache length attended by a decode step "
+                             "(default: %(default)s)")
+    parser.add_argument("--dtype", choices=tuple(ELEMENT_SIZE), default="bf16",
+                        help="(default: %(default)s; the default ceilings are bf16's)")
+    parser.add_argument("--io-forward", choices=("auto", "split", "fused"), default="auto",
+                        help="the IO block's forward design recorded for the Triton path "
+                             "(default: %(default)s)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="compute ceiling in TFLOP/s (default: the H200 bf16 figure, 790)")
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="memory ceiling in GB/s (default: the H200 copy figure, 4300)")
+    parser.add_argument("--launch-overhead-us", type=float, default=2.0,
+                        help="fixed cost added to every launch, in us (default: %(default)s)")
+    parser.add_argument("--json", metavar="PATH", help="write the full result as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="write the markdown section to PATH")
+    parser.add_argument("--quiet", action="store_true", help="do not print the table")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None,
+         prog: str = "python -m kphi3_bench.model_ledger") -> int:
+    args = build_parser(prog).parse_args(argv)
+    families = _csv(args.families)
+    bad = [f for f in families if f not in CONFIGS]
+    if bad or not families:
+        print(f"error: unknown family {bad or families}; expected some of {', '.join(CONFIGS)}",
+              file=sys.stderr)
+        return 2
+    try:
+        batches = [int(b) for b in _csv(args.decode_batches)]
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if (args.tokens <= 0 or args.batch <= 0 or args.cache <= 0 or any(b <= 0 for b in batches)
+            or args.tokens % args.batch):
+        print("error: tokens, batch, cache and decode batches must be positive, and tokens a "
+              "multiple of batch", file=sys.stderr)
+        return 2
+    base = h200_model(args.launch_overhead_us)
+    model = CostModel(args.peak_tflops or base.peak_tflops, args.peak_gbps or base.peak_gbps,
+                      args.launch_overhead_us)
+    data = build(families, args.tokens, args.batch, batches, args.cache, args.dtype, model,
+                 args.io_forward)
+    if not args.quiet:
+        print(f"cost model: max(FLOPs / {model.peak_tflops:g} TFLOP/s, bytes / "
+              f"{model.peak_gbps:g} GB/s) + {model.overhead_us:g} us per launch "
+              "(a prediction, not a measurement)")
+        print(format_table(data))
+        for line in summary_lines(data) + outside_lines(data):
+            print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(dump_json(data))
+        print(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(data))
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
