@@ -13,7 +13,8 @@ import kphi3_kernels
 from kphi3_kernels import reference as R
 from kphi3_kernels.ops import torch_impl
 
-from _utils import Case, check_op, make_operands, rel_error, run_package, run_reference
+from _utils import (Case, check_op, make_input, make_operands, make_weight, rel_error, run_package,
+                    run_reference, tol_for)
 
 OPS = ["grouped_linear", "gpc_io", "gpc_block"]
 FP64_TOL = 1e-12
@@ -73,11 +74,118 @@ def test_half_dtypes(op, M, dtype):
         check_op(op, make_operands(op, case, dtype), "torch", dtype)
 
 
+# --------------------------------------------------------------------------------------------
+# The IO block's forward paths: one GEMM of K = 2s on [x_n | x[:, n::G]] (writing y in place in
+# fp32 / fp64, into an fp32 buffer in half dtypes) past the shape rule, two GEMMs of K = s below
+# --------------------------------------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "fp64": torch.float64}
+
+
+@pytest.fixture(params=["joint", "two"])
+def io_path(request, monkeypatch):
+    """Forces the forward's path at every shape."""
+    joint = request.param == "joint"
+    monkeypatch.setattr(torch_impl, "_io_joint", lambda M, s, og: joint)
+    return request.param
+
+
+def _check_io(case: Case, dtype: torch.dtype) -> None:
+    if dtype == torch.float64:
+        _check_fp64("gpc_io", case)
+    else:
+        check_op("gpc_io", make_operands("gpc_io", case, dtype), "torch", dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("G,s,og", [(1, 6, 5), (2, 3, 7), (3, 5, 4), (5, 7, 9), (20, 3, 2)])
+def test_io_paths(io_path, dtype, G, s, og):
+    """Forward and every gradient of both paths, through the API, every dtype, odd sizes,
+    non-contiguous inputs and weights, no rows and one row, with and without biases."""
+    for M, layout, bias, weight_t in ((0, "contig", True, False), (1, "sliced", True, False),
+                                      (1, "contig", False, True), (37, "transposed", False, False),
+                                      (37, "expanded", True, True)):
+        _check_io(Case(G, s, og, (M,), layout, bias, weight_t=weight_t), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_io_shape_rule(monkeypatch, dtype):
+    """The joint GEMM from M = 4s rows on, for groups of at least JOINT_MIN_OG outputs: both
+    sides of each bound, in every dtype, against the oracle."""
+    calls = []
+    concat = torch_impl._joint_weights
+    monkeypatch.setattr(torch_impl, "_joint_weights", lambda *a: calls.append(1) or concat(*a))
+    G, s, wide = 2, 5, torch_impl.JOINT_MIN_OG
+    for M, og in ((1, wide), (4 * s - 1, wide), (4 * s, wide), (4 * s, wide - 1)):
+        calls.clear()
+        _check_io(Case(G, s, og, (M,), "sliced", True), dtype)
+        joint = M >= 4 * s and og >= wide
+        assert torch_impl._io_joint(M, s, og) == joint
+        assert len(calls) == (1 if joint else 0), (M, og, calls)  # one concat, in the forward
+
+
+def _io_operands(G, s, og, M, dtype):
+    x = make_input((M,), G * s, dtype, "sliced").detach()
+    w1, w2 = (make_weight(G, s, og, dtype).detach() for _ in range(2))
+    b1, b2 = (torch.randn(G, og).to(dtype) for _ in range(2))
+    return x, w1, w2, b1, b2
+
+
+def _io_tol(dtype):
+    return FP64_TOL if dtype == torch.float64 else tol_for(dtype)
+
+
+def _storages(ts):
+    return [t.untyped_storage().data_ptr() for t in ts if t is not None and t.numel()]
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("M", [0, 1, 37])
+@pytest.mark.parametrize("G,s,og", [(1, 6, 5), (5, 7, 9), (20, 3, 2)])
+def test_io_launchers_with_and_without_xi(io_path, dtype, M, G, s, og):
+    """The launchers themselves: the forward's xi follows io_saves_xi (empty, or the
+    de-interleaved input, contiguous, in x's dtype); the backward gives every subset of the
+    gradients from an empty xi and from a given one; no output aliases an input or another."""
+    x, w1, w2, b1, b2 = _io_operands(G, s, og, M, dtype)
+    dy = torch.randn(M, G * og).to(dtype)
+    x64, w164, w264, b164, b264 = (t.to(torch.float64, copy=True).requires_grad_()
+                                   for t in (x, w1, w2, b1, b2))
+    y64 = R.gpc_io(x64, w164, w264, b164, b264)
+    want = torch.autograd.grad(y64, [x64, w164, w264, b164, b264], dy.double())
+    tol = _io_tol(dtype)
+    deinterleaved = R.interleave(x, s).contiguous()
+    for save_xi in (False, True):
+        y, xi = torch_impl.gpc_io_fwd(x, w1, w2, b1, b2, save_xi)
+        assert y.dtype == dtype and rel_error(y, y64) < tol
+        if torch_impl.io_saves_xi(save_xi):
+            assert xi.shape == x.shape and xi.dtype == dtype and xi.is_contiguous()
+            assert torch.equal(xi, deinterleaved)
+        else:
+            assert xi.numel() == 0
+        assert not set(_storages([y, xi])) & set(_storages([x, w1, w2, b1, b2]))
+    for xi in (x.new_empty(0), deinterleaved):
+        for needs in ((True, True, True, True, True), (True, False, False, False, False),
+                      (False, True, False, False, False), (False, False, True, False, False),
+                      (False, True, True, False, True), (True, False, True, True, False)):
+            got = torch_impl.gpc_io_bwd(dy, x, xi, w1, w2, *needs)
+            for n, (g, w, need) in enumerate(zip(got, want, needs)):
+                if not need:
+                    assert g is None, n
+                    continue
+                assert g.dtype == dtype and g.shape == w.shape, n
+                assert rel_error(g, w) < tol, (n, needs, rel_error(g, w))
+            outs = [g for g in got[:3] if g is not None]
+            ptrs = _storages(outs)
+            assert len(set(ptrs)) == len(ptrs)
+            assert not set(ptrs) & set(_storages([dy, x, xi, w1, w2]))
+
+
 @pytest.mark.parametrize("block_bytes", [1, 2000])
 @pytest.mark.parametrize("M", [1, 37, 75])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
-def test_io_row_blocks(monkeypatch, block_bytes, M, dtype):
+def test_io_row_blocks(monkeypatch, io_path, block_bytes, M, dtype):
     """The IO block in many row blocks, the last one partial: with og = 9 the weight gradients
     accumulate over blocks of 36 rows (M = 37 ends on a one-row block, the outer-product path),
     the forward and the input gradient over blocks of 1 or 4 rows."""

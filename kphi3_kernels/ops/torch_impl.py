@@ -9,10 +9,14 @@ elementwise pass then writes that buffer into the ``[M, G*og]`` output (adding t
 the non-IO block). Compared with the plain reference (``reference.py``) this saves one of its two
 output copies and its output-sized sum; compared with a Python loop of per-group GEMMs it saves
 ``2G`` dispatches and threaded BLAS calls per product, which dominate at decode sizes and at
-G = 20 and degrade badly when the CPU is shared. Once its whole-M temporaries would pass
-``WHOLE_BYTES``, the IO block runs in row blocks of ``BLOCK_BYTES`` (see ``_row_block``): they then
-stay in the heap and in cache instead of being page-faulted in on every call, which cut its
-backward at G = 20, M = 2048 by about 40%.
+G = 20 and degrade badly when the CPU is shared. From ``M = 4s`` rows on, for groups of at least
+``JOINT_MIN_OG`` outputs, where each group's GEMM is large, the IO block's forward is instead one
+GEMM of K = 2s per group, on ``[x_n | x[:, n::G]]`` (one buffer) and ``[W1[n]; W2[n]]``
+(concatenated per call), which in fp32 / fp64 writes the output in place: no second GEMM
+accumulating onto the first, and no copy out of a buffer (see ``_io_joint``). Once its whole-M
+temporaries would pass ``WHOLE_BYTES``, the IO block runs in row blocks of ``BLOCK_BYTES`` (see
+``_row_block``): they then stay in the heap and in cache instead of being page-faulted in on every
+call, which cut its backward at G = 20, M = 2048 by about 40%.
 
 Intermediate precision: one rule for every launcher, every M. Everything is accumulated in the
 *accumulation dtype*, float32 for float16 / bfloat16 operands and the operand dtype otherwise
@@ -192,9 +196,50 @@ def grouped_linear_bwd(dy, x, weight, need_dx=True, need_dw=True, need_db=False)
                            need_db)
 
 
+# The IO block's forward as one GEMM of K = 2s: group n's operand is [x_n | x[:, n::G]] (one
+# [rows, G, 2s] buffer) and its weight [W1[n]; W2[n]], concatenated per call. In fp32 / fp64 the
+# GEMM then writes y in place (out= its strided [G, m, og] view), saving the output-sized copy
+# out of a [G, m, og] buffer and the second GEMM's output-sized accumulate. It costs the concat
+# (G*2s*og elements per call) and turns the batched GEMM into one threaded GEMM per group, so it
+# runs only where both are small next to the copy: from M = 4s rows on (the copy, M*G*og, is
+# then at least twice the concat) and for groups of at least JOINT_MIN_OG outputs (with fewer, G
+# small GEMMs per row block cost more than the copy). Elsewhere, the two products are two batched
+# GEMMs into the buffer (the decode path). Half dtypes follow the same rule; their products
+# always go through the fp32 buffer, so that y is rounded once. The backward keeps two GEMMs per
+# product: there the K = 2s form measured no faster.
+JOINT_MIN_OG = 256
+
+
+def _io_joint(M: int, s: int, og: int) -> bool:
+    return M >= 4 * s and og >= JOINT_MIN_OG
+
+
+def _joint_weights(weight1: torch.Tensor, weight2: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """``[W1; W2]`` along dim 1, as one ``[G, 2s, og]`` tensor in ``dtype``."""
+    G, s, og = weight1.shape
+    w = weight1.new_empty((G, 2 * s, og), dtype=dtype)
+    w[:, :s].copy_(weight1)
+    w[:, s:].copy_(weight2)
+    return w
+
+
+def _joint_operand_into(buf: torch.Tensor, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[x_n | x[:, n::G]]`` for every group as a ``[G, M, 2s]`` view of ``buf`` (``[>= M, G,
+    2s]``), cast to ``buf``'s dtype on the way."""
+    M, C = x.shape
+    s = C // groups
+    out = _rows(buf, 0, M)
+    out[:, :, :s].copy_(x.view(M, groups, s))
+    out[:, :, s:].copy_(x.view(M, s, groups).transpose(1, 2))
+    return out.transpose(0, 1)
+
+
 def io_saves_xi(save_xi: bool) -> bool:
-    """Whether ``gpc_io_fwd(..., save_xi)`` returns the de-interleaved input: never here (its
-    copy is made in row blocks, and re-making it in the backward costs what keeping it saves)."""
+    """Whether ``gpc_io_fwd(..., save_xi)`` returns the de-interleaved input: never here. Kept,
+    it is one more activation the size of x, written to fresh memory by the forward, to spare
+    the backward a de-interleave into a reused row-block buffer: forward plus backward measured
+    no faster at G = 5 and about 20% slower at G = 20 (M = 2048, fp32)."""
     return False
 
 
@@ -202,45 +247,61 @@ def gpc_io_fwd(x, weight1, weight2, bias1=None, bias2=None, save_xi=False):
     """Returns ``(y, xi)`` like the Triton launcher; ``xi`` is always empty (``io_saves_xi``)."""
     G, s, og = weight1.shape
     M = x.shape[0]
-    acc = acc_dtype(x.dtype)
-    w1, w2 = _acc(weight1, acc), _acc(weight2, acc)
+    dtype = x.dtype
+    acc = acc_dtype(dtype)
+    half = acc != dtype
+    joint = _io_joint(M, s, og)
+    direct = joint and not half  # the GEMM writes y itself
     bias = _acc(bias1, acc)
     if bias2 is not None:
         bias = _acc(bias2, acc) if bias is None else bias + _acc(bias2, acc)
-    y = _new((M, G * og), x.dtype, x)
-    elem = acc.itemsize
-    rows = _row_block(M, elem * G * (2 * s + og))
-    half = acc != x.dtype
-    xa = x.new_empty((rows, G * s), dtype=acc) if half else None
-    xi = x.new_empty((rows, G, s), dtype=acc)
-    prod = x.new_empty((G, rows, og), dtype=acc)
+    bias = None if bias is None else bias.unsqueeze(1)
+    y = _new((M, G * og), dtype, x)
+    rows = _row_block(M, acc.itemsize * G * (2 * s + (0 if direct else og)))
+    prod = None if direct else x.new_empty((G, rows, og), dtype=acc)
+    if joint:
+        w = _joint_weights(weight1, weight2, acc)
+        buf = x.new_empty((rows, G, 2 * s), dtype=acc)
+    else:
+        w1, w2 = _acc(weight1, acc), _acc(weight2, acc)
+        xa = x.new_empty((rows, G * s), dtype=acc) if half else None
+        xi = x.new_empty((rows, G, s), dtype=acc)
     for r in range(0, M, rows):
         m = min(rows, M - r)
         xc = _rows(x, r, m)
-        if half:
-            xc = _rows(xa, 0, m).copy_(xc)
-        p = _rows(prod, 0, m, dim=1)
-        if bias is None:
-            torch.bmm(_groups(xc, G), w1, out=p)
+        yc = _rows(y, r, m).view(m, G, og)
+        p = yc.transpose(0, 1) if direct else _rows(prod, 0, m, dim=1)
+        if joint:
+            a, wa = _joint_operand_into(buf, xc, G), w
         else:
-            torch.baddbmm(bias.unsqueeze(1), _groups(xc, G), w1, out=p)
-        p.baddbmm_(_strided_groups_into(xi, xc, G), w2)
-        _rows(y, r, m).view(m, G, og).copy_(p.transpose(0, 1))  # rounds once for half dtypes
+            if half:
+                xc = _rows(xa, 0, m).copy_(xc)
+            a, wa = _groups(xc, G), w1
+        if bias is None:
+            torch.bmm(a, wa, out=p)
+        else:
+            torch.baddbmm(bias, a, wa, out=p)
+        if not joint:
+            p.baddbmm_(_strided_groups_into(xi, xc, G), w2)
+        if not direct:
+            yc.copy_(p.transpose(0, 1))  # rounds once for half dtypes
     return y, x.new_empty(0)
 
 
 def gpc_io_bwd(dy, x, xi, weight1, weight2, need_dx=True, need_dw1=True, need_dw2=True,
                need_db1=False, need_db2=False) -> Grads:
+    """``xi``, when given (non-empty), is read for dW2 instead of re-making ``x[:, n::G]``."""
     G, s, og = weight1.shape
     M = x.shape[0]
     dtype = dy.dtype
     acc = acc_dtype(dtype)
     elem = acc.itemsize
     half = acc != dtype
+    xi = xi if xi.numel() else None
     dx = dw1 = dw2 = db = None
     if need_dx:
         dx = _new((M, G * s), dtype, dy)
-        w1, w2 = _acc(weight1, acc), _acc(weight2, acc)
+        w1t, w2t = _acc(weight1, acc).transpose(1, 2), _acc(weight2, acc).transpose(1, 2)
         rows = _row_block(M, elem * G * (og + 2 * s))
         dya = dy.new_empty((rows, G * og), dtype=acc) if half else None
         term = dy.new_empty((G, rows, s), dtype=acc)
@@ -252,20 +313,20 @@ def gpc_io_bwd(dy, x, xi, weight1, weight2, need_dx=True, need_dw1=True, need_dw
                 dyc = _rows(dya, 0, m).copy_(dyc)
             out = _rows(work, 0, m) if half else _rows(dx, r, m)
             t = _rows(term, 0, m, dim=1)
-            torch.bmm(_groups(dyc, G), w1.transpose(1, 2), out=t)
+            torch.bmm(_groups(dyc, G), w1t, out=t)
             out.view(m, G, s).copy_(t.transpose(0, 1))
-            # the interleaved term: group n of the second GEMM reads x[:, n::G]
-            torch.bmm(_groups(dyc, G), w2.transpose(1, 2), out=t)
-            out.view(m, s, G).add_(t.permute(1, 2, 0))
-            if half:
-                _rows(dx, r, m).copy_(out)  # both terms summed in fp32, rounded once
+            # the interleaved term: group n of the second GEMM reads x[:, n::G]; both terms are
+            # summed in the accumulation dtype and rounded once, by this add
+            torch.bmm(_groups(dyc, G), w2t, out=t)
+            torch.add(out.view(m, s, G), t.permute(1, 2, 0), out=_rows(dx, r, m).view(m, s, G))
     if need_dw1 or need_dw2:
         rows = _row_block(M, elem * G * (2 * s + og), at_least=4 * og)
         g1 = _new((G, s, og), acc, dy) if need_dw1 else None
         g2 = _new((G, s, og), acc, dy) if need_dw2 else None
         xa = x.new_empty((rows, G * s), dtype=acc) if half and need_dw1 else None
         dya = dy.new_empty((rows, G * og), dtype=acc) if half else None
-        xi = x.new_empty((rows, G, s), dtype=acc) if need_dw2 else None
+        xib = (x.new_empty((rows, G * s), dtype=acc)
+               if need_dw2 and (xi is None or half) else None)
         for i, r in enumerate(range(0, max(M, 1), rows)):
             m = min(rows, M - r)
             xc, dyc = _rows(x, r, m), _rows(dy, r, m)
@@ -276,8 +337,12 @@ def gpc_io_bwd(dy, x, xi, weight1, weight2, need_dx=True, need_dw1=True, need_dw
                 a = _groups(_rows(xa, 0, m).copy_(xc) if half else xc, G)
                 _weight_grads_into(g1, a, dy_groups, accumulate=i > 0)
             if need_dw2:
-                _weight_grads_into(g2, _strided_groups_into(xi, xc, G), dy_groups,
-                                   accumulate=i > 0)
+                if xi is None:
+                    a = _strided_groups_into(_rows(xib, 0, m).view(m, G, s), xc, G)
+                else:
+                    xic = _rows(xi, r, m)
+                    a = _groups(_rows(xib, 0, m).copy_(xic) if half else xic, G)
+                _weight_grads_into(g2, a, dy_groups, accumulate=i > 0)
         dw1 = None if g1 is None else _finish(g1, weight1.dtype)
         dw2 = None if g2 is None else _finish(g2, weight2.dtype)
     if need_db1 or need_db2:
