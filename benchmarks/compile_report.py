@@ -172,9 +172,13 @@ class RecordedLaunch:
 
 def _op_calls(shape: "shape_table.Shape", m: int, dtype: torch.dtype) -> List[Tuple[str, Callable[[], Any]]]:
     """Every launcher of ``triton_impl`` with contiguous ``torch.empty`` operands of ``shape``."""
+    from kphi3_kernels.layout import residue_run_length
+    from kphi3_kernels.ops import layout_act as LA
+    from kphi3_kernels.ops import layout_gemm as LG
     from kphi3_kernels.ops import triton_impl as T
 
     G, s, og = shape.groups, shape.in_per_group, shape.out_per_group
+    R = residue_run_length(G * s, G, 8)
 
     def empty(*size):
         return torch.empty(*size, dtype=dtype)
@@ -182,6 +186,7 @@ def _op_calls(shape: "shape_table.Shape", m: int, dtype: torch.dtype) -> List[Tu
     x, dy, h = empty(m, G * s), empty(m, G * og), empty(m, G * og)
     w1, w1b = empty(G, s, og), empty(G, s, og)   # grouped_linear / gpc_io weights
     w2 = empty(G, og, og)                         # the second weight of the non-IO block
+    t, gu = empty(m, G * G * R), empty(m, 2 * G * s)  # a layout input; [gate | up] before it
     return [
         ("grouped_linear_fwd", lambda: T.grouped_linear_fwd(x, w1)),
         ("grouped_linear_bwd", lambda: T.grouped_linear_bwd(dy, x, w1)),
@@ -192,11 +197,18 @@ def _op_calls(shape: "shape_table.Shape", m: int, dtype: torch.dtype) -> List[Tu
         ("gpc_block_bwd", lambda: T.gpc_block_bwd(dy, x, h, w1, w2)),
         ("gpc_block_bwd(no weight2)", lambda: T.gpc_block_bwd(dy, x, h, w1)),
         ("interleave_fwd", lambda: T.interleave_fwd(x, G)),
+        # The fused decoder's launches: the IO block on its input in the block-residue layout,
+        # and the producer that writes that layout (the MLP activation, for down_proj).
+        ("gpc_io_layout_fwd", lambda: LG.gpc_io_layout_fwd(t, w1, w1b)),
+        ("gpc_io_layout_bwd", lambda: LG.gpc_io_layout_bwd(dy, t, w1, w1b)),
+        ("silu_mul_layout", lambda: LA.silu_mul_layout_fwd(gu, G, R)),
+        ("silu_mul_layout_bwd", lambda: LA.silu_mul_layout_bwd(t, gu, G)),
     ]
 
 
 OPS = ("grouped_linear_fwd", "grouped_linear_bwd", "gpc_io_fwd", "gpc_io_bwd", "gpc_block_fwd",
-       "gpc_block_fwd(no weight2)", "gpc_block_bwd", "gpc_block_bwd(no weight2)", "interleave_fwd")
+       "gpc_block_fwd(no weight2)", "gpc_block_bwd", "gpc_block_bwd(no weight2)", "interleave_fwd",
+       "gpc_io_layout_fwd", "gpc_io_layout_bwd", "silu_mul_layout", "silu_mul_layout_bwd")
 
 
 def _resolve_shape(shape) -> "shape_table.Shape":

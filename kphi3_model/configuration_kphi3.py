@@ -1,7 +1,7 @@
 """KPhi-3 model configuration.
 
 Every field of the original ``KPhi3Config`` (the remote code shipped with the released checkpoints),
-with its original default, plus ``kernel_backend``. A released ``config.json`` loads unchanged:
+with its original default, plus ``kernel_backend`` and ``fused_decoder``. A released ``config.json`` loads unchanged:
 its legacy ``rope_theta`` / ``rope_scaling`` keys are folded into ``rope_parameters`` as
 transformers 5 does for Phi-3, and its ``auto_map`` is kept but never needed, because importing
 ``kphi3_model`` registers this class for ``model_type = "kphi3"``.
@@ -41,6 +41,9 @@ def check_kphi3_config(config: "KPhi3Config") -> None:
             "grouped projections, a negative one plain nn.Linear projections), got "
             f"{config.min_channels_per_group!r}"
         )
+    if not isinstance(config.fused_decoder, bool):
+        raise ValueError(
+            f"KPhi3Config: `fused_decoder` must be True or False, got {config.fused_decoder!r}")
     try:
         config.kernel_backend = validate_backend(config.kernel_backend)
     except ValueError as err:
@@ -69,6 +72,14 @@ class KPhi3Config(PreTrainedConfig):
             The flag that picks the fused Triton kernels or the PyTorch reference for every grouped
             layer of the model: `"auto"` (Triton on CUDA tensors, PyTorch otherwise), `"triton"` or
             `"torch"`. Change it on a built model with `model.set_kernel_backend(...)`.
+        fused_decoder (`bool`, defaults to `False`):
+            Fuse the layer across its projections where the Triton kernels run: the MLP's
+            `silu(gate) * up` writes `down_proj`'s input in the block-residue layout that both of
+            the IO block's GEMMs read, and its backward takes the gradient in that layout. Same
+            parameters, state dict and results (within rounding); on the torch backend, on a
+            layer whose `down_proj` is not a grouped IO block or whose `hidden_act` is not
+            `"silu"`, the layer runs the op-level path. `model.explain_fused_decoder(device)` says
+            which path runs.
         rope_theta / rope_scaling (legacy keys):
             Accepted as in the original config (`rope_scaling` may be a longrope dict with
             `short_factor` / `long_factor`); stored in `rope_parameters`.
@@ -103,6 +114,7 @@ class KPhi3Config(PreTrainedConfig):
     sliding_window: int | None = None
     min_channels_per_group: int = 256
     kernel_backend: str = "auto"
+    fused_decoder: bool = False
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:

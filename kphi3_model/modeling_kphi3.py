@@ -45,7 +45,8 @@ from kphi3_kernels import (
     GroupedPointwiseConvolutionBlockIO,
     InterleaveChannelsFast,
 )
-from kphi3_kernels.backend import validate_backend
+from kphi3_kernels.backend import resolve_backend, validate_backend
+from kphi3_kernels.fused import gpc_io_from_layout, silu_mul_to_layout
 
 from .configuration_kphi3 import KPhi3Config, check_kphi3_config
 
@@ -136,8 +137,32 @@ class KPhi3MLP(nn.Module):
         self.down_proj = projection(config, config.intermediate_size, config.hidden_size)
         self.activation_fn = ACT2FN[config.hidden_act]
 
+    def fused_path(self, device: torch.Tensor | torch.device | str) -> tuple[bool, str]:
+        """``(fused, reason)``: whether ``forward`` on ``device`` runs the fused activation and
+        ``down_proj`` (``config.fused_decoder``), and why."""
+        if not self.config.fused_decoder:
+            return False, "fused_decoder=False: the op-level path"
+        down = self.down_proj
+        if not isinstance(down, GroupedPointwiseConvolutionBlockIO) or down.num_groups == 1:
+            return False, ("fused_decoder=True, but down_proj is not a grouped IO block (G > 1): "
+                           "the op-level path")
+        if self.config.hidden_act != "silu":
+            return False, (f"fused_decoder=True, but hidden_act is {self.config.hidden_act!r} "
+                           "(the fused activation is silu): the op-level path")
+        backend, reason = resolve_backend(device, down.backend, with_reason=True)
+        if backend != "triton":
+            return False, f"fused_decoder=True, but the kernel backend is {reason}; so the op-level path"
+        return True, ("fused_decoder=True on the Triton kernels: silu(gate) * up writes down_proj's "
+                      "input in the block-residue layout")
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         up_states = self.gate_up_proj(hidden_states)
+        if self.config.fused_decoder and self.fused_path(up_states)[0]:
+            down = self.down_proj
+            first, second = down.first_pointwise_conv, down.second_pointwise_conv
+            t = silu_mul_to_layout(up_states, down.num_groups, backend="triton")
+            return gpc_io_from_layout(t, first.weight, second.weight, first.bias, second.bias,
+                                      backend="triton")
         gate, up_states = up_states.chunk(2, dim=-1)  # the gate is the first half
         up_states = up_states * self.activation_fn(gate)
         return self.down_proj(up_states)
@@ -471,6 +496,14 @@ class KPhi3PreTrainedModel(PreTrainedModel):
                 init.copy_(module.long_inv_freq, long_inv_freq)
         else:
             super()._init_weights(module)
+
+    def explain_fused_decoder(self, device: torch.device | str = "cuda") -> str:
+        """Which path each decoder layer's MLP runs on ``device`` (``config.fused_decoder``)."""
+        lines = []
+        for name, module in self.named_modules():
+            if isinstance(module, KPhi3MLP):
+                lines.append(f"{name}: {module.fused_path(device)[1]}")
+        return "\n".join(lines)
 
     def set_kernel_backend(self, backend: str) -> None:
         """Switch every grouped layer of the model to ``"auto"``, ``"triton"`` or ``"torch"``."""

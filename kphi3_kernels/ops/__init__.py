@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["custom_ops", "get_impl"]
+__all__ = ["custom_ops", "fused_ops", "get_impl"]
 
 
 def get_impl(backend: str) -> ModuleType:
@@ -18,3 +18,4 @@ def get_impl(backend: str) -> ModuleType:
 
 
 from . import custom_ops  # noqa: E402  (registers the operators)
+from . import fused_ops  # noqa: E402  (the fused decoder's operators)

@@ -264,6 +264,8 @@ def _call(name: str, backend: str, *args):
         return op(name, backend)(*args)
     body, function = _EAGER[(name, backend)]
     if _needs_grad(args):
+        if function is None:  # no autograd formula: the operator itself says so
+            return op(name, backend)(*args)
         return function.apply(*args)
     return body(*args)
 

@@ -1,0 +1,108 @@
+"""Functional entry points of the fused decoder: a producer that writes a grouped block's input
+in the block-residue layout (``kphi3_kernels.layout``), and the IO block that reads it.
+
+In a KPhi-3 MLP, ``silu(gate) * up`` is the input of ``down_proj``'s IO block. Run unfused, the
+activation writes it in channel order and the block's Triton forward lays it out again (the
+de-interleave pass) so that both of its GEMMs get 16-byte loads; its backward gathers the
+interleaved half of the input gradient back. Fused, the activation writes the layout both GEMMs
+read, and the layout's gradient returns to the activation's backward: no pass in between.
+
+    t = silu_mul_to_layout(gate_up, groups)                 # [..., G*G*R]
+    y = gpc_io_from_layout(t, weight1, weight2)             # == gpc_io(up * silu(gate), ...)
+
+Both take ``backend=`` like the op-level functions. ``"triton"`` runs the fused kernels
+(``ops/fused_ops.py``); ``"torch"`` computes the same values from ``kphi3_kernels.layout``'s plain
+PyTorch conversions (the reference). Checks run before anything launches.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F_torch
+
+from . import layout
+from .functional import _backend, _cast_params, _check_bias, _check_param, _check_weight, _flatten
+from .ops import fused_ops
+from .reference import as_int
+
+__all__ = ["silu_mul_to_layout", "gpc_io_from_layout"]
+
+
+def _check_floating(x, name: str, op: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating-point, got dtype {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{op}: {name} must have a channel dimension, got a 0-d tensor")
+
+
+def silu_mul_to_layout(gate_up: torch.Tensor, groups: int, pad: int = 8, *,
+                       backend: Optional[str] = None) -> torch.Tensor:
+    """``to_residue_layout(up * silu(gate), groups, pad)`` for ``gate_up = [gate | up]``.
+
+    ``gate_up`` is ``[..., 2C]`` (the gate is the first half, as Phi-3's ``gate_up_proj`` writes
+    it), ``C`` divisible by ``groups``. Returns ``[..., G*G*R]`` in ``gate_up``'s dtype, padding
+    zero; the product is computed in fp32 (float64 for float64) and rounded once.
+    Differentiable: the gradient reaching the layout's padding is ignored.
+    """
+    op = "silu_mul_to_layout"
+    _check_floating(gate_up, "gate_up", op)
+    groups = as_int(groups, f"{op}: groups")
+    pad = as_int(pad, f"{op}: pad")
+    width = gate_up.shape[-1]
+    if width % 2:
+        raise ValueError(
+            f"{op}: gate_up's last dimension ({width}) must be even: the gate and up halves")
+    if groups < 1 or pad < 1:
+        raise ValueError(f"{op}: groups and pad must be positive, got {groups} and {pad}")
+    channels = width // 2
+    if channels == 0 or channels % groups:
+        raise ValueError(
+            f"{op}: the {channels} channels of each half must be a positive multiple of groups "
+            f"({groups})")
+    run = layout.residue_run_length(channels, groups, pad)
+    name = _backend(gate_up, backend)
+    if name == "triton":
+        t = fused_ops.silu_mul_layout(_flatten(gate_up), groups, run)
+        return t.reshape(*gate_up.shape[:-1], t.shape[-1])
+    gate, up = gate_up.chunk(2, dim=-1)
+    return layout.to_residue_layout(up * F_torch.silu(gate), groups, pad)
+
+
+def gpc_io_from_layout(t: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
+                       bias1: Optional[torch.Tensor] = None, bias2: Optional[torch.Tensor] = None,
+                       *, backend: Optional[str] = None) -> torch.Tensor:
+    """The IO block ``gpc_io(x, ...)`` from ``t``, its input ``x`` in the block-residue layout.
+
+    ``t`` is ``[..., G*G*R]`` with ``R >= ceil(s / G)`` (what ``to_residue_layout`` or
+    ``silu_mul_to_layout`` write, for any pad), its padding finite (those functions write zeros):
+    padding meets zero weight rows. The weights are the block's own ``[G, s, og]`` parameters
+    (nothing re-indexed is stored), the biases ``[G, og]``. Returns ``[..., G*og]``; gradients
+    reach ``t`` (in the layout, padding zero), the weights and the biases.
+    """
+    op = "gpc_io_from_layout"
+    G, s, og = _check_weight(weight1, op, "weight1")
+    _check_param(weight2, "weight2", op)
+    if tuple(weight2.shape) != (G, s, og):
+        raise ValueError(f"{op}: both weights must have one shape, got {tuple(weight1.shape)} "
+                         f"and {tuple(weight2.shape)}")
+    _check_floating(t, "t", op)
+    width = t.shape[-1]
+    shortest = -(-s // G)
+    if width % (G * G) or width // (G * G) < shortest:
+        raise ValueError(
+            f"{op}: t's last dimension is {width}, but a block-residue layout of {G * s} channels "
+            f"in {G} groups is G*G*R = {G * G}*R with R >= ceil(s/G) = {shortest} (e.g. "
+            f"{layout.residue_layout_channels(G * s, G)} for pad 8)")
+    _check_bias(bias1, G, og, op, "bias1")
+    _check_bias(bias2, G, og, op, "bias2")
+    name = _backend(t, backend)
+    t, (weight1, weight2, bias1, bias2) = _cast_params(t, (weight1, weight2, bias1, bias2), op)
+    if name == "triton":
+        y = fused_ops.gpc_io_layout(_flatten(t), weight1, weight2, bias1, bias2)
+        return y.reshape(*t.shape[:-1], G * og)
+    run = width // (G * G)
+    return layout.gpc_io_in_layout(t, layout.first_weight_in_layout(weight1, run),
+                                   layout.second_weight_in_layout(weight2, run), bias1, bias2)

@@ -1,0 +1,167 @@
+"""The fused decoder's operators: producer and consumer of the block-residue layout.
+
+Registered like ``custom_ops.py``'s (namespace ``kphi3``, a ``triton_op`` with a GPU, an opaque
+``custom_op`` under the interpreter, shape-only fakes, autograd formulas, the same eager fast
+path), for the triton backend only: the torch backend runs the unfused path, and the reference
+of these operators is ``kphi3_kernels.layout``'s plain-PyTorch conversions.
+
+==================================================================  ===========================
+operator                                                            returns
+==================================================================  ===========================
+``silu_mul_layout_triton(gu, groups, run)``                         ``t``: ``up * silu(gate)``
+                                                                    in the layout (``gu`` =
+                                                                    ``[gate | up]``)
+``silu_mul_layout_bwd_triton(dt, gu, groups)``                      ``dgu``
+``gpc_io_layout_triton(t, weight1, weight2, bias1?, bias2?)``       ``y`` of the IO block
+``gpc_io_layout_bwd_triton(dy, t, weight1, weight2, need_dt,        the needed ones of
+need_dw1, need_dw2, need_db1, need_db2)``                           ``[dt, dw1, dw2, db1, db2]``
+==================================================================  ===========================
+
+The backward operators have no autograd formula of their own: a second derivative through the
+fused path raises torch's "does not have an autograd kernel" error (the op-level path, which the
+model runs with ``fused_decoder=False``, supports gradients of any order).
+"""
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from . import custom_ops as co
+
+BACKEND = "triton"
+_LOADED = {}
+
+
+def _launchers():
+    if not _LOADED:
+        from . import layout_act, layout_gemm
+        from .torch_impl import bias_grad
+        _LOADED.update(act=layout_act, gemm=layout_gemm, bias_grad=bias_grad)
+    return _LOADED
+
+
+def _bodies():
+    def silu_mul_layout(gu: Tensor, groups: int, run: int) -> Tensor:
+        with co._no_autocast(gu):
+            t = _launchers()["act"].silu_mul_layout_fwd(gu, groups, run)
+        return co._fresh([t], [gu])[0]
+
+    def silu_mul_layout_bwd(dt: Tensor, gu: Tensor, groups: int) -> Tensor:
+        with co._no_autocast(dt):
+            dgu = _launchers()["act"].silu_mul_layout_bwd(dt, gu, groups)
+        return co._fresh([dgu], [dt, gu])[0]
+
+    def gpc_io_layout(t: Tensor, weight1: Tensor, weight2: Tensor, bias1: Optional[Tensor],
+                      bias2: Optional[Tensor]) -> Tensor:
+        with co._no_autocast(t):
+            y = _launchers()["gemm"].gpc_io_layout_fwd(t.contiguous(), weight1, weight2, bias1,
+                                                       bias2)
+        return co._fresh([y], [t, weight1, weight2, bias1, bias2])[0]
+
+    def gpc_io_layout_bwd(dy: Tensor, t: Tensor, weight1: Tensor, weight2: Tensor, need_dt: bool,
+                          need_dw1: bool, need_dw2: bool, need_db1: bool, need_db2: bool
+                          ) -> List[Tensor]:
+        needs = (need_dt, need_dw1, need_dw2, need_db1, need_db2)
+        with co._no_autocast(dy):
+            dt, dw1, dw2 = _launchers()["gemm"].gpc_io_layout_bwd(
+                dy, t.contiguous(), weight1, weight2, need_dt, need_dw1, need_dw2)
+            db = _launchers()["bias_grad"](dy, weight1.shape[0]) if need_db1 or need_db2 else None
+        grads = (dt, dw1, dw2, db if need_db1 else None, db if need_db2 else None)
+        return co._fresh(co._needed(grads, needs), [dy, t, weight1, weight2])
+
+    return dict(silu_mul_layout=silu_mul_layout, silu_mul_layout_bwd=silu_mul_layout_bwd,
+                gpc_io_layout=gpc_io_layout, gpc_io_layout_bwd=gpc_io_layout_bwd)
+
+
+def _fake_silu_mul_layout(gu, groups, run):
+    return gu.new_empty((gu.shape[0], groups * groups * run))
+
+
+def _fake_silu_mul_layout_bwd(dt, gu, groups):
+    return gu.new_empty(gu.shape)
+
+
+def _fake_gpc_io_layout(t, weight1, weight2, bias1, bias2):
+    return t.new_empty((t.shape[0], weight1.shape[0] * weight1.shape[2]))
+
+
+def _fake_gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt, need_dw1, need_dw2, need_db1,
+                            need_db2):
+    G, og = weight1.shape[0], weight1.shape[2]
+    shapes = ((t, t.shape, dy.dtype), (weight1, weight1.shape, weight1.dtype),
+              (weight2, weight2.shape, weight2.dtype), (dy, (G, og), dy.dtype),
+              (dy, (G, og), dy.dtype))
+    needs = (need_dt, need_dw1, need_dw2, need_db1, need_db2)
+    return [like.new_empty(shape, dtype=dtype) for (like, shape, dtype), n in zip(shapes, needs)
+            if n]
+
+
+_FAKES = dict(silu_mul_layout=_fake_silu_mul_layout,
+              silu_mul_layout_bwd=_fake_silu_mul_layout_bwd,
+              gpc_io_layout=_fake_gpc_io_layout, gpc_io_layout_bwd=_fake_gpc_io_layout_bwd)
+
+
+def silu_mul_layout(gu: Tensor, groups: int, run: int) -> Tensor:
+    return co._call("silu_mul_layout", BACKEND, gu, groups, run)
+
+
+def gpc_io_layout(t, weight1, weight2, bias1=None, bias2=None) -> Tensor:
+    return co._call("gpc_io_layout", BACKEND, t, weight1, weight2, bias1, bias2)
+
+
+def gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt=True, need_dw1=True, need_dw2=True,
+                      need_db1=False, need_db2=False):
+    needs = (need_dt, need_dw1, need_dw2, need_db1, need_db2)
+    return co._unpack(co._call("gpc_io_layout_bwd", BACKEND, dy, t, weight1, weight2, *needs),
+                      needs)
+
+
+def _register_autograd(bodies) -> None:
+    def register(name, backward, setup_context):
+        torch.library.register_autograd(f"{co.NAMESPACE}::{name}_{BACKEND}", backward,
+                                        setup_context=setup_context)
+        co._EAGER[(name, BACKEND)] = (bodies[name], co._eager_function(
+            name, bodies[name], setup_context, backward))
+
+    def act_setup(ctx, inputs, output):
+        gu, groups, _ = inputs
+        ctx.save_for_backward(gu)
+        ctx.groups = groups
+
+    def act_backward(ctx, dt):
+        (gu,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return co._call("silu_mul_layout_bwd", BACKEND, dt, gu, ctx.groups), None, None
+
+    register("silu_mul_layout", act_backward, act_setup)
+
+    def io_setup(ctx, inputs, output):
+        t, weight1, weight2, bias1, bias2 = inputs
+        ctx.save_for_backward(t, weight1, weight2)
+        ctx.has_bias = (bias1 is not None, bias2 is not None)
+
+    def io_backward(ctx, dy):
+        t, weight1, weight2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        return gpc_io_layout_bwd(dy, t, weight1, weight2, need[0], need[1], need[2],
+                                 ctx.has_bias[0] and need[3], ctx.has_bias[1] and need[4])
+
+    register("gpc_io_layout", io_backward, io_setup)
+    # The backward operators run eagerly like the others, with no formula of their own.
+    for name in ("silu_mul_layout_bwd", "gpc_io_layout_bwd"):
+        co._EAGER[(name, BACKEND)] = (bodies[name], None)
+
+
+def _register() -> None:
+    traceable = co._traceable_triton()
+    bodies = _bodies()
+    for name, body in bodies.items():
+        qualname = f"{co.NAMESPACE}::{name}_{BACKEND}"
+        kind = torch.library.triton_op if traceable else torch.library.custom_op
+        kind(qualname, body, mutates_args=())
+        torch.library.register_fake(qualname, _FAKES[name])
+    _register_autograd(bodies)
+
+
+_register()

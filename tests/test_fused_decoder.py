@@ -1,0 +1,378 @@
+"""The fused decoder: the MLP activation writing down_proj's input in the block-residue layout,
+and the IO block reading it (``kphi3_kernels.fused``, ``ops/layout_gemm.py``, ``ops/layout_act.py``),
+op by op against the float64 oracle and in the model against the op-level path.
+
+The oracle of the fused pair is the op-level composition it replaces:
+``gpc_io(up * silu(gate), W1, W2, b1, b2)`` in float64 (``reference.gpc_io``).
+"""
+import dataclasses
+from typing import Optional, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kphi3_kernels import fused, layout, reference
+from kphi3_kernels.ops import launch, outputs
+
+from _utils import (DEVICE, HALF_RATIO, HALF_SLACK, HALF_TOL, INTERPRETING,
+                    rel_error, rounded_intermediate_bound, tol_for)
+
+requires_triton = pytest.mark.skipif(
+    not (INTERPRETING or torch.cuda.is_available()),
+    reason="the Triton kernels need a GPU or TRITON_INTERPRET=1")
+BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]
+DTYPES = [torch.float32, torch.float16]
+
+
+@dataclasses.dataclass
+class MlpCase:
+    G: int
+    s: int            # input channels per group of down_proj
+    og: int           # output channels per group
+    lead: Tuple[int, ...]
+    sliced: bool = False   # gate_up with column stride 2
+    bias: bool = False
+
+    def __str__(self):
+        return (f"G{self.G}-s{self.s}-og{self.og}-{'x'.join(map(str, self.lead))}"
+                f"{'-sliced' if self.sliced else ''}{'-bias' if self.bias else ''}")
+
+
+CASES = [
+    MlpCase(5, 12, 7, (13,), bias=True),          # R = 8 > ceil(12/5) = 3
+    MlpCase(3, 10, 5, (2, 9)),                    # higher rank
+    MlpCase(20, 24, 6, (7,), sliced=True),        # G = 20, non-contiguous gate_up
+    MlpCase(8, 15, 6, (3, 5), bias=True),         # s not a multiple of G
+    MlpCase(2, 36, 20, (70,)),                    # R = 24: several runs per K tile
+    MlpCase(1, 16, 8, (5,), bias=True),           # G = 1: the layout is the input padded
+    MlpCase(13, 13, 3, (1,)),                     # one row, s = G
+]
+
+
+def _operands(case: MlpCase, dtype: torch.dtype, device: str = DEVICE):
+    C = case.G * case.s
+    if case.sliced:
+        base = torch.randn(*case.lead, 4 * C, device=device).to(dtype).requires_grad_(True)
+        gu = base[..., ::2]
+    else:
+        gu = torch.randn(*case.lead, 2 * C, device=device).to(dtype).requires_grad_(True)
+    scale = C ** -0.5
+    w1 = (torch.randn(case.G, case.s, case.og, device=device) * scale).to(dtype).requires_grad_(True)
+    w2 = (torch.randn(case.G, case.s, case.og, device=device) * scale).to(dtype).requires_grad_(True)
+    b1 = b2 = None
+    if case.bias:
+        b1 = (torch.randn(case.G, case.og, device=device) * 0.5).to(dtype).requires_grad_(True)
+        b2 = (torch.randn(case.G, case.og, device=device) * 0.5).to(dtype).requires_grad_(True)
+    return gu, w1, w2, b1, b2
+
+
+def _oracle(gu, w1, w2, b1, b2):
+    gate, up = gu.chunk(2, dim=-1)
+    return reference.gpc_io(up * F.silu(gate), w1, w2, b1, b2)
+
+
+def _fused(gu, w1, w2, b1, b2, backend):
+    t = fused.silu_mul_to_layout(gu, w1.shape[0], backend=backend)
+    return fused.gpc_io_from_layout(t, w1, w2, b1, b2, backend=backend)
+
+
+def _forward_backward(fn, inputs, dy):
+    y = fn(*inputs)
+    targets = [t for t in inputs if t is not None]
+    grads = torch.autograd.grad(y, targets, dy)
+    return y, grads
+
+
+def _as64(inputs):
+    return [None if t is None else t.detach().double().requires_grad_(True) for t in inputs]
+
+
+def _dt_second_term(inputs64, dy64):
+    """The part of the input gradient that the kernels round once (the term through W2)."""
+    gu, w1, w2, _, _ = inputs64
+    (dgu,) = torch.autograd.grad(_oracle(gu, torch.zeros_like(w1), w2, None, None), [gu], dy64)
+    return dgu
+
+
+def check_fused(case: MlpCase, backend: str, dtype: torch.dtype):
+    """Output and every gradient of the fused pair against the float64 oracle."""
+    inputs = _operands(case, dtype)
+    gu, w1 = inputs[0], inputs[1]
+    dy = torch.randn(*gu.shape[:-1], w1.shape[0] * w1.shape[2], device=gu.device).to(dtype)
+    y, grads = _forward_backward(lambda *a: _fused(*a, backend), inputs, dy)
+    inputs64 = _as64(inputs)
+    y64, grads64 = _forward_backward(_oracle, inputs64, dy.double())
+    names = ["y", "gate_up", "weight1", "weight2", "bias1", "bias2"][: 1 + len(grads)]
+    errs = {n: rel_error(a, b) for n, a, b in zip(names, [y, *grads], [y64, *grads64])}
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    tol = tol_for(dtype)
+    assert all(e < tol for e in errs.values()), f"{case}/{backend}/{dtype}: {errs}"
+    if dtype != torch.float32:
+        # No worse than the same computation in plain PyTorch in this dtype, except the input
+        # gradient on Triton, whose layout gradient rounds its second term once before the sum
+        # (docs/numerics.md, "Rounded intermediates"): that one meets its rounding bound.
+        baseline = (lambda *a: _fused(*a, "torch")) if backend == "triton" else _oracle
+        yb, gb = _forward_backward(baseline, inputs, dy)
+        base = {n: rel_error(a, b) for n, a, b in zip(names, [yb, *gb], [y64, *grads64])}
+        limit = {n: HALF_RATIO * base[n] + HALF_SLACK for n in names}
+        if backend == "triton":
+            bound = rounded_intermediate_bound(dtype, grads64[0],
+                                               _dt_second_term(inputs64, dy.double()))
+            limit["gate_up"] = max(limit["gate_up"], bound)
+        worse = {n: (errs[n], base[n], limit[n]) for n in names if not errs[n] <= limit[n]}
+        assert not worse, f"{case}/{backend}/{dtype}: (err, baseline, limit) {worse}"
+    return errs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fused_mlp_down_matches_the_float64_oracle(case, backend, dtype):
+    check_fused(case, backend, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_padding_is_written_as_zeros_and_never_read(backend):
+    """Outputs start poisoned (NaN): the producer must write every padding slot (zero), the
+    layout's gradient too; finite garbage placed in the padding changes nothing downstream."""
+    G, s, og = 5, 12, 7
+    gu = torch.randn(11, 2 * G * s, device=DEVICE)
+    t = fused.silu_mul_to_layout(gu, G, backend=backend)
+    slots = layout.residue_slots(G * s, G, device=DEVICE)
+    padding = torch.ones(t.shape[-1], dtype=torch.bool, device=DEVICE)
+    padding[slots] = False
+    assert padding.any() and torch.equal(t[:, padding], torch.zeros_like(t[:, padding]))
+    w1 = torch.randn(G, s, og, device=DEVICE)
+    w2 = torch.randn(G, s, og, device=DEVICE)
+    y = fused.gpc_io_from_layout(t, w1, w2, backend=backend)
+    garbage = t.clone()
+    garbage[:, padding] = 1e3
+    y_garbage = fused.gpc_io_from_layout(garbage, w1, w2, backend=backend)
+    assert torch.equal(y, y_garbage)
+    t_leaf = t.clone().requires_grad_(True)
+    (dt,) = torch.autograd.grad(fused.gpc_io_from_layout(t_leaf, w1, w2, backend=backend),
+                                [t_leaf], torch.randn_like(y))
+    assert torch.equal(dt[:, padding], torch.zeros_like(dt[:, padding]))
+    assert torch.isfinite(dt).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_consumer_equals_gpc_io_on_the_converted_input(backend):
+    G, s, og = 4, 30, 9
+    x = torch.randn(3, 8, G * s, device=DEVICE)
+    w1, w2 = torch.randn(G, s, og, device=DEVICE), torch.randn(G, s, og, device=DEVICE)
+    for pad in (8, 1, 16):
+        t = layout.to_residue_layout(x, G, pad)
+        y = fused.gpc_io_from_layout(t, w1, w2, backend=backend)
+        assert rel_error(y, reference.gpc_io(x, w1, w2)) < 1e-5
+
+
+def _layout_gpu_configs():
+    from kphi3_kernels.ops.grouped_gemm import CUDA_CONFIGS
+
+    return list(CUDA_CONFIGS)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="forces configs through Triton's interpreter")
+@pytest.mark.parametrize("config", _layout_gpu_configs(),
+                         ids=lambda c: "{BLOCK_P}x{BLOCK_Q}x{BLOCK_K}".format(**c.kwargs)
+                         + f"-w{c.num_warps}s{c.num_stages}")
+def test_every_gpu_config_of_the_layout_gemms_interpreted(config, monkeypatch):
+    """Each config the autotuner may pick, on shapes with partial tiles in every dimension:
+    M = 130 rows (P of fwd / dt, K of dW), og = 70 (Q of fwd / dW, K of dt), G*R = 2*72 = 144
+    (K of fwd, Q of dt, P of dW; R = 72 is not a multiple of BLOCK_K)."""
+    forced = []
+
+    def force(spec):
+        if not spec.name.startswith("gpc_io_layout"):
+            return None
+        forced.append(spec.name)
+        return config
+
+    monkeypatch.setattr(launch, "FORCE_CONFIG", force)
+    check_fused(MlpCase(2, 140, 70, (130,), bias=True), "triton", torch.float32)
+    assert set(forced) == {"gpc_io_layout_fwd", "gpc_io_layout_bwd_dt_second",
+                           "gpc_io_layout_bwd_dt", "gpc_io_layout_bwd_dw"}
+
+
+@requires_triton
+def test_weight_gradients_alone_and_frozen_weights():
+    G, s, og = 5, 12, 7
+    gu = torch.randn(9, 2 * G * s, device=DEVICE)
+    w1 = torch.randn(G, s, og, device=DEVICE, requires_grad=True)
+    w2 = torch.randn(G, s, og, device=DEVICE)
+    dy = torch.randn(9, G * og, device=DEVICE)
+    for frozen_input in (True, False):
+        x = gu.clone().requires_grad_(not frozen_input)
+        targets = [w1] + ([] if frozen_input else [x])
+        got = torch.autograd.grad(_fused(x, w1, w2, None, None, "triton"), targets, dy)
+        want = torch.autograd.grad(_fused(x, w1, w2, None, None, "torch"), targets, dy)
+        assert all(rel_error(a, b) < 1e-5 for a, b in zip(got, want))
+
+
+def test_bad_input_is_refused_before_any_launch():
+    G, s, og = 5, 12, 7
+    w = torch.randn(G, s, og)
+    with pytest.raises(ValueError, match="even"):
+        fused.silu_mul_to_layout(torch.randn(3, 2 * G * s + 1), G)
+    with pytest.raises(ValueError, match="multiple of groups"):
+        fused.silu_mul_to_layout(torch.randn(3, 2 * 61), G)
+    with pytest.raises(TypeError, match="floating-point"):
+        fused.silu_mul_to_layout(torch.ones(3, 2 * G * s, dtype=torch.long), G)
+    with pytest.raises(ValueError, match="G\\*G\\*R"):
+        fused.gpc_io_from_layout(torch.randn(3, G * s), w, w)
+    with pytest.raises(ValueError, match="R >= ceil"):
+        fused.gpc_io_from_layout(torch.randn(3, G * G * 2), w, w)
+    with pytest.raises(ValueError, match="one shape"):
+        fused.gpc_io_from_layout(torch.randn(3, G * G * 8), w, torch.randn(G, s, og + 1))
+    with pytest.raises(TypeError, match="dtype"):
+        fused.gpc_io_from_layout(torch.randn(3, G * G * 8, dtype=torch.float64), w, w)
+
+
+# --------------------------------------------------------------------------------------------
+# In the model
+# --------------------------------------------------------------------------------------------
+
+
+def _config(**over):
+    from kphi3_model import KPhi3Config
+
+    # down_proj 120 -> 48 in G = 8 groups of s = 15: not a power of two, s not a multiple of G.
+    kw = dict(vocab_size=97, hidden_size=48, intermediate_size=120, num_hidden_layers=2,
+              num_attention_heads=4, min_channels_per_group=12, pad_token_id=0, eos_token_id=2,
+              bos_token_id=1, max_position_embeddings=64, original_max_position_embeddings=64)
+    kw.update(over)
+    return KPhi3Config(**kw)
+
+
+def _model(dtype=torch.float32, **over):
+    from kphi3_model import KPhi3ForCausalLM
+
+    torch.manual_seed(0)
+    model = KPhi3ForCausalLM(_config(**over)).to(DEVICE, dtype)
+    # Larger weights than the initializer's, so every path carries signal through both layers.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 3:
+                p.normal_(0, p.shape[1] ** -0.5)
+    return model
+
+
+def _loss_and_grads(model, batch, fused_decoder: bool):
+    model.config.fused_decoder = fused_decoder
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    return out.logits.detach(), out.loss.detach(), {n: p.grad.detach().clone()
+                                                     for n, p in model.named_parameters()}
+
+
+def _batch(left_padded: bool = True):
+    ids = torch.randint(3, 97, (3, 10), device=DEVICE)
+    mask = torch.ones_like(ids)
+    if left_padded:
+        mask[0, :4] = 0
+        mask[1, :1] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_fused_model_matches_the_op_level_model_and_the_float64_oracle(dtype):
+    model = _model(dtype, kernel_backend="triton", fused_decoder=True)
+    assert model.model.layers[0].mlp.fused_path(DEVICE)[0]
+    batch = _batch()
+    logits_f, loss_f, grads_f = _loss_and_grads(model, batch, True)
+    logits_u, loss_u, grads_u = _loss_and_grads(model, batch, False)
+    oracle = _model(torch.float64, kernel_backend="torch")
+    oracle.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    logits_64, loss_64, grads_64 = _loss_and_grads(oracle, batch, False)
+    tol = tol_for(dtype)
+    for name, fused_v, unfused_v, v64 in [("logits", logits_f, logits_u, logits_64),
+                                          ("loss", loss_f, loss_u, loss_64)]:
+        err_f, err_u = rel_error(fused_v, v64), rel_error(unfused_v, v64)
+        assert err_f < tol and err_f <= HALF_RATIO * err_u + HALF_SLACK, (name, err_f, err_u)
+    assert grads_f.keys() == grads_64.keys()
+    for name in grads_64:
+        err_f, err_u = rel_error(grads_f[name], grads_64[name]), rel_error(grads_u[name], grads_64[name])
+        limit = tol if dtype == torch.float32 else min(HALF_TOL, HALF_RATIO * err_u + 10 * HALF_SLACK)
+        assert err_f < max(limit, err_u * HALF_RATIO), (name, err_f, err_u)
+
+
+@requires_triton
+def test_fused_model_with_gradient_checkpointing_and_padding():
+    model = _model(kernel_backend="triton")
+    model.gradient_checkpointing_enable()
+    model.train()
+    batch = _batch()
+    logits_f, loss_f, grads_f = _loss_and_grads(model, batch, True)
+    logits_u, loss_u, grads_u = _loss_and_grads(model, batch, False)
+    assert rel_error(logits_f, logits_u) < 1e-5 and rel_error(loss_f, loss_u) < 1e-5
+    assert all(rel_error(grads_f[n], grads_u[n]) < 1e-5 for n in grads_u)
+
+
+@requires_triton
+def test_fused_model_under_torch_compile():
+    model = _model(kernel_backend="triton", fused_decoder=True)
+    batch = _batch()
+    eager = model(**batch)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
+    out = compiled(**batch)
+    out.loss.backward()
+    assert rel_error(out.logits, eager.logits) < 1e-5
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@requires_triton
+def test_fused_model_generates_like_the_op_level_model():
+    model = _model(kernel_backend="triton").eval()
+    ids = torch.randint(3, 97, (2, 5), device=DEVICE)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    model.config.fused_decoder = False
+    want = model.generate(ids, **kw)
+    model.config.fused_decoder = True
+    assert torch.equal(model.generate(ids, **kw), want)
+
+
+def test_fused_decoder_flag_is_validated_saved_and_keeps_the_state_dict(tmp_path):
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    from kphi3_model import KPhi3Config, KPhi3ForCausalLM
+
+    # The strict config refuses a non-bool on creation and on assignment.
+    with pytest.raises((ValueError, StrictDataclassFieldValidationError), match="fused_decoder"):
+        _config(fused_decoder="yes")
+    plain = _model()
+    model = _model(fused_decoder=True)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    model.save_pretrained(tmp_path)
+    loaded = KPhi3ForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.fused_decoder is True
+    assert KPhi3Config().fused_decoder is False
+
+
+@pytest.mark.parametrize("over,why", [
+    (dict(fused_decoder=False), "fused_decoder=False"),
+    (dict(fused_decoder=True, kernel_backend="torch"), "'torch'"),
+    (dict(fused_decoder=True, min_channels_per_group=-1), "not a grouped IO block"),
+    (dict(fused_decoder=True, min_channels_per_group=200), "not a grouped IO block"),
+    (dict(fused_decoder=True, hidden_act="gelu_new"), "hidden_act"),
+])
+def test_the_op_level_path_runs_where_the_fused_one_cannot(over, why):
+    model = _model(**over)
+    text = model.model.explain_fused_decoder(DEVICE)
+    assert text.count("op-level path") == 2 and why in text, text
+    batch = _batch(left_padded=False)
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+
+
+@requires_triton
+def test_explain_names_the_fused_path():
+    model = _model(kernel_backend="triton", fused_decoder=True)
+    text = model.model.explain_fused_decoder(DEVICE)
+    assert text.count("block-residue layout") == 2 and "model.layers.1.mlp" in text or \
+        "layers.1.mlp" in text
