@@ -113,6 +113,11 @@ NARROW_LOADS = {
         "gathered bytes are 10-44% of the launch's at the released shapes (down_proj the most), "
         "read once, in runs of about BLOCK_Q / G contiguous elements",
         ("BLOCK_P", "BLOCK_Q")),
+    "mlp_tail_bwd_dgate_up": NarrowLoads(
+        "the fused MLP tail's input gradient: gpc_io_bwd_dx's gathered dxi (same design, same "
+        "share of bytes), then the activation's backward in the epilogue with unit-stride "
+        "gate / up loads and stores",
+        ("BLOCK_P", "BLOCK_Q")),
 }
 
 
@@ -175,6 +180,7 @@ def _op_calls(shape: "shape_table.Shape", m: int, dtype: torch.dtype) -> List[Tu
     from kphi3_kernels.layout import residue_run_length
     from kphi3_kernels.ops import layout_act as LA
     from kphi3_kernels.ops import layout_gemm as LG
+    from kphi3_kernels.ops import mlp_tail as MT
     from kphi3_kernels.ops import triton_impl as T
 
     G, s, og = shape.groups, shape.in_per_group, shape.out_per_group
@@ -203,12 +209,14 @@ def _op_calls(shape: "shape_table.Shape", m: int, dtype: torch.dtype) -> List[Tu
         ("gpc_io_layout_bwd", lambda: LG.gpc_io_layout_bwd(dy, t, w1, w1b)),
         ("silu_mul_layout", lambda: LA.silu_mul_layout_fwd(gu, G, R)),
         ("silu_mul_layout_bwd", lambda: LA.silu_mul_layout_bwd(t, gu, G)),
+        ("mlp_tail_bwd", lambda: MT.mlp_tail_bwd(dy, gu, t, w1, w1b)),
     ]
 
 
 OPS = ("grouped_linear_fwd", "grouped_linear_bwd", "gpc_io_fwd", "gpc_io_bwd", "gpc_block_fwd",
        "gpc_block_fwd(no weight2)", "gpc_block_bwd", "gpc_block_bwd(no weight2)", "interleave_fwd",
-       "gpc_io_layout_fwd", "gpc_io_layout_bwd", "silu_mul_layout", "silu_mul_layout_bwd")
+       "gpc_io_layout_fwd", "gpc_io_layout_bwd", "silu_mul_layout", "silu_mul_layout_bwd",
+       "mlp_tail_bwd")
 
 
 def _resolve_shape(shape) -> "shape_table.Shape":

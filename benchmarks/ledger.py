@@ -199,6 +199,25 @@ def _config_text(config) -> str:
     return f"{kw}, num_warps={config.num_warps}, num_stages={config.num_stages}"
 
 
+# A pass over rows x columns with no matmul (the fused activation of ``ops/layout_act.py``).
+_ELEMENTWISE_BLOCKS = {"BLOCK_M", "BLOCK_C"}
+
+
+def _k_steps(spec, bk: int) -> int:
+    """K-loop steps of one program of a GEMM launch: the grouped GEMM's ``K`` (+ ``K2``), the
+    layout GEMMs' (``ops/layout_gemm.py``) two products of ``G*R``, ``og`` or ``M``."""
+    a = spec.args
+    if "K" in a:
+        return _cdiv(a["K"], bk) + _cdiv(a.get("K2", 0), bk)
+    if spec.name == "gpc_io_layout_fwd":
+        return 2 * _cdiv(a["GROUPS"] * a["RUN"], bk)
+    if spec.name.startswith("gpc_io_layout_bwd_dt"):
+        return _cdiv(a["OG"], bk)
+    if spec.name == "gpc_io_layout_bwd_dw":
+        return _cdiv(a["M"], bk)
+    raise ValueError(f"launch {spec.name!r}: no reduction length known; teach the ledger")
+
+
 def triton_launch_cost(spec) -> LaunchCost:
     """FLOPs (first-choice config, tile padding included) and bytes of one ``KernelLaunch``."""
     import torch
@@ -210,14 +229,14 @@ def triton_launch_cost(spec) -> LaunchCost:
         programs = 1
         for n in spec.grid(dict(spec.args, **kw)):
             programs *= n
-        steps = _cdiv(spec.args["K"], bk) + _cdiv(spec.args.get("K2", 0), bk)
+        steps = _k_steps(spec, bk)
         flops = 2 * programs * bp * bq * bk * steps
-    elif set(kw) == _MOVE_BLOCKS:
+    elif set(kw) in (_MOVE_BLOCKS, _ELEMENTWISE_BLOCKS):
         flops = 0
     else:
         raise ValueError(
-            f"launch {spec.name!r}: config {sorted(kw)} is neither the grouped GEMM's "
-            f"{_GEMM_BLOCKS} nor the interleave's {sorted(_MOVE_BLOCKS)}; teach the ledger "
+            f"launch {spec.name!r}: config {sorted(kw)} is neither a GEMM's {_GEMM_BLOCKS} "
+            f"nor a data pass's {sorted(_MOVE_BLOCKS)} / {sorted(_ELEMENTWISE_BLOCKS)}; teach the ledger "
             "what this kernel computes")
     tensors = [v for v in spec.args.values() if isinstance(v, torch.Tensor)]
     nbytes = distinct_bytes(tensors)

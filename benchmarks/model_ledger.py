@@ -10,14 +10,18 @@ reads, writes and computes, **a prediction from FLOP and byte counts, not a meas
 launch costs ``max(FLOPs / 790 TFLOP/s, bytes / 4.3 TB/s) + 2 us`` (``ledger.h200_model``).
 
 One decoder layer's training step (forward, then the backward alone given the upstream gradient:
-every input and weight gradient) at ``tokens = batch * seq`` tokens, for three paths that differ
-only in their four projections (qkv, o, gate_up, down):
+every input and weight gradient) at ``tokens = batch * seq`` tokens, for four paths that differ
+only in their four projections (qkv, o, gate_up, down) and, for ``fused``, the activation:
 
 * **dense**: Phi-3, the same widths as ``F.linear`` (``ledger.dense_launches``, an aten recording).
 * **reference**: KPhi-3 with ``kphi3_kernels.reference.gpc_io`` (``ledger.reference_launches``,
   the einsum chain recorded as aten ops on meta tensors).
 * **triton**: KPhi-3 with today's op-level Triton kernels (``ledger.triton_launches``: the
   launches of ``kphi3_kernels.ops.triton_impl`` recorded on meta tensors, none run).
+* **fused**: triton with ``KPhi3Config(fused_decoder=True)``: the activation and down_proj are
+  the launches of the fused MLP tail (``fused_mlp``: ``silu(gate) * up`` written in the
+  block-residue layout, down_proj's IO block reading it, the activation's backward in
+  down_proj's input-gradient epilogue), also recorded, not run.
 
 The rest of the layer is the same for every path and is costed by explicit formulas (not an aten
 recording), each a fused launch that reads every input and writes every output once; elementwise
@@ -56,7 +60,8 @@ update (writes the new k and v rows) and attention as one read of the cache: rea
 ``[b, H, D]`` and the cache's k and v ``[b, Hkv, S, D]``, writes o, ``4 * b * H * S * D`` FLOPs.
 
 Python API: ``LayerConfig``, ``CONFIGS``, ``flash_attention``, ``decode_attention``,
-``rms_norm``, ``rope``, ``activation``, ``residual_add``, ``projections``, ``train_layer``,
+``rms_norm``, ``rope``, ``activation``, ``residual_add``, ``projections``, ``fused_mlp``,
+``path_projections``, ``train_layer``,
 ``decode_layer``, ``outside_layer``, ``build``, ``format_table``, ``markdown``.
 """
 from __future__ import annotations
@@ -70,7 +75,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from .ledger import CostModel, LaunchCost, PathCost, h200_model
 
 SCHEMA = "kphi3_bench.model_ledger/1"
-PATHS = ("dense", "reference", "triton")
+PATHS = ("dense", "reference", "triton", "fused")
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 REST = ("norms", "rope", "activation", "residuals")
 COMPONENTS = ("projections", "attention") + REST
@@ -235,6 +240,58 @@ def projections(cfg: LayerConfig, path: str, m: int, dtype: str, modes: Sequence
             for sh in family_shapes(cfg)}
 
 
+def fused_mlp(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str, PathCost]:
+    """The fused decoder's MLP tail (``KPhi3Config(fused_decoder=True)``) at ``m`` tokens:
+    ``{"activation": ..., "down": ...}``, the launches of ``ops/mlp_tail.py`` recorded on meta
+    tensors like ``ledger.triton_launches``, none run. Forward: ``silu(gate) * up`` written in
+    the block-residue layout (the activation) and down_proj's IO block reading it; backward:
+    down_proj's three launches, the activation's backward inside its input-gradient epilogue
+    (so the activation has no launch of its own)."""
+    import torch
+
+    from kphi3_kernels.layout import residue_run_length
+    from kphi3_kernels.ops import launch as launch_mod
+    from kphi3_kernels.ops import mlp_tail
+
+    from .ledger import triton_launch_cost
+    from .shapes import DTYPES
+
+    down = family_shapes(cfg)[3]
+    G, s, og = down.groups, down.in_per_group, down.out_per_group
+    run = residue_run_length(G * s, G, 8)
+
+    def meta(*size):
+        return torch.empty(*size, dtype=DTYPES[dtype], device="meta")
+
+    gu, t, dy = meta(m, 2 * G * s), meta(m, G * G * run), meta(m, G * og)
+    w1, w2 = meta(G, s, og), meta(G, s, og)
+    seen: List[Any] = []
+    previous = launch_mod.RECORDER
+    try:
+        launch_mod.RECORDER = seen.append
+        if mode == "fwd":
+            mlp_tail.mlp_tail_fwd(gu, w1, w2, run=run)
+        else:
+            mlp_tail.mlp_tail_bwd(dy, gu, t, w1, w2)
+        costs = [triton_launch_cost(spec) for spec in seen]
+    finally:
+        launch_mod.RECORDER = previous
+    return {"activation": PathCost([c for c in costs if c.name == "silu_mul_layout"]),
+            "down": PathCost([c for c in costs if c.name != "silu_mul_layout"])}
+
+
+def path_projections(cfg: LayerConfig, path: str, m: int, dtype: str, modes: Sequence[str],
+                     io_forward: str = "auto"):
+    """``(projections, activation)`` of ``path``: the four projections' ``{op: {mode: cost}}``
+    and, for ``fused`` only, the activation that replaces the shared one (else None)."""
+    if path != "fused":
+        return projections(cfg, path, m, dtype, modes, io_forward), None
+    proj = projections(cfg, "triton", m, dtype, modes, io_forward)
+    tail = {mode: fused_mlp(cfg, m, dtype, mode) for mode in modes}
+    proj["down"] = {mode: tail[mode]["down"] for mode in modes}
+    return proj, {mode: tail[mode]["activation"] for mode in modes}
+
+
 # ----------------------------------------------------------------------------------------------
 # A layer
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +334,10 @@ def _ratios(paths: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
     t = {name: p["time_us"] for name, p in paths.items()}
     return {"triton_over_dense": round(t["triton"] / t["dense"], 4),
             "triton_over_reference": round(t["triton"] / t["reference"], 4),
-            "reference_over_dense": round(t["reference"] / t["dense"], 4)}
+            "reference_over_dense": round(t["reference"] / t["dense"], 4),
+            "fused_over_dense": round(t["fused"] / t["dense"], 4),
+            "fused_over_reference": round(t["fused"] / t["reference"], 4),
+            "fused_over_triton": round(t["fused"] / t["triton"], 4)}
 
 
 def train_layer(cfg: LayerConfig, tokens: int, batch: int, dtype: str, model: CostModel,
@@ -295,9 +355,11 @@ def train_layer(cfg: LayerConfig, tokens: int, batch: int, dtype: str, model: Co
             shared.setdefault(name, {})[mode] = cost
     paths = {}
     for path in PATHS:
-        proj = projections(cfg, path, tokens, dtype, modes, io_forward)
+        proj, activation_cost = path_projections(cfg, path, tokens, dtype, modes, io_forward)
         components = dict(shared, projections={
             mode: _merge([proj[op][mode] for op in PROJECTIONS]) for mode in modes})
+        if activation_cost is not None:
+            components["activation"] = activation_cost
         paths[path] = _layer_dict(components, proj, tokens, model)
     return {"family": cfg.family, "task": "train", "tokens": tokens, "batch": batch, "seq": seq,
             "dtype": dtype, "paths": paths, "ratios": _ratios(paths)}
@@ -313,9 +375,11 @@ def decode_layer(cfg: LayerConfig, batch: int, cache: int, dtype: str, model: Co
         shared[name] = {"fwd": cost}
     paths = {}
     for path in PATHS:
-        proj = projections(cfg, path, batch, dtype, ("fwd",), io_forward)
+        proj, activation_cost = path_projections(cfg, path, batch, dtype, ("fwd",), io_forward)
         components = dict(shared, projections={
             "fwd": _merge([proj[op]["fwd"] for op in PROJECTIONS])})
+        if activation_cost is not None:
+            components["activation"] = activation_cost
         paths[path] = _layer_dict(components, proj, batch, model)
     return {"family": cfg.family, "task": "decode", "tokens": batch, "batch": batch,
             "cache": cache, "dtype": dtype, "paths": paths, "ratios": _ratios(paths)}
@@ -361,7 +425,9 @@ def model_dict(model: CostModel, io_forward: str) -> Dict[str, Any]:
         "time": "sum over launches of max(flops / peak_tflops, bytes / peak_gbps) + overhead",
         "projections": ("dense: ledger.dense_launches (F.linear, aten); reference: "
                         "ledger.reference_launches (gpc_io einsum chain, aten); triton: "
-                        "ledger.triton_launches (gpc_io, KernelLaunch records)"),
+                        "ledger.triton_launches (gpc_io, KernelLaunch records); fused: triton "
+                        "with down_proj and the activation as model_ledger.fused_mlp (layout_act "
+                        "+ layout_gemm KernelLaunch records)"),
         "attention": ("causal flash attention, FA2 accounting: fwd 2*B*H*T^2*D FLOPs (4*B*H*T^2*D "
                       "halved), reads q, k, v, writes o and fp32 logsumexp; bwd 2.5x the forward's "
                       "FLOPs in 3 launches (preprocess, main with fp32 dq accumulator, dq "
@@ -447,9 +513,11 @@ def summary_lines(data: Dict[str, Any]) -> List[str]:
         lines.append(
             f"{row['family']}, one layer, fwd+bwd at {row['tokens']} tokens: dense "
             f"{_us(p['dense']['time_us'])} us, reference {_us(p['reference']['time_us'])} us, "
-            f"triton {_us(p['triton']['time_us'])} us; triton / dense "
-            f"{r['triton_over_dense']:.2f}, triton / reference {r['triton_over_reference']:.2f} "
-            "(predicted).")
+            f"triton {_us(p['triton']['time_us'])} us, fused {_us(p['fused']['time_us'])} us; "
+            f"triton / dense {r['triton_over_dense']:.2f}, triton / reference "
+            f"{r['triton_over_reference']:.2f}; fused / dense {r['fused_over_dense']:.2f} "
+            f"({1 / r['fused_over_dense']:.2f}x dense's tokens/s), fused / reference "
+            f"{r['fused_over_reference']:.2f} ({1 / r['fused_over_reference']:.2f}x) (predicted).")
     return lines
 
 
@@ -465,7 +533,11 @@ the sum of its launches.
 - **dense** (Phi-3: the four projections as `F.linear`), **reference** (KPhi-3 with
   `kphi3_kernels.reference.gpc_io`, an aten recording), **triton** (KPhi-3 with the op-level
   Triton kernels, `ledger.triton_launches`, IO forward design `{io}`) differ only in the
-  projections.
+  projections. **fused** (`KPhi3Config(fused_decoder=True)`) is triton with the MLP's tail
+  fused: `silu(gate) * up` writes down_proj's input in the block-residue layout and down_proj's
+  GEMMs read it; down_proj's input gradient turns into d(gate_up) in its epilogue, so the
+  activation's backward has no launch (`ops/mlp_tail.py`). Its activation and down rows are
+  those launches; RMSNorm and attention still write the plain channel order.
 - Attention is causal flash attention with FA2's accounting: forward `2*B*H*T^2*D` FLOPs
   (`4*B*H*T^2*D` halved by the mask), reading q, k, v and writing o and the fp32 logsumexp;
   backward 2.5x the forward's FLOPs in three launches (preprocess, main kernel with an fp32 dq

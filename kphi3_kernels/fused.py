@@ -9,6 +9,13 @@ read, and the layout's gradient returns to the activation's backward: no pass in
 
     t = silu_mul_to_layout(gate_up, groups)                 # [..., G*G*R]
     y = gpc_io_from_layout(t, weight1, weight2)             # == gpc_io(up * silu(gate), ...)
+    y = silu_mul_gpc_io(gate_up, weight1, weight2)          # the same, as one operator
+
+The last is what a KPhi-3 MLP runs with ``fused_decoder=True``: one operator whose backward
+never writes the layout's gradient. It computes ``h``'s gradient in plain channel order (the IO
+block's input gradient, its interleaved half gathered in the epilogue) and turns it into those
+of gate and up in the same epilogue, so the activation has no backward pass of its own; the
+layout it saved serves the weight gradients.
 
 Both take ``backend=`` like the op-level functions. ``"triton"`` runs the fused kernels
 (``ops/fused_ops.py``); ``"torch"`` computes the same values from ``kphi3_kernels.layout``'s plain
@@ -22,11 +29,12 @@ import torch
 import torch.nn.functional as F_torch
 
 from . import layout
-from .functional import _backend, _cast_params, _check_bias, _check_param, _check_weight, _flatten
+from .functional import (_backend, _cast_params, _check_bias, _check_param, _check_weight,
+                         _flatten, gpc_io)
 from .ops import fused_ops
 from .reference import as_int
 
-__all__ = ["silu_mul_to_layout", "gpc_io_from_layout"]
+__all__ = ["silu_mul_to_layout", "gpc_io_from_layout", "silu_mul_gpc_io"]
 
 
 def _check_floating(x, name: str, op: str) -> None:
@@ -106,3 +114,39 @@ def gpc_io_from_layout(t: torch.Tensor, weight1: torch.Tensor, weight2: torch.Te
     run = width // (G * G)
     return layout.gpc_io_in_layout(t, layout.first_weight_in_layout(weight1, run),
                                    layout.second_weight_in_layout(weight2, run), bias1, bias2)
+
+
+def silu_mul_gpc_io(gate_up: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
+                    bias1: Optional[torch.Tensor] = None, bias2: Optional[torch.Tensor] = None,
+                    pad: int = 8, *, backend: Optional[str] = None) -> torch.Tensor:
+    """``gpc_io(up * silu(gate), weight1, weight2, bias1, bias2)`` for ``gate_up = [gate | up]``:
+    a KPhi-3 MLP's activation and down_proj as one fused operator (see the module docstring).
+
+    ``gate_up`` ``[..., 2*G*s]``, weights ``[G, s, og]`` (G > 1 or 1), biases ``[G, og]``;
+    returns ``[..., G*og]``. ``"torch"`` runs the op-level composition in PyTorch.
+    """
+    op = "silu_mul_gpc_io"
+    G, s, og = _check_weight(weight1, op, "weight1")
+    _check_param(weight2, "weight2", op)
+    if tuple(weight2.shape) != (G, s, og):
+        raise ValueError(f"{op}: both weights must have one shape, got {tuple(weight1.shape)} "
+                         f"and {tuple(weight2.shape)}")
+    _check_floating(gate_up, "gate_up", op)
+    if gate_up.shape[-1] != 2 * G * s:
+        raise ValueError(
+            f"{op}: gate_up's last dimension is {gate_up.shape[-1]}, but the weights "
+            f"{tuple(weight1.shape)} take {G * s} channels: gate_up must be [..., 2*{G * s}]")
+    _check_bias(bias1, G, og, op, "bias1")
+    _check_bias(bias2, G, og, op, "bias2")
+    pad = as_int(pad, f"{op}: pad")
+    if pad < 1:
+        raise ValueError(f"{op}: pad must be positive, got {pad}")
+    name = _backend(gate_up, backend)
+    gate_up, (weight1, weight2, bias1, bias2) = _cast_params(
+        gate_up, (weight1, weight2, bias1, bias2), op)
+    if name == "triton":
+        run = layout.residue_run_length(G * s, G, pad)
+        y = fused_ops.mlp_tail(_flatten(gate_up), weight1, weight2, bias1, bias2, run)
+        return y.reshape(*gate_up.shape[:-1], G * og)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return gpc_io(up * F_torch.silu(gate), weight1, weight2, bias1, bias2, backend="torch")

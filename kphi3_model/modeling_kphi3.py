@@ -46,7 +46,7 @@ from kphi3_kernels import (
     InterleaveChannelsFast,
 )
 from kphi3_kernels.backend import resolve_backend, validate_backend
-from kphi3_kernels.fused import gpc_io_from_layout, silu_mul_to_layout
+from kphi3_kernels.fused import silu_mul_gpc_io
 
 from .configuration_kphi3 import KPhi3Config, check_kphi3_config
 
@@ -160,9 +160,8 @@ class KPhi3MLP(nn.Module):
         if self.config.fused_decoder and self.fused_path(up_states)[0]:
             down = self.down_proj
             first, second = down.first_pointwise_conv, down.second_pointwise_conv
-            t = silu_mul_to_layout(up_states, down.num_groups, backend="triton")
-            return gpc_io_from_layout(t, first.weight, second.weight, first.bias, second.bias,
-                                      backend="triton")
+            return silu_mul_gpc_io(up_states, first.weight, second.weight, first.bias,
+                                   second.bias, backend="triton")
         gate, up_states = up_states.chunk(2, dim=-1)  # the gate is the first half
         up_states = up_states * self.activation_fn(gate)
         return self.down_proj(up_states)

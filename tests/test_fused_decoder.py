@@ -72,9 +72,18 @@ def _oracle(gu, w1, w2, b1, b2):
     return reference.gpc_io(up * F.silu(gate), w1, w2, b1, b2)
 
 
-def _fused(gu, w1, w2, b1, b2, backend):
+def _composed(gu, w1, w2, b1, b2, backend):
     t = fused.silu_mul_to_layout(gu, w1.shape[0], backend=backend)
     return fused.gpc_io_from_layout(t, w1, w2, b1, b2, backend=backend)
+
+
+def _one_operator(gu, w1, w2, b1, b2, backend):
+    return fused.silu_mul_gpc_io(gu, w1, w2, b1, b2, backend=backend)
+
+
+# The producer and consumer of the layout as two operators, and the MLP tail as one.
+FUSIONS = {"layout_ops": _composed, "mlp_tail": _one_operator}
+_fused = _composed
 
 
 def _forward_backward(fn, inputs, dy):
@@ -95,12 +104,13 @@ def _dt_second_term(inputs64, dy64):
     return dgu
 
 
-def check_fused(case: MlpCase, backend: str, dtype: torch.dtype):
-    """Output and every gradient of the fused pair against the float64 oracle."""
+def check_fused(case: MlpCase, backend: str, dtype: torch.dtype, fusion: str = "layout_ops"):
+    """Output and every gradient of a fusion against the float64 oracle."""
+    fn = FUSIONS[fusion]
     inputs = _operands(case, dtype)
     gu, w1 = inputs[0], inputs[1]
     dy = torch.randn(*gu.shape[:-1], w1.shape[0] * w1.shape[2], device=gu.device).to(dtype)
-    y, grads = _forward_backward(lambda *a: _fused(*a, backend), inputs, dy)
+    y, grads = _forward_backward(lambda *a: fn(*a, backend), inputs, dy)
     inputs64 = _as64(inputs)
     y64, grads64 = _forward_backward(_oracle, inputs64, dy.double())
     names = ["y", "gate_up", "weight1", "weight2", "bias1", "bias2"][: 1 + len(grads)]
@@ -111,8 +121,9 @@ def check_fused(case: MlpCase, backend: str, dtype: torch.dtype):
     if dtype != torch.float32:
         # No worse than the same computation in plain PyTorch in this dtype, except the input
         # gradient on Triton, whose layout gradient rounds its second term once before the sum
-        # (docs/numerics.md, "Rounded intermediates"): that one meets its rounding bound.
-        baseline = (lambda *a: _fused(*a, "torch")) if backend == "triton" else _oracle
+        # (docs/numerics.md, "Rounded intermediates"; the MLP tail rounds dxi as the op-level
+        # IO block does): that one meets its rounding bound.
+        baseline = (lambda *a: fn(*a, "torch")) if backend == "triton" else _oracle
         yb, gb = _forward_backward(baseline, inputs, dy)
         base = {n: rel_error(a, b) for n, a, b in zip(names, [yb, *gb], [y64, *grads64])}
         limit = {n: HALF_RATIO * base[n] + HALF_SLACK for n in names}
@@ -127,9 +138,10 @@ def check_fused(case: MlpCase, backend: str, dtype: torch.dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_fused_mlp_down_matches_the_float64_oracle(case, backend, dtype):
-    check_fused(case, backend, dtype)
+def test_fused_mlp_down_matches_the_float64_oracle(case, fusion, backend, dtype):
+    check_fused(case, backend, dtype, fusion)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -185,15 +197,17 @@ def test_every_gpu_config_of_the_layout_gemms_interpreted(config, monkeypatch):
     forced = []
 
     def force(spec):
-        if not spec.name.startswith("gpc_io_layout"):
+        if not spec.name.startswith(("gpc_io_layout", "mlp_tail")):
             return None
         forced.append(spec.name)
         return config
 
     monkeypatch.setattr(launch, "FORCE_CONFIG", force)
-    check_fused(MlpCase(2, 140, 70, (130,), bias=True), "triton", torch.float32)
+    for fusion in FUSIONS:
+        check_fused(MlpCase(2, 140, 70, (130,), bias=True), "triton", torch.float32, fusion)
     assert set(forced) == {"gpc_io_layout_fwd", "gpc_io_layout_bwd_dt_second",
-                           "gpc_io_layout_bwd_dt", "gpc_io_layout_bwd_dw"}
+                           "gpc_io_layout_bwd_dt", "gpc_io_layout_bwd_dw", "mlp_tail_bwd_dxi",
+                           "mlp_tail_bwd_dgate_up"}
 
 
 @requires_triton

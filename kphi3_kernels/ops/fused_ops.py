@@ -15,13 +15,18 @@ operator                                                            returns
 ``gpc_io_layout_triton(t, weight1, weight2, bias1?, bias2?)``       ``y`` of the IO block
 ``gpc_io_layout_bwd_triton(dy, t, weight1, weight2, need_dt,        the needed ones of
 need_dw1, need_dw2, need_db1, need_db2)``                           ``[dt, dw1, dw2, db1, db2]``
+``mlp_tail_triton(gu, weight1, weight2, bias1?, bias2?, run)``      ``(y, t)``: down_proj of
+                                                                    ``up * silu(gate)``, and
+                                                                    the layout it read (saved)
+``mlp_tail_bwd_triton(dy, gu, t, weight1, weight2, need_dgu,        the needed ones of
+need_dw1, need_dw2, need_db1, need_db2)``                           ``[dgu, dw1, dw2, db1, db2]``
 ==================================================================  ===========================
 
 The backward operators have no autograd formula of their own: a second derivative through the
 fused path raises torch's "does not have an autograd kernel" error (the op-level path, which the
 model runs with ``fused_decoder=False``, supports gradients of any order).
 """
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -34,9 +39,9 @@ _LOADED = {}
 
 def _launchers():
     if not _LOADED:
-        from . import layout_act, layout_gemm
+        from . import layout_act, layout_gemm, mlp_tail
         from .torch_impl import bias_grad
-        _LOADED.update(act=layout_act, gemm=layout_gemm, bias_grad=bias_grad)
+        _LOADED.update(act=layout_act, gemm=layout_gemm, tail=mlp_tail, bias_grad=bias_grad)
     return _LOADED
 
 
@@ -69,8 +74,27 @@ def _bodies():
         grads = (dt, dw1, dw2, db if need_db1 else None, db if need_db2 else None)
         return co._fresh(co._needed(grads, needs), [dy, t, weight1, weight2])
 
+    def mlp_tail(gu: Tensor, weight1: Tensor, weight2: Tensor, bias1: Optional[Tensor],
+                 bias2: Optional[Tensor], run: int) -> Tuple[Tensor, Tensor]:
+        with co._no_autocast(gu):
+            y, t = _launchers()["tail"].mlp_tail_fwd(gu, weight1, weight2, bias1, bias2, run)
+        y, t = co._fresh([y, t], [gu, weight1, weight2, bias1, bias2])
+        return y, t
+
+    def mlp_tail_bwd(dy: Tensor, gu: Tensor, t: Tensor, weight1: Tensor, weight2: Tensor,
+                     need_dgu: bool, need_dw1: bool, need_dw2: bool, need_db1: bool,
+                     need_db2: bool) -> List[Tensor]:
+        needs = (need_dgu, need_dw1, need_dw2, need_db1, need_db2)
+        with co._no_autocast(dy):
+            dgu, dw1, dw2 = _launchers()["tail"].mlp_tail_bwd(
+                dy, gu, t.contiguous(), weight1, weight2, need_dgu, need_dw1, need_dw2)
+            db = _launchers()["bias_grad"](dy, weight1.shape[0]) if need_db1 or need_db2 else None
+        grads = (dgu, dw1, dw2, db if need_db1 else None, db if need_db2 else None)
+        return co._fresh(co._needed(grads, needs), [dy, gu, t, weight1, weight2])
+
     return dict(silu_mul_layout=silu_mul_layout, silu_mul_layout_bwd=silu_mul_layout_bwd,
-                gpc_io_layout=gpc_io_layout, gpc_io_layout_bwd=gpc_io_layout_bwd)
+                gpc_io_layout=gpc_io_layout, gpc_io_layout_bwd=gpc_io_layout_bwd,
+                mlp_tail=mlp_tail, mlp_tail_bwd=mlp_tail_bwd)
 
 
 def _fake_silu_mul_layout(gu, groups, run):
@@ -96,7 +120,23 @@ def _fake_gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt, need_dw1, need_dw2
             if n]
 
 
-_FAKES = dict(silu_mul_layout=_fake_silu_mul_layout,
+def _fake_mlp_tail(gu, weight1, weight2, bias1, bias2, run):
+    G, og = weight1.shape[0], weight1.shape[2]
+    return [gu.new_empty((gu.shape[0], G * og)), gu.new_empty((gu.shape[0], G * G * run))]
+
+
+def _fake_mlp_tail_bwd(dy, gu, t, weight1, weight2, need_dgu, need_dw1, need_dw2, need_db1,
+                       need_db2):
+    G, og = weight1.shape[0], weight1.shape[2]
+    shapes = ((gu, gu.shape, dy.dtype), (weight1, weight1.shape, weight1.dtype),
+              (weight2, weight2.shape, weight2.dtype), (dy, (G, og), dy.dtype),
+              (dy, (G, og), dy.dtype))
+    needs = (need_dgu, need_dw1, need_dw2, need_db1, need_db2)
+    return [like.new_empty(shape, dtype=dtype) for (like, shape, dtype), n in zip(shapes, needs)
+            if n]
+
+
+_FAKES = dict(mlp_tail=_fake_mlp_tail, mlp_tail_bwd=_fake_mlp_tail_bwd, silu_mul_layout=_fake_silu_mul_layout,
               silu_mul_layout_bwd=_fake_silu_mul_layout_bwd,
               gpc_io_layout=_fake_gpc_io_layout, gpc_io_layout_bwd=_fake_gpc_io_layout_bwd)
 
@@ -114,6 +154,10 @@ def gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt=True, need_dw1=True, need
     needs = (need_dt, need_dw1, need_dw2, need_db1, need_db2)
     return co._unpack(co._call("gpc_io_layout_bwd", BACKEND, dy, t, weight1, weight2, *needs),
                       needs)
+
+
+def mlp_tail(gu, weight1, weight2, bias1=None, bias2=None, run: int = 8) -> Tensor:
+    return co._call("mlp_tail", BACKEND, gu, weight1, weight2, bias1, bias2, run)[0]
 
 
 def _register_autograd(bodies) -> None:
@@ -148,8 +192,32 @@ def _register_autograd(bodies) -> None:
                                  ctx.has_bias[0] and need[3], ctx.has_bias[1] and need[4])
 
     register("gpc_io_layout", io_backward, io_setup)
+    def tail_setup(ctx, inputs, output):
+        gu, weight1, weight2, bias1, bias2, _ = inputs
+        ctx.save_for_backward(gu, output[1], weight1, weight2)
+        ctx.has_bias = (bias1 is not None, bias2 is not None)
+        ctx.set_materialize_grads(False)
+
+    def tail_backward(ctx, dy, dt):
+        gu, t, weight1, weight2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if dy is None and dt is None:
+            return None, None, None, None, None, None
+        if dy is None:  # a gradient reaches only t (never from the public functions)
+            dy = gu.new_zeros((gu.shape[0], weight1.shape[0] * weight1.shape[2]))
+        needs = (need[0], need[1], need[2], ctx.has_bias[0] and need[3],
+                 ctx.has_bias[1] and need[4])
+        grads = co._unpack(co._call("mlp_tail_bwd", BACKEND, dy, gu, t, weight1, weight2,
+                                    *needs), needs)
+        if dt is not None and need[0]:
+            grads = (grads[0] + co._call("silu_mul_layout_bwd", BACKEND, dt, gu,
+                                         weight1.shape[0]), *grads[1:])
+        return (*grads, None)
+
+    register("mlp_tail", tail_backward, tail_setup)
+
     # The backward operators run eagerly like the others, with no formula of their own.
-    for name in ("silu_mul_layout_bwd", "gpc_io_layout_bwd"):
+    for name in ("silu_mul_layout_bwd", "gpc_io_layout_bwd", "mlp_tail_bwd"):
         co._EAGER[(name, BACKEND)] = (bodies[name], None)
 
 

@@ -16,6 +16,8 @@ copies an operand into a grouped layout:
 * weight gradients:        A = x^T (row stride 1, reduction stride = the row stride of x), K = M.
 * residual:                R is read with the same (unit) column stride as C, e.g. the non-IO
   block's ``first(x)`` added to ``second(interleave(first(x)))``.
+* activation gradient:     the fused MLP tail's input gradient (``mlp_tail.py``): the result is
+  the gradient of ``up * silu(gate)``, turned into those of gate and up in the epilogue.
 
 The "fused" IO variant (``SHARED_STRIDES=False``) instead reads the interleaved operand
 ``x[..., n::G]`` in place with K stride G, in a second K loop. It saves the pre-pass but its
@@ -97,7 +99,7 @@ def _smem_limit(device: torch.device) -> int:
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, c2_ptr, r_ptr, bias_ptr, bias2_ptr,
+    a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, c2_ptr, r_ptr, bias_ptr, bias2_ptr, act_ptr,
     P, Q, K, K2,
     s_ag, s_ap, s_ak,
     s_bg, s_bk, s_bq,
@@ -107,10 +109,11 @@ def _grouped_gemm_kernel(
     s_rg, s_rp, s_rq,
     s_biasg, s_bias2g,
     r_groups, r_width,
+    s_actp, s_actq, act_half,
     p_bucket, k_bucket,  # autotune keys only
     HAS_SECOND: tl.constexpr, SHARED_STRIDES: tl.constexpr, PAIRED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RESIDUAL_GATHER: tl.constexpr,
+    RESIDUAL_GATHER: tl.constexpr, ACT_GRAD: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_P: tl.constexpr,
 ):
@@ -212,6 +215,16 @@ def _grouped_gemm_kernel(
                            mask=mask, other=0.0)
         acc += residual.to(ACC_DTYPE)
     c = c_base + offs_p[:, None] * s_cp + offs_q[None, :] * s_cq
+    if ACT_GRAD:
+        # The accumulator is dh, the gradient of h = up * silu(gate) at channel g*Q + q; the
+        # saved gate_up [gate | up] (``act_half`` channels each) gives d(gate) and d(up),
+        # stored at the same channel of C's two halves: the activation's backward, fused.
+        act = act_ptr + offs_p[:, None] * s_actp + (g * Q + offs_q)[None, :] * s_actq
+        gate = tl.load(act, mask=mask, other=0.0).to(ACC_DTYPE)
+        up = tl.load(act + act_half * s_actq, mask=mask, other=0.0).to(ACC_DTYPE)
+        sig = tl.sigmoid(gate)
+        tl.store(c + act_half * s_cq, (acc * gate * sig).to(c_ptr.dtype.element_ty), mask=mask)
+        acc = acc * up * sig * (1.0 + gate * (1.0 - sig))
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -259,6 +272,7 @@ def grouped_gemm(
     residual: Optional[Operand] = None,
     residual_gather: Optional[Tuple[int, int]] = None,
     c2: Optional[Operand] = None,
+    act_grad: Optional[Tuple[torch.Tensor, int]] = None,
     name: str = "grouped_gemm",
 ) -> None:
     """Launch the kernel: ``c[g] = a[g] @ b[g] (+ a2[g] @ b2[g]) (+ biases) (+ residual[g])``.
@@ -274,6 +288,10 @@ def grouped_gemm(
     ``residual_gather=(r_groups, r_width)`` reads the residual (one ``P x groups*Q`` matrix, no
     group stride) at column ``(c % r_groups) * r_width + c // r_groups`` for output channel
     ``c = g*Q + q``: an interleaved addend, added in the fp32 epilogue.
+    ``act_grad=(gate_up, half)`` fuses the backward of ``h = up * silu(gate)`` into the
+    epilogue: the accumulator (with any residual) is ``dh`` at channel ``c = g*Q + q``, and the
+    launch stores ``d(gate)`` at column ``c`` and ``d(up)`` at column ``c + half`` of ``c``'s
+    tensor (``[P, 2*half]``), reading the saved ``gate_up`` (same layout) at those columns.
     ``name`` says what the launch is for (reports and tests see it).
     """
     if P == 0 or Q == 0 or groups == 0:
@@ -309,10 +327,14 @@ def grouped_gemm(
         s_bias2g=bias2.stride(0) if bias2 is not None else 0,
         r_groups=residual_gather[0] if residual_gather else 1,
         r_width=residual_gather[1] if residual_gather else 1,
+        act_ptr=act_grad[0] if act_grad else dummy,
+        s_actp=act_grad[0].stride(0) if act_grad else 0,
+        s_actq=act_grad[0].stride(1) if act_grad else 0,
+        act_half=act_grad[1] if act_grad else 0,
         p_bucket=triton.next_power_of_2(P), k_bucket=triton.next_power_of_2(max(K, K2)),
         HAS_SECOND=has_second, SHARED_STRIDES=shared, PAIRED=paired, HAS_BIAS=bias is not None,
         HAS_BIAS2=bias2 is not None, HAS_RESIDUAL=residual is not None,
-        RESIDUAL_GATHER=residual_gather is not None,
+        RESIDUAL_GATHER=residual_gather is not None, ACT_GRAD=act_grad is not None,
         INPUT_PRECISION=_input_precision(a.tensor.dtype), GROUP_P=8,
         # fp32 accumulation for fp32/fp16/bf16; float64 operands keep a float64 accumulator.
         ACC_DTYPE=tl.float64 if c.tensor.dtype == torch.float64 else tl.float32,
@@ -329,12 +351,17 @@ def grouped_gemm(
         # 3.9); 64 per thread compile clean.
         configs = tuple(c for c in configs if c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"]
                         <= 64 * 32 * c.num_warps) or configs
+    if act_grad is not None:
+        # The activation's backward adds two loads and two stores per accumulator element: at
+        # 64 elements per thread it spilled on sm_90a (Triton 3.6, 8 to 144 B); 32 compile clean.
+        configs = tuple(c for c in configs if c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"]
+                        <= 32 * 32 * c.num_warps) or configs
     launch(KernelLaunch(
         name=name, kernel=_grouped_gemm_kernel, grid=grid, args=args,
         configs=configs,
         interpreter_config=_interpreter_config(P, Q, max(K, K2)),
         tune_key=("p_bucket", "Q", "k_bucket", "K2", "HAS_SECOND", "SHARED_STRIDES", "PAIRED",
-                  "HAS_RESIDUAL", "RESIDUAL_GATHER"),
+                  "HAS_RESIDUAL", "RESIDUAL_GATHER", "ACT_GRAD"),
         # An output that is also the residual is accumulated into: restore it between trials.
         restore=("c_ptr",) if residual is not None and residual.tensor is c.tensor else (),
         device=c.tensor.device,

@@ -1,0 +1,54 @@
+"""Launchers of the fused MLP tail: ``down_proj(up * silu(gate))`` from ``gate_up``'s output.
+
+Forward, two launches: ``silu_mul_layout`` writes ``h = up * silu(gate)`` in the block-residue
+layout of down_proj's IO block (``layout_act.py``), ``gpc_io_layout_fwd`` reads it for both
+products (``layout_gemm.py``). ``t`` (the layout) is returned for the backward's weight
+gradients, as the op-level IO block returns its de-interleaved input.
+
+Backward, three launches, no pass of the activation of its own:
+
+* ``mlp_tail_bwd_dxi``: ``dxi_n = dy_n @ W2[n]^T`` (in dy's dtype), group n contiguous.
+* ``mlp_tail_bwd_dgate_up``: ``dh = dy_b @ W1[b]^T`` plus ``dxi`` gathered at its interleaved
+  channels (the op-level ``gpc_io_bwd_dx``), then, in the same epilogue, ``d(gate)`` and
+  ``d(up)`` from ``dh`` and the saved ``gate_up``: ``dh`` is never written.
+* ``gpc_io_layout_bwd_dw``: ``dW1`` and ``dW2`` from the saved layout, one paired launch.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import outputs
+from .grouped_gemm import Operand, grouped_gemm
+from .layout_act import silu_mul_layout_fwd
+from .layout_gemm import gpc_io_layout_bwd, gpc_io_layout_fwd
+
+
+def mlp_tail_fwd(gate_up, weight1, weight2, bias1=None, bias2=None, run: int = 8
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, t)``: down_proj's output and its input ``up * silu(gate)`` in the layout."""
+    t = silu_mul_layout_fwd(gate_up, weight1.shape[0], run)
+    return gpc_io_layout_fwd(t, weight1, weight2, bias1, bias2), t
+
+
+def mlp_tail_bwd(dy, gate_up, t, weight1, weight2, need_dgu=True, need_dw1=True,
+                 need_dw2=True) -> Tuple[Optional[torch.Tensor], ...]:
+    """``(d gate_up, dW1, dW2)``, None where not asked."""
+    M = dy.shape[0]
+    G, s, og = weight1.shape
+    dgu = None
+    if need_dgu:
+        dxi = outputs.new_output((M, G * s), dy.dtype, dy.device)
+        grouped_gemm(G, M, s, Operand(dy, og * dy.stride(1), dy.stride(0), dy.stride(1)),
+                     Operand(weight2, weight2.stride(0), weight2.stride(2), weight2.stride(1)),
+                     og, Operand(dxi, s, G * s, 1), name="mlp_tail_bwd_dxi")
+        dgu = outputs.new_output((M, 2 * G * s), dy.dtype, dy.device)
+        grouped_gemm(G, M, s, Operand(dy, og * dy.stride(1), dy.stride(0), dy.stride(1)),
+                     Operand(weight1, weight1.stride(0), weight1.stride(2), weight1.stride(1)),
+                     og, Operand(dgu, s, 2 * G * s, 1),
+                     residual=Operand(dxi, 0, dxi.stride(0), dxi.stride(1)),
+                     residual_gather=(G, s), act_grad=(gate_up, G * s),
+                     name="mlp_tail_bwd_dgate_up")
+    _, dw1, dw2 = gpc_io_layout_bwd(dy, t, weight1, weight2, False, need_dw1, need_dw2)
+    return dgu, dw1, dw2
