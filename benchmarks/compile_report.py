@@ -113,6 +113,10 @@ NARROW_LOADS = {
         "gathered bytes are 10-44% of the launch's at the released shapes (down_proj the most), "
         "read once, in runs of about BLOCK_Q / G contiguous elements",
         ("BLOCK_P", "BLOCK_Q")),
+    "norm_io_bwd_dxn": NarrowLoads(
+        "the fused norm head's input gradient (in channel order, for the norm's backward): "
+        "gpc_io_bwd_dx's gathered dxi, the same design and share of bytes",
+        ("BLOCK_P", "BLOCK_Q")),
     "mlp_tail_bwd_dgate_up": NarrowLoads(
         "the fused MLP tail's input gradient: gpc_io_bwd_dx's gathered dxi (same design, same "
         "share of bytes), then the activation's backward in the epilogue with unit-stride "
@@ -181,6 +185,7 @@ def _op_calls(shape: "shape_table.Shape", m: int, dtype: torch.dtype) -> List[Tu
     from kphi3_kernels.ops import layout_act as LA
     from kphi3_kernels.ops import layout_gemm as LG
     from kphi3_kernels.ops import mlp_tail as MT
+    from kphi3_kernels.ops import norm_head as NH
     from kphi3_kernels.ops import triton_impl as T
 
     G, s, og = shape.groups, shape.in_per_group, shape.out_per_group
@@ -210,13 +215,15 @@ def _op_calls(shape: "shape_table.Shape", m: int, dtype: torch.dtype) -> List[Tu
         ("silu_mul_layout", lambda: LA.silu_mul_layout_fwd(gu, G, R)),
         ("silu_mul_layout_bwd", lambda: LA.silu_mul_layout_bwd(t, gu, G)),
         ("mlp_tail_bwd", lambda: MT.mlp_tail_bwd(dy, gu, t, w1, w1b)),
+        ("norm_io_fwd", lambda: NH.norm_io_fwd(x, x[0], 1e-5, w1, w1b, run=R)),
+        ("norm_io_bwd", lambda: NH.norm_io_bwd(dy, x, x[0], torch.empty(m), t, w1, w1b)),
     ]
 
 
 OPS = ("grouped_linear_fwd", "grouped_linear_bwd", "gpc_io_fwd", "gpc_io_bwd", "gpc_block_fwd",
        "gpc_block_fwd(no weight2)", "gpc_block_bwd", "gpc_block_bwd(no weight2)", "interleave_fwd",
        "gpc_io_layout_fwd", "gpc_io_layout_bwd", "silu_mul_layout", "silu_mul_layout_bwd",
-       "mlp_tail_bwd")
+       "mlp_tail_bwd", "norm_io_fwd", "norm_io_bwd")
 
 
 def _resolve_shape(shape) -> "shape_table.Shape":

@@ -18,10 +18,12 @@ only in their four projections (qkv, o, gate_up, down) and, for ``fused``, the a
   the einsum chain recorded as aten ops on meta tensors).
 * **triton**: KPhi-3 with today's op-level Triton kernels (``ledger.triton_launches``: the
   launches of ``kphi3_kernels.ops.triton_impl`` recorded on meta tensors, none run).
-* **fused**: triton with ``KPhi3Config(fused_decoder=True)``: the activation and down_proj are
-  the launches of the fused MLP tail (``fused_mlp``: ``silu(gate) * up`` written in the
-  block-residue layout, down_proj's IO block reading it, the activation's backward in
-  down_proj's input-gradient epilogue), also recorded, not run.
+* **fused**: triton with ``KPhi3Config(fused_decoder=True)``: the activation and down_proj (and
+  the two RMSNorms with qkv_proj and gate_up_proj where the layout adds no padding, which is not
+  the case at the released widths) are the launches of the fused MLP tail and norm heads
+  (``fused_launches``: the producer writes the next IO block's input in the block-residue
+  layout, the block reads it; the activation's backward runs in down_proj's input-gradient
+  epilogue), also recorded, not run. o_proj is the op-level block.
 
 The rest of the layer is the same for every path and is costed by explicit formulas (not an aten
 recording), each a fused launch that reads every input and writes every output once; elementwise
@@ -60,8 +62,8 @@ update (writes the new k and v rows) and attention as one read of the cache: rea
 ``[b, H, D]`` and the cache's k and v ``[b, Hkv, S, D]``, writes o, ``4 * b * H * S * D`` FLOPs.
 
 Python API: ``LayerConfig``, ``CONFIGS``, ``flash_attention``, ``decode_attention``,
-``rms_norm``, ``rope``, ``activation``, ``residual_add``, ``projections``, ``fused_mlp``,
-``path_projections``, ``train_layer``,
+``rms_norm``, ``rope``, ``activation``, ``residual_add``, ``projections``, ``fused_launches``,
+``path_costs``, ``train_layer``,
 ``decode_layer``, ``outside_layer``, ``build``, ``format_table``, ``markdown``.
 """
 from __future__ import annotations
@@ -240,56 +242,97 @@ def projections(cfg: LayerConfig, path: str, m: int, dtype: str, modes: Sequence
             for sh in family_shapes(cfg)}
 
 
-def fused_mlp(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str, PathCost]:
-    """The fused decoder's MLP tail (``KPhi3Config(fused_decoder=True)``) at ``m`` tokens:
-    ``{"activation": ..., "down": ...}``, the launches of ``ops/mlp_tail.py`` recorded on meta
-    tensors like ``ledger.triton_launches``, none run. Forward: ``silu(gate) * up`` written in
-    the block-residue layout (the activation) and down_proj's IO block reading it; backward:
-    down_proj's three launches, the activation's backward inside its input-gradient epilogue
-    (so the activation has no launch of its own)."""
-    import torch
-
-    from kphi3_kernels.layout import residue_run_length
+def _record(call) -> List[LaunchCost]:
+    """The launches ``call`` makes, costed while their (meta) tensors are alive, none run."""
     from kphi3_kernels.ops import launch as launch_mod
-    from kphi3_kernels.ops import mlp_tail
 
     from .ledger import triton_launch_cost
-    from .shapes import DTYPES
 
-    down = family_shapes(cfg)[3]
-    G, s, og = down.groups, down.in_per_group, down.out_per_group
-    run = residue_run_length(G * s, G, 8)
-
-    def meta(*size):
-        return torch.empty(*size, dtype=DTYPES[dtype], device="meta")
-
-    gu, t, dy = meta(m, 2 * G * s), meta(m, G * G * run), meta(m, G * og)
-    w1, w2 = meta(G, s, og), meta(G, s, og)
     seen: List[Any] = []
     previous = launch_mod.RECORDER
     try:
         launch_mod.RECORDER = seen.append
-        if mode == "fwd":
-            mlp_tail.mlp_tail_fwd(gu, w1, w2, run=run)
-        else:
-            mlp_tail.mlp_tail_bwd(dy, gu, t, w1, w2)
-        costs = [triton_launch_cost(spec) for spec in seen]
+        call()
+        return [triton_launch_cost(spec) for spec in seen]
     finally:
         launch_mod.RECORDER = previous
-    return {"activation": PathCost([c for c in costs if c.name == "silu_mul_layout"]),
-            "down": PathCost([c for c in costs if c.name != "silu_mul_layout"])}
 
 
-def path_projections(cfg: LayerConfig, path: str, m: int, dtype: str, modes: Sequence[str],
-                     io_forward: str = "auto"):
-    """``(projections, activation)`` of ``path``: the four projections' ``{op: {mode: cost}}``
-    and, for ``fused`` only, the activation that replaces the shared one (else None)."""
+def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str, PathCost]:
+    """What ``KPhi3Config(fused_decoder=True)`` runs differently at ``m`` tokens, recorded on meta
+    tensors like ``ledger.triton_launches`` (none run): ``norms``, ``qkv``, ``gate_up``,
+    ``activation`` and ``down``.
+
+    * ``ops/norm_head.py`` for each RMSNorm and the IO block after it (qkv_proj, gate_up_proj)
+      where the model fuses them (the block-residue layout adds no channel:
+      ``kphi3_kernels.fused.layout_padding``; not at the released widths):
+      forward, the norm writing the block-residue layout, then the block reading it; backward,
+      the block's input gradient in channel order, its weight gradients from the saved layout,
+      the norm's backward, and the sum of the norm weight's per-program partial gradients (a
+      torch reduction: counted as one launch reading the partials).
+    * ``ops/mlp_tail.py`` for ``silu(gate) * up`` and down_proj: forward, the activation writing
+      the layout (``activation``), down_proj reading it; backward, down_proj's three launches,
+      the activation's backward inside its input-gradient epilogue (no launch of its own).
+    """
+    import torch
+
+    from kphi3_kernels.fused import layout_padding
+    from kphi3_kernels.layout import residue_run_length
+    from kphi3_kernels.ops import mlp_tail, norm_head
+
+    from .shapes import DTYPES
+
+    torch_dtype = DTYPES[dtype]
+
+    def meta(*size, dtype=torch_dtype):
+        return torch.empty(*size, dtype=dtype, device="meta")
+
+    out: Dict[str, PathCost] = {"norms": PathCost()}
+    for sh in family_shapes(cfg):
+        G, s, og = sh.groups, sh.in_per_group, sh.out_per_group
+        run = residue_run_length(G * s, G, 8)
+        x, t, dy = meta(m, G * s), meta(m, G * G * run), meta(m, G * og)
+        w1, w2 = meta(G, s, og), meta(G, s, og)
+        if sh.op in ("qkv", "gate_up") and layout_padding(G, s) == 0:
+            norm_weight, rstd = meta(G * s), meta(m, dtype=torch.float32)
+            if mode == "fwd":
+                costs = _record(lambda: norm_head.norm_io_fwd(x, norm_weight, 1e-5, w1, w2, run=run))
+            else:
+                costs = _record(lambda: norm_head.norm_io_bwd(dy, x, norm_weight, rstd, t, w1, w2))
+                programs = -(-m // 16)  # layout_norm's 16-row programs: one fp32 partial each
+                costs.append(LaunchCost("rms_norm_dweight_sum", 0, programs * G * s * FP32
+                                        + G * s * ELEMENT_SIZE[dtype]))
+            norm = [c for c in costs if c.name.startswith("rms_norm")]
+            out["norms"].launches.extend(norm)
+            out[sh.op] = PathCost([c for c in costs if c not in norm])
+        elif sh.op == "down":
+            gu = meta(m, 2 * G * s)
+            costs = _record((lambda: mlp_tail.mlp_tail_fwd(gu, w1, w2, run=run)) if mode == "fwd"
+                            else (lambda: mlp_tail.mlp_tail_bwd(dy, gu, t, w1, w2)))
+            out["activation"] = PathCost([c for c in costs if c.name == "silu_mul_layout"])
+            out["down"] = PathCost([c for c in costs if c.name != "silu_mul_layout"])
+    return out
+
+
+def path_costs(cfg: LayerConfig, path: str, m: int, dtype: str, modes: Sequence[str],
+               io_forward: str = "auto"):
+    """``(projections, replaced)`` of ``path``: the four projections' ``{op: {mode: cost}}``
+    and, for ``fused`` only, the components it runs differently (``{"norms": {mode: cost},
+    "activation": ...}``; else empty). o_proj stays the op-level block for every path."""
     if path != "fused":
-        return projections(cfg, path, m, dtype, modes, io_forward), None
+        return projections(cfg, path, m, dtype, modes, io_forward), {}
     proj = projections(cfg, "triton", m, dtype, modes, io_forward)
-    tail = {mode: fused_mlp(cfg, m, dtype, mode) for mode in modes}
-    proj["down"] = {mode: tail[mode]["down"] for mode in modes}
-    return proj, {mode: tail[mode]["activation"] for mode in modes}
+    fused = {mode: fused_launches(cfg, m, dtype, mode) for mode in modes}
+    for op in ("qkv", "gate_up", "down"):
+        if op in fused[modes[0]]:
+            proj[op] = {mode: fused[mode][op] for mode in modes}
+    replaced = {"activation": {mode: fused[mode]["activation"] for mode in modes}}
+    if any(op in fused[modes[0]] for op in ("qkv", "gate_up")):
+        # A norm that is not fused keeps its formula (rest_of_layer's rms_norm).
+        replaced["norms"] = {mode: PathCost(fused[mode]["norms"].launches + [
+            rms_norm(m, cfg.hidden, dtype, mode) for op in ("qkv", "gate_up")
+            if op not in fused[mode]]) for mode in modes}
+    return proj, replaced
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,11 +398,10 @@ def train_layer(cfg: LayerConfig, tokens: int, batch: int, dtype: str, model: Co
             shared.setdefault(name, {})[mode] = cost
     paths = {}
     for path in PATHS:
-        proj, activation_cost = path_projections(cfg, path, tokens, dtype, modes, io_forward)
+        proj, replaced = path_costs(cfg, path, tokens, dtype, modes, io_forward)
         components = dict(shared, projections={
             mode: _merge([proj[op][mode] for op in PROJECTIONS]) for mode in modes})
-        if activation_cost is not None:
-            components["activation"] = activation_cost
+        components.update(replaced)
         paths[path] = _layer_dict(components, proj, tokens, model)
     return {"family": cfg.family, "task": "train", "tokens": tokens, "batch": batch, "seq": seq,
             "dtype": dtype, "paths": paths, "ratios": _ratios(paths)}
@@ -375,11 +417,10 @@ def decode_layer(cfg: LayerConfig, batch: int, cache: int, dtype: str, model: Co
         shared[name] = {"fwd": cost}
     paths = {}
     for path in PATHS:
-        proj, activation_cost = path_projections(cfg, path, batch, dtype, ("fwd",), io_forward)
+        proj, replaced = path_costs(cfg, path, batch, dtype, ("fwd",), io_forward)
         components = dict(shared, projections={
             "fwd": _merge([proj[op]["fwd"] for op in PROJECTIONS])})
-        if activation_cost is not None:
-            components["activation"] = activation_cost
+        components.update(replaced)
         paths[path] = _layer_dict(components, proj, batch, model)
     return {"family": cfg.family, "task": "decode", "tokens": batch, "batch": batch,
             "cache": cache, "dtype": dtype, "paths": paths, "ratios": _ratios(paths)}
@@ -426,8 +467,8 @@ def model_dict(model: CostModel, io_forward: str) -> Dict[str, Any]:
         "projections": ("dense: ledger.dense_launches (F.linear, aten); reference: "
                         "ledger.reference_launches (gpc_io einsum chain, aten); triton: "
                         "ledger.triton_launches (gpc_io, KernelLaunch records); fused: triton "
-                        "with down_proj and the activation as model_ledger.fused_mlp (layout_act "
-                        "+ layout_gemm KernelLaunch records)"),
+                        "with the norms, qkv, gate_up, the activation and down as "
+                        "model_ledger.fused_launches (norm_head, mlp_tail KernelLaunch records)"),
         "attention": ("causal flash attention, FA2 accounting: fwd 2*B*H*T^2*D FLOPs (4*B*H*T^2*D "
                       "halved), reads q, k, v, writes o and fp32 logsumexp; bwd 2.5x the forward's "
                       "FLOPs in 3 launches (preprocess, main with fp32 dq accumulator, dq "
@@ -534,10 +575,11 @@ the sum of its launches.
   `kphi3_kernels.reference.gpc_io`, an aten recording), **triton** (KPhi-3 with the op-level
   Triton kernels, `ledger.triton_launches`, IO forward design `{io}`) differ only in the
   projections. **fused** (`KPhi3Config(fused_decoder=True)`) is triton with the MLP's tail
-  fused: `silu(gate) * up` writes down_proj's input in the block-residue layout and down_proj's
-  GEMMs read it; down_proj's input gradient turns into d(gate_up) in its epilogue, so the
-  activation's backward has no launch (`ops/mlp_tail.py`). Its activation and down rows are
-  those launches; RMSNorm and attention still write the plain channel order.
+  fused: `silu(gate) * up` writes down_proj's input in the block-residue layout, down_proj's
+  GEMMs read it, and its input gradient turns into d(gate_up) in its epilogue, so the
+  activation's backward has no launch (`ops/mlp_tail.py`); the RMSNorms write qkv_proj's and
+  gate_up_proj's input in the layout (`ops/norm_head.py`) only where it adds no padding (not
+  at these widths: G*R = 280 for s = 256, more matrix work than the pass it saves).
 - Attention is causal flash attention with FA2's accounting: forward `2*B*H*T^2*D` FLOPs
   (`4*B*H*T^2*D` halved by the mask), reading q, k, v and writing o and the fp32 logsumexp;
   backward 2.5x the forward's FLOPs in three launches (preprocess, main kernel with an fp32 dq

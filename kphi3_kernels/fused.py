@@ -11,11 +11,15 @@ read, and the layout's gradient returns to the activation's backward: no pass in
     y = gpc_io_from_layout(t, weight1, weight2)             # == gpc_io(up * silu(gate), ...)
     y = silu_mul_gpc_io(gate_up, weight1, weight2)          # the same, as one operator
 
-The last is what a KPhi-3 MLP runs with ``fused_decoder=True``: one operator whose backward
+    y = rms_norm_gpc_io(x, norm_weight, eps, weight1, weight2)  # IO block of RMSNorm(x)
+
+``silu_mul_gpc_io`` is what a KPhi-3 MLP runs with ``fused_decoder=True``: one operator whose backward
 never writes the layout's gradient. It computes ``h``'s gradient in plain channel order (the IO
 block's input gradient, its interleaved half gathered in the epilogue) and turns it into those
 of gate and up in the same epilogue, so the activation has no backward pass of its own; the
-layout it saved serves the weight gradients.
+layout it saved serves the weight gradients. ``rms_norm_gpc_io`` is qkv_proj and gate_up_proj
+with the RMSNorm before them: the norm writes the layout, the IO block reads it, and the
+backward returns the input gradient in channel order to the norm's backward.
 
 Both take ``backend=`` like the op-level functions. ``"triton"`` runs the fused kernels
 (``ops/fused_ops.py``); ``"torch"`` computes the same values from ``kphi3_kernels.layout``'s plain
@@ -29,12 +33,13 @@ import torch
 import torch.nn.functional as F_torch
 
 from . import layout
-from .functional import (_backend, _cast_params, _check_bias, _check_param, _check_weight,
-                         _flatten, gpc_io)
+from .functional import (_backend, _cast_params, _check_bias, _check_param,
+                         _check_weight, _flatten, gpc_io)
 from .ops import fused_ops
 from .reference import as_int
 
-__all__ = ["silu_mul_to_layout", "gpc_io_from_layout", "silu_mul_gpc_io"]
+__all__ = ["silu_mul_to_layout", "gpc_io_from_layout", "silu_mul_gpc_io", "rms_norm_gpc_io",
+           "layout_padding"]
 
 
 def _check_floating(x, name: str, op: str) -> None:
@@ -150,3 +155,77 @@ def silu_mul_gpc_io(gate_up: torch.Tensor, weight1: torch.Tensor, weight2: torch
         return y.reshape(*gate_up.shape[:-1], G * og)
     gate, up = gate_up.chunk(2, dim=-1)
     return gpc_io(up * F_torch.silu(gate), weight1, weight2, bias1, bias2, backend="torch")
+
+
+def _check_rms_weight(norm_weight, channels: int, op: str) -> None:
+    _check_param(norm_weight, "norm_weight", op)
+    if tuple(norm_weight.shape) != (channels,):
+        raise ValueError(f"{op}: norm_weight must have shape ({channels},), got "
+                         f"{tuple(norm_weight.shape)}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Phi-3's RMSNorm in PyTorch: fp32 statistics, the normalized input rounded to x's dtype,
+    then scaled by the weight."""
+    dtype = x.dtype
+    x32 = x.to(torch.float32) if dtype != torch.float64 else x
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rms_norm_gpc_io(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    weight1: torch.Tensor, weight2: torch.Tensor,
+                    bias1: Optional[torch.Tensor] = None, bias2: Optional[torch.Tensor] = None,
+                    pad: int = 8, *, backend: Optional[str] = None) -> torch.Tensor:
+    """``gpc_io(RMSNorm(x), weight1, weight2, bias1, bias2)``: a KPhi-3 layer's RMSNorm and the
+    IO block after it (qkv_proj, gate_up_proj) as one fused operator (module docstring).
+
+    ``x`` ``[..., G*s]``, ``norm_weight`` ``[G*s]``, weights ``[G, s, og]``. Under autocast the
+    norm reads ``x`` and its weight as they are (fp32) and the block runs in the autocast dtype,
+    as RMSNorm followed by an autocast projection does. ``"torch"`` runs that composition.
+    """
+    op = "rms_norm_gpc_io"
+    G, s, og = _check_weight(weight1, op, "weight1")
+    _check_param(weight2, "weight2", op)
+    if tuple(weight2.shape) != (G, s, og):
+        raise ValueError(f"{op}: both weights must have one shape, got {tuple(weight1.shape)} "
+                         f"and {tuple(weight2.shape)}")
+    _check_floating(x, "x", op)
+    if x.shape[-1] != G * s:
+        raise ValueError(f"{op}: x's last dimension is {x.shape[-1]}, but the weights "
+                         f"{tuple(weight1.shape)} take {G * s} channels")
+    _check_rms_weight(norm_weight, G * s, op)
+    _check_bias(bias1, G, og, op, "bias1")
+    _check_bias(bias2, G, og, op, "bias2")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
+    pad = as_int(pad, f"{op}: pad")
+    if pad < 1:
+        raise ValueError(f"{op}: pad must be positive, got {pad}")
+    name = _backend(x, backend)
+    if name != "triton":
+        return gpc_io(rms_norm(x, norm_weight, eps), weight1, weight2, bias1, bias2,
+                      backend="torch")
+    # Under autocast the block's operands take the autocast dtype; the norm's (x and its
+    # weight) stay as they are. Without it, one dtype for all.
+    _, (_, weight1, weight2, bias1, bias2) = _cast_params(
+        x, (norm_weight, weight1, weight2, bias1, bias2), op)
+    run = layout.residue_run_length(G * s, G, pad)
+    y = fused_ops.norm_io(_flatten(x), norm_weight, float(eps), weight1, weight2, bias1, bias2,
+                          run)
+    return y.reshape(*x.shape[:-1], G * og)
+
+
+def layout_padding(groups: int, per_group: int, pad: int = 8) -> int:
+    """How many channels per group the block-residue layout adds: ``G*R - s``.
+
+    Both GEMMs of an IO block on the layout reduce over ``G*R`` instead of ``s`` channels per
+    group (the padding meets zero weight rows), so the layout costs ``(G*R - s) / s`` more matrix
+    work than the plain-order block, and saves the de-interleave pass over the input. At the
+    released KPhi-3 widths (s = 256 in G = 5 groups: R = 56, G*R = 280, one more 64-wide K tile
+    than 256) that trade loses where the block is compute-bound (qkv_proj and gate_up_proj at
+    training sizes) and wins where it is bandwidth-bound (down_proj, og = 64). A KPhi-3 model
+    with ``fused_decoder=True`` fuses a norm into the block after it only where this is 0.
+    """
+    run = layout.residue_run_length(groups * per_group, groups, pad)
+    return groups * run - per_group

@@ -46,7 +46,7 @@ from kphi3_kernels import (
     InterleaveChannelsFast,
 )
 from kphi3_kernels.backend import resolve_backend, validate_backend
-from kphi3_kernels.fused import silu_mul_gpc_io
+from kphi3_kernels.fused import layout_padding, rms_norm_gpc_io, silu_mul_gpc_io
 
 from .configuration_kphi3 import KPhi3Config, check_kphi3_config
 
@@ -122,6 +122,30 @@ def grouped_block(config: KPhi3Config, in_features: int, out_features: int) -> n
     )
 
 
+def fused_block_path(config: KPhi3Config, block: nn.Module, device, name: str,
+                     fused_text: str, unpadded: bool = False) -> tuple[bool, str]:
+    """``(fused, reason)`` for one fusion of ``config.fused_decoder`` around the IO block
+    ``block`` (called ``name``) on ``device`` (a tensor, device or string). ``unpadded``: the
+    fusion runs only where the block-residue layout adds no channel (``layout_padding``)."""
+    if not config.fused_decoder:
+        return False, "fused_decoder=False: the op-level path"
+    if not isinstance(block, GroupedPointwiseConvolutionBlockIO) or block.num_groups == 1:
+        return False, (f"fused_decoder=True, but {name} is not a grouped IO block (G > 1): "
+                       "the op-level path")
+    if unpadded:
+        G, s = block.num_groups, block.input_channels_per_group
+        extra = layout_padding(G, s)
+        if extra:
+            return False, (f"fused_decoder=True, but the block-residue layout of {name}'s input "
+                           f"pads each group's {s} channels to {s + extra}, more matrix work than "
+                           "the layout saves in bytes where the block is compute-bound: the "
+                           "op-level path")
+    backend, reason = resolve_backend(device, block.backend, with_reason=True)
+    if backend != "triton":
+        return False, f"fused_decoder=True, but the kernel backend is {reason}; so the op-level path"
+    return True, f"fused_decoder=True on the Triton kernels: {fused_text}"
+
+
 def projection(config: KPhi3Config, in_features: int, out_features: int) -> nn.Module:
     """A layer projection: an IO block, or Phi-3's ``nn.Linear`` when ``min_channels_per_group < 0``."""
     if config.min_channels_per_group < 0:
@@ -138,25 +162,33 @@ class KPhi3MLP(nn.Module):
         self.activation_fn = ACT2FN[config.hidden_act]
 
     def fused_path(self, device: torch.Tensor | torch.device | str) -> tuple[bool, str]:
-        """``(fused, reason)``: whether ``forward`` on ``device`` runs the fused activation and
-        ``down_proj`` (``config.fused_decoder``), and why."""
-        if not self.config.fused_decoder:
-            return False, "fused_decoder=False: the op-level path"
-        down = self.down_proj
-        if not isinstance(down, GroupedPointwiseConvolutionBlockIO) or down.num_groups == 1:
-            return False, ("fused_decoder=True, but down_proj is not a grouped IO block (G > 1): "
-                           "the op-level path")
-        if self.config.hidden_act != "silu":
+        """``(fused, reason)``: whether ``forward`` on ``device`` runs the activation and
+        ``down_proj`` as one fused operator (``config.fused_decoder``), and why."""
+        if self.config.fused_decoder and self.config.hidden_act != "silu":
             return False, (f"fused_decoder=True, but hidden_act is {self.config.hidden_act!r} "
                            "(the fused activation is silu): the op-level path")
-        backend, reason = resolve_backend(device, down.backend, with_reason=True)
-        if backend != "triton":
-            return False, f"fused_decoder=True, but the kernel backend is {reason}; so the op-level path"
-        return True, ("fused_decoder=True on the Triton kernels: silu(gate) * up writes down_proj's "
-                      "input in the block-residue layout")
+        return fused_block_path(self.config, self.down_proj, device, "down_proj",
+                                "silu(gate) * up writes down_proj's input in the block-residue "
+                                "layout")
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        up_states = self.gate_up_proj(hidden_states)
+    def fused_norm_path(self, device: torch.Tensor | torch.device | str) -> tuple[bool, str]:
+        """``(fused, reason)``: whether the RMSNorm before this MLP runs fused with
+        ``gate_up_proj`` (the decoder layer passes it to ``forward``), and why."""
+        return fused_block_path(self.config, self.gate_up_proj, device, "gate_up_proj",
+                                "post_attention_layernorm writes gate_up_proj's input in the "
+                                "block-residue layout", unpadded=True)
+
+    def forward(self, hidden_states: torch.Tensor, input_norm: nn.Module | None = None) -> torch.Tensor:
+        """``input_norm``: the RMSNorm to apply first, fused with ``gate_up_proj`` (given only
+        where ``fused_norm_path`` holds); without it ``hidden_states`` is already normalized."""
+        if input_norm is not None:
+            block = self.gate_up_proj
+            up_states = rms_norm_gpc_io(
+                hidden_states, input_norm.weight, input_norm.variance_epsilon,
+                block.first_pointwise_conv.weight, block.second_pointwise_conv.weight,
+                block.first_pointwise_conv.bias, block.second_pointwise_conv.bias, backend="triton")
+        else:
+            up_states = self.gate_up_proj(hidden_states)
         if self.config.fused_decoder and self.fused_path(up_states)[0]:
             down = self.down_proj
             first, second = down.first_pointwise_conv, down.second_pointwise_conv
@@ -348,6 +380,13 @@ class KPhi3Attention(nn.Module):
         self.qkv_proj = projection(config, config.hidden_size, op_size)
         self.o_proj = projection(config, config.num_attention_heads * self.head_dim, config.hidden_size)
 
+    def fused_norm_path(self, device: torch.Tensor | torch.device | str) -> tuple[bool, str]:
+        """``(fused, reason)``: whether the RMSNorm before this attention runs fused with
+        ``qkv_proj`` (the decoder layer passes it to ``forward``), and why."""
+        return fused_block_path(self.config, self.qkv_proj, device, "qkv_proj",
+                                "input_layernorm writes qkv_proj's input in the block-residue layout",
+                                unpadded=True)
+
     @cache_parameter
     def forward(
         self,
@@ -355,12 +394,22 @@ class KPhi3Attention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
+        input_norm: nn.Module | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``input_norm``: the RMSNorm to apply first, fused with ``qkv_proj`` (given only where
+        ``fused_norm_path`` holds); without it ``hidden_states`` is already normalized."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
-        qkv = self.qkv_proj(hidden_states)
+        if input_norm is not None:
+            block = self.qkv_proj
+            qkv = rms_norm_gpc_io(
+                hidden_states, input_norm.weight, input_norm.variance_epsilon,
+                block.first_pointwise_conv.weight, block.second_pointwise_conv.weight,
+                block.first_pointwise_conv.bias, block.second_pointwise_conv.bias, backend="triton")
+        else:
+            qkv = self.qkv_proj(hidden_states)
         query_pos = self.config.num_attention_heads * self.head_dim
         query_states = qkv[..., :query_pos]
         key_states = qkv[..., query_pos : query_pos + self.num_key_value_heads * self.head_dim]
@@ -436,8 +485,13 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        # With config.fused_decoder, a norm fused into the projection after it is handed over.
         residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
+        attn_norm = None
+        if self.config.fused_decoder and self.self_attn.fused_norm_path(hidden_states)[0]:
+            attn_norm = self.input_layernorm
+        else:
+            hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states,
             attention_mask=attention_mask,
@@ -445,13 +499,16 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
             **{CACHE_KWARG: cache},
             use_cache=use_cache,
             position_embeddings=position_embeddings,
+            input_norm=attn_norm,
             **kwargs,
         )
         hidden_states = residual + self.resid_attn_dropout(hidden_states)
 
         residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states = self.mlp(hidden_states)
+        if self.config.fused_decoder and self.mlp.fused_norm_path(hidden_states)[0]:
+            hidden_states = self.mlp(hidden_states, input_norm=self.post_attention_layernorm)
+        else:
+            hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
         hidden_states = residual + self.resid_mlp_dropout(hidden_states)
         return hidden_states
 
@@ -497,11 +554,17 @@ class KPhi3PreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
     def explain_fused_decoder(self, device: torch.device | str = "cuda") -> str:
-        """Which path each decoder layer's MLP runs on ``device`` (``config.fused_decoder``)."""
+        """Which path each fusion of ``config.fused_decoder`` runs on ``device``, layer by layer:
+        the two RMSNorms fused with the projections after them, the activation with down_proj."""
         lines = []
         for name, module in self.named_modules():
+            if isinstance(module, KPhi3Attention):
+                lines.append(f"{name} (input_layernorm + qkv_proj): "
+                             f"{module.fused_norm_path(device)[1]}")
             if isinstance(module, KPhi3MLP):
-                lines.append(f"{name}: {module.fused_path(device)[1]}")
+                lines.append(f"{name} (post_attention_layernorm + gate_up_proj): "
+                             f"{module.fused_norm_path(device)[1]}")
+                lines.append(f"{name} (silu(gate) * up + down_proj): {module.fused_path(device)[1]}")
         return "\n".join(lines)
 
     def set_kernel_backend(self, backend: str) -> None:

@@ -245,26 +245,160 @@ def test_bad_input_is_refused_before_any_launch():
 
 
 # --------------------------------------------------------------------------------------------
+# RMSNorm fused with the IO block after it
+# --------------------------------------------------------------------------------------------
+
+NORM_CASES = [
+    MlpCase(5, 12, 7, (13,), bias=True),
+    MlpCase(3, 10, 5, (2, 9), sliced=True),
+    MlpCase(20, 24, 6, (7,)),
+    MlpCase(8, 15, 6, (3, 5), bias=True),
+    MlpCase(2, 36, 20, (70,), sliced=True),
+    MlpCase(1, 16, 8, (5,)),
+]
+
+
+def _norm_operands(case: MlpCase, dtype: torch.dtype):
+    C = case.G * case.s
+    if case.sliced:
+        base = torch.randn(*case.lead, 2 * C, device=DEVICE).to(dtype).requires_grad_(True)
+        x = base[..., ::2]
+    else:
+        x = (torch.randn(*case.lead, C, device=DEVICE) * 3).to(dtype).requires_grad_(True)
+    norm_weight = (1 + 0.5 * torch.randn(C, device=DEVICE)).to(dtype).requires_grad_(True)
+    _, w1, w2, b1, b2 = _operands(case, dtype)
+    return x, norm_weight, w1, w2, b1, b2
+
+
+def _norm_oracle(x, norm_weight, w1, w2, b1, b2, eps=1e-5):
+    xn = norm_weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    return reference.gpc_io(xn, w1, w2, b1, b2)
+
+
+def _norm_fused(x, norm_weight, w1, w2, b1, b2, backend):
+    return fused.rms_norm_gpc_io(x, norm_weight, 1e-5, w1, w2, b1, b2, backend=backend)
+
+
+def check_norm_fused(case: MlpCase, backend: str, dtype: torch.dtype):
+    inputs = _norm_operands(case, dtype)
+    x, w1 = inputs[0], inputs[2]
+    dy = torch.randn(*x.shape[:-1], w1.shape[0] * w1.shape[2], device=DEVICE).to(dtype)
+    y, grads = _forward_backward(lambda *a: _norm_fused(*a, backend), inputs, dy)
+    inputs64 = _as64(inputs)
+    y64, grads64 = _forward_backward(_norm_oracle, inputs64, dy.double())
+    names = ["y", "x", "norm_weight", "weight1", "weight2", "bias1", "bias2"][: 1 + len(grads)]
+    errs = {n: rel_error(a, b) for n, a, b in zip(names, [y, *grads], [y64, *grads64])}
+    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
+    tol = tol_for(dtype)
+    assert all(e < tol for e in errs.values()), f"{case}/{backend}/{dtype}: {errs}"
+    if dtype != torch.float32:
+        baseline = (lambda *a: _norm_fused(*a, "torch")) if backend == "triton" else _norm_oracle
+        yb, gb = _forward_backward(baseline, inputs, dy)
+        base = {n: rel_error(a, b) for n, a, b in zip(names, [yb, *gb], [y64, *grads64])}
+        limit = {n: HALF_RATIO * base[n] + HALF_SLACK for n in names}
+        if backend == "triton":
+            # The block's input gradient rounds its W2 term once (as the op-level IO block);
+            # the norm's backward is linear in that gradient, so x's and the norm weight's
+            # gradients carry the same relative bound.
+            x64, nw64, w164, w264 = inputs64[:4]
+            only2 = torch.autograd.grad(_norm_oracle(x64, nw64, torch.zeros_like(w164), w264,
+                                                     None, None), [x64, nw64], dy.double())
+            for n, g64, term in zip(("x", "norm_weight"), grads64[:2], only2):
+                limit[n] = max(limit[n], rounded_intermediate_bound(dtype, g64, term))
+        worse = {n: (errs[n], base[n], limit[n]) for n in names if not errs[n] <= limit[n]}
+        assert not worse, f"{case}/{backend}/{dtype}: (err, baseline, limit) {worse}"
+    return errs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", NORM_CASES, ids=str)
+def test_fused_norm_and_io_block_match_the_float64_oracle(case, backend, dtype):
+    check_norm_fused(case, backend, dtype)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="forces configs through Triton's interpreter")
+@pytest.mark.parametrize("config", _layout_gpu_configs(),
+                         ids=lambda c: "{BLOCK_P}x{BLOCK_Q}x{BLOCK_K}".format(**c.kwargs)
+                         + f"-w{c.num_warps}s{c.num_stages}")
+def test_every_gpu_config_of_the_norm_head_interpreted(config, monkeypatch):
+    forced = []
+
+    def force(spec):
+        if not spec.name.startswith(("gpc_io_layout", "norm_io")):
+            return None
+        forced.append(spec.name)
+        return config
+
+    monkeypatch.setattr(launch, "FORCE_CONFIG", force)
+    check_norm_fused(MlpCase(2, 140, 70, (130,), bias=True), "triton", torch.float32)
+    assert set(forced) == {"gpc_io_layout_fwd", "norm_io_bwd_dxi", "norm_io_bwd_dxn",
+                           "gpc_io_layout_bwd_dw"}
+
+
+@requires_triton
+def test_fused_norm_under_autocast_keeps_the_norm_in_fp32():
+    """Under autocast the norm reads fp32 x and weight; the block computes in the autocast
+    dtype; gradients come back in each parameter's dtype, as with RMSNorm + autocast block."""
+    G, s, og = 5, 12, 7
+    x = torch.randn(9, G * s, device=DEVICE, requires_grad=True)
+    nw = torch.randn(G * s, device=DEVICE, requires_grad=True)
+    w1 = torch.randn(G, s, og, device=DEVICE, requires_grad=True)
+    w2 = torch.randn(G, s, og, device=DEVICE, requires_grad=True)
+    device_type = "cuda" if DEVICE == "cuda" else "cpu"
+    with torch.autocast(device_type, dtype=torch.float16 if DEVICE == "cpu" else torch.bfloat16):
+        y = fused.rms_norm_gpc_io(x, nw, 1e-5, w1, w2, backend="triton")
+        want = fused.rms_norm_gpc_io(x, nw, 1e-5, w1, w2, backend="torch")
+    assert y.dtype == want.dtype != torch.float32
+    assert rel_error(y, want) < HALF_TOL
+    grads = torch.autograd.grad(y.float().sum(), [x, nw, w1, w2])
+    grads_want = torch.autograd.grad(want.float().sum(), [x, nw, w1, w2])
+    assert [g.dtype for g in grads] == [torch.float32] * 4
+    assert all(rel_error(a, b) < HALF_TOL for a, b in zip(grads, grads_want))
+
+
+def test_fused_norm_refuses_bad_input():
+    G, s, og = 5, 12, 7
+    w = torch.randn(G, s, og)
+    with pytest.raises(ValueError, match="norm_weight must have shape"):
+        fused.rms_norm_gpc_io(torch.randn(3, G * s), torch.randn(G * s + 1), 1e-5, w, w)
+    with pytest.raises(ValueError, match="take 60 channels"):
+        fused.rms_norm_gpc_io(torch.randn(3, G * s + 2), torch.randn(G * s), 1e-5, w, w)
+    with pytest.raises(ValueError, match="eps"):
+        fused.rms_norm_gpc_io(torch.randn(3, G * s), torch.randn(G * s), -1.0, w, w)
+
+
+# --------------------------------------------------------------------------------------------
 # In the model
 # --------------------------------------------------------------------------------------------
 
 
-def _config(**over):
+# Two small models. "padded": down_proj 120 -> 48 in G = 8 groups of s = 15 (not a power of
+# two, s not a multiple of G); qkv_proj and gate_up_proj (G = 4, s = 12) have a padded layout,
+# so only the MLP tail is fused. "unpadded": every block's layout adds no channel (G = 2,
+# s = 32 for qkv_proj and gate_up_proj, s = 48 for down_proj), so the norms are fused too.
+WIDTHS = {
+    "padded": dict(hidden_size=48, intermediate_size=120, min_channels_per_group=12),
+    "unpadded": dict(hidden_size=64, intermediate_size=96, min_channels_per_group=32),
+}
+FUSED_COUNT = {"padded": 2, "unpadded": 6}  # fusions that run, over two layers
+
+
+def _config(widths="padded", **over):
     from kphi3_model import KPhi3Config
 
-    # down_proj 120 -> 48 in G = 8 groups of s = 15: not a power of two, s not a multiple of G.
-    kw = dict(vocab_size=97, hidden_size=48, intermediate_size=120, num_hidden_layers=2,
-              num_attention_heads=4, min_channels_per_group=12, pad_token_id=0, eos_token_id=2,
-              bos_token_id=1, max_position_embeddings=64, original_max_position_embeddings=64)
+    kw = dict(vocab_size=97, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,
+              eos_token_id=2, bos_token_id=1, max_position_embeddings=64,
+              original_max_position_embeddings=64, **WIDTHS[widths])
     kw.update(over)
     return KPhi3Config(**kw)
 
 
-def _model(dtype=torch.float32, **over):
+def _model(dtype=torch.float32, widths="padded", **over):
     from kphi3_model import KPhi3ForCausalLM
 
     torch.manual_seed(0)
-    model = KPhi3ForCausalLM(_config(**over)).to(DEVICE, dtype)
+    model = KPhi3ForCausalLM(_config(widths, **over)).to(DEVICE, dtype)
     # Larger weights than the initializer's, so every path carries signal through both layers.
     with torch.no_grad():
         for p in model.parameters():
@@ -294,14 +428,16 @@ def _batch(left_padded: bool = True):
 
 
 @requires_triton
+@pytest.mark.parametrize("widths", WIDTHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
-def test_fused_model_matches_the_op_level_model_and_the_float64_oracle(dtype):
-    model = _model(dtype, kernel_backend="triton", fused_decoder=True)
-    assert model.model.layers[0].mlp.fused_path(DEVICE)[0]
+def test_fused_model_matches_the_op_level_model_and_the_float64_oracle(dtype, widths):
+    model = _model(dtype, widths, kernel_backend="triton", fused_decoder=True)
+    text = model.model.explain_fused_decoder(DEVICE)
+    assert text.count("on the Triton kernels") == FUSED_COUNT[widths], text
     batch = _batch()
     logits_f, loss_f, grads_f = _loss_and_grads(model, batch, True)
     logits_u, loss_u, grads_u = _loss_and_grads(model, batch, False)
-    oracle = _model(torch.float64, kernel_backend="torch")
+    oracle = _model(torch.float64, widths, kernel_backend="torch")
     oracle.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     logits_64, loss_64, grads_64 = _loss_and_grads(oracle, batch, False)
     tol = tol_for(dtype)
@@ -317,8 +453,9 @@ def test_fused_model_matches_the_op_level_model_and_the_float64_oracle(dtype):
 
 
 @requires_triton
-def test_fused_model_with_gradient_checkpointing_and_padding():
-    model = _model(kernel_backend="triton")
+@pytest.mark.parametrize("widths", WIDTHS)
+def test_fused_model_with_gradient_checkpointing_and_padding(widths):
+    model = _model(widths=widths, kernel_backend="triton")
     model.gradient_checkpointing_enable()
     model.train()
     batch = _batch()
@@ -329,8 +466,9 @@ def test_fused_model_with_gradient_checkpointing_and_padding():
 
 
 @requires_triton
-def test_fused_model_under_torch_compile():
-    model = _model(kernel_backend="triton", fused_decoder=True)
+@pytest.mark.parametrize("widths", WIDTHS)
+def test_fused_model_under_torch_compile(widths):
+    model = _model(widths=widths, kernel_backend="triton", fused_decoder=True)
     batch = _batch()
     eager = model(**batch)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
@@ -341,8 +479,9 @@ def test_fused_model_under_torch_compile():
 
 
 @requires_triton
-def test_fused_model_generates_like_the_op_level_model():
-    model = _model(kernel_backend="triton").eval()
+@pytest.mark.parametrize("widths", WIDTHS)
+def test_fused_model_generates_like_the_op_level_model(widths):
+    model = _model(widths=widths, kernel_backend="triton").eval()
     ids = torch.randint(3, 97, (2, 5), device=DEVICE)
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     model.config.fused_decoder = False
@@ -378,7 +517,8 @@ def test_fused_decoder_flag_is_validated_saved_and_keeps_the_state_dict(tmp_path
 def test_the_op_level_path_runs_where_the_fused_one_cannot(over, why):
     model = _model(**over)
     text = model.model.explain_fused_decoder(DEVICE)
-    assert text.count("op-level path") == 2 and why in text, text
+    # Three fusions per layer (two norms with their projections, the MLP tail), two layers.
+    assert text.count("op-level path") == 6 and why in text, text
     batch = _batch(left_padded=False)
     out = model(**batch)
     assert torch.isfinite(out.loss)
@@ -386,7 +526,10 @@ def test_the_op_level_path_runs_where_the_fused_one_cannot(over, why):
 
 @requires_triton
 def test_explain_names_the_fused_path():
-    model = _model(kernel_backend="triton", fused_decoder=True)
-    text = model.model.explain_fused_decoder(DEVICE)
-    assert text.count("block-residue layout") == 2 and "model.layers.1.mlp" in text or \
-        "layers.1.mlp" in text
+    text = _model(widths="unpadded", kernel_backend="triton",
+                  fused_decoder=True).model.explain_fused_decoder(DEVICE)
+    assert text.count("block-residue layout") == 6 and "op-level" not in text, text
+    assert "layers.1.self_attn (input_layernorm + qkv_proj)" in text
+    # A padded layout keeps the norm heads op-level, and says why.
+    text = _model(kernel_backend="triton", fused_decoder=True).model.explain_fused_decoder(DEVICE)
+    assert text.count("pads each group's 12 channels to 32") == 4, text

@@ -20,6 +20,13 @@ need_dw1, need_dw2, need_db1, need_db2)``                           ``[dt, dw1, 
                                                                     the layout it read (saved)
 ``mlp_tail_bwd_triton(dy, gu, t, weight1, weight2, need_dgu,        the needed ones of
 need_dw1, need_dw2, need_db1, need_db2)``                           ``[dgu, dw1, dw2, db1, db2]``
+``norm_io_triton(x, norm_weight, eps, weight1, weight2, bias1?,      ``(y, t, rstd)``: the IO
+bias2?, run)``                                                      block of ``RMSNorm(x)``,
+                                                                    the layout it read and the
+                                                                    reciprocal RMS (saved)
+``norm_io_bwd_triton(dy, x, norm_weight, rstd, t, weight1,          the needed ones of ``[dx,
+weight2, need_dx, need_dnorm, need_dw1, need_dw2, need_db1,         dnorm, dw1, dw2, db1,
+need_db2)``                                                         db2]``
 ==================================================================  ===========================
 
 The backward operators have no autograd formula of their own: a second derivative through the
@@ -39,9 +46,10 @@ _LOADED = {}
 
 def _launchers():
     if not _LOADED:
-        from . import layout_act, layout_gemm, mlp_tail
+        from . import layout_act, layout_gemm, mlp_tail, norm_head
         from .torch_impl import bias_grad
-        _LOADED.update(act=layout_act, gemm=layout_gemm, tail=mlp_tail, bias_grad=bias_grad)
+        _LOADED.update(act=layout_act, gemm=layout_gemm, tail=mlp_tail, head=norm_head,
+                       bias_grad=bias_grad)
     return _LOADED
 
 
@@ -92,9 +100,32 @@ def _bodies():
         grads = (dgu, dw1, dw2, db if need_db1 else None, db if need_db2 else None)
         return co._fresh(co._needed(grads, needs), [dy, gu, t, weight1, weight2])
 
+    def norm_io(x: Tensor, norm_weight: Tensor, eps: float, weight1: Tensor, weight2: Tensor,
+                bias1: Optional[Tensor], bias2: Optional[Tensor], run: int
+                ) -> Tuple[Tensor, Tensor, Tensor]:
+        with co._no_autocast(x):
+            y, t, rstd = _launchers()["head"].norm_io_fwd(x, norm_weight, eps, weight1, weight2,
+                                                          bias1, bias2, run)
+        y, t, rstd = co._fresh([y, t, rstd], [x, norm_weight, weight1, weight2, bias1, bias2])
+        return y, t, rstd
+
+    def norm_io_bwd(dy: Tensor, x: Tensor, norm_weight: Tensor, rstd: Tensor, t: Tensor,
+                    weight1: Tensor, weight2: Tensor, need_dx: bool, need_dnorm: bool,
+                    need_dw1: bool, need_dw2: bool, need_db1: bool, need_db2: bool
+                    ) -> List[Tensor]:
+        needs = (need_dx, need_dnorm, need_dw1, need_dw2, need_db1, need_db2)
+        with co._no_autocast(dy):
+            dx, dnorm, dw1, dw2 = _launchers()["head"].norm_io_bwd(
+                dy, x, norm_weight, rstd, t.contiguous(), weight1, weight2, need_dx, need_dnorm,
+                need_dw1, need_dw2)
+            db = _launchers()["bias_grad"](dy, weight1.shape[0]) if need_db1 or need_db2 else None
+        grads = (dx, dnorm, dw1, dw2, db if need_db1 else None, db if need_db2 else None)
+        return co._fresh(co._needed(grads, needs), [dy, x, norm_weight, rstd, t, weight1, weight2])
+
     return dict(silu_mul_layout=silu_mul_layout, silu_mul_layout_bwd=silu_mul_layout_bwd,
                 gpc_io_layout=gpc_io_layout, gpc_io_layout_bwd=gpc_io_layout_bwd,
-                mlp_tail=mlp_tail, mlp_tail_bwd=mlp_tail_bwd)
+                mlp_tail=mlp_tail, mlp_tail_bwd=mlp_tail_bwd,
+                norm_io=norm_io, norm_io_bwd=norm_io_bwd)
 
 
 def _fake_silu_mul_layout(gu, groups, run):
@@ -136,7 +167,27 @@ def _fake_mlp_tail_bwd(dy, gu, t, weight1, weight2, need_dgu, need_dw1, need_dw2
             if n]
 
 
-_FAKES = dict(mlp_tail=_fake_mlp_tail, mlp_tail_bwd=_fake_mlp_tail_bwd, silu_mul_layout=_fake_silu_mul_layout,
+def _fake_norm_io(x, norm_weight, eps, weight1, weight2, bias1, bias2, run):
+    G, og = weight1.shape[0], weight1.shape[2]
+    rstd_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.new_empty((x.shape[0], G * og), dtype=weight1.dtype),
+            x.new_empty((x.shape[0], G * G * run), dtype=weight1.dtype),
+            x.new_empty((x.shape[0],), dtype=rstd_dtype))
+
+
+def _fake_norm_io_bwd(dy, x, norm_weight, rstd, t, weight1, weight2, need_dx, need_dnorm,
+                      need_dw1, need_dw2, need_db1, need_db2):
+    G, og = weight1.shape[0], weight1.shape[2]
+    shapes = ((x, x.shape, x.dtype), (norm_weight, norm_weight.shape, norm_weight.dtype),
+              (weight1, weight1.shape, weight1.dtype), (weight2, weight2.shape, weight2.dtype),
+              (dy, (G, og), dy.dtype), (dy, (G, og), dy.dtype))
+    needs = (need_dx, need_dnorm, need_dw1, need_dw2, need_db1, need_db2)
+    return [like.new_empty(shape, dtype=dtype) for (like, shape, dtype), n in zip(shapes, needs)
+            if n]
+
+
+_FAKES = dict(norm_io=_fake_norm_io, norm_io_bwd=_fake_norm_io_bwd,
+              mlp_tail=_fake_mlp_tail, mlp_tail_bwd=_fake_mlp_tail_bwd, silu_mul_layout=_fake_silu_mul_layout,
               silu_mul_layout_bwd=_fake_silu_mul_layout_bwd,
               gpc_io_layout=_fake_gpc_io_layout, gpc_io_layout_bwd=_fake_gpc_io_layout_bwd)
 
@@ -158,6 +209,12 @@ def gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt=True, need_dw1=True, need
 
 def mlp_tail(gu, weight1, weight2, bias1=None, bias2=None, run: int = 8) -> Tensor:
     return co._call("mlp_tail", BACKEND, gu, weight1, weight2, bias1, bias2, run)[0]
+
+
+def norm_io(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
+            run: int = 8) -> Tensor:
+    return co._call("norm_io", BACKEND, x, norm_weight, float(eps), weight1, weight2, bias1,
+                    bias2, run)[0]
 
 
 def _register_autograd(bodies) -> None:
@@ -216,8 +273,31 @@ def _register_autograd(bodies) -> None:
 
     register("mlp_tail", tail_backward, tail_setup)
 
+    def head_setup(ctx, inputs, output):
+        x, norm_weight, _, weight1, weight2, bias1, bias2, _ = inputs
+        ctx.save_for_backward(x, norm_weight, output[2], output[1], weight1, weight2)
+        ctx.has_bias = (bias1 is not None, bias2 is not None)
+        ctx.set_materialize_grads(False)
+
+    def head_backward(ctx, dy, dt, drstd):
+        x, norm_weight, rstd, t, weight1, weight2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if dt is not None or drstd is not None:
+            raise RuntimeError(
+                "kphi3::norm_io: a gradient reached its saved layout or rstd output; only its "
+                "first output (the IO block's result) is differentiable")
+        if dy is None:
+            return (None,) * 8
+        needs = (need[0], need[1], need[3], need[4], ctx.has_bias[0] and need[5],
+                 ctx.has_bias[1] and need[6])
+        dx, dnorm, dw1, dw2, db1, db2 = co._unpack(co._call(
+            "norm_io_bwd", BACKEND, dy, x, norm_weight, rstd, t, weight1, weight2, *needs), needs)
+        return dx, dnorm, None, dw1, dw2, db1, db2, None
+
+    register("norm_io", head_backward, head_setup)
+
     # The backward operators run eagerly like the others, with no formula of their own.
-    for name in ("silu_mul_layout_bwd", "gpc_io_layout_bwd", "mlp_tail_bwd"):
+    for name in ("silu_mul_layout_bwd", "gpc_io_layout_bwd", "mlp_tail_bwd", "norm_io_bwd"):
         co._EAGER[(name, BACKEND)] = (bodies[name], None)
 
 

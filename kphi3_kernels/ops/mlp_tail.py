@@ -40,11 +40,12 @@ def mlp_tail_bwd(dy, gate_up, t, weight1, weight2, need_dgu=True, need_dw1=True,
     dgu = None
     if need_dgu:
         dxi = outputs.new_output((M, G * s), dy.dtype, dy.device)
-        grouped_gemm(G, M, s, Operand(dy, og * dy.stride(1), dy.stride(0), dy.stride(1)),
+        dy_groups = Operand(dy, og * dy.stride(1), dy.stride(0), dy.stride(1))
+        grouped_gemm(G, M, s, dy_groups,
                      Operand(weight2, weight2.stride(0), weight2.stride(2), weight2.stride(1)),
                      og, Operand(dxi, s, G * s, 1), name="mlp_tail_bwd_dxi")
         dgu = outputs.new_output((M, 2 * G * s), dy.dtype, dy.device)
-        grouped_gemm(G, M, s, Operand(dy, og * dy.stride(1), dy.stride(0), dy.stride(1)),
+        grouped_gemm(G, M, s, dy_groups,
                      Operand(weight1, weight1.stride(0), weight1.stride(2), weight1.stride(1)),
                      og, Operand(dgu, s, 2 * G * s, 1),
                      residual=Operand(dxi, 0, dxi.stride(0), dxi.stride(1)),

@@ -1,0 +1,162 @@
+"""RMSNorm (Phi-3's) fused with the block-residue layout of the next IO block's input.
+
+Forward: ``t = layout(weight * x * rstd)``, ``rstd = 1 / sqrt(mean(x^2) + eps)`` per row (saved,
+fp32), written straight into the layout of qkv_proj's or gate_up_proj's IO block
+(``kphi3_kernels.layout``), padding zero. Backward: the standard RMSNorm gradient from the
+plain-order gradient of the normalized input (the IO block's input gradient):
+
+    dx = rstd * (g - xhat * mean(g * xhat)),   g = dn * weight,   xhat = x * rstd
+    dweight = sum over rows of dn * xhat
+
+Each program takes ``BLOCK_M`` rows and loops over the channels in chunks (any width); the
+weight gradient is one fp32 partial sum per program, added up by the launcher. Everything is
+computed in fp32 (float64 for float64) and rounded once.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import outputs
+from .launch import KernelLaunch, launch
+
+
+@triton.jit
+def _rms_norm_layout_kernel(
+    x_ptr, w_ptr, t_ptr, rstd_ptr, M, eps, s_xm, s_xc,
+    CHANNELS: tl.constexpr, PER_GROUP: tl.constexpr, GROUPS: tl.constexpr, RUN: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    WIDTH: tl.constexpr = GROUPS * GROUPS * RUN
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask_m = rows < M
+    x_rows = x_ptr + rows[:, None] * s_xm
+    squares = tl.zeros((BLOCK_M, BLOCK_C), dtype=COMPUTE)
+    for c0 in range(0, CHANNELS, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        x = tl.load(x_rows + c[None, :] * s_xc, mask=mask_m[:, None] & (c < CHANNELS)[None, :],
+                    other=0.0).to(COMPUTE)
+        squares += x * x
+    rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / CHANNELS + eps)
+    tl.store(rstd_ptr + rows, rstd.to(rstd_ptr.dtype.element_ty), mask=mask_m)
+    # The layout, written in order: each column's channel is gathered (the row is in L1 / L2).
+    for l0 in range(0, WIDTH, BLOCK_C):
+        col = l0 + tl.arange(0, BLOCK_C)
+        b = col // (GROUPS * RUN)
+        n = (col // RUN) % GROUPS
+        i = (n + GROUPS - (b * PER_GROUP) % GROUPS) % GROUPS + (col % RUN) * GROUPS
+        chan = b * PER_GROUP + i
+        is_channel = (i < PER_GROUP) & (col < WIDTH)
+        x = tl.load(x_rows + chan[None, :] * s_xc, mask=mask_m[:, None] & is_channel[None, :],
+                    other=0.0).to(COMPUTE)
+        w = tl.load(w_ptr + chan, mask=is_channel, other=0.0).to(COMPUTE)
+        y = x * rstd[:, None] * w[None, :]  # padding: 0
+        tl.store(t_ptr + rows[:, None] * WIDTH + col[None, :], y.to(t_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & (col < WIDTH)[None, :])
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    dn_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, M, s_dnm, s_xm, s_xc,
+    CHANNELS: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask_m = rows < M
+    rstd = tl.load(rstd_ptr + rows, mask=mask_m, other=0.0).to(COMPUTE)
+    # Pass 1: mean(g * xhat) per row.
+    dots = tl.zeros((BLOCK_M, BLOCK_C), dtype=COMPUTE)
+    for c0 in range(0, CHANNELS, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = mask_m[:, None] & (c < CHANNELS)[None, :]
+        dn = tl.load(dn_ptr + rows[:, None] * s_dnm + c[None, :], mask=mask, other=0.0).to(COMPUTE)
+        x = tl.load(x_ptr + rows[:, None] * s_xm + c[None, :] * s_xc, mask=mask,
+                    other=0.0).to(COMPUTE)
+        w = tl.load(w_ptr + c, mask=c < CHANNELS, other=0.0).to(COMPUTE)
+        dots += dn * w[None, :] * x * rstd[:, None]
+    mean = tl.sum(dots, axis=1) / CHANNELS
+    # Pass 2: dx, and this program's share of dweight.
+    for c0 in range(0, CHANNELS, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = mask_m[:, None] & (c < CHANNELS)[None, :]
+        dn = tl.load(dn_ptr + rows[:, None] * s_dnm + c[None, :], mask=mask, other=0.0).to(COMPUTE)
+        xhat = tl.load(x_ptr + rows[:, None] * s_xm + c[None, :] * s_xc, mask=mask,
+                       other=0.0).to(COMPUTE) * rstd[:, None]
+        if NEED_DX:
+            w = tl.load(w_ptr + c, mask=c < CHANNELS, other=0.0).to(COMPUTE)
+            dx = rstd[:, None] * (dn * w[None, :] - xhat * mean[:, None])
+            tl.store(dx_ptr + rows[:, None] * CHANNELS + c[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=mask)
+        if NEED_DW:
+            tl.store(dw_partial_ptr + pid * CHANNELS + c, tl.sum(dn * xhat, axis=0),
+                     mask=c < CHANNELS)
+
+
+def _compute(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _config(M: int, channels: int) -> triton.Config:
+    # 16 rows x 256 channels per step (4K elements, 32 per thread on 4 warps); many rows per
+    # program keep the weight gradient's partial sums few.
+    block_c = max(16, min(256, triton.next_power_of_2(channels)))
+    block_m = max(1, min(16, triton.next_power_of_2(max(M, 1))))
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c}, num_warps=4)
+
+
+def _launch(name, kernel, M, channels, args, device):
+    config = _config(M, channels)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]),)
+
+    launch(KernelLaunch(name=name, kernel=kernel, grid=grid, args=args, configs=[config],
+                        interpreter_config=config, device=device))
+    return config
+
+
+def rms_norm_layout_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int,
+                        run: int, out_dtype=None):
+    """``(t, rstd)``: ``weight * x * rstd`` in the layout ``[M, G*G*R]`` (in ``out_dtype``,
+    default x's: under autocast the next GEMM's dtype while x and the weight stay fp32),
+    ``rstd`` ``[M]`` in fp32 (float64 for float64)."""
+    M, channels = x.shape
+    width = groups * groups * run
+    t = outputs.new_output((M, width), out_dtype or x.dtype, x.device)
+    rstd_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rstd = outputs.new_output((M,), rstd_dtype, x.device)
+    if M == 0:
+        return t, rstd
+    weight = weight.contiguous()
+    _launch("rms_norm_layout", _rms_norm_layout_kernel, M, channels, dict(
+        x_ptr=x, w_ptr=weight, t_ptr=t, rstd_ptr=rstd, M=M, eps=float(eps),
+        s_xm=x.stride(0), s_xc=x.stride(1), CHANNELS=channels, PER_GROUP=channels // groups,
+        GROUPS=groups, RUN=run, COMPUTE=_compute(x.dtype)), x.device)
+    return t, rstd
+
+
+def rms_norm_bwd(dn: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                 need_dx: bool = True, need_dw: bool = True):
+    """``(dx, dweight)`` (None where not asked) from ``dn``, the plain-order gradient of the
+    normalized input ``weight * x * rstd``."""
+    M, channels = x.shape
+    dn = dn.contiguous()
+    weight = weight.contiguous()
+    dx = outputs.new_output((M, channels), x.dtype, x.device) if need_dx else None
+    config = _config(M, channels)
+    programs = triton.cdiv(M, config.kwargs["BLOCK_M"]) if M else 0
+    partial = (torch.empty((programs, channels), dtype=torch.float64 if x.dtype == torch.float64
+                           else torch.float32, device=x.device) if need_dw else None)
+    if M and (need_dx or need_dw):
+        _launch("rms_norm_bwd", _rms_norm_bwd_kernel, M, channels, dict(
+            dn_ptr=dn, x_ptr=x, w_ptr=weight, rstd_ptr=rstd,
+            dx_ptr=dx if dx is not None else dn, dw_partial_ptr=partial if need_dw else rstd,
+            M=M, s_dnm=dn.stride(0), s_xm=x.stride(0), s_xc=x.stride(1), CHANNELS=channels,
+            NEED_DX=need_dx, NEED_DW=need_dw, COMPUTE=_compute(x.dtype)), x.device)
+    dw = None
+    if need_dw:
+        dw = (partial.sum(dim=0) if M else torch.zeros(channels, dtype=partial.dtype,
+                                                       device=x.device)).to(weight.dtype)
+    return dx, dw
