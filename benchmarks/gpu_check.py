@@ -30,7 +30,9 @@ Steps (each one is recorded, a failing step does not stop the next):
 7. ``compile-report.json``: the compile report (``kphi3_bench.compile_report``) of every launch
    at the released shapes in bf16/fp16 for this GPU's architecture: registers, spills, shared
    memory, matrix instructions and global access kinds, beside the timings they explain.
-8. Optionally (``--model``) the model-level benchmark: ``model-<device>-<date>.json``.
+8. Optionally (``--model``) the model-level benchmark: ``model-<device>-<date>.json``, the
+   training step and ``generate`` of dense Phi-3, KPhi-3 on the reference (torch) backend, with
+   the op-level kernels and with ``fused_decoder=True``, timed in one run.
 ``summary.json`` says which steps passed; the exit status is 0 only when all did.
 
 ``--dry-run`` runs every step's logic on the CPU with the torch backend standing in for Triton,

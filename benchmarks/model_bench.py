@@ -4,6 +4,8 @@
 
 - ``kphi3-triton``: ``KPhi3ForCausalLM`` with ``kernel_backend="triton"`` (the fused kernels;
   CUDA only, "needs a GPU" elsewhere);
+- ``kphi3-fused``: the same with ``fused_decoder=True`` (the fused MLP tail and, where the layout
+  is unpadded, norm heads; CUDA only, "needs a GPU" elsewhere);
 - ``kphi3-torch``: the same model on the PyTorch reference backend (``kernel_backend="torch"``);
 - ``phi3-dense``: transformers' ``Phi3ForCausalLM`` with the same hidden, intermediate, heads,
   layers and vocabulary: what the grouped projections replace.
@@ -45,7 +47,7 @@ from .run import (MODEL_DEFAULT_SIZES, UsageError, _check_writable_file, _split,
                   build_model_parser, parse, resolve_device)
 from .timing import quantiles_ms
 
-VARIANTS = ("kphi3-triton", "kphi3-torch", "phi3-dense")
+VARIANTS = ("kphi3-triton", "kphi3-fused", "kphi3-torch", "phi3-dense")
 COMPILED = "+compile"  # suffix of a compiled variant: "kphi3-torch+compile"
 ALL_VARIANTS = VARIANTS + tuple(v + COMPILED for v in VARIANTS)
 TASKS = ("train", "generate")
@@ -154,10 +156,11 @@ def build_model(variant: str, sizes: ModelSizes, dtype: torch.dtype, device: tor
         model = Phi3ForCausalLM(Phi3Config(**common))
     else:
         KPhi3Config, KPhi3ForCausalLM = _model_classes()
-        backend = variant.split("-", 1)[1]
+        fused = variant == "kphi3-fused"
+        backend = "triton" if fused else variant.split("-", 1)[1]
         model = KPhi3ForCausalLM(KPhi3Config(
             embed_size=family.hidden, min_channels_per_group=family.min_channels_per_group,
-            kernel_backend=backend, **common))
+            kernel_backend=backend, fused_decoder=fused, **common))
     return model.to(device=device, dtype=dtype)
 
 
@@ -263,7 +266,7 @@ class ModelBench:
         return self.rows
 
     def _run_variant(self, variant: str) -> None:
-        if base_variant(variant) == "kphi3-triton" and self.device.type != "cuda":
+        if base_variant(variant) in ("kphi3-triton", "kphi3-fused") and self.device.type != "cuda":
             for task in TASKS:
                 self._row(variant, task, "needs a GPU", parity="not run")
             self.progress.advance(len(TASKS))

@@ -67,7 +67,7 @@ QUICK_SHAPES = ("kphi3-qkv", "kphi3-down")
 QUICK_M_CPU, QUICK_M_CUDA = (16, 256), (16, 2048)
 QUICK_MODES = ("fwd", "fwd+bwd")
 SPREAD_THRESHOLD = {"cpu": 1.5, "cuda": 1.2}
-MODEL_VARIANTS = ("kphi3-triton", "kphi3-torch", "phi3-dense")
+MODEL_VARIANTS = ("kphi3-triton", "kphi3-fused", "kphi3-torch", "phi3-dense")
 MODEL_COMPILED = "+compile"
 
 # The model benchmark's sizes when not given: (--quick, CUDA, CPU).

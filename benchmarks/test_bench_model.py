@@ -21,7 +21,7 @@ SIZES = model_bench.ModelSizes(family="kphi3", layers=2, batch=1, seq=64, gen_ba
 @pytest.fixture(params=model_bench.VARIANTS)
 def model(request):
     variant = request.param
-    if variant == "kphi3-triton" and DEVICE.type != "cuda":
+    if variant in ("kphi3-triton", "kphi3-fused") and DEVICE.type != "cuda":
         pytest.skip("needs a GPU")
     built = model_bench.build_model(variant, SIZES, DTYPE, DEVICE)
     built.variant = variant

@@ -24,6 +24,7 @@ from .modules import (
     SignedSquareRoot1,
 )
 from .reference import get_max_acceptable_common_divisor, group_count
+from . import fused, layout  # noqa: E402  (the fused decoder's functions; the block-residue layout)
 
 __version__ = "0.1.0"
 
@@ -34,4 +35,5 @@ __all__ = [
     "GroupedPointwiseConvolutionBlockIO", "InterleaveChannels", "InterleaveChannelsFast",
     "SignedSquareRoot1",
     "group_count", "get_max_acceptable_common_divisor",
+    "fused", "layout",
 ]

@@ -51,6 +51,16 @@ def _check_floating(x, name: str, op: str) -> None:
         raise ValueError(f"{op}: {name} must have a channel dimension, got a 0-d tensor")
 
 
+def _check_io_weights(weight1, weight2, op: str):
+    """``(G, s, og)`` of an IO block's two weights, which must share one ``[G, s, og]`` shape."""
+    G, s, og = _check_weight(weight1, op, "weight1")
+    _check_param(weight2, "weight2", op)
+    if tuple(weight2.shape) != (G, s, og):
+        raise ValueError(f"{op}: both weights must have one shape, got {tuple(weight1.shape)} "
+                         f"and {tuple(weight2.shape)}")
+    return G, s, og
+
+
 def silu_mul_to_layout(gate_up: torch.Tensor, groups: int, pad: int = 8, *,
                        backend: Optional[str] = None) -> torch.Tensor:
     """``to_residue_layout(up * silu(gate), groups, pad)`` for ``gate_up = [gate | up]``.
@@ -96,11 +106,7 @@ def gpc_io_from_layout(t: torch.Tensor, weight1: torch.Tensor, weight2: torch.Te
     reach ``t`` (in the layout, padding zero), the weights and the biases.
     """
     op = "gpc_io_from_layout"
-    G, s, og = _check_weight(weight1, op, "weight1")
-    _check_param(weight2, "weight2", op)
-    if tuple(weight2.shape) != (G, s, og):
-        raise ValueError(f"{op}: both weights must have one shape, got {tuple(weight1.shape)} "
-                         f"and {tuple(weight2.shape)}")
+    G, s, og = _check_io_weights(weight1, weight2, op)
     _check_floating(t, "t", op)
     width = t.shape[-1]
     shortest = -(-s // G)
@@ -131,11 +137,7 @@ def silu_mul_gpc_io(gate_up: torch.Tensor, weight1: torch.Tensor, weight2: torch
     returns ``[..., G*og]``. ``"torch"`` runs the op-level composition in PyTorch.
     """
     op = "silu_mul_gpc_io"
-    G, s, og = _check_weight(weight1, op, "weight1")
-    _check_param(weight2, "weight2", op)
-    if tuple(weight2.shape) != (G, s, og):
-        raise ValueError(f"{op}: both weights must have one shape, got {tuple(weight1.shape)} "
-                         f"and {tuple(weight2.shape)}")
+    G, s, og = _check_io_weights(weight1, weight2, op)
     _check_floating(gate_up, "gate_up", op)
     if gate_up.shape[-1] != 2 * G * s:
         raise ValueError(
@@ -185,11 +187,7 @@ def rms_norm_gpc_io(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     as RMSNorm followed by an autocast projection does. ``"torch"`` runs that composition.
     """
     op = "rms_norm_gpc_io"
-    G, s, og = _check_weight(weight1, op, "weight1")
-    _check_param(weight2, "weight2", op)
-    if tuple(weight2.shape) != (G, s, og):
-        raise ValueError(f"{op}: both weights must have one shape, got {tuple(weight1.shape)} "
-                         f"and {tuple(weight2.shape)}")
+    G, s, og = _check_io_weights(weight1, weight2, op)
     _check_floating(x, "x", op)
     if x.shape[-1] != G * s:
         raise ValueError(f"{op}: x's last dimension is {x.shape[-1]}, but the weights "

@@ -146,6 +146,13 @@ def fused_block_path(config: KPhi3Config, block: nn.Module, device, name: str,
     return True, f"fused_decoder=True on the Triton kernels: {fused_text}"
 
 
+def norm_then_block(norm: nn.Module, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``block(norm(x))`` as the fused norm head (``kphi3_kernels.fused.rms_norm_gpc_io``)."""
+    first, second = block.first_pointwise_conv, block.second_pointwise_conv
+    return rms_norm_gpc_io(x, norm.weight, norm.variance_epsilon, first.weight, second.weight,
+                           first.bias, second.bias, backend="triton")
+
+
 def projection(config: KPhi3Config, in_features: int, out_features: int) -> nn.Module:
     """A layer projection: an IO block, or Phi-3's ``nn.Linear`` when ``min_channels_per_group < 0``."""
     if config.min_channels_per_group < 0:
@@ -182,11 +189,7 @@ class KPhi3MLP(nn.Module):
         """``input_norm``: the RMSNorm to apply first, fused with ``gate_up_proj`` (given only
         where ``fused_norm_path`` holds); without it ``hidden_states`` is already normalized."""
         if input_norm is not None:
-            block = self.gate_up_proj
-            up_states = rms_norm_gpc_io(
-                hidden_states, input_norm.weight, input_norm.variance_epsilon,
-                block.first_pointwise_conv.weight, block.second_pointwise_conv.weight,
-                block.first_pointwise_conv.bias, block.second_pointwise_conv.bias, backend="triton")
+            up_states = norm_then_block(input_norm, self.gate_up_proj, hidden_states)
         else:
             up_states = self.gate_up_proj(hidden_states)
         if self.config.fused_decoder and self.fused_path(up_states)[0]:
@@ -403,11 +406,7 @@ class KPhi3Attention(nn.Module):
         hidden_shape = (*input_shape, -1, self.head_dim)
 
         if input_norm is not None:
-            block = self.qkv_proj
-            qkv = rms_norm_gpc_io(
-                hidden_states, input_norm.weight, input_norm.variance_epsilon,
-                block.first_pointwise_conv.weight, block.second_pointwise_conv.weight,
-                block.first_pointwise_conv.bias, block.second_pointwise_conv.bias, backend="triton")
+            qkv = norm_then_block(input_norm, self.qkv_proj, hidden_states)
         else:
             qkv = self.qkv_proj(hidden_states)
         query_pos = self.config.num_attention_heads * self.head_dim

@@ -614,6 +614,7 @@ def test_model_benchmark_on_a_tiny_model(monkeypatch, tmp_path):
     rows = {(r["variant"], r["task"]): r for r in _load(out)["results"]}
     assert set(rows) == {(v, t) for v in model_bench.VARIANTS for t in model_bench.TASKS}
     assert rows["kphi3-triton", "train"]["status"] == "needs a GPU"
+    assert rows["kphi3-fused", "train"]["status"] == "needs a GPU"
     for variant in ("kphi3-torch", "phi3-dense"):
         for task in model_bench.TASKS:
             r = rows[variant, task]

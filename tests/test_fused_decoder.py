@@ -83,7 +83,6 @@ def _one_operator(gu, w1, w2, b1, b2, backend):
 
 # The producer and consumer of the layout as two operators, and the MLP tail as one.
 FUSIONS = {"layout_ops": _composed, "mlp_tail": _one_operator}
-_fused = _composed
 
 
 def _forward_backward(fn, inputs, dy):
@@ -211,7 +210,9 @@ def test_every_gpu_config_of_the_layout_gemms_interpreted(config, monkeypatch):
 
 
 @requires_triton
-def test_weight_gradients_alone_and_frozen_weights():
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_weight_gradients_alone_and_frozen_weights(fusion):
+    fn = FUSIONS[fusion]
     G, s, og = 5, 12, 7
     gu = torch.randn(9, 2 * G * s, device=DEVICE)
     w1 = torch.randn(G, s, og, device=DEVICE, requires_grad=True)
@@ -220,9 +221,12 @@ def test_weight_gradients_alone_and_frozen_weights():
     for frozen_input in (True, False):
         x = gu.clone().requires_grad_(not frozen_input)
         targets = [w1] + ([] if frozen_input else [x])
-        got = torch.autograd.grad(_fused(x, w1, w2, None, None, "triton"), targets, dy)
-        want = torch.autograd.grad(_fused(x, w1, w2, None, None, "torch"), targets, dy)
+        got = torch.autograd.grad(fn(x, w1, w2, None, None, "triton"), targets, dy)
+        want = torch.autograd.grad(fn(x, w1, w2, None, None, "torch"), targets, dy)
         assert all(rel_error(a, b) < 1e-5 for a, b in zip(got, want))
+    with torch.no_grad():  # inference: no layout saved for a backward, same values
+        assert rel_error(fn(gu, w1, w2, None, None, "triton"),
+                         fn(gu, w1, w2, None, None, "torch")) < 1e-5
 
 
 def test_bad_input_is_refused_before_any_launch():
@@ -505,6 +509,11 @@ def test_fused_decoder_flag_is_validated_saved_and_keeps_the_state_dict(tmp_path
     loaded = KPhi3ForCausalLM.from_pretrained(tmp_path)
     assert loaded.config.fused_decoder is True
     assert KPhi3Config().fused_decoder is False
+    plain.save_pretrained(tmp_path / "plain")
+    switched = KPhi3ForCausalLM.from_pretrained(tmp_path / "plain", fused_decoder=True)
+    assert switched.config.fused_decoder is True
+    assert all(torch.equal(a, b) for a, b in zip(switched.state_dict().values(),
+                                                 plain.state_dict().values()))
 
 
 @pytest.mark.parametrize("over,why", [

@@ -17,7 +17,7 @@ from kphi3_bench import model_ledger as ML
 from kphi3_bench.shapes import FAMILIES, SHAPES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMITTED = os.path.join(ROOT, "benchmarks", "results", "model-ledger-2026-12-02.json")
+COMMITTED = os.path.join(ROOT, "benchmarks", "results", "model-ledger-2026-12-03.json")
 H200 = ledger.CostModel(790.0, 4300.0, 2.0)
 
 

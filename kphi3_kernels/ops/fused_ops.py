@@ -128,6 +128,17 @@ def _bodies():
                 norm_io=norm_io, norm_io_bwd=norm_io_bwd)
 
 
+def _fake_io_grads(inputs, dy, weight1, weight2, needs):
+    """The asked-for gradients of a backward operator: one like each ``(tensor, dtype)`` of
+    ``inputs``, then dW1, dW2 and the two bias gradients ``[G, og]``."""
+    G, og = weight1.shape[0], weight1.shape[2]
+    likes = [(t, t.shape, dtype) for t, dtype in inputs] + [
+        (weight1, weight1.shape, weight1.dtype), (weight2, weight2.shape, weight2.dtype),
+        (dy, (G, og), dy.dtype), (dy, (G, og), dy.dtype)]
+    return [like.new_empty(shape, dtype=dtype) for (like, shape, dtype), n in zip(likes, needs)
+            if n]
+
+
 def _fake_silu_mul_layout(gu, groups, run):
     return gu.new_empty((gu.shape[0], groups * groups * run))
 
@@ -142,13 +153,8 @@ def _fake_gpc_io_layout(t, weight1, weight2, bias1, bias2):
 
 def _fake_gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt, need_dw1, need_dw2, need_db1,
                             need_db2):
-    G, og = weight1.shape[0], weight1.shape[2]
-    shapes = ((t, t.shape, dy.dtype), (weight1, weight1.shape, weight1.dtype),
-              (weight2, weight2.shape, weight2.dtype), (dy, (G, og), dy.dtype),
-              (dy, (G, og), dy.dtype))
-    needs = (need_dt, need_dw1, need_dw2, need_db1, need_db2)
-    return [like.new_empty(shape, dtype=dtype) for (like, shape, dtype), n in zip(shapes, needs)
-            if n]
+    return _fake_io_grads([(t, dy.dtype)], dy, weight1, weight2,
+                          (need_dt, need_dw1, need_dw2, need_db1, need_db2))
 
 
 def _fake_mlp_tail(gu, weight1, weight2, bias1, bias2, run):
@@ -158,13 +164,8 @@ def _fake_mlp_tail(gu, weight1, weight2, bias1, bias2, run):
 
 def _fake_mlp_tail_bwd(dy, gu, t, weight1, weight2, need_dgu, need_dw1, need_dw2, need_db1,
                        need_db2):
-    G, og = weight1.shape[0], weight1.shape[2]
-    shapes = ((gu, gu.shape, dy.dtype), (weight1, weight1.shape, weight1.dtype),
-              (weight2, weight2.shape, weight2.dtype), (dy, (G, og), dy.dtype),
-              (dy, (G, og), dy.dtype))
-    needs = (need_dgu, need_dw1, need_dw2, need_db1, need_db2)
-    return [like.new_empty(shape, dtype=dtype) for (like, shape, dtype), n in zip(shapes, needs)
-            if n]
+    return _fake_io_grads([(gu, dy.dtype)], dy, weight1, weight2,
+                          (need_dgu, need_dw1, need_dw2, need_db1, need_db2))
 
 
 def _fake_norm_io(x, norm_weight, eps, weight1, weight2, bias1, bias2, run):
@@ -177,13 +178,8 @@ def _fake_norm_io(x, norm_weight, eps, weight1, weight2, bias1, bias2, run):
 
 def _fake_norm_io_bwd(dy, x, norm_weight, rstd, t, weight1, weight2, need_dx, need_dnorm,
                       need_dw1, need_dw2, need_db1, need_db2):
-    G, og = weight1.shape[0], weight1.shape[2]
-    shapes = ((x, x.shape, x.dtype), (norm_weight, norm_weight.shape, norm_weight.dtype),
-              (weight1, weight1.shape, weight1.dtype), (weight2, weight2.shape, weight2.dtype),
-              (dy, (G, og), dy.dtype), (dy, (G, og), dy.dtype))
-    needs = (need_dx, need_dnorm, need_dw1, need_dw2, need_db1, need_db2)
-    return [like.new_empty(shape, dtype=dtype) for (like, shape, dtype), n in zip(shapes, needs)
-            if n]
+    return _fake_io_grads([(x, x.dtype), (norm_weight, norm_weight.dtype)], dy, weight1, weight2,
+                          (need_dx, need_dnorm, need_dw1, need_dw2, need_db1, need_db2))
 
 
 _FAKES = dict(norm_io=_fake_norm_io, norm_io_bwd=_fake_norm_io_bwd,

@@ -98,6 +98,20 @@ def _smem_limit(device: torch.device) -> int:
 
 
 @triton.jit
+def tile_ids(pid, P, Q, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_P: tl.constexpr):
+    """Program ``pid``'s output tile ``(pid_p, pid_q)``: GROUP_P row tiles share each column
+    tile, so the column operand stays hot in L2."""
+    num_p = tl.cdiv(P, BLOCK_P)
+    num_q = tl.cdiv(Q, BLOCK_Q)
+    tiles_per_band = GROUP_P * num_q
+    first_p = (pid // tiles_per_band) * GROUP_P
+    band_p = min(num_p - first_p, GROUP_P)
+    pid_p = first_p + (pid % tiles_per_band) % band_p
+    pid_q = (pid % tiles_per_band) // band_p
+    return pid_p, pid_q
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, c2_ptr, r_ptr, bias_ptr, bias2_ptr, act_ptr,
     P, Q, K, K2,
@@ -117,7 +131,6 @@ def _grouped_gemm_kernel(
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_P: tl.constexpr,
 ):
-    # Tile order: GROUP_P row-tiles share each column tile, so B stays hot in L2.
     pid = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     if PAIRED:
@@ -133,13 +146,7 @@ def _grouped_gemm_kernel(
         a_base = a_ptr + g * s_ag
         b_base = b_ptr + g * s_bg
         c_base = c_ptr + g * s_cg
-    num_p = tl.cdiv(P, BLOCK_P)
-    num_q = tl.cdiv(Q, BLOCK_Q)
-    tiles_per_band = GROUP_P * num_q
-    first_p = (pid // tiles_per_band) * GROUP_P
-    band_p = min(num_p - first_p, GROUP_P)
-    pid_p = first_p + (pid % tiles_per_band) % band_p
-    pid_q = (pid % tiles_per_band) // band_p
+    pid_p, pid_q = tile_ids(pid, P, Q, BLOCK_P, BLOCK_Q, GROUP_P)
 
     offs_p = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     offs_q = (pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from . import outputs
-from .grouped_gemm import _input_precision, _interpreter_config, _smem_limit, configs_for
+from .grouped_gemm import _input_precision, _interpreter_config, _smem_limit, configs_for, tile_ids
 from .launch import KernelLaunch, launch
 
 
@@ -65,19 +65,6 @@ def _slot(j, g, GROUPS: tl.constexpr, RUN: tl.constexpr, SECOND):
 
 
 @triton.jit
-def _tile_ids(pid, P, Q, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_P: tl.constexpr):
-    # GROUP_P row tiles share each column tile, so the column operand stays hot in L2.
-    num_p = tl.cdiv(P, BLOCK_P)
-    num_q = tl.cdiv(Q, BLOCK_Q)
-    tiles_per_band = GROUP_P * num_q
-    first_p = (pid // tiles_per_band) * GROUP_P
-    band_p = min(num_p - first_p, GROUP_P)
-    pid_p = first_p + (pid % tiles_per_band) % band_p
-    pid_q = (pid % tiles_per_band) // band_p
-    return pid_p, pid_q
-
-
-@triton.jit
 def _layout_fwd_kernel(
     t_ptr, w1_ptr, w2_ptr, y_ptr, bias1_ptr, bias2_ptr,
     M, OG, per_group,
@@ -88,7 +75,7 @@ def _layout_fwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_P: tl.constexpr,
 ):
     g = tl.program_id(1)
-    pid_p, pid_q = _tile_ids(tl.program_id(0), M, OG, BLOCK_P, BLOCK_Q, GROUP_P)
+    pid_p, pid_q = tile_ids(tl.program_id(0), M, OG, BLOCK_P, BLOCK_Q, GROUP_P)
     offs_p = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_p = offs_p < M
@@ -130,7 +117,7 @@ def _layout_dt_kernel(
     # dt[:, slot(j, g)] (+)= dy_g @ W[g, row(j)]^T for the G*R layout indices j of group g.
     g = tl.program_id(1)
     Q: tl.constexpr = GROUPS * RUN
-    pid_p, pid_q = _tile_ids(tl.program_id(0), M, Q, BLOCK_P, BLOCK_Q, GROUP_P)
+    pid_p, pid_q = tile_ids(tl.program_id(0), M, Q, BLOCK_P, BLOCK_Q, GROUP_P)
     offs_p = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     j = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_p = offs_p < M
@@ -170,7 +157,7 @@ def _layout_dw_kernel(
     second = axis >= GROUPS
     g = tl.where(second, axis - GROUPS, axis)
     P: tl.constexpr = GROUPS * RUN
-    pid_p, pid_q = _tile_ids(tl.program_id(0), P, OG, BLOCK_P, BLOCK_Q, GROUP_P)
+    pid_p, pid_q = tile_ids(tl.program_id(0), P, OG, BLOCK_P, BLOCK_Q, GROUP_P)
     j = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask_j = j < P
