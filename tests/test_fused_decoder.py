@@ -542,3 +542,20 @@ def test_explain_names_the_fused_path():
     # A padded layout keeps the norm heads op-level, and says why.
     text = _model(kernel_backend="triton", fused_decoder=True).model.explain_fused_decoder(DEVICE)
     assert text.count("pads each group's 12 channels to 32") == 4, text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_rows_give_empty_results_and_zero_weight_gradients(backend):
+    G, s, og = 5, 12, 7
+    w1 = torch.randn(G, s, og, device=DEVICE, requires_grad=True)
+    w2 = torch.randn(G, s, og, device=DEVICE, requires_grad=True)
+    nw = torch.randn(G * s, device=DEVICE, requires_grad=True)
+    gu = torch.randn(0, 2 * G * s, device=DEVICE, requires_grad=True)
+    x = torch.randn(2, 0, G * s, device=DEVICE, requires_grad=True)
+    for y, inputs in ((fused.silu_mul_gpc_io(gu, w1, w2, backend=backend), (gu, w1, w2)),
+                      (fused.rms_norm_gpc_io(x, nw, 1e-5, w1, w2, backend=backend),
+                       (x, nw, w1, w2))):
+        assert y.shape == (*inputs[0].shape[:-1], G * og)
+        grads = torch.autograd.grad(y.sum(), inputs)
+        assert grads[0].shape == inputs[0].shape
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads[1:])
