@@ -132,6 +132,13 @@ def fused_block_path(config: KPhi3Config, block: nn.Module, device, name: str,
     if not isinstance(block, GroupedPointwiseConvolutionBlockIO) or block.num_groups == 1:
         return False, (f"fused_decoder=True, but {name} is not a grouped IO block (G > 1): "
                        "the op-level path")
+    if not runs_as_built(block, block.first_pointwise_conv, block.second_pointwise_conv) or \
+            any(type(conv) is not GroupedLinearFast
+                for conv in (block.first_pointwise_conv, block.second_pointwise_conv)):
+        # The fused operators read the parameters directly: a hook or a wrapped (e.g. adapted)
+        # projection would be skipped, so it keeps its own forward.
+        return False, (f"fused_decoder=True, but {name} (or a module in it) has hooks or is "
+                       "wrapped, which the fused operator would skip: the op-level path")
     if unpadded:
         G, s = block.num_groups, block.input_channels_per_group
         extra = layout_padding(G, s)
@@ -144,6 +151,16 @@ def fused_block_path(config: KPhi3Config, block: nn.Module, device, name: str,
     if backend != "triton":
         return False, f"fused_decoder=True, but the kernel backend is {reason}; so the op-level path"
     return True, f"fused_decoder=True on the Triton kernels: {fused_text}"
+
+
+def runs_as_built(*modules: nn.Module) -> bool:
+    """Whether none of ``modules`` has a forward (pre-)hook, global ones included: a fused
+    operator computes them without calling their ``forward``."""
+    from torch.nn.modules import module as module_globals
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def norm_then_block(norm: nn.Module, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -174,6 +191,10 @@ class KPhi3MLP(nn.Module):
         if self.config.fused_decoder and self.config.hidden_act != "silu":
             return False, (f"fused_decoder=True, but hidden_act is {self.config.hidden_act!r} "
                            "(the fused activation is silu): the op-level path")
+        if self.config.fused_decoder and isinstance(self.activation_fn, nn.Module) and \
+                not runs_as_built(self.activation_fn):
+            return False, ("fused_decoder=True, but the activation has hooks, which the fused "
+                           "operator would skip: the op-level path")
         return fused_block_path(self.config, self.down_proj, device, "down_proj",
                                 "silu(gate) * up writes down_proj's input in the block-residue "
                                 "layout")
@@ -473,6 +494,24 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
         self.resid_attn_dropout = nn.Dropout(config.resid_pdrop)
         self.resid_mlp_dropout = nn.Dropout(config.resid_pdrop)
 
+    def norm_fusion(self, norm: nn.Module, path: tuple[bool, str]) -> tuple[bool, str]:
+        """A norm head's ``(fused, reason)``: ``path`` (its block's), and the norm as built
+        (Phi-3's RMSNorm, no hooks: the fused operator does not call its forward)."""
+        if path[0] and not (type(norm) is KPhi3RMSNorm and runs_as_built(norm)):
+            return False, ("fused_decoder=True, but the norm has hooks or is not the built "
+                           "RMSNorm, which the fused operator would skip: the op-level path")
+        return path
+
+    def fusions(self, device: torch.Tensor | torch.device | str) -> dict[str, tuple[bool, str]]:
+        """Each fusion of ``config.fused_decoder`` in this layer on ``device``: ``(fused, reason)``."""
+        return {
+            "input_layernorm + qkv_proj": self.norm_fusion(
+                self.input_layernorm, self.self_attn.fused_norm_path(device)),
+            "post_attention_layernorm + gate_up_proj": self.norm_fusion(
+                self.post_attention_layernorm, self.mlp.fused_norm_path(device)),
+            "silu(gate) * up + down_proj": self.mlp.fused_path(device),
+        }
+
     @cache_parameter
     def forward(
         self,
@@ -487,7 +526,8 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
         # With config.fused_decoder, a norm fused into the projection after it is handed over.
         residual = hidden_states
         attn_norm = None
-        if self.config.fused_decoder and self.self_attn.fused_norm_path(hidden_states)[0]:
+        if self.config.fused_decoder and self.norm_fusion(
+                self.input_layernorm, self.self_attn.fused_norm_path(hidden_states))[0]:
             attn_norm = self.input_layernorm
         else:
             hidden_states = self.input_layernorm(hidden_states)
@@ -504,7 +544,8 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + self.resid_attn_dropout(hidden_states)
 
         residual = hidden_states
-        if self.config.fused_decoder and self.mlp.fused_norm_path(hidden_states)[0]:
+        if self.config.fused_decoder and self.norm_fusion(
+                self.post_attention_layernorm, self.mlp.fused_norm_path(hidden_states))[0]:
             hidden_states = self.mlp(hidden_states, input_norm=self.post_attention_layernorm)
         else:
             hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
@@ -557,13 +598,10 @@ class KPhi3PreTrainedModel(PreTrainedModel):
         the two RMSNorms fused with the projections after them, the activation with down_proj."""
         lines = []
         for name, module in self.named_modules():
-            if isinstance(module, KPhi3Attention):
-                lines.append(f"{name} (input_layernorm + qkv_proj): "
-                             f"{module.fused_norm_path(device)[1]}")
-            if isinstance(module, KPhi3MLP):
-                lines.append(f"{name} (post_attention_layernorm + gate_up_proj): "
-                             f"{module.fused_norm_path(device)[1]}")
-                lines.append(f"{name} (silu(gate) * up + down_proj): {module.fused_path(device)[1]}")
+            if isinstance(module, KPhi3DecoderLayer):
+                for where, (_, reason) in module.fusions(device).items():
+                    part = "self_attn" if "qkv_proj" in where else "mlp"
+                    lines.append(f"{name}.{part} ({where}): {reason}")
         return "\n".join(lines)
 
     def set_kernel_backend(self, backend: str) -> None:

@@ -559,3 +559,25 @@ def test_no_rows_give_empty_results_and_zero_weight_gradients(backend):
         grads = torch.autograd.grad(y.sum(), inputs)
         assert grads[0].shape == inputs[0].shape
         assert all(torch.equal(g, torch.zeros_like(g)) for g in grads[1:])
+
+
+@requires_triton
+@pytest.mark.parametrize("where", ["down_proj", "post_attention_layernorm", "activation_fn"])
+def test_a_hooked_module_keeps_its_own_forward(where):
+    """The fused operators read parameters without calling the modules' forward: a module with
+    a hook (an adapter, a probe) makes its fusion fall back to the op-level path, and the hook
+    runs."""
+    model = _model(widths="unpadded", kernel_backend="triton", fused_decoder=True)
+    layer = model.model.layers[0]
+    owner = layer if where == "post_attention_layernorm" else layer.mlp
+    module = owner.get_submodule(where)
+    calls = []
+    handle = module.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        text = model.model.explain_fused_decoder(DEVICE)
+        assert "hooks" in text and text.count("on the Triton kernels") == 5, text
+        model(**_batch(left_padded=False))
+        assert calls
+    finally:
+        handle.remove()
+    assert model.model.explain_fused_decoder(DEVICE).count("on the Triton kernels") == 6
