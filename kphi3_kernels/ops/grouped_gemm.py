@@ -244,6 +244,11 @@ def _interpreter_config(P: int, Q: int, K: int) -> triton.Config:
                           "BLOCK_K": fit(K, 16, 128)}, num_warps=4)
 
 
+def accumulator_dtype(dtype: torch.dtype):
+    """Where the kernels sum: fp32 for fp32 / fp16 / bf16 operands, float64 for float64."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     # fp32 stays IEEE (relative error far under 1e-5) unless the user opted into TF32 for matmuls.
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not triton_interpreting():
@@ -344,7 +349,7 @@ def grouped_gemm(
         RESIDUAL_GATHER=residual_gather is not None, ACT_GRAD=act_grad is not None,
         INPUT_PRECISION=_input_precision(a.tensor.dtype), GROUP_P=8,
         # fp32 accumulation for fp32/fp16/bf16; float64 operands keep a float64 accumulator.
-        ACC_DTYPE=tl.float64 if c.tensor.dtype == torch.float64 else tl.float32,
+        ACC_DTYPE=accumulator_dtype(c.tensor.dtype),
     )
 
     def grid(meta):

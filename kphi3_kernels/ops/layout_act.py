@@ -19,11 +19,12 @@ import triton
 import triton.language as tl
 
 from . import outputs
+from .grouped_gemm import accumulator_dtype
 from .launch import KernelLaunch, launch
 
 
 @triton.jit
-def _channel_of_slot(col, PER_GROUP: tl.constexpr, GROUPS: tl.constexpr, RUN: tl.constexpr):
+def channel_of_slot(col, PER_GROUP: tl.constexpr, GROUPS: tl.constexpr, RUN: tl.constexpr):
     """The channel at layout column ``col`` and whether ``col`` holds one (else padding)."""
     b = col // (GROUPS * RUN)
     n = (col // RUN) % GROUPS
@@ -46,7 +47,7 @@ def _silu_mul_layout_kernel(
     CHANNELS: tl.constexpr = GROUPS * PER_GROUP
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     col = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c, is_channel = _channel_of_slot(col, PER_GROUP, GROUPS, RUN)
+    c, is_channel = channel_of_slot(col, PER_GROUP, GROUPS, RUN)
     mask_m = rows < M
     load_mask = mask_m[:, None] & (is_channel & (col < WIDTH))[None, :]
     src = gu_ptr + rows[:, None] * s_gm + c.to(tl.int64)[None, :] * s_gc
@@ -80,10 +81,6 @@ def _silu_mul_layout_bwd_kernel(
     tl.store(dst + CHANNELS, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask)
 
 
-def _compute(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _config(M: int, width: int) -> triton.Config:
     # About 4K elements per program, 128 columns (256 bytes of bf16) per row segment, at most
     # 32 elements per thread on 4 warps.
@@ -113,7 +110,8 @@ def silu_mul_layout_fwd(gu: torch.Tensor, groups: int, run: int) -> torch.Tensor
         return t
     _launch("silu_mul_layout", _silu_mul_layout_kernel, M, width, dict(
         gu_ptr=gu, t_ptr=t, M=M, s_gm=gu.stride(0), s_gc=gu.stride(1),
-        PER_GROUP=per_group, GROUPS=groups, RUN=run, COMPUTE=_compute(gu.dtype)), gu.device)
+        PER_GROUP=per_group, GROUPS=groups, RUN=run,
+        COMPUTE=accumulator_dtype(gu.dtype)), gu.device)
     return t
 
 
@@ -130,5 +128,5 @@ def silu_mul_layout_bwd(dt: torch.Tensor, gu: torch.Tensor, groups: int) -> torc
     _launch("silu_mul_layout_bwd", _silu_mul_layout_bwd_kernel, M, channels, dict(
         dt_ptr=dt, gu_ptr=gu, dgu_ptr=dgu, M=M, s_gm=gu.stride(0), s_gc=gu.stride(1),
         s_dtm=dt.stride(0), PER_GROUP=per_group, GROUPS=groups, RUN=run,
-        COMPUTE=_compute(gu.dtype)), dt.device)
+        COMPUTE=accumulator_dtype(gu.dtype)), dt.device)
     return dgu

@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from . import outputs
-from .grouped_gemm import _input_precision, _interpreter_config, _smem_limit, configs_for, tile_ids
+from .grouped_gemm import (_input_precision, _interpreter_config, _smem_limit,
+                           accumulator_dtype, configs_for, tile_ids)
 from .launch import KernelLaunch, launch
 
 
@@ -184,10 +185,6 @@ def _geometry(t: torch.Tensor, weight1: torch.Tensor) -> Tuple[int, int, int, in
     return G, s, og, t.shape[1] // (G * G)
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _grid(P: int, Q: int, groups: int):
     return lambda meta: (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Q, meta["BLOCK_Q"]), groups)
 
@@ -218,7 +215,8 @@ def gpc_io_layout_fwd(t, weight1, weight2, bias1=None, bias2=None) -> torch.Tens
         s_wc=weight1.stride(2), s_ym=y.stride(0), s_yc=y.stride(1),
         s_bias1g=og, s_bias2g=og, p_bucket=triton.next_power_of_2(M),
         GROUPS=G, RUN=R, HAS_BIAS1=bias1 is not None, HAS_BIAS2=bias2 is not None,
-        INPUT_PRECISION=_input_precision(t.dtype), ACC_DTYPE=_acc_dtype(t.dtype), GROUP_P=8,
+        INPUT_PRECISION=_input_precision(t.dtype), ACC_DTYPE=accumulator_dtype(t.dtype),
+        GROUP_P=8,
     )
     _run("gpc_io_layout_fwd", _layout_fwd_kernel, M, og, 2 * G * R, G, args, t.dtype, t.device)
     return y
@@ -232,7 +230,8 @@ def _dt_launch(dy, weight, dt, R: int, second: bool, name: str) -> None:
         s_dym=dy.stride(0), s_dyc=dy.stride(1), s_wg=weight.stride(0), s_wr=weight.stride(1),
         s_wc=weight.stride(2), p_bucket=triton.next_power_of_2(M),
         GROUPS=G, RUN=R, SECOND=second, ACCUMULATE=not second,
-        INPUT_PRECISION=_input_precision(dy.dtype), ACC_DTYPE=_acc_dtype(dy.dtype), GROUP_P=8,
+        INPUT_PRECISION=_input_precision(dy.dtype), ACC_DTYPE=accumulator_dtype(dy.dtype),
+        GROUP_P=8,
     )
     _run(name, _layout_dt_kernel, M, G * R, og, G, args, dy.dtype, dy.device,
          restore=() if second else ("dt_ptr",), tune_key=("p_bucket", "SECOND"))
@@ -273,7 +272,7 @@ def gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt=True, need_dw1=True, need
                 s_dym=dy.stride(0), s_dyc=dy.stride(1), s_dwg=out.stride(0),
                 s_dwr=out.stride(1), s_dwc=out.stride(2), k_bucket=triton.next_power_of_2(M),
                 GROUPS=G, RUN=R, INPUT_PRECISION=_input_precision(t.dtype),
-                ACC_DTYPE=_acc_dtype(t.dtype), GROUP_P=8,
+                ACC_DTYPE=accumulator_dtype(t.dtype), GROUP_P=8,
             )
             _run("gpc_io_layout_bwd_dw", _layout_dw_kernel, G * R, og, M, len(problems) * G,
                  args, t.dtype, t.device, tune_key=("k_bucket",))

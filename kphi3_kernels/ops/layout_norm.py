@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 
 from . import outputs
+from .grouped_gemm import accumulator_dtype
+from .layout_act import channel_of_slot
 from .launch import KernelLaunch, launch
 
 
@@ -43,11 +45,8 @@ def _rms_norm_layout_kernel(
     # The layout, written in order: each column's channel is gathered (the row is in L1 / L2).
     for l0 in range(0, WIDTH, BLOCK_C):
         col = l0 + tl.arange(0, BLOCK_C)
-        b = col // (GROUPS * RUN)
-        n = (col // RUN) % GROUPS
-        i = (n + GROUPS - (b * PER_GROUP) % GROUPS) % GROUPS + (col % RUN) * GROUPS
-        chan = b * PER_GROUP + i
-        is_channel = (i < PER_GROUP) & (col < WIDTH)
+        chan, is_channel = channel_of_slot(col, PER_GROUP, GROUPS, RUN)
+        is_channel = is_channel & (col < WIDTH)
         x = tl.load(x_rows + chan[None, :] * s_xc, mask=mask_m[:, None] & is_channel[None, :],
                     other=0.0).to(COMPUTE)
         w = tl.load(w_ptr + chan, mask=is_channel, other=0.0).to(COMPUTE)
@@ -94,10 +93,6 @@ def _rms_norm_bwd_kernel(
                      mask=c < CHANNELS)
 
 
-def _compute(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _config(M: int, channels: int) -> triton.Config:
     # 16 rows x 256 channels per step (4K elements, 32 per thread on 4 warps); many rows per
     # program keep the weight gradient's partial sums few.
@@ -133,7 +128,7 @@ def rms_norm_layout_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, group
     _launch("rms_norm_layout", _rms_norm_layout_kernel, M, channels, dict(
         x_ptr=x, w_ptr=weight, t_ptr=t, rstd_ptr=rstd, M=M, eps=float(eps),
         s_xm=x.stride(0), s_xc=x.stride(1), CHANNELS=channels, PER_GROUP=channels // groups,
-        GROUPS=groups, RUN=run, COMPUTE=_compute(x.dtype)), x.device)
+        GROUPS=groups, RUN=run, COMPUTE=accumulator_dtype(x.dtype)), x.device)
     return t, rstd
 
 
@@ -154,7 +149,7 @@ def rms_norm_bwd(dn: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
             dn_ptr=dn, x_ptr=x, w_ptr=weight, rstd_ptr=rstd,
             dx_ptr=dx if dx is not None else dn, dw_partial_ptr=partial if need_dw else rstd,
             M=M, s_dnm=dn.stride(0), s_xm=x.stride(0), s_xc=x.stride(1), CHANNELS=channels,
-            NEED_DX=need_dx, NEED_DW=need_dw, COMPUTE=_compute(x.dtype)), x.device)
+            NEED_DX=need_dx, NEED_DW=need_dw, COMPUTE=accumulator_dtype(x.dtype)), x.device)
     dw = None
     if need_dw:
         dw = (partial.sum(dim=0) if M else torch.zeros(channels, dtype=partial.dtype,

@@ -19,10 +19,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import outputs
-from .grouped_gemm import Operand, grouped_gemm
 from .layout_act import silu_mul_layout_fwd
 from .layout_gemm import gpc_io_layout_bwd, gpc_io_layout_fwd
+from .triton_impl import io_input_grad
 
 
 def mlp_tail_fwd(gate_up, weight1, weight2, bias1=None, bias2=None, run: int = 8
@@ -35,21 +34,10 @@ def mlp_tail_fwd(gate_up, weight1, weight2, bias1=None, bias2=None, run: int = 8
 def mlp_tail_bwd(dy, gate_up, t, weight1, weight2, need_dgu=True, need_dw1=True,
                  need_dw2=True) -> Tuple[Optional[torch.Tensor], ...]:
     """``(d gate_up, dW1, dW2)``, None where not asked."""
-    M = dy.shape[0]
-    G, s, og = weight1.shape
     dgu = None
     if need_dgu:
-        dxi = outputs.new_output((M, G * s), dy.dtype, dy.device)
-        dy_groups = Operand(dy, og * dy.stride(1), dy.stride(0), dy.stride(1))
-        grouped_gemm(G, M, s, dy_groups,
-                     Operand(weight2, weight2.stride(0), weight2.stride(2), weight2.stride(1)),
-                     og, Operand(dxi, s, G * s, 1), name="mlp_tail_bwd_dxi")
-        dgu = outputs.new_output((M, 2 * G * s), dy.dtype, dy.device)
-        grouped_gemm(G, M, s, dy_groups,
-                     Operand(weight1, weight1.stride(0), weight1.stride(2), weight1.stride(1)),
-                     og, Operand(dgu, s, 2 * G * s, 1),
-                     residual=Operand(dxi, 0, dxi.stride(0), dxi.stride(1)),
-                     residual_gather=(G, s), act_grad=(gate_up, G * s),
-                     name="mlp_tail_bwd_dgate_up")
+        G, s = weight1.shape[:2]
+        dgu = io_input_grad(dy, weight1, weight2, ("mlp_tail_bwd_dxi", "mlp_tail_bwd_dgate_up"),
+                            act_grad=(gate_up, G * s))
     _, dw1, dw2 = gpc_io_layout_bwd(dy, t, weight1, weight2, False, need_dw1, need_dw2)
     return dgu, dw1, dw2

@@ -22,10 +22,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import outputs
-from .grouped_gemm import Operand, grouped_gemm
 from .layout_gemm import gpc_io_layout_bwd, gpc_io_layout_fwd
 from .layout_norm import rms_norm_bwd, rms_norm_layout_fwd
+from .triton_impl import io_input_grad
 
 
 def norm_io_fwd(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
@@ -37,30 +36,12 @@ def norm_io_fwd(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=
     return gpc_io_layout_fwd(t, weight1, weight2, bias1, bias2), t, rstd
 
 
-def input_grad_in_channel_order(dy, weight1, weight2, name: str) -> torch.Tensor:
-    """``dn = dy_n W1[n]^T + (dy_n W2[n]^T at channels k*G + n)``: the IO block's input
-    gradient, its second term written once in dy's dtype and gathered into the first GEMM."""
-    M = dy.shape[0]
-    G, s, og = weight1.shape
-    dy_groups = Operand(dy, og * dy.stride(1), dy.stride(0), dy.stride(1))
-    dxi = outputs.new_output((M, G * s), dy.dtype, dy.device)
-    grouped_gemm(G, M, s, dy_groups,
-                 Operand(weight2, weight2.stride(0), weight2.stride(2), weight2.stride(1)), og,
-                 Operand(dxi, s, G * s, 1), name=f"{name}_dxi")
-    dn = outputs.new_output((M, G * s), dy.dtype, dy.device)
-    grouped_gemm(G, M, s, dy_groups,
-                 Operand(weight1, weight1.stride(0), weight1.stride(2), weight1.stride(1)), og,
-                 Operand(dn, s, G * s, 1), residual=Operand(dxi, 0, dxi.stride(0), dxi.stride(1)),
-                 residual_gather=(G, s), name=f"{name}_dxn")
-    return dn
-
-
 def norm_io_bwd(dy, x, norm_weight, rstd, t, weight1, weight2, need_dx=True, need_dnorm=True,
                 need_dw1=True, need_dw2=True) -> Tuple[Optional[torch.Tensor], ...]:
     """``(dx, d norm_weight, dW1, dW2)``, None where not asked."""
     dx = dnorm = None
     if need_dx or need_dnorm:
-        dn = input_grad_in_channel_order(dy, weight1, weight2, "norm_io_bwd")
+        dn = io_input_grad(dy, weight1, weight2, ("norm_io_bwd_dxi", "norm_io_bwd_dxn"))
         dx, dnorm = rms_norm_bwd(dn, x, norm_weight, rstd, need_dx, need_dnorm)
     _, dw1, dw2 = gpc_io_layout_bwd(dy, t, weight1, weight2, False, need_dw1, need_dw2)
     return dx, dnorm, dw1, dw2
