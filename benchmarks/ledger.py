@@ -313,19 +313,29 @@ def _triton_call(p: Problem, mode: str) -> Callable[[], Any]:
 
 def triton_launches(p: Problem, mode: str, io_forward: str = "auto") -> PathCost:
     """The Triton path's launches for ``p`` in ``mode``: recorded, not run."""
-    from kphi3_kernels.ops import launch as launch_mod
     from kphi3_kernels.ops import triton_impl as T
 
+    previous_io = T.IO_FORWARD
+    try:
+        T.IO_FORWARD = io_forward
+        return PathCost(record_costs(_triton_call(p, mode)))
+    finally:
+        T.IO_FORWARD = previous_io
+
+
+def record_costs(call: Callable[[], Any]) -> List[LaunchCost]:
+    """The cost of each launch ``call`` makes, recorded through ``ops/launch.py``, none run."""
+    from kphi3_kernels.ops import launch as launch_mod
+
     seen: List[Any] = []
-    previous, previous_io = launch_mod.RECORDER, T.IO_FORWARD
+    previous = launch_mod.RECORDER
     try:
         launch_mod.RECORDER = seen.append
-        T.IO_FORWARD = io_forward
-        _triton_call(p, mode)()
+        call()
         # Counted while the launches' tensors are alive (storage identity decides duplicates).
-        return PathCost([triton_launch_cost(spec) for spec in seen])
+        return [triton_launch_cost(spec) for spec in seen]
     finally:
-        launch_mod.RECORDER, T.IO_FORWARD = previous, previous_io
+        launch_mod.RECORDER = previous
 
 
 # ----------------------------------------------------------------------------------------------

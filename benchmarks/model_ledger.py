@@ -242,22 +242,6 @@ def projections(cfg: LayerConfig, path: str, m: int, dtype: str, modes: Sequence
             for sh in family_shapes(cfg)}
 
 
-def _record(call) -> List[LaunchCost]:
-    """The launches ``call`` makes, costed while their (meta) tensors are alive, none run."""
-    from kphi3_kernels.ops import launch as launch_mod
-
-    from .ledger import triton_launch_cost
-
-    seen: List[Any] = []
-    previous = launch_mod.RECORDER
-    try:
-        launch_mod.RECORDER = seen.append
-        call()
-        return [triton_launch_cost(spec) for spec in seen]
-    finally:
-        launch_mod.RECORDER = previous
-
-
 def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str, PathCost]:
     """What ``KPhi3Config(fused_decoder=True)`` runs differently at ``m`` tokens, recorded on meta
     tensors like ``ledger.triton_launches`` (none run): ``norms``, ``qkv``, ``gate_up``,
@@ -280,6 +264,7 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str,
     from kphi3_kernels.layout import residue_run_length
     from kphi3_kernels.ops import mlp_tail, norm_head
 
+    from .ledger import record_costs
     from .shapes import DTYPES
 
     torch_dtype = DTYPES[dtype]
@@ -296,9 +281,9 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str,
         if sh.op in ("qkv", "gate_up") and layout_padding(G, s) == 0:
             norm_weight, rstd = meta(G * s), meta(m, dtype=torch.float32)
             if mode == "fwd":
-                costs = _record(lambda: norm_head.norm_io_fwd(x, norm_weight, 1e-5, w1, w2, run=run))
+                costs = record_costs(lambda: norm_head.norm_io_fwd(x, norm_weight, 1e-5, w1, w2, run=run))
             else:
-                costs = _record(lambda: norm_head.norm_io_bwd(dy, x, norm_weight, rstd, t, w1, w2))
+                costs = record_costs(lambda: norm_head.norm_io_bwd(dy, x, norm_weight, rstd, t, w1, w2))
                 programs = -(-m // 16)  # layout_norm's 16-row programs: one fp32 partial each
                 costs.append(LaunchCost("rms_norm_dweight_sum", 0, programs * G * s * FP32
                                         + G * s * ELEMENT_SIZE[dtype]))
@@ -307,7 +292,7 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str,
             out[sh.op] = PathCost([c for c in costs if c not in norm])
         elif sh.op == "down":
             gu = meta(m, 2 * G * s)
-            costs = _record((lambda: mlp_tail.mlp_tail_fwd(gu, w1, w2, run=run)) if mode == "fwd"
+            costs = record_costs((lambda: mlp_tail.mlp_tail_fwd(gu, w1, w2, run=run)) if mode == "fwd"
                             else (lambda: mlp_tail.mlp_tail_bwd(dy, gu, t, w1, w2)))
             out["activation"] = PathCost([c for c in costs if c.name == "silu_mul_layout"])
             out["down"] = PathCost([c for c in costs if c.name != "silu_mul_layout"])

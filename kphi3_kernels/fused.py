@@ -167,8 +167,8 @@ def _check_rms_weight(norm_weight, channels: int, op: str) -> None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Phi-3's RMSNorm in PyTorch: fp32 statistics, the normalized input rounded to x's dtype,
-    then scaled by the weight."""
+    """Phi-3's RMSNorm in PyTorch: fp32 statistics (float64 for float64), the normalized input
+    rounded to x's dtype, then scaled by the weight."""
     dtype = x.dtype
     x32 = x.to(torch.float32) if dtype != torch.float64 else x
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)

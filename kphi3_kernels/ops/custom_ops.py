@@ -382,12 +382,28 @@ def _grouped_linear_bwd_vjp(dy, x, weight, gdx, gdw, gdb, needs, backend):
     return g_dy, g_x, g_w
 
 
+def define(name: str, backend: str, body, fake, traceable: bool) -> None:
+    """Register ``body`` as ``kphi3::<name>_<backend>``: a ``triton_op`` where ``traceable``,
+    else a ``custom_op``, with its shape-only fake. For a triton_op the fake replaces its body
+    for Dynamo and export (shapes only); AOT autograd still traces the body when it decomposes
+    the operator for Inductor."""
+    qualname = f"{NAMESPACE}::{name}_{backend}"
+    kind = torch.library.triton_op if traceable else torch.library.custom_op
+    kind(qualname, body, mutates_args=())
+    torch.library.register_fake(qualname, fake)
+
+
+def define_autograd(name: str, backend: str, body, backward, setup_context) -> None:
+    """The autograd formula of ``kphi3::<name>_<backend>``, and the same formula on the eager
+    fast path (``_call``)."""
+    torch.library.register_autograd(f"{NAMESPACE}::{name}_{backend}", backward,
+                                    setup_context=setup_context)
+    _EAGER[(name, backend)] = (body, _eager_function(name, body, setup_context, backward))
+
+
 def _register_autograd(backend: str, bodies) -> None:
     def register(name, backward, setup_context):
-        torch.library.register_autograd(f"{NAMESPACE}::{name}_{backend}", backward,
-                                        setup_context=setup_context)
-        _EAGER[(name, backend)] = (bodies[name], _eager_function(name, bodies[name],
-                                                                 setup_context, backward))
+        define_autograd(name, backend, bodies[name], backward, setup_context)
 
     # ---- grouped_linear ----------------------------------------------------------------------
     def gl_setup(ctx, inputs, output):
@@ -570,14 +586,8 @@ def _register() -> None:
         traceable = backend == "triton" and _traceable_triton()
         bodies = _bodies(backend)
         for name, body in bodies.items():
-            qualname = f"{NAMESPACE}::{name}_{backend}"
-            kind = torch.library.triton_op if traceable else torch.library.custom_op
-            kind(qualname, body, mutates_args=())
-            # Shape-only fakes for every operator. For a triton_op this replaces its body as the
-            # fake (Dynamo and export need shapes only); AOT autograd still traces the body
-            # when it decomposes the operator for Inductor.
             fake = _fake_gpc_io(backend) if name == "gpc_io" else _FAKES[name]
-            torch.library.register_fake(qualname, fake)
+            define(name, backend, body, fake, traceable)
         _register_autograd(backend, bodies)
     from . import flops
     flops.register(op)

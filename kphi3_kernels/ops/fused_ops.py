@@ -53,6 +53,12 @@ def _launchers():
     return _LOADED
 
 
+def _with_bias_grads(grads, dy, groups: int, need_db1: bool, need_db2: bool):
+    """``grads`` followed by the two bias gradients (one column sum of dy, asked-for only)."""
+    db = _launchers()["bias_grad"](dy, groups) if need_db1 or need_db2 else None
+    return (*grads, db if need_db1 else None, db if need_db2 else None)
+
+
 def _bodies():
     def silu_mul_layout(gu: Tensor, groups: int, run: int) -> Tensor:
         with co._no_autocast(gu):
@@ -78,8 +84,7 @@ def _bodies():
         with co._no_autocast(dy):
             dt, dw1, dw2 = _launchers()["gemm"].gpc_io_layout_bwd(
                 dy, t.contiguous(), weight1, weight2, need_dt, need_dw1, need_dw2)
-            db = _launchers()["bias_grad"](dy, weight1.shape[0]) if need_db1 or need_db2 else None
-        grads = (dt, dw1, dw2, db if need_db1 else None, db if need_db2 else None)
+            grads = _with_bias_grads((dt, dw1, dw2), dy, weight1.shape[0], need_db1, need_db2)
         return co._fresh(co._needed(grads, needs), [dy, t, weight1, weight2])
 
     def mlp_tail(gu: Tensor, weight1: Tensor, weight2: Tensor, bias1: Optional[Tensor],
@@ -96,8 +101,7 @@ def _bodies():
         with co._no_autocast(dy):
             dgu, dw1, dw2 = _launchers()["tail"].mlp_tail_bwd(
                 dy, gu, t.contiguous(), weight1, weight2, need_dgu, need_dw1, need_dw2)
-            db = _launchers()["bias_grad"](dy, weight1.shape[0]) if need_db1 or need_db2 else None
-        grads = (dgu, dw1, dw2, db if need_db1 else None, db if need_db2 else None)
+            grads = _with_bias_grads((dgu, dw1, dw2), dy, weight1.shape[0], need_db1, need_db2)
         return co._fresh(co._needed(grads, needs), [dy, gu, t, weight1, weight2])
 
     def norm_io(x: Tensor, norm_weight: Tensor, eps: float, weight1: Tensor, weight2: Tensor,
@@ -118,8 +122,8 @@ def _bodies():
             dx, dnorm, dw1, dw2 = _launchers()["head"].norm_io_bwd(
                 dy, x, norm_weight, rstd, t.contiguous(), weight1, weight2, need_dx, need_dnorm,
                 need_dw1, need_dw2)
-            db = _launchers()["bias_grad"](dy, weight1.shape[0]) if need_db1 or need_db2 else None
-        grads = (dx, dnorm, dw1, dw2, db if need_db1 else None, db if need_db2 else None)
+            grads = _with_bias_grads((dx, dnorm, dw1, dw2), dy, weight1.shape[0], need_db1,
+                                     need_db2)
         return co._fresh(co._needed(grads, needs), [dy, x, norm_weight, rstd, t, weight1, weight2])
 
     return dict(silu_mul_layout=silu_mul_layout, silu_mul_layout_bwd=silu_mul_layout_bwd,
@@ -183,7 +187,8 @@ def _fake_norm_io_bwd(dy, x, norm_weight, rstd, t, weight1, weight2, need_dx, ne
 
 
 _FAKES = dict(norm_io=_fake_norm_io, norm_io_bwd=_fake_norm_io_bwd,
-              mlp_tail=_fake_mlp_tail, mlp_tail_bwd=_fake_mlp_tail_bwd, silu_mul_layout=_fake_silu_mul_layout,
+              mlp_tail=_fake_mlp_tail, mlp_tail_bwd=_fake_mlp_tail_bwd,
+              silu_mul_layout=_fake_silu_mul_layout,
               silu_mul_layout_bwd=_fake_silu_mul_layout_bwd,
               gpc_io_layout=_fake_gpc_io_layout, gpc_io_layout_bwd=_fake_gpc_io_layout_bwd)
 
@@ -215,10 +220,7 @@ def norm_io(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None
 
 def _register_autograd(bodies) -> None:
     def register(name, backward, setup_context):
-        torch.library.register_autograd(f"{co.NAMESPACE}::{name}_{BACKEND}", backward,
-                                        setup_context=setup_context)
-        co._EAGER[(name, BACKEND)] = (bodies[name], co._eager_function(
-            name, bodies[name], setup_context, backward))
+        co.define_autograd(name, BACKEND, bodies[name], backward, setup_context)
 
     def act_setup(ctx, inputs, output):
         gu, groups, _ = inputs
@@ -245,6 +247,7 @@ def _register_autograd(bodies) -> None:
                                  ctx.has_bias[0] and need[3], ctx.has_bias[1] and need[4])
 
     register("gpc_io_layout", io_backward, io_setup)
+
     def tail_setup(ctx, inputs, output):
         gu, weight1, weight2, bias1, bias2, _ = inputs
         ctx.save_for_backward(gu, output[1], weight1, weight2)
@@ -301,10 +304,7 @@ def _register() -> None:
     traceable = co._traceable_triton()
     bodies = _bodies()
     for name, body in bodies.items():
-        qualname = f"{co.NAMESPACE}::{name}_{BACKEND}"
-        kind = torch.library.triton_op if traceable else torch.library.custom_op
-        kind(qualname, body, mutates_args=())
-        torch.library.register_fake(qualname, _FAKES[name])
+        co.define(name, BACKEND, body, _FAKES[name], traceable)
     _register_autograd(bodies)
 
 
