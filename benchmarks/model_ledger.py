@@ -244,58 +244,94 @@ def projections(cfg: LayerConfig, path: str, m: int, dtype: str, modes: Sequence
 
 def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str, PathCost]:
     """What ``KPhi3Config(fused_decoder=True)`` runs differently at ``m`` tokens, recorded on meta
-    tensors like ``ledger.triton_launches`` (none run): ``norms``, ``qkv``, ``gate_up``,
-    ``activation`` and ``down``.
+    tensors like ``ledger.triton_launches`` (none run): ``norms``, ``residuals``, ``qkv``,
+    ``gate_up``, ``activation`` and ``down``.
 
     * ``ops/norm_head.py`` for each RMSNorm and the IO block after it (qkv_proj, gate_up_proj)
       where the model fuses them (the block-residue layout adds no channel:
       ``kphi3_kernels.fused.layout_padding``; not at the released widths):
       forward, the norm writing the block-residue layout, then the block reading it; backward,
       the block's input gradient in channel order, its weight gradients from the saved layout,
-      the norm's backward, and the sum of the norm weight's per-program partial gradients (a
-      torch reduction: counted as one launch reading the partials).
+      the norm's backward.
+    * The residual stream (``ops/layout_norm.py``): a norm not fused into its block is one
+      launch (``rms_norm``); the attention's residual add and post_attention_layernorm are one
+      (``add_rms_norm``), whose backward adds the stream's gradient to the norm's in its pass,
+      so that branch point has no add of its own; the layer input's branch point keeps its add
+      (``residual_add`` formula), as does the attention's residual add where
+      post_attention_layernorm is fused into gate_up_proj.
     * ``ops/mlp_tail.py`` for ``silu(gate) * up`` and down_proj: forward, the activation writing
-      the layout (``activation``), down_proj reading it; backward, down_proj's three launches,
-      the activation's backward inside its input-gradient epilogue (no launch of its own).
+      the layout (``activation``), down_proj reading it and adding the residual stream in its
+      epilogue; backward, down_proj's three launches, the activation's backward inside its
+      input-gradient epilogue (no launch of its own).
+
+    Every norm backward is followed by the sum of the norm weight's per-program partial
+    gradients (a torch reduction, counted as one launch reading the partials).
     """
     import torch
 
     from kphi3_kernels.fused import layout_padding
     from kphi3_kernels.layout import residue_run_length
-    from kphi3_kernels.ops import mlp_tail, norm_head
+    from kphi3_kernels.ops import layout_norm, mlp_tail, norm_head
 
     from .ledger import record_costs
     from .shapes import DTYPES
 
     torch_dtype = DTYPES[dtype]
+    e = ELEMENT_SIZE[dtype]
 
     def meta(*size, dtype=torch_dtype):
         return torch.empty(*size, dtype=dtype, device="meta")
 
-    out: Dict[str, PathCost] = {"norms": PathCost()}
+    def dweight_sum(channels: int) -> LaunchCost:
+        programs = -(-m // 16)  # layout_norm's 16-row programs: one fp32 partial each
+        return LaunchCost("rms_norm_dweight_sum", 0, programs * channels * FP32 + channels * e)
+
+    h = cfg.hidden
+    rstd, norm_weight = meta(m, dtype=torch.float32), meta(h)
+    out: Dict[str, PathCost] = {"norms": PathCost(), "residuals": PathCost()}
+    heads = {}
     for sh in family_shapes(cfg):
         G, s, og = sh.groups, sh.in_per_group, sh.out_per_group
         run = residue_run_length(G * s, G, 8)
         x, t, dy = meta(m, G * s), meta(m, G * G * run), meta(m, G * og)
         w1, w2 = meta(G, s, og), meta(G, s, og)
         if sh.op in ("qkv", "gate_up") and layout_padding(G, s) == 0:
-            norm_weight, rstd = meta(G * s), meta(m, dtype=torch.float32)
+            heads[sh.op] = True
             if mode == "fwd":
                 costs = record_costs(lambda: norm_head.norm_io_fwd(x, norm_weight, 1e-5, w1, w2, run=run))
             else:
                 costs = record_costs(lambda: norm_head.norm_io_bwd(dy, x, norm_weight, rstd, t, w1, w2))
-                programs = -(-m // 16)  # layout_norm's 16-row programs: one fp32 partial each
-                costs.append(LaunchCost("rms_norm_dweight_sum", 0, programs * G * s * FP32
-                                        + G * s * ELEMENT_SIZE[dtype]))
+                costs.append(dweight_sum(G * s))
             norm = [c for c in costs if c.name.startswith("rms_norm")]
             out["norms"].launches.extend(norm)
             out[sh.op] = PathCost([c for c in costs if c not in norm])
         elif sh.op == "down":
             gu = meta(m, 2 * G * s)
-            costs = record_costs((lambda: mlp_tail.mlp_tail_fwd(gu, w1, w2, run=run)) if mode == "fwd"
-                            else (lambda: mlp_tail.mlp_tail_bwd(dy, gu, t, w1, w2)))
+            costs = record_costs((lambda: mlp_tail.mlp_tail_fwd(gu, w1, w2, run=run, residual=dy))
+                                 if mode == "fwd" else
+                                 (lambda: mlp_tail.mlp_tail_bwd(dy, gu, t, w1, w2)))
             out["activation"] = PathCost([c for c in costs if c.name == "silu_mul_layout"])
             out["down"] = PathCost([c for c in costs if c.name != "silu_mul_layout"])
+    # The stream's norms, where not in a norm head (distinct tensors: bytes count by storage).
+    if "qkv" not in heads:
+        out["norms"].launches.extend(
+            record_costs(lambda: layout_norm.rms_norm_fwd(meta(m, h), norm_weight, 1e-5))
+            if mode == "fwd" else
+            record_costs(lambda: layout_norm.rms_norm_bwd(meta(m, h), meta(m, h), norm_weight,
+                                                          rstd))
+            + [dweight_sum(h)])
+    if "gate_up" not in heads:
+        out["norms"].launches.extend(
+            record_costs(lambda: layout_norm.rms_norm_fwd(meta(m, h), norm_weight, 1e-5,
+                                                          meta(m, h)))
+            if mode == "fwd" else
+            record_costs(lambda: layout_norm.rms_norm_bwd(meta(m, h), meta(m, h), norm_weight,
+                                                          rstd, dh=meta(m, h)))
+            + [dweight_sum(h)])
+    else:  # the attention's residual add stays apart (forward, and its branch point's backward)
+        out["residuals"].launches.append(residual_add(m, h, dtype, mode))
+    if mode == "bwd":  # the layer input's branch point: the input norm's and the stream's
+        out["residuals"].launches.append(residual_add(m, h, dtype, mode))
     return out
 
 
@@ -303,7 +339,8 @@ def path_costs(cfg: LayerConfig, path: str, m: int, dtype: str, modes: Sequence[
                io_forward: str = "auto"):
     """``(projections, replaced)`` of ``path``: the four projections' ``{op: {mode: cost}}``
     and, for ``fused`` only, the components it runs differently (``{"norms": {mode: cost},
-    "activation": ...}``; else empty). o_proj stays the op-level block for every path."""
+    "activation": ..., "residuals": ...}``; else empty). o_proj stays the op-level block for
+    every path."""
     if path != "fused":
         return projections(cfg, path, m, dtype, modes, io_forward), {}
     proj = projections(cfg, "triton", m, dtype, modes, io_forward)
@@ -311,12 +348,8 @@ def path_costs(cfg: LayerConfig, path: str, m: int, dtype: str, modes: Sequence[
     for op in ("qkv", "gate_up", "down"):
         if op in fused[modes[0]]:
             proj[op] = {mode: fused[mode][op] for mode in modes}
-    replaced = {"activation": {mode: fused[mode]["activation"] for mode in modes}}
-    if any(op in fused[modes[0]] for op in ("qkv", "gate_up")):
-        # A norm that is not fused keeps its formula (rest_of_layer's rms_norm).
-        replaced["norms"] = {mode: PathCost(fused[mode]["norms"].launches + [
-            rms_norm(m, cfg.hidden, dtype, mode) for op in ("qkv", "gate_up")
-            if op not in fused[mode]]) for mode in modes}
+    replaced = {name: {mode: fused[mode][name] for mode in modes}
+                for name in ("norms", "activation", "residuals")}
     return proj, replaced
 
 

@@ -13,6 +13,10 @@ read, and the layout's gradient returns to the activation's backward: no pass in
 
     y = rms_norm_gpc_io(x, norm_weight, eps, weight1, weight2)  # IO block of RMSNorm(x)
 
+    n = rms_norm(x, norm_weight, eps)                       # Phi-3's RMSNorm, one launch
+    h, n = add_rms_norm(residual, x, norm_weight, eps)      # h = residual + x, n = RMSNorm(h)
+    y = silu_mul_gpc_io(gate_up, weight1, weight2, residual=h)  # h + down_proj(...)
+
 ``silu_mul_gpc_io`` is what a KPhi-3 MLP runs with ``fused_decoder=True``: one operator whose backward
 never writes the layout's gradient. It computes ``h``'s gradient in plain channel order (the IO
 block's input gradient, its interleaved half gathered in the epilogue) and turns it into those
@@ -21,7 +25,12 @@ layout it saved serves the weight gradients. ``rms_norm_gpc_io`` is qkv_proj and
 with the RMSNorm before them: the norm writes the layout, the IO block reads it, and the
 backward returns the input gradient in channel order to the norm's backward.
 
-Both take ``backend=`` like the op-level functions. ``"triton"`` runs the fused kernels
+The residual stream is fused the same way: ``add_rms_norm`` is the residual add after the
+attention and the RMSNorm after it in one launch, whose backward adds the stream's own gradient
+to the norm's in the same pass (the sum at the branch point), and ``silu_mul_gpc_io(...,
+residual=h)`` adds the stream in down_proj's epilogue.
+
+All take ``backend=`` like the op-level functions. ``"triton"`` runs the fused kernels
 (``ops/fused_ops.py``); ``"torch"`` computes the same values from ``kphi3_kernels.layout``'s plain
 PyTorch conversions (the reference). Checks run before anything launches.
 """
@@ -39,7 +48,7 @@ from .ops import fused_ops
 from .reference import as_int
 
 __all__ = ["silu_mul_to_layout", "gpc_io_from_layout", "silu_mul_gpc_io", "rms_norm_gpc_io",
-           "layout_padding"]
+           "rms_norm", "add_rms_norm", "layout_padding"]
 
 
 def _check_floating(x, name: str, op: str) -> None:
@@ -129,12 +138,16 @@ def gpc_io_from_layout(t: torch.Tensor, weight1: torch.Tensor, weight2: torch.Te
 
 def silu_mul_gpc_io(gate_up: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
                     bias1: Optional[torch.Tensor] = None, bias2: Optional[torch.Tensor] = None,
-                    pad: int = 8, *, backend: Optional[str] = None) -> torch.Tensor:
+                    pad: int = 8, *, residual: Optional[torch.Tensor] = None,
+                    backend: Optional[str] = None) -> torch.Tensor:
     """``gpc_io(up * silu(gate), weight1, weight2, bias1, bias2)`` for ``gate_up = [gate | up]``:
     a KPhi-3 MLP's activation and down_proj as one fused operator (see the module docstring).
 
     ``gate_up`` ``[..., 2*G*s]``, weights ``[G, s, og]`` (G > 1 or 1), biases ``[G, og]``;
-    returns ``[..., G*og]``. ``"torch"`` runs the op-level composition in PyTorch.
+    returns ``[..., G*og]``. ``residual`` (``[..., G*og]``, like the result): returns
+    ``residual + gpc_io(...)``, added to the fp32 accumulator in the epilogue, in the promoted
+    dtype of the two (the decoder's residual add after the MLP). ``"torch"`` runs the op-level
+    composition in PyTorch.
     """
     op = "silu_mul_gpc_io"
     G, s, og = _check_io_weights(weight1, weight2, op)
@@ -148,15 +161,24 @@ def silu_mul_gpc_io(gate_up: torch.Tensor, weight1: torch.Tensor, weight2: torch
     pad = as_int(pad, f"{op}: pad")
     if pad < 1:
         raise ValueError(f"{op}: pad must be positive, got {pad}")
+    if residual is not None:
+        _check_floating(residual, "residual", op)
+        want = (*gate_up.shape[:-1], G * og)
+        if tuple(residual.shape) != want:
+            raise ValueError(f"{op}: residual must have the result's shape {want}, got "
+                             f"{tuple(residual.shape)}")
+        _check_device(residual, gate_up, op, "residual")
     name = _backend(gate_up, backend)
     gate_up, (weight1, weight2, bias1, bias2) = _cast_params(
         gate_up, (weight1, weight2, bias1, bias2), op)
     if name == "triton":
         run = layout.residue_run_length(G * s, G, pad)
-        y = fused_ops.mlp_tail(_flatten(gate_up), weight1, weight2, bias1, bias2, run)
+        y = fused_ops.mlp_tail(_flatten(gate_up), weight1, weight2, bias1, bias2, run,
+                               _flatten(residual) if residual is not None else None)
         return y.reshape(*gate_up.shape[:-1], G * og)
     gate, up = gate_up.chunk(2, dim=-1)
-    return gpc_io(up * F_torch.silu(gate), weight1, weight2, bias1, bias2, backend="torch")
+    y = gpc_io(up * F_torch.silu(gate), weight1, weight2, bias1, bias2, backend="torch")
+    return y if residual is None else residual + y
 
 
 def _check_rms_weight(norm_weight, channels: int, op: str) -> None:
@@ -166,13 +188,64 @@ def _check_rms_weight(norm_weight, channels: int, op: str) -> None:
                          f"{tuple(norm_weight.shape)}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Phi-3's RMSNorm in PyTorch: fp32 statistics (float64 for float64), the normalized input
-    rounded to x's dtype, then scaled by the weight."""
+def _check_device(t: torch.Tensor, like: torch.Tensor, op: str, name: str) -> None:
+    if t.device != like.device:
+        raise ValueError(f"{op}: {name} is on {t.device}, the input on {like.device}")
+
+
+def _check_norm_args(x, weight, eps, op: str) -> None:
+    _check_floating(x, "x", op)
+    _check_rms_weight(weight, x.shape[-1], op)
+    _check_device(weight, x, op, "weight")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
+
+
+def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x32 = x.to(torch.float32) if dtype != torch.float64 else x
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
+             backend: Optional[str] = None) -> torch.Tensor:
+    """Phi-3's RMSNorm of ``x`` ``[..., C]`` with ``weight`` ``[C]``: fp32 statistics (float64 for
+    float64), the normalized input scaled by the weight, in their promoted dtype.
+
+    ``"torch"`` is Phi-3's module exactly (the normalized input rounded to x's
+    dtype before the scale); ``"triton"`` / ``"auto"`` one launch that rounds once, and whose
+    backward is one launch too (``docs/numerics.md``).
+    """
+    op = "rms_norm"
+    _check_norm_args(x, weight, eps, op)
+    if _backend(x, backend) != "triton":
+        return _rms_norm_torch(x, weight, eps)
+    n = fused_ops.rms_norm(_flatten(x), weight, float(eps))
+    return n.reshape(x.shape)
+
+
+def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, *,
+                 backend: Optional[str] = None):
+    """``(h, n)``: ``h = residual + x`` (in their promoted dtype, as ``+`` rounds it) and
+    ``n = rms_norm(h, weight, eps)``, a decoder's residual add and the RMSNorm after it.
+
+    ``"triton"`` runs both in one launch; its backward, given the gradients of both ``h`` (the
+    residual stream, used again later) and ``n``, computes the input gradient, the sum of the
+    two at the branch point, in one launch. ``"torch"`` runs ``+`` and ``rms_norm``.
+    """
+    op = "add_rms_norm"
+    _check_norm_args(x, weight, eps, op)
+    _check_floating(residual, "residual", op)
+    if residual.shape != x.shape:
+        raise ValueError(f"{op}: residual and x must have one shape, got "
+                         f"{tuple(residual.shape)} and {tuple(x.shape)}")
+    _check_device(residual, x, op, "residual")
+    if _backend(x, backend) != "triton":
+        h = residual + x
+        return h, _rms_norm_torch(h, weight, eps)
+    h, n = fused_ops.add_rms_norm(_flatten(residual), _flatten(x), weight, float(eps))
+    return h.reshape(x.shape), n.reshape(x.shape)
 
 
 def rms_norm_gpc_io(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -202,7 +275,7 @@ def rms_norm_gpc_io(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
         raise ValueError(f"{op}: pad must be positive, got {pad}")
     name = _backend(x, backend)
     if name != "triton":
-        return gpc_io(rms_norm(x, norm_weight, eps), weight1, weight2, bias1, bias2,
+        return gpc_io(_rms_norm_torch(x, norm_weight, eps), weight1, weight2, bias1, bias2,
                       backend="torch")
     # Under autocast the block's operands take the autocast dtype; the norm's (x and its
     # weight) stay as they are. Without it, one dtype for all.

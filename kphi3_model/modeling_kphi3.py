@@ -46,7 +46,8 @@ from kphi3_kernels import (
     InterleaveChannelsFast,
 )
 from kphi3_kernels.backend import resolve_backend, validate_backend
-from kphi3_kernels.fused import layout_padding, rms_norm_gpc_io, silu_mul_gpc_io
+from kphi3_kernels.fused import (add_rms_norm, layout_padding, rms_norm, rms_norm_gpc_io,
+                                 silu_mul_gpc_io)
 
 from .configuration_kphi3 import KPhi3Config, check_kphi3_config
 
@@ -206,9 +207,12 @@ class KPhi3MLP(nn.Module):
                                 "post_attention_layernorm writes gate_up_proj's input in the "
                                 "block-residue layout", unpadded=True)
 
-    def forward(self, hidden_states: torch.Tensor, input_norm: nn.Module | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, input_norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         """``input_norm``: the RMSNorm to apply first, fused with ``gate_up_proj`` (given only
-        where ``fused_norm_path`` holds); without it ``hidden_states`` is already normalized."""
+        where ``fused_norm_path`` holds); without it ``hidden_states`` is already normalized.
+        ``residual``: returns ``residual + mlp(hidden_states)``, the add in down_proj's
+        epilogue where the MLP tail is fused."""
         if input_norm is not None:
             up_states = norm_then_block(input_norm, self.gate_up_proj, hidden_states)
         else:
@@ -217,10 +221,11 @@ class KPhi3MLP(nn.Module):
             down = self.down_proj
             first, second = down.first_pointwise_conv, down.second_pointwise_conv
             return silu_mul_gpc_io(up_states, first.weight, second.weight, first.bias,
-                                   second.bias, backend="triton")
+                                   second.bias, residual=residual, backend="triton")
         gate, up_states = up_states.chunk(2, dim=-1)  # the gate is the first half
         up_states = up_states * self.activation_fn(gate)
-        return self.down_proj(up_states)
+        out = self.down_proj(up_states)
+        return out if residual is None else residual + out
 
 
 def rope_init_function(rope_type: str) -> Callable:
@@ -502,14 +507,56 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
                            "RMSNorm, which the fused operator would skip: the op-level path")
         return path
 
+    def stream_path(self, device: torch.Tensor | torch.device | str) -> tuple[bool, str]:
+        """``(fused, reason)``: whether the residual stream's fusions can run on ``device``: the
+        norms as built (Phi-3's RMSNorm, no hooks), no active dropout on the branches, the
+        Triton kernels."""
+        if not self.config.fused_decoder:
+            return False, "fused_decoder=False: the op-level path"
+        norms = (self.input_layernorm, self.post_attention_layernorm)
+        dropouts = (self.resid_attn_dropout, self.resid_mlp_dropout)
+        if not (all(type(n) is KPhi3RMSNorm for n in norms) and runs_as_built(*norms, *dropouts)):
+            return False, ("fused_decoder=True, but a norm or a residual dropout has hooks or is "
+                           "not the built module, which the fused operator would skip: the "
+                           "op-level path")
+        if self.training and any(d.p > 0 for d in dropouts):
+            return False, ("fused_decoder=True, but residual dropout is active (training with "
+                           "resid_pdrop > 0), and it sits between the branch and the add: the "
+                           "op-level path")
+        backend, reason = resolve_backend(device, self.config.kernel_backend, with_reason=True)
+        if backend != "triton":
+            return False, f"fused_decoder=True, but the kernel backend is {reason}; so the op-level path"
+        return True, "fused_decoder=True on the Triton kernels"
+
     def fusions(self, device: torch.Tensor | torch.device | str) -> dict[str, tuple[bool, str]]:
         """Each fusion of ``config.fused_decoder`` in this layer on ``device``: ``(fused, reason)``."""
-        return {
+        heads = {
             "input_layernorm + qkv_proj": self.norm_fusion(
                 self.input_layernorm, self.self_attn.fused_norm_path(device)),
             "post_attention_layernorm + gate_up_proj": self.norm_fusion(
                 self.post_attention_layernorm, self.mlp.fused_norm_path(device)),
-            "silu(gate) * up + down_proj": self.mlp.fused_path(device),
+        }
+        tail = self.mlp.fused_path(device)
+        stream, why = self.stream_path(device)
+
+        def on_stream(text: str, inside: str | None = None) -> tuple[bool, str]:
+            if stream and inside is not None and heads[inside][0]:
+                return False, f"fused_decoder=True: runs as part of {inside}"
+            return (True, f"{why}: {text}") if stream else (False, why)
+
+        down = on_stream("the residual add in down_proj's epilogue")
+        if down[0] and not (tail[0] and runs_as_built(self.mlp)):
+            down = (False, "fused_decoder=True, but the MLP tail is not fused (or the MLP has "
+                           "hooks): the op-level path")
+        return {
+            **heads,
+            "silu(gate) * up + down_proj": tail,
+            "input_layernorm": on_stream("one RMSNorm launch, and one for its backward",
+                                         "input_layernorm + qkv_proj"),
+            "residual add + post_attention_layernorm": on_stream(
+                "one launch; its backward sums the stream's gradient with the norm's in the same "
+                "pass", "post_attention_layernorm + gate_up_proj"),
+            "down_proj + residual add": down,
         }
 
     @cache_parameter
@@ -523,12 +570,18 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        # With config.fused_decoder, a norm fused into the projection after it is handed over.
+        # With config.fused_decoder, a norm fused into the projection after it is handed over,
+        # and the residual adds run inside the launches around them (``fusions``).
+        fused = self.fusions(hidden_states) if self.config.fused_decoder else {}
+        on = {where: path[0] for where, path in fused.items()}
         residual = hidden_states
         attn_norm = None
-        if self.config.fused_decoder and self.norm_fusion(
-                self.input_layernorm, self.self_attn.fused_norm_path(hidden_states))[0]:
+        if on.get("input_layernorm + qkv_proj"):
             attn_norm = self.input_layernorm
+        elif on.get("input_layernorm"):
+            norm = self.input_layernorm
+            hidden_states = rms_norm(hidden_states, norm.weight, norm.variance_epsilon,
+                                     backend="triton")
         else:
             hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
@@ -541,16 +594,21 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
             input_norm=attn_norm,
             **kwargs,
         )
-        hidden_states = residual + self.resid_attn_dropout(hidden_states)
-
-        residual = hidden_states
-        if self.config.fused_decoder and self.norm_fusion(
-                self.post_attention_layernorm, self.mlp.fused_norm_path(hidden_states))[0]:
-            hidden_states = self.mlp(hidden_states, input_norm=self.post_attention_layernorm)
+        if on.get("residual add + post_attention_layernorm"):
+            norm = self.post_attention_layernorm
+            residual, normed = add_rms_norm(residual, hidden_states, norm.weight,
+                                            norm.variance_epsilon, backend="triton")
+            mlp_in, mlp_norm = normed, None
         else:
-            hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
-        hidden_states = residual + self.resid_mlp_dropout(hidden_states)
-        return hidden_states
+            residual = residual + self.resid_attn_dropout(hidden_states)
+            mlp_in, mlp_norm = residual, None
+            if on.get("post_attention_layernorm + gate_up_proj"):
+                mlp_norm = self.post_attention_layernorm
+            else:
+                mlp_in = self.post_attention_layernorm(residual)
+        if on.get("down_proj + residual add"):
+            return self.mlp(mlp_in, input_norm=mlp_norm, residual=residual)
+        return residual + self.resid_mlp_dropout(self.mlp(mlp_in, input_norm=mlp_norm))
 
 
 class KPhi3PreTrainedModel(PreTrainedModel):
@@ -595,13 +653,16 @@ class KPhi3PreTrainedModel(PreTrainedModel):
 
     def explain_fused_decoder(self, device: torch.device | str = "cuda") -> str:
         """Which path each fusion of ``config.fused_decoder`` runs on ``device``, layer by layer:
-        the two RMSNorms fused with the projections after them, the activation with down_proj."""
+        the two RMSNorms fused with the projections after them, the activation with down_proj,
+        and the residual stream (the input norm as one launch, the attention's residual add
+        with the norm after it, the MLP's in down_proj's epilogue)."""
         lines = []
         for name, module in self.named_modules():
             if isinstance(module, KPhi3DecoderLayer):
                 for where, (_, reason) in module.fusions(device).items():
-                    part = "self_attn" if "qkv_proj" in where else "mlp"
-                    lines.append(f"{name}.{part} ({where}): {reason}")
+                    part = ".self_attn" if "qkv_proj" in where else (
+                        ".mlp" if "proj" in where else "")
+                    lines.append(f"{name}{part} ({where}): {reason}")
         return "\n".join(lines)
 
     def set_kernel_backend(self, backend: str) -> None:

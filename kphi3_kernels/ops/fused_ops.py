@@ -15,11 +15,21 @@ operator                                                            returns
 ``gpc_io_layout_triton(t, weight1, weight2, bias1?, bias2?)``       ``y`` of the IO block
 ``gpc_io_layout_bwd_triton(dy, t, weight1, weight2, need_dt,        the needed ones of
 need_dw1, need_dw2, need_db1, need_db2)``                           ``[dt, dw1, dw2, db1, db2]``
-``mlp_tail_triton(gu, weight1, weight2, bias1?, bias2?, run)``      ``(y, t)``: down_proj of
-                                                                    ``up * silu(gate)``, and
-                                                                    the layout it read (saved)
+``mlp_tail_triton(gu, weight1, weight2, bias1?, bias2?,             ``(y, t)``: down_proj of
+residual?, run)``                                                   ``up * silu(gate)`` (plus
+                                                                    the residual), and the
+                                                                    layout it read (saved)
 ``mlp_tail_bwd_triton(dy, gu, t, weight1, weight2, need_dgu,        the needed ones of
 need_dw1, need_dw2, need_db1, need_db2)``                           ``[dgu, dw1, dw2, db1, db2]``
+``rms_norm_triton(x, weight, eps)``                                 ``(n, rstd)``: RMSNorm in
+                                                                    channel order, the
+                                                                    reciprocal RMS (saved)
+``add_rms_norm_triton(residual, x, weight, eps)``                   ``(h, n, rstd)``: ``h =
+                                                                    residual + x`` and its
+                                                                    RMSNorm ``n``
+``rms_norm_bwd_triton(dn, dh?, x, weight, rstd, need_dx,            the needed ones of ``[dx,
+need_dw)``                                                          dweight]``; ``dx``
+                                                                    includes ``dh``
 ``norm_io_triton(x, norm_weight, eps, weight1, weight2, bias1?,      ``(y, t, rstd)``: the IO
 bias2?, run)``                                                      block of ``RMSNorm(x)``,
                                                                     the layout it read and the
@@ -46,10 +56,10 @@ _LOADED = {}
 
 def _launchers():
     if not _LOADED:
-        from . import layout_act, layout_gemm, mlp_tail, norm_head
+        from . import layout_act, layout_gemm, layout_norm, mlp_tail, norm_head
         from .torch_impl import bias_grad
-        _LOADED.update(act=layout_act, gemm=layout_gemm, tail=mlp_tail, head=norm_head,
-                       bias_grad=bias_grad)
+        _LOADED.update(act=layout_act, gemm=layout_gemm, norm=layout_norm, tail=mlp_tail,
+                       head=norm_head, bias_grad=bias_grad)
     return _LOADED
 
 
@@ -88,11 +98,32 @@ def _bodies():
         return co._fresh(co._needed(grads, needs), [dy, t, weight1, weight2])
 
     def mlp_tail(gu: Tensor, weight1: Tensor, weight2: Tensor, bias1: Optional[Tensor],
-                 bias2: Optional[Tensor], run: int) -> Tuple[Tensor, Tensor]:
+                 bias2: Optional[Tensor], residual: Optional[Tensor], run: int
+                 ) -> Tuple[Tensor, Tensor]:
         with co._no_autocast(gu):
-            y, t = _launchers()["tail"].mlp_tail_fwd(gu, weight1, weight2, bias1, bias2, run)
-        y, t = co._fresh([y, t], [gu, weight1, weight2, bias1, bias2])
+            y, t = _launchers()["tail"].mlp_tail_fwd(gu, weight1, weight2, bias1, bias2, run,
+                                                     residual)
+        y, t = co._fresh([y, t], [gu, weight1, weight2, bias1, bias2, residual])
         return y, t
+
+    def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+        with co._no_autocast(x):
+            _, n, rstd = _launchers()["norm"].rms_norm_fwd(x, weight, eps)
+        n, rstd = co._fresh([n, rstd], [x, weight])
+        return n, rstd
+
+    def add_rms_norm(residual: Tensor, x: Tensor, weight: Tensor, eps: float
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
+        with co._no_autocast(x):
+            h, n, rstd = _launchers()["norm"].rms_norm_fwd(x, weight, eps, residual)
+        h, n, rstd = co._fresh([h, n, rstd], [residual, x, weight])
+        return h, n, rstd
+
+    def rms_norm_bwd(dn: Tensor, dh: Optional[Tensor], x: Tensor, weight: Tensor, rstd: Tensor,
+                     need_dx: bool, need_dw: bool) -> List[Tensor]:
+        with co._no_autocast(dn):
+            dx, dw = _launchers()["norm"].rms_norm_bwd(dn, x, weight, rstd, need_dx, need_dw, dh)
+        return co._fresh(co._needed((dx, dw), (need_dx, need_dw)), [dn, dh, x, weight, rstd])
 
     def mlp_tail_bwd(dy: Tensor, gu: Tensor, t: Tensor, weight1: Tensor, weight2: Tensor,
                      need_dgu: bool, need_dw1: bool, need_dw2: bool, need_db1: bool,
@@ -129,6 +160,7 @@ def _bodies():
     return dict(silu_mul_layout=silu_mul_layout, silu_mul_layout_bwd=silu_mul_layout_bwd,
                 gpc_io_layout=gpc_io_layout, gpc_io_layout_bwd=gpc_io_layout_bwd,
                 mlp_tail=mlp_tail, mlp_tail_bwd=mlp_tail_bwd,
+                rms_norm=rms_norm, add_rms_norm=add_rms_norm, rms_norm_bwd=rms_norm_bwd,
                 norm_io=norm_io, norm_io_bwd=norm_io_bwd)
 
 
@@ -161,9 +193,34 @@ def _fake_gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt, need_dw1, need_dw2
                           (need_dt, need_dw1, need_dw2, need_db1, need_db2))
 
 
-def _fake_mlp_tail(gu, weight1, weight2, bias1, bias2, run):
+def _fake_mlp_tail(gu, weight1, weight2, bias1, bias2, residual, run):
     G, og = weight1.shape[0], weight1.shape[2]
-    return [gu.new_empty((gu.shape[0], G * og)), gu.new_empty((gu.shape[0], G * G * run))]
+    y_dtype = gu.dtype if residual is None else torch.promote_types(gu.dtype, residual.dtype)
+    return [gu.new_empty((gu.shape[0], G * og), dtype=y_dtype),
+            gu.new_empty((gu.shape[0], G * G * run))]
+
+
+def _norm_dtypes(source, weight):
+    """``(n, rstd)`` dtypes of a norm of a ``source``-typed input (``layout_norm.rms_norm_fwd``)."""
+    return (torch.promote_types(source, weight.dtype),
+            torch.float64 if source == torch.float64 else torch.float32)
+
+
+def _fake_rms_norm(x, weight, eps):
+    n_dtype, rstd_dtype = _norm_dtypes(x.dtype, weight)
+    return x.new_empty(x.shape, dtype=n_dtype), x.new_empty((x.shape[0],), dtype=rstd_dtype)
+
+
+def _fake_add_rms_norm(residual, x, weight, eps):
+    h_dtype = torch.promote_types(residual.dtype, x.dtype)
+    n_dtype, rstd_dtype = _norm_dtypes(h_dtype, weight)
+    return (x.new_empty(x.shape, dtype=h_dtype), x.new_empty(x.shape, dtype=n_dtype),
+            x.new_empty((x.shape[0],), dtype=rstd_dtype))
+
+
+def _fake_rms_norm_bwd(dn, dh, x, weight, rstd, need_dx, need_dw):
+    return ([x.new_empty(x.shape)] if need_dx else []) + (
+        [weight.new_empty(weight.shape)] if need_dw else [])
 
 
 def _fake_mlp_tail_bwd(dy, gu, t, weight1, weight2, need_dgu, need_dw1, need_dw2, need_db1,
@@ -188,6 +245,8 @@ def _fake_norm_io_bwd(dy, x, norm_weight, rstd, t, weight1, weight2, need_dx, ne
 
 _FAKES = dict(norm_io=_fake_norm_io, norm_io_bwd=_fake_norm_io_bwd,
               mlp_tail=_fake_mlp_tail, mlp_tail_bwd=_fake_mlp_tail_bwd,
+              rms_norm=_fake_rms_norm, add_rms_norm=_fake_add_rms_norm,
+              rms_norm_bwd=_fake_rms_norm_bwd,
               silu_mul_layout=_fake_silu_mul_layout,
               silu_mul_layout_bwd=_fake_silu_mul_layout_bwd,
               gpc_io_layout=_fake_gpc_io_layout, gpc_io_layout_bwd=_fake_gpc_io_layout_bwd)
@@ -208,14 +267,30 @@ def gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt=True, need_dw1=True, need
                       needs)
 
 
-def mlp_tail(gu, weight1, weight2, bias1=None, bias2=None, run: int = 8) -> Tensor:
-    return co._call("mlp_tail", BACKEND, gu, weight1, weight2, bias1, bias2, run)[0]
+def mlp_tail(gu, weight1, weight2, bias1=None, bias2=None, run: int = 8, residual=None
+             ) -> Tensor:
+    return co._call("mlp_tail", BACKEND, gu, weight1, weight2, bias1, bias2, residual, run)[0]
+
+
+def rms_norm(x, weight, eps: float) -> Tensor:
+    return co._call("rms_norm", BACKEND, x, weight, float(eps))[0]
+
+
+def add_rms_norm(residual, x, weight, eps: float) -> Tuple[Tensor, Tensor]:
+    h, n, _ = co._call("add_rms_norm", BACKEND, residual, x, weight, float(eps))
+    return h, n
 
 
 def norm_io(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
             run: int = 8) -> Tensor:
     return co._call("norm_io", BACKEND, x, norm_weight, float(eps), weight1, weight2, bias1,
                     bias2, run)[0]
+
+
+def _no_grad_to_saved(name: str, grad) -> None:
+    if grad is not None:
+        raise RuntimeError(f"kphi3::{name}: a gradient reached its saved rstd output, which is "
+                           "not differentiable")
 
 
 def _register_autograd(bodies) -> None:
@@ -249,18 +324,23 @@ def _register_autograd(bodies) -> None:
     register("gpc_io_layout", io_backward, io_setup)
 
     def tail_setup(ctx, inputs, output):
-        gu, weight1, weight2, bias1, bias2, _ = inputs
+        gu, weight1, weight2, bias1, bias2, residual, _ = inputs
         ctx.save_for_backward(gu, output[1], weight1, weight2)
         ctx.has_bias = (bias1 is not None, bias2 is not None)
+        ctx.residual_dtype = residual.dtype if residual is not None else None
         ctx.set_materialize_grads(False)
 
     def tail_backward(ctx, dy, dt):
         gu, t, weight1, weight2 = ctx.saved_tensors
         need = ctx.needs_input_grad
         if dy is None and dt is None:
-            return None, None, None, None, None, None
+            return (None,) * 7
         if dy is None:  # a gradient reaches only t (never from the public functions)
             dy = gu.new_zeros((gu.shape[0], weight1.shape[0] * weight1.shape[2]))
+        # The residual add's gradient is dy itself, for both addends; the block's in its dtype.
+        dresidual = dy.to(ctx.residual_dtype) if ctx.residual_dtype is not None and need[5] \
+            else None
+        dy = dy.to(gu.dtype)
         needs = (need[0], need[1], need[2], ctx.has_bias[0] and need[3],
                  ctx.has_bias[1] and need[4])
         grads = co._unpack(co._call("mlp_tail_bwd", BACKEND, dy, gu, t, weight1, weight2,
@@ -268,7 +348,7 @@ def _register_autograd(bodies) -> None:
         if dt is not None and need[0]:
             grads = (grads[0] + co._call("silu_mul_layout_bwd", BACKEND, dt, gu,
                                          weight1.shape[0]), *grads[1:])
-        return (*grads, None)
+        return (*grads, dresidual, None)
 
     register("mlp_tail", tail_backward, tail_setup)
 
@@ -295,8 +375,51 @@ def _register_autograd(bodies) -> None:
 
     register("norm_io", head_backward, head_setup)
 
+    def norm_setup(ctx, inputs, output):
+        x, weight, _ = inputs
+        ctx.save_for_backward(x, weight, output[1])
+        ctx.set_materialize_grads(False)
+
+    def norm_backward(ctx, dn, drstd):
+        x, weight, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        _no_grad_to_saved("rms_norm", drstd)
+        if dn is None or not (need[0] or need[1]):
+            return None, None, None
+        dx, dw = co._unpack(co._call("rms_norm_bwd", BACKEND, dn, None, x, weight, rstd,
+                                     need[0], need[1]), need[:2])
+        return dx, dw, None
+
+    register("rms_norm", norm_backward, norm_setup)
+
+    def add_norm_setup(ctx, inputs, output):
+        residual, x, weight, _ = inputs
+        ctx.save_for_backward(output[0], weight, output[2])
+        ctx.dtypes = (residual.dtype, x.dtype)
+        ctx.set_materialize_grads(False)
+
+    def add_norm_backward(ctx, dh, dn, drstd):
+        h, weight, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        _no_grad_to_saved("add_rms_norm", drstd)
+        need_dh = need[0] or need[1]
+        if dn is None:  # only h is used: the add's gradient alone
+            d, dw = dh, None
+        elif need_dh or need[2]:
+            d, dw = co._unpack(co._call("rms_norm_bwd", BACKEND, dn, dh, h, weight, rstd,
+                                        need_dh, need[2]), (need_dh, need[2]))
+        else:
+            d = dw = None
+        if d is None:
+            return None, None, dw, None
+        return (d.to(ctx.dtypes[0]) if need[0] else None,
+                d.to(ctx.dtypes[1]) if need[1] else None, dw, None)
+
+    register("add_rms_norm", add_norm_backward, add_norm_setup)
+
     # The backward operators run eagerly like the others, with no formula of their own.
-    for name in ("silu_mul_layout_bwd", "gpc_io_layout_bwd", "mlp_tail_bwd", "norm_io_bwd"):
+    for name in ("silu_mul_layout_bwd", "gpc_io_layout_bwd", "mlp_tail_bwd", "norm_io_bwd",
+                 "rms_norm_bwd"):
         co._EAGER[(name, BACKEND)] = (bodies[name], None)
 
 

@@ -11,7 +11,8 @@ each kernel maps a layout index ``j`` of group ``g`` (``j = n*R + r`` in a block
 Three kernels, named by the launches they make:
 
 * ``gpc_io_layout_fwd``: ``y_g = t[block g] @ W1[g] + t[residue g] @ W2[g] (+ biases)``, one
-  pipelined K loop of ``2*G*R`` steps on one fp32 accumulator.
+  pipelined K loop of ``2*G*R`` steps on one fp32 accumulator; optionally ``+ residual`` in the
+  epilogue (the decoder's residual add after down_proj, no pass of its own).
 * ``gpc_io_layout_bwd_dt_second`` then ``gpc_io_layout_bwd_dt``: the gradient of ``t``, in the
   layout. The first writes every slot of every residue (``dy_n @ W2[n]^T``, zeros at padding);
   the second adds ``dy_b @ W1[b]^T`` to every slot of every block in place. Each slot is read and
@@ -67,12 +68,12 @@ def _slot(j, g, GROUPS: tl.constexpr, RUN: tl.constexpr, SECOND):
 
 @triton.jit
 def _layout_fwd_kernel(
-    t_ptr, w1_ptr, w2_ptr, y_ptr, bias1_ptr, bias2_ptr,
+    t_ptr, w1_ptr, w2_ptr, y_ptr, bias1_ptr, bias2_ptr, residual_ptr,
     M, OG, per_group,
-    s_wg, s_wr, s_wc, s_ym, s_yc, s_bias1g, s_bias2g,
+    s_wg, s_wr, s_wc, s_ym, s_yc, s_bias1g, s_bias2g, s_rm, s_rc,
     p_bucket,  # autotune key only
     GROUPS: tl.constexpr, RUN: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_P: tl.constexpr,
 ):
     g = tl.program_id(1)
@@ -101,8 +102,13 @@ def _layout_fwd_kernel(
         acc += tl.load(bias1_ptr + g * s_bias1g + offs_q, mask=mask_q, other=0.0).to(ACC_DTYPE)[None, :]
     if HAS_BIAS2:
         acc += tl.load(bias2_ptr + g * s_bias2g + offs_q, mask=mask_q, other=0.0).to(ACC_DTYPE)[None, :]
-    y = y_ptr + offs_p[:, None] * s_ym + (g * OG + offs_q)[None, :] * s_yc
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
+    cols = g * OG + offs_q
+    mask = mask_p[:, None] & mask_q[None, :]
+    if HAS_RESIDUAL:  # the decoder's residual add, on the fp32 accumulator
+        acc += tl.load(residual_ptr + offs_p[:, None] * s_rm + cols[None, :] * s_rc, mask=mask,
+                       other=0.0).to(ACC_DTYPE)
+    y = y_ptr + offs_p[:, None] * s_ym + cols[None, :] * s_yc
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -198,12 +204,16 @@ def _run(name, kernel, P, Q, K, groups, args, dtype, device, restore=(), tune_ke
     ))
 
 
-def gpc_io_layout_fwd(t, weight1, weight2, bias1=None, bias2=None) -> torch.Tensor:
-    """``y`` ``[M, G*og]`` of the IO block from its input ``t`` in the layout (contiguous)."""
+def gpc_io_layout_fwd(t, weight1, weight2, bias1=None, bias2=None, residual=None
+                      ) -> torch.Tensor:
+    """``y`` ``[M, G*og]`` of the IO block from its input ``t`` in the layout (contiguous),
+    plus ``residual`` ``[M, G*og]`` where given (added to the fp32 accumulator; ``y`` then in
+    the promoted dtype of the two)."""
     M = t.shape[0]
     G, s, og, R = _geometry(t, weight1)
     weight1, weight2 = weight1.contiguous(), weight2.contiguous()
-    y = outputs.new_output((M, G * og), t.dtype, t.device)
+    out_dtype = t.dtype if residual is None else torch.promote_types(t.dtype, residual.dtype)
+    y = outputs.new_output((M, G * og), out_dtype, t.device)
     if M == 0 or og == 0:
         return y
     bias1 = bias1.contiguous() if bias1 is not None else None
@@ -211,14 +221,20 @@ def gpc_io_layout_fwd(t, weight1, weight2, bias1=None, bias2=None) -> torch.Tens
     args = dict(
         t_ptr=t, w1_ptr=weight1, w2_ptr=weight2, y_ptr=y,
         bias1_ptr=bias1 if bias1 is not None else y, bias2_ptr=bias2 if bias2 is not None else y,
+        residual_ptr=residual if residual is not None else y,
         M=M, OG=og, per_group=s, s_wg=weight1.stride(0), s_wr=weight1.stride(1),
         s_wc=weight1.stride(2), s_ym=y.stride(0), s_yc=y.stride(1),
-        s_bias1g=og, s_bias2g=og, p_bucket=triton.next_power_of_2(M),
+        s_bias1g=og, s_bias2g=og,
+        s_rm=residual.stride(0) if residual is not None else 0,
+        s_rc=residual.stride(1) if residual is not None else 0,
+        p_bucket=triton.next_power_of_2(M),
         GROUPS=G, RUN=R, HAS_BIAS1=bias1 is not None, HAS_BIAS2=bias2 is not None,
+        HAS_RESIDUAL=residual is not None,
         INPUT_PRECISION=_input_precision(t.dtype), ACC_DTYPE=accumulator_dtype(t.dtype),
         GROUP_P=8,
     )
-    _run("gpc_io_layout_fwd", _layout_fwd_kernel, M, og, 2 * G * R, G, args, t.dtype, t.device)
+    _run("gpc_io_layout_fwd", _layout_fwd_kernel, M, og, 2 * G * R, G, args, t.dtype, t.device,
+         tune_key=("p_bucket", "HAS_RESIDUAL"))
     return y
 
 

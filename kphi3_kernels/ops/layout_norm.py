@@ -1,11 +1,19 @@
-"""RMSNorm (Phi-3's) fused with the block-residue layout of the next IO block's input.
+"""RMSNorm (Phi-3's) kernels of the fused decoder: in plain order with the residual add before
+it, or written in the block-residue layout of the next IO block's input.
 
-Forward: ``t = layout(weight * x * rstd)``, ``rstd = 1 / sqrt(mean(x^2) + eps)`` per row (saved,
-fp32), written straight into the layout of qkv_proj's or gate_up_proj's IO block
-(``kphi3_kernels.layout``), padding zero. Backward: the standard RMSNorm gradient from the
-plain-order gradient of the normalized input (the IO block's input gradient):
+Forward, ``rstd = 1 / sqrt(mean(x^2) + eps)`` per row (saved, fp32):
 
-    dx = rstd * (g - xhat * mean(g * xhat)),   g = dn * weight,   xhat = x * rstd
+* ``rms_norm`` / ``add_rms_norm``: ``n = weight * x * rstd`` in channel order; with a residual,
+  ``x = h = residual + branch`` is first rounded to ``h``'s dtype and written (the decoder's
+  residual stream), then normalized: one launch for the residual add and the norm after it.
+* ``rms_norm_layout``: ``t = layout(weight * x * rstd)``, straight into the layout of
+  qkv_proj's or gate_up_proj's IO block (``kphi3_kernels.layout``), padding zero.
+
+Backward: the standard RMSNorm gradient from the plain-order gradient of the normalized input,
+plus, where the norm's input is also the residual stream, the stream's own gradient ``dh``
+(the sum at the branch point, in the same pass):
+
+    dx = dh + rstd * (g - xhat * mean(g * xhat)),   g = dn * weight,   xhat = x * rstd
     dweight = sum over rows of dn * xhat
 
 Each program takes ``BLOCK_M`` rows and loops over the channels in chunks (any width); the
@@ -13,6 +21,8 @@ weight gradient is one fp32 partial sum per program, added up by the launcher. E
 computed in fp32 (float64 for float64) and rounded once.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -56,9 +66,53 @@ def _rms_norm_layout_kernel(
 
 
 @triton.jit
+def _norm_input(x_ptr, r_ptr, h_ptr, rows, c, mask, s_xm, s_xc, s_rm, s_rc, CHANNELS,
+                HAS_RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr, STORE_H: tl.constexpr):
+    """The norm's input tile in ``COMPUTE``: ``x``, or ``h = residual + x`` rounded to h's
+    dtype (as the unfused add rounds it), stored on the first pass."""
+    x = tl.load(x_ptr + rows[:, None] * s_xm + c[None, :] * s_xc, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + rows[:, None] * s_rm + c[None, :] * s_rc, mask=mask, other=0.0)
+        h = (r.to(COMPUTE) + x.to(COMPUTE)).to(h_ptr.dtype.element_ty)
+        if STORE_H:
+            tl.store(h_ptr + rows[:, None] * CHANNELS + c[None, :], h, mask=mask)
+        return h.to(COMPUTE)
+    return x.to(COMPUTE)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, r_ptr, w_ptr, h_ptr, n_ptr, rstd_ptr, M, eps, s_xm, s_xc, s_rm, s_rc,
+    CHANNELS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask_m = rows < M
+    squares = tl.zeros((BLOCK_M, BLOCK_C), dtype=COMPUTE)
+    for c0 in range(0, CHANNELS, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = mask_m[:, None] & (c < CHANNELS)[None, :]
+        x = _norm_input(x_ptr, r_ptr, h_ptr, rows, c, mask, s_xm, s_xc, s_rm, s_rc, CHANNELS,
+                        HAS_RESIDUAL, COMPUTE, True)
+        squares += x * x
+    rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / CHANNELS + eps)
+    tl.store(rstd_ptr + rows, rstd.to(rstd_ptr.dtype.element_ty), mask=mask_m)
+    # The row again (from L1 / L2): h is recomputed, bit for bit, rather than read back.
+    for c0 in range(0, CHANNELS, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = mask_m[:, None] & (c < CHANNELS)[None, :]
+        x = _norm_input(x_ptr, r_ptr, h_ptr, rows, c, mask, s_xm, s_xc, s_rm, s_rc, CHANNELS,
+                        HAS_RESIDUAL, COMPUTE, False)
+        w = tl.load(w_ptr + c, mask=c < CHANNELS, other=0.0).to(COMPUTE)
+        n = x * rstd[:, None] * w[None, :]
+        tl.store(n_ptr + rows[:, None] * CHANNELS + c[None, :], n.to(n_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(
-    dn_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, M, s_dnm, s_xm, s_xc,
-    CHANNELS: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+    dn_ptr, dh_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, M, s_dnm, s_dhm, s_xm, s_xc,
+    CHANNELS: tl.constexpr, HAS_DH: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -86,6 +140,9 @@ def _rms_norm_bwd_kernel(
         if NEED_DX:
             w = tl.load(w_ptr + c, mask=c < CHANNELS, other=0.0).to(COMPUTE)
             dx = rstd[:, None] * (dn * w[None, :] - xhat * mean[:, None])
+            if HAS_DH:  # the residual stream's own gradient, summed at the branch point
+                dx += tl.load(dh_ptr + rows[:, None] * s_dhm + c[None, :], mask=mask,
+                              other=0.0).to(COMPUTE)
             tl.store(dx_ptr + rows[:, None] * CHANNELS + c[None, :], dx.to(dx_ptr.dtype.element_ty),
                      mask=mask)
         if NEED_DW:
@@ -132,12 +189,43 @@ def rms_norm_layout_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, group
     return t, rstd
 
 
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: Optional[torch.Tensor] = None):
+    """``(h, n, rstd)`` of RMSNorm in channel order, ``x`` ``[M, C]`` (any strides).
+
+    With ``residual`` (``[M, C]``): ``h = residual + x`` in their promoted dtype, and ``n`` the
+    norm of ``h``; without: ``h`` is None and ``n`` the norm of ``x``. ``n`` is in the promoted
+    dtype of the norm's input and ``weight`` (as ``weight * xhat.to(dtype)`` is), ``rstd``
+    ``[M]`` in fp32 (float64 for float64)."""
+    M, channels = x.shape
+    h = None
+    if residual is not None:
+        h = outputs.new_output((M, channels), torch.promote_types(residual.dtype, x.dtype),
+                               x.device)
+    source = h.dtype if h is not None else x.dtype
+    n = outputs.new_output((M, channels), torch.promote_types(source, weight.dtype), x.device)
+    rstd = outputs.new_output((M,), torch.float64 if source == torch.float64 else torch.float32,
+                              x.device)
+    if M == 0:
+        return h, n, rstd
+    weight = weight.contiguous()
+    r = residual if residual is not None else x
+    _launch("add_rms_norm" if h is not None else "rms_norm", _rms_norm_kernel, M, channels, dict(
+        x_ptr=x, r_ptr=r, w_ptr=weight, h_ptr=h if h is not None else n, n_ptr=n, rstd_ptr=rstd,
+        M=M, eps=float(eps), s_xm=x.stride(0), s_xc=x.stride(1), s_rm=r.stride(0),
+        s_rc=r.stride(1), CHANNELS=channels, HAS_RESIDUAL=h is not None,
+        COMPUTE=accumulator_dtype(source)), x.device)
+    return h, n, rstd
+
+
 def rms_norm_bwd(dn: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                 need_dx: bool = True, need_dw: bool = True):
+                 need_dx: bool = True, need_dw: bool = True, dh: Optional[torch.Tensor] = None):
     """``(dx, dweight)`` (None where not asked) from ``dn``, the plain-order gradient of the
-    normalized input ``weight * x * rstd``."""
+    normalized input ``weight * x * rstd``; ``dx`` includes ``dh`` where given (the gradient
+    that reaches ``x`` by its other use, the residual stream)."""
     M, channels = x.shape
     dn = dn.contiguous()
+    dh = dh.contiguous() if dh is not None and need_dx else None
     weight = weight.contiguous()
     dx = outputs.new_output((M, channels), x.dtype, x.device) if need_dx else None
     config = _config(M, channels)
@@ -146,9 +234,11 @@ def rms_norm_bwd(dn: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
                            else torch.float32, device=x.device) if need_dw else None)
     if M and (need_dx or need_dw):
         _launch("rms_norm_bwd", _rms_norm_bwd_kernel, M, channels, dict(
-            dn_ptr=dn, x_ptr=x, w_ptr=weight, rstd_ptr=rstd,
-            dx_ptr=dx if dx is not None else dn, dw_partial_ptr=partial if need_dw else rstd,
-            M=M, s_dnm=dn.stride(0), s_xm=x.stride(0), s_xc=x.stride(1), CHANNELS=channels,
+            dn_ptr=dn, dh_ptr=dh if dh is not None else dn, x_ptr=x, w_ptr=weight,
+            rstd_ptr=rstd, dx_ptr=dx if dx is not None else dn,
+            dw_partial_ptr=partial if need_dw else rstd,
+            M=M, s_dnm=dn.stride(0), s_dhm=dh.stride(0) if dh is not None else 0,
+            s_xm=x.stride(0), s_xc=x.stride(1), CHANNELS=channels, HAS_DH=dh is not None,
             NEED_DX=need_dx, NEED_DW=need_dw, COMPUTE=accumulator_dtype(x.dtype)), x.device)
     dw = None
     if need_dw:

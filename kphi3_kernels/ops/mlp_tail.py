@@ -2,7 +2,8 @@
 
 Forward, two launches: ``silu_mul_layout`` writes ``h = up * silu(gate)`` in the block-residue
 layout of down_proj's IO block (``layout_act.py``), ``gpc_io_layout_fwd`` reads it for both
-products (``layout_gemm.py``). ``t`` (the layout) is returned for the backward's weight
+products (``layout_gemm.py``) and, where given, adds the decoder's residual stream in its
+epilogue (the residual add has no launch of its own). ``t`` (the layout) is returned for the backward's weight
 gradients, as the op-level IO block returns its de-interleaved input.
 
 Backward, three launches, no pass of the activation of its own:
@@ -24,11 +25,12 @@ from .layout_gemm import gpc_io_layout_bwd, gpc_io_layout_fwd
 from .triton_impl import io_input_grad
 
 
-def mlp_tail_fwd(gate_up, weight1, weight2, bias1=None, bias2=None, run: int = 8
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(y, t)``: down_proj's output and its input ``up * silu(gate)`` in the layout."""
+def mlp_tail_fwd(gate_up, weight1, weight2, bias1=None, bias2=None, run: int = 8,
+                 residual=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, t)``: down_proj's output (plus ``residual`` where given: the decoder's residual
+    add, in down_proj's epilogue) and its input ``up * silu(gate)`` in the layout."""
     t = silu_mul_layout_fwd(gate_up, weight1.shape[0], run)
-    return gpc_io_layout_fwd(t, weight1, weight2, bias1, bias2), t
+    return gpc_io_layout_fwd(t, weight1, weight2, bias1, bias2, residual), t
 
 
 def mlp_tail_bwd(dy, gate_up, t, weight1, weight2, need_dgu=True, need_dw1=True,
