@@ -184,6 +184,7 @@ def _op_calls(shape: "shape_table.Shape", m: int, dtype: torch.dtype) -> List[Tu
     from kphi3_kernels.layout import residue_run_length
     from kphi3_kernels.ops import layout_act as LA
     from kphi3_kernels.ops import layout_gemm as LG
+    from kphi3_kernels.ops import layout_norm as LN
     from kphi3_kernels.ops import mlp_tail as MT
     from kphi3_kernels.ops import norm_head as NH
     from kphi3_kernels.ops import triton_impl as T
@@ -217,13 +218,33 @@ def _op_calls(shape: "shape_table.Shape", m: int, dtype: torch.dtype) -> List[Tu
         ("mlp_tail_bwd", lambda: MT.mlp_tail_bwd(dy, gu, t, w1, w1b)),
         ("norm_io_fwd", lambda: NH.norm_io_fwd(x, x[0], 1e-5, w1, w1b, run=R)),
         ("norm_io_bwd", lambda: NH.norm_io_bwd(dy, x, x[0], torch.empty(m), t, w1, w1b)),
+        # The residual stream: the residual adds in the norms and in down_proj's epilogue, the
+        # norm heads that write channel order and its de-interleaved copy, the plain norms.
+        ("mlp_tail_fwd(residual)", lambda: MT.mlp_tail_fwd(gu, w1, w1b, run=R, residual=dy)),
+        ("norm_io_fwd(residual)", lambda: NH.norm_io_fwd(x, x[0], 1e-5, w1, w1b, run=R,
+                                                          residual=empty(m, G * s))),
+        ("norm_io_bwd(residual)", lambda: NH.norm_io_bwd(dy, x, x[0], torch.empty(m), t, w1, w1b,
+                                                          dh=empty(m, G * s))),
+        ("norm_io_split_fwd", lambda: NH.norm_io_split_fwd(x, x[0], 1e-5, w1, w1b)),
+        ("norm_io_split_fwd(residual)", lambda: NH.norm_io_split_fwd(
+            x, x[0], 1e-5, w1, w1b, residual=empty(m, G * s))),
+        ("norm_io_split_bwd(residual)", lambda: NH.norm_io_split_bwd(
+            dy, x, x[0], torch.empty(m), empty(m, G * s), empty(m, G * s), w1, w1b,
+            dh=empty(m, G * s))),
+        ("rms_norm_fwd", lambda: LN.rms_norm_fwd(x, x[0], 1e-5)),
+        ("add_rms_norm_fwd", lambda: LN.rms_norm_fwd(x, x[0], 1e-5, empty(m, G * s))),
+        ("rms_norm_bwd(residual)", lambda: LN.rms_norm_bwd(empty(m, G * s), x, x[0],
+                                                           torch.empty(m), dh=empty(m, G * s))),
     ]
 
 
 OPS = ("grouped_linear_fwd", "grouped_linear_bwd", "gpc_io_fwd", "gpc_io_bwd", "gpc_block_fwd",
        "gpc_block_fwd(no weight2)", "gpc_block_bwd", "gpc_block_bwd(no weight2)", "interleave_fwd",
        "gpc_io_layout_fwd", "gpc_io_layout_bwd", "silu_mul_layout", "silu_mul_layout_bwd",
-       "mlp_tail_bwd", "norm_io_fwd", "norm_io_bwd")
+       "mlp_tail_bwd", "norm_io_fwd", "norm_io_bwd", "mlp_tail_fwd(residual)",
+       "norm_io_fwd(residual)", "norm_io_bwd(residual)", "norm_io_split_fwd",
+       "norm_io_split_fwd(residual)", "norm_io_split_bwd(residual)", "rms_norm_fwd",
+       "add_rms_norm_fwd", "rms_norm_bwd(residual)")
 
 
 def _resolve_shape(shape) -> "shape_table.Shape":

@@ -295,14 +295,27 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str,
         run = residue_run_length(G * s, G, 8)
         x, t, dy = meta(m, G * s), meta(m, G * G * run), meta(m, G * og)
         w1, w2 = meta(G, s, og), meta(G, s, og)
-        if sh.op in ("qkv", "gate_up") and layout_padding(G, s) == 0:
+        if sh.op in ("qkv", "gate_up"):
             heads[sh.op] = True
-            if mode == "fwd":
-                costs = record_costs(lambda: norm_head.norm_io_fwd(x, norm_weight, 1e-5, w1, w2, run=run))
+            # gate_up's head takes the attention's residual add (forward: h = residual + x;
+            # backward: the stream's gradient dh summed in the norm's pass).
+            residual = meta(m, G * s) if sh.op == "gate_up" else None
+            dh = meta(m, G * s) if sh.op == "gate_up" else None
+            if layout_padding(G, s) == 0:
+                costs = record_costs(
+                    (lambda: norm_head.norm_io_fwd(x, norm_weight, 1e-5, w1, w2, run=run,
+                                                   residual=residual)) if mode == "fwd" else
+                    (lambda: norm_head.norm_io_bwd(dy, x, norm_weight, rstd, t, w1, w2, dh=dh)))
             else:
-                costs = record_costs(lambda: norm_head.norm_io_bwd(dy, x, norm_weight, rstd, t, w1, w2))
+                n, xi = meta(m, G * s), meta(m, G * s)
+                costs = record_costs(
+                    (lambda: norm_head.norm_io_split_fwd(x, norm_weight, 1e-5, w1, w2,
+                                                         residual=residual)) if mode == "fwd" else
+                    (lambda: norm_head.norm_io_split_bwd(dy, x, norm_weight, rstd, n, xi, w1, w2,
+                                                         dh=dh)))
+            if mode == "bwd":
                 costs.append(dweight_sum(G * s))
-            norm = [c for c in costs if c.name.startswith("rms_norm")]
+            norm = [c for c in costs if "rms_norm" in c.name]
             out["norms"].launches.extend(norm)
             out[sh.op] = PathCost([c for c in costs if c not in norm])
         elif sh.op == "down":
@@ -312,7 +325,8 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str,
                                  (lambda: mlp_tail.mlp_tail_bwd(dy, gu, t, w1, w2)))
             out["activation"] = PathCost([c for c in costs if c.name == "silu_mul_layout"])
             out["down"] = PathCost([c for c in costs if c.name != "silu_mul_layout"])
-    # The stream's norms, where not in a norm head (distinct tensors: bytes count by storage).
+    # A norm without its head (a projection that is no grouped IO block) is one launch; the
+    # attention's residual add then goes into post_attention_layernorm's.
     if "qkv" not in heads:
         out["norms"].launches.extend(
             record_costs(lambda: layout_norm.rms_norm_fwd(meta(m, h), norm_weight, 1e-5))
@@ -328,8 +342,6 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str,
             record_costs(lambda: layout_norm.rms_norm_bwd(meta(m, h), meta(m, h), norm_weight,
                                                           rstd, dh=meta(m, h)))
             + [dweight_sum(h)])
-    else:  # the attention's residual add stays apart (forward, and its branch point's backward)
-        out["residuals"].launches.append(residual_add(m, h, dtype, mode))
     if mode == "bwd":  # the layer input's branch point: the input norm's and the stream's
         out["residuals"].launches.append(residual_add(m, h, dtype, mode))
     return out

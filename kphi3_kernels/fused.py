@@ -248,16 +248,28 @@ def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     return h.reshape(x.shape), n.reshape(x.shape)
 
 
+NORM_HEAD_LAYOUTS = ("auto", "block-residue", "split")
+
+
 def rms_norm_gpc_io(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                     weight1: torch.Tensor, weight2: torch.Tensor,
                     bias1: Optional[torch.Tensor] = None, bias2: Optional[torch.Tensor] = None,
-                    pad: int = 8, *, backend: Optional[str] = None) -> torch.Tensor:
+                    pad: int = 8, *, residual: Optional[torch.Tensor] = None,
+                    layout: str = "auto", backend: Optional[str] = None):
     """``gpc_io(RMSNorm(x), weight1, weight2, bias1, bias2)``: a KPhi-3 layer's RMSNorm and the
     IO block after it (qkv_proj, gate_up_proj) as one fused operator (module docstring).
 
     ``x`` ``[..., G*s]``, ``norm_weight`` ``[G*s]``, weights ``[G, s, og]``. Under autocast the
     norm reads ``x`` and its weight as they are (fp32) and the block runs in the autocast dtype,
     as RMSNorm followed by an autocast projection does. ``"torch"`` runs that composition.
+
+    ``residual`` (``x``'s shape): the norm is of ``h = residual + x`` (the attention's residual
+    add before post_attention_layernorm), and the result is ``(h, y)``; the backward takes the
+    gradients of both and sums them at the branch point in the norm's pass.
+
+    ``layout``: how the norm writes the block's input. ``"block-residue"``: the padded layout
+    both GEMMs read (``layout_padding``); ``"split"``: channel order plus its de-interleaved
+    copy, no padding; ``"auto"``: the layout where it adds no channel, else split.
     """
     op = "rms_norm_gpc_io"
     G, s, og = _check_io_weights(weight1, weight2, op)
@@ -265,26 +277,48 @@ def rms_norm_gpc_io(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     if x.shape[-1] != G * s:
         raise ValueError(f"{op}: x's last dimension is {x.shape[-1]}, but the weights "
                          f"{tuple(weight1.shape)} take {G * s} channels")
-    _check_rms_weight(norm_weight, G * s, op)
+    _check_norm_args(x, norm_weight, eps, op)
     _check_bias(bias1, G, og, op, "bias1")
     _check_bias(bias2, G, og, op, "bias2")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
+    if residual is not None:
+        _check_floating(residual, "residual", op)
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: residual and x must have one shape, got "
+                             f"{tuple(residual.shape)} and {tuple(x.shape)}")
+        _check_device(residual, x, op, "residual")
+    if layout not in NORM_HEAD_LAYOUTS:
+        raise ValueError(f"{op}: layout must be one of {', '.join(NORM_HEAD_LAYOUTS)}, got "
+                         f"{layout!r}")
     pad = as_int(pad, f"{op}: pad")
     if pad < 1:
         raise ValueError(f"{op}: pad must be positive, got {pad}")
     name = _backend(x, backend)
     if name != "triton":
-        return gpc_io(_rms_norm_torch(x, norm_weight, eps), weight1, weight2, bias1, bias2,
-                      backend="torch")
+        h = x if residual is None else residual + x
+        y = gpc_io(_rms_norm_torch(h, norm_weight, eps), weight1, weight2, bias1, bias2,
+                   backend="torch")
+        return y if residual is None else (h, y)
     # Under autocast the block's operands take the autocast dtype; the norm's (x and its
     # weight) stay as they are. Without it, one dtype for all.
     _, (_, weight1, weight2, bias1, bias2) = _cast_params(
         x, (norm_weight, weight1, weight2, bias1, bias2), op)
-    run = layout.residue_run_length(G * s, G, pad)
-    y = fused_ops.norm_io(_flatten(x), norm_weight, float(eps), weight1, weight2, bias1, bias2,
-                          run)
-    return y.reshape(*x.shape[:-1], G * og)
+    if layout == "auto":
+        layout = "block-residue" if layout_padding(G, s, pad) == 0 else "split"
+    flat_residual = _flatten(residual) if residual is not None else None
+    if layout == "split":
+        out = fused_ops.norm_io_split(_flatten(x), norm_weight, float(eps), weight1, weight2,
+                                      bias1, bias2, flat_residual)
+    else:
+        out = fused_ops.norm_io(_flatten(x), norm_weight, float(eps), weight1, weight2, bias1,
+                                bias2, _run_length(G, s, pad), flat_residual)
+    h, y = out if residual is not None else (None, out)
+    y = y.reshape(*x.shape[:-1], G * og)
+    return y if residual is None else (h.reshape(x.shape), y)
+
+
+def _run_length(groups: int, per_group: int, pad: int) -> int:
+    # Module level: rms_norm_gpc_io's ``layout`` argument hides the module there.
+    return layout.residue_run_length(groups * per_group, groups, pad)
 
 
 def layout_padding(groups: int, per_group: int, pad: int = 8) -> int:

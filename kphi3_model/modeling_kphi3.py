@@ -124,10 +124,9 @@ def grouped_block(config: KPhi3Config, in_features: int, out_features: int) -> n
 
 
 def fused_block_path(config: KPhi3Config, block: nn.Module, device, name: str,
-                     fused_text: str, unpadded: bool = False) -> tuple[bool, str]:
+                     fused_text: str) -> tuple[bool, str]:
     """``(fused, reason)`` for one fusion of ``config.fused_decoder`` around the IO block
-    ``block`` (called ``name``) on ``device`` (a tensor, device or string). ``unpadded``: the
-    fusion runs only where the block-residue layout adds no channel (``layout_padding``)."""
+    ``block`` (called ``name``) on ``device`` (a tensor, device or string)."""
     if not config.fused_decoder:
         return False, "fused_decoder=False: the op-level path"
     if not isinstance(block, GroupedPointwiseConvolutionBlockIO) or block.num_groups == 1:
@@ -140,14 +139,6 @@ def fused_block_path(config: KPhi3Config, block: nn.Module, device, name: str,
         # projection would be skipped, so it keeps its own forward.
         return False, (f"fused_decoder=True, but {name} (or a module in it) has hooks or is "
                        "wrapped, which the fused operator would skip: the op-level path")
-    if unpadded:
-        G, s = block.num_groups, block.input_channels_per_group
-        extra = layout_padding(G, s)
-        if extra:
-            return False, (f"fused_decoder=True, but the block-residue layout of {name}'s input "
-                           f"pads each group's {s} channels to {s + extra}, more matrix work than "
-                           "the layout saves in bytes where the block is compute-bound: the "
-                           "op-level path")
     backend, reason = resolve_backend(device, block.backend, with_reason=True)
     if backend != "triton":
         return False, f"fused_decoder=True, but the kernel backend is {reason}; so the op-level path"
@@ -164,11 +155,26 @@ def runs_as_built(*modules: nn.Module) -> bool:
     return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
-def norm_then_block(norm: nn.Module, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``block(norm(x))`` as the fused norm head (``kphi3_kernels.fused.rms_norm_gpc_io``)."""
+def norm_then_block(norm: nn.Module, block: nn.Module, x: torch.Tensor,
+                    residual: torch.Tensor | None = None):
+    """``block(norm(x))`` as the fused norm head (``kphi3_kernels.fused.rms_norm_gpc_io``); with
+    ``residual``, ``(h, block(norm(h)))`` for ``h = residual + x``."""
     first, second = block.first_pointwise_conv, block.second_pointwise_conv
     return rms_norm_gpc_io(x, norm.weight, norm.variance_epsilon, first.weight, second.weight,
-                           first.bias, second.bias, backend="triton")
+                           first.bias, second.bias, residual=residual, backend="triton")
+
+
+def norm_head_text(norm: str, block: nn.Module, name: str) -> str:
+    """What a fused norm head writes for ``block`` (the ``layout="auto"`` choice); empty where
+    ``block`` is no grouped IO block (no head then)."""
+    if not isinstance(block, GroupedPointwiseConvolutionBlockIO) or block.num_groups == 1:
+        return ""
+    G, s = block.num_groups, block.input_channels_per_group
+    extra = layout_padding(G, s)
+    if extra == 0:
+        return f"{norm} writes {name}'s input in the block-residue layout"
+    return (f"{norm} writes {name}'s input in channel order and de-interleaved (the "
+            f"block-residue layout would pad each group's {s} channels to {s + extra})")
 
 
 def projection(config: KPhi3Config, in_features: int, out_features: int) -> nn.Module:
@@ -204,8 +210,8 @@ class KPhi3MLP(nn.Module):
         """``(fused, reason)``: whether the RMSNorm before this MLP runs fused with
         ``gate_up_proj`` (the decoder layer passes it to ``forward``), and why."""
         return fused_block_path(self.config, self.gate_up_proj, device, "gate_up_proj",
-                                "post_attention_layernorm writes gate_up_proj's input in the "
-                                "block-residue layout", unpadded=True)
+                                norm_head_text("post_attention_layernorm", self.gate_up_proj,
+                                               "gate_up_proj"))
 
     def forward(self, hidden_states: torch.Tensor, input_norm: nn.Module | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,6 +223,10 @@ class KPhi3MLP(nn.Module):
             up_states = norm_then_block(input_norm, self.gate_up_proj, hidden_states)
         else:
             up_states = self.gate_up_proj(hidden_states)
+        return self.tail(up_states, residual)
+
+    def tail(self, up_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``(residual +) down_proj(up * act(gate))`` from gate_up_proj's output."""
         if self.config.fused_decoder and self.fused_path(up_states)[0]:
             down = self.down_proj
             first, second = down.first_pointwise_conv, down.second_pointwise_conv
@@ -413,8 +423,7 @@ class KPhi3Attention(nn.Module):
         """``(fused, reason)``: whether the RMSNorm before this attention runs fused with
         ``qkv_proj`` (the decoder layer passes it to ``forward``), and why."""
         return fused_block_path(self.config, self.qkv_proj, device, "qkv_proj",
-                                "input_layernorm writes qkv_proj's input in the block-residue layout",
-                                unpadded=True)
+                                norm_head_text("input_layernorm", self.qkv_proj, "qkv_proj"))
 
     @cache_parameter
     def forward(
@@ -538,24 +547,31 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
         }
         tail = self.mlp.fused_path(device)
         stream, why = self.stream_path(device)
-
-        def on_stream(text: str, inside: str | None = None) -> tuple[bool, str]:
-            if stream and inside is not None and heads[inside][0]:
-                return False, f"fused_decoder=True: runs as part of {inside}"
-            return (True, f"{why}: {text}") if stream else (False, why)
-
-        down = on_stream("the residual add in down_proj's epilogue")
-        if down[0] and not (tail[0] and runs_as_built(self.mlp)):
-            down = (False, "fused_decoder=True, but the MLP tail is not fused (or the MLP has "
-                           "hooks): the op-level path")
+        head_gu = heads["post_attention_layernorm + gate_up_proj"][0]
+        if not stream:
+            input_norm = attn_add = down = (False, why)
+        else:
+            input_norm = ((False, "fused_decoder=True: runs as part of input_layernorm + qkv_proj")
+                          if heads["input_layernorm + qkv_proj"][0] else
+                          (True, f"{why}: one RMSNorm launch, and one for its backward"))
+            if head_gu and not runs_as_built(self.mlp):
+                attn_add = (False, "fused_decoder=True, but the MLP has hooks, and the norm head "
+                                   "that would take the add runs inside it: the op-level add")
+            else:
+                attn_add = (True, f"{why}: the add runs in "
+                            + ("the norm head's launch" if head_gu else
+                               "post_attention_layernorm's launch")
+                            + "; its backward sums the stream's gradient with the norm's in the "
+                              "norm's pass")
+            down = (True, f"{why}: the residual add in down_proj's epilogue")
+            if not (tail[0] and runs_as_built(self.mlp)):
+                down = (False, "fused_decoder=True, but the MLP tail is not fused (or the MLP "
+                               "has hooks): the op-level add")
         return {
             **heads,
             "silu(gate) * up + down_proj": tail,
-            "input_layernorm": on_stream("one RMSNorm launch, and one for its backward",
-                                         "input_layernorm + qkv_proj"),
-            "residual add + post_attention_layernorm": on_stream(
-                "one launch; its backward sums the stream's gradient with the norm's in the same "
-                "pass", "post_attention_layernorm + gate_up_proj"),
+            "input_layernorm": input_norm,
+            "attention residual add + post_attention_layernorm": attn_add,
             "down_proj + residual add": down,
         }
 
@@ -594,19 +610,26 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
             input_norm=attn_norm,
             **kwargs,
         )
-        if on.get("residual add + post_attention_layernorm"):
-            norm = self.post_attention_layernorm
-            residual, normed = add_rms_norm(residual, hidden_states, norm.weight,
+        add_fused = on.get("attention residual add + post_attention_layernorm")
+        down_fused = on.get("down_proj + residual add")
+        norm = self.post_attention_layernorm
+        mlp_norm = None
+        if add_fused and on.get("post_attention_layernorm + gate_up_proj"):
+            # The add, the norm and gate_up_proj in one operator; then the MLP's tail.
+            residual, up_states = norm_then_block(norm, self.mlp.gate_up_proj, hidden_states,
+                                                  residual=residual)
+            out = self.mlp.tail(up_states, residual if down_fused else None)
+            return out if down_fused else residual + out
+        if add_fused:
+            residual, mlp_in = add_rms_norm(residual, hidden_states, norm.weight,
                                             norm.variance_epsilon, backend="triton")
-            mlp_in, mlp_norm = normed, None
         else:
             residual = residual + self.resid_attn_dropout(hidden_states)
-            mlp_in, mlp_norm = residual, None
             if on.get("post_attention_layernorm + gate_up_proj"):
-                mlp_norm = self.post_attention_layernorm
+                mlp_in, mlp_norm = residual, norm
             else:
-                mlp_in = self.post_attention_layernorm(residual)
-        if on.get("down_proj + residual add"):
+                mlp_in = norm(residual)
+        if down_fused:
             return self.mlp(mlp_in, input_norm=mlp_norm, residual=residual)
         return residual + self.resid_mlp_dropout(self.mlp(mlp_in, input_norm=mlp_norm))
 

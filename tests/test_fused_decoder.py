@@ -279,15 +279,17 @@ def _norm_oracle(x, norm_weight, w1, w2, b1, b2, eps=1e-5):
     return reference.gpc_io(xn, w1, w2, b1, b2)
 
 
-def _norm_fused(x, norm_weight, w1, w2, b1, b2, backend):
-    return fused.rms_norm_gpc_io(x, norm_weight, 1e-5, w1, w2, b1, b2, backend=backend)
+def _norm_fused(x, norm_weight, w1, w2, b1, b2, backend, layout="block-residue"):
+    return fused.rms_norm_gpc_io(x, norm_weight, 1e-5, w1, w2, b1, b2, layout=layout,
+                                 backend=backend)
 
 
-def check_norm_fused(case: MlpCase, backend: str, dtype: torch.dtype):
+def check_norm_fused(case: MlpCase, backend: str, dtype: torch.dtype,
+                     layout: str = "block-residue"):
     inputs = _norm_operands(case, dtype)
     x, w1 = inputs[0], inputs[2]
     dy = torch.randn(*x.shape[:-1], w1.shape[0] * w1.shape[2], device=DEVICE).to(dtype)
-    y, grads = _forward_backward(lambda *a: _norm_fused(*a, backend), inputs, dy)
+    y, grads = _forward_backward(lambda *a: _norm_fused(*a, backend, layout), inputs, dy)
     inputs64 = _as64(inputs)
     y64, grads64 = _forward_backward(_norm_oracle, inputs64, dy.double())
     names = ["y", "x", "norm_weight", "weight1", "weight2", "bias1", "bias2"][: 1 + len(grads)]
@@ -314,11 +316,53 @@ def check_norm_fused(case: MlpCase, backend: str, dtype: torch.dtype):
     return errs
 
 
+@pytest.mark.parametrize("layout", ["block-residue", "split"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", NORM_CASES, ids=str)
-def test_fused_norm_and_io_block_match_the_float64_oracle(case, backend, dtype):
-    check_norm_fused(case, backend, dtype)
+def test_fused_norm_and_io_block_match_the_float64_oracle(case, backend, dtype, layout):
+    if backend == "torch" and layout == "split":
+        pytest.skip("the torch backend has one composition for both layouts")
+    check_norm_fused(case, backend, dtype, layout)
+
+
+@requires_triton
+@pytest.mark.parametrize("layout", ["block-residue", "split"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", NORM_CASES[:4], ids=str)
+def test_norm_head_with_the_residual_add_matches_the_float64_oracle(case, dtype, layout):
+    """``(h, y) = rms_norm_gpc_io(x, ..., residual=r)``: ``h = r + x`` as ``+`` rounds it, ``y``
+    the block of RMSNorm(h); gradients reach both from both outputs (h is the residual stream,
+    used again later)."""
+    x, norm_weight, w1, w2, b1, b2 = _norm_operands(case, dtype)
+    r = (torch.randn(x.shape, device=DEVICE) * 2).to(dtype).requires_grad_(True)
+    inputs = [x, r, norm_weight, w1, w2] + [b for b in (b1, b2) if b is not None]
+
+    def run(x, r, nw, w1, w2, *biases, backend):
+        b = list(biases) + [None] * (2 - len(biases))
+        return fused.rms_norm_gpc_io(x, nw, 1e-5, w1, w2, *b, residual=r, layout=layout,
+                                     backend=backend)
+
+    def oracle(x, r, nw, w1, w2, *biases):
+        b = list(biases) + [None] * (2 - len(biases))
+        h = r + x
+        return h, _norm_oracle(h, nw, w1, w2, *b)
+
+    h, y = run(*inputs, backend="triton")
+    assert torch.equal(h, r + x) and h.dtype == dtype == y.dtype
+    dh, dy = torch.randn_like(h), torch.randn_like(y)
+    grads = torch.autograd.grad([h, y], inputs, [dh, dy])
+    inputs64 = _as64(inputs)
+    h64, y64 = oracle(*inputs64)
+    grads64 = torch.autograd.grad([h64, y64], inputs64, [dh.double(), dy.double()])
+    tol = tol_for(dtype)
+    errs = [rel_error(a, b) for a, b in zip([y, *grads], [y64, *grads64])]
+    assert all(e < tol for e in errs), errs
+    assert torch.equal(grads[0], grads[1])  # one gradient for both addends
+    # Only h used: its gradient alone, no norm or block launch needed.
+    h, _ = run(*inputs, backend="triton")
+    gx, gr = torch.autograd.grad(h, [x, r], dh)
+    assert torch.equal(gx, dh) and torch.equal(gr, dh)
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="forces configs through Triton's interpreter")
@@ -385,9 +429,10 @@ WIDTHS = {
     "padded": dict(hidden_size=48, intermediate_size=120, min_channels_per_group=12),
     "unpadded": dict(hidden_size=64, intermediate_size=96, min_channels_per_group=32),
 }
-# Fusions that run, over two layers: padded, the MLP tail and the three of the residual stream;
-# unpadded, the two norm heads (which take the stream's norms in), the tail and down_proj's add.
-FUSED_COUNT = {"padded": 8, "unpadded": 8}
+# Fusions that run, over two layers, five each: the two norm heads (block-residue layout where it
+# adds no channel, else split), the MLP tail, the attention's residual add (in the norm head) and
+# the MLP's (in down_proj's epilogue); the input norm runs inside its head.
+FUSED_COUNT = {"padded": 10, "unpadded": 10}
 
 
 def _config(widths="padded", **over):
@@ -542,9 +587,10 @@ def test_explain_names_the_fused_path():
                   fused_decoder=True).model.explain_fused_decoder(DEVICE)
     assert text.count("block-residue layout") == 6 and "op-level" not in text, text
     assert "layers.1.self_attn (input_layernorm + qkv_proj)" in text
-    # A padded layout keeps the norm heads op-level, and says why.
+    # Where the layout would pad, the norm heads write channel order and its de-interleaved copy.
     text = _model(kernel_backend="triton", fused_decoder=True).model.explain_fused_decoder(DEVICE)
-    assert text.count("pads each group's 12 channels to 32") == 4, text
+    assert text.count("de-interleaved (the block-residue layout would pad each group's 12 "
+                      "channels to 32)") == 4 and "op-level" not in text, text
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -578,11 +624,45 @@ def test_a_hooked_module_keeps_its_own_forward(where):
     handle = module.register_forward_hook(lambda *_: calls.append(1))
     try:
         text = model.model.explain_fused_decoder(DEVICE)
-        # The hooked module's fusion and what depends on it (down_proj's residual add needs the
-        # MLP tail; the stream's fusions need the norms as built) fall back.
-        assert "hooks" in text and text.count("on the Triton kernels") == 6, text
+        # The hooked module's fusion and what depends on it fall back, in that layer only:
+        # down_proj's residual add needs the MLP tail; the stream's fusions need the norms as
+        # built (a hooked norm leaves its layer the other norm head and the tail).
+        left = {"down_proj": 8, "post_attention_layernorm": 7, "activation_fn": 8}[where]
+        assert "hooks" in text and text.count("on the Triton kernels") == left, text
         model(**_batch(left_padded=False))
         assert calls
     finally:
         handle.remove()
-    assert model.model.explain_fused_decoder(DEVICE).count("on the Triton kernels") == 8
+    assert model.model.explain_fused_decoder(DEVICE).count("on the Triton kernels") == 10
+
+
+@requires_triton
+def test_active_residual_dropout_keeps_the_adds_apart():
+    """Dropout sits between a branch and its residual add: while it is active (training with
+    resid_pdrop > 0) the adds run op-level; in eval mode, or with resid_pdrop = 0, fused."""
+    model = _model(kernel_backend="triton", fused_decoder=True, resid_pdrop=0.1)
+    model.train()
+    text = model.model.explain_fused_decoder(DEVICE)
+    assert text.count("residual dropout is active") == 6, text
+    assert text.count("on the Triton kernels") == 6, text  # the two norm heads and the tail
+    torch.manual_seed(1)
+    out = model(**_batch(left_padded=False))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all()
+                                            for p in model.parameters() if p.grad is not None)
+    model.eval()
+    assert model.model.explain_fused_decoder(DEVICE).count("on the Triton kernels") == 10
+
+
+@requires_triton
+def test_explain_at_the_released_widths_names_the_split_heads():
+    from kphi3_model import KPhi3Config, KPhi3ForCausalLM
+
+    config = KPhi3Config(num_hidden_layers=1, hidden_size=1280, intermediate_size=5120,
+                         num_attention_heads=20, num_key_value_heads=20,
+                         min_channels_per_group=256, kernel_backend="triton", fused_decoder=True)
+    with torch.device("meta"):
+        model = KPhi3ForCausalLM(config)
+    text = model.model.explain_fused_decoder(DEVICE)
+    assert text.count("would pad each group's 256 channels to 280") == 2, text
+    assert text.count("on the Triton kernels") == 5 and "op-level" not in text, text

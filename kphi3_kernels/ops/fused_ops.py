@@ -30,13 +30,21 @@ need_dw1, need_dw2, need_db1, need_db2)``                           ``[dgu, dw1,
 ``rms_norm_bwd_triton(dn, dh?, x, weight, rstd, need_dx,            the needed ones of ``[dx,
 need_dw)``                                                          dweight]``; ``dx``
                                                                     includes ``dh``
-``norm_io_triton(x, norm_weight, eps, weight1, weight2, bias1?,      ``(y, t, rstd)``: the IO
-bias2?, run)``                                                      block of ``RMSNorm(x)``,
+``norm_io_triton(x, norm_weight, eps, weight1, weight2, bias1?,      ``(y, h, t, rstd)``: the
+bias2?, residual?, run)``                                           IO block of ``RMSNorm(h)``,
+                                                                    ``h = residual + x`` (empty
+                                                                    without one; else ``x``),
                                                                     the layout it read and the
                                                                     reciprocal RMS (saved)
-``norm_io_bwd_triton(dy, x, norm_weight, rstd, t, weight1,          the needed ones of ``[dx,
+``norm_io_split_triton(x, norm_weight, eps, weight1, weight2,        ``(y, h, n, xi, rstd)``: the
+bias1?, bias2?, residual?)``                                        same, the block's input as
+                                                                    ``n`` and its de-interleaved
+                                                                    copy ``xi`` (saved)
+``norm_io_bwd_triton(dy, dh?, x, norm_weight, rstd, t, weight1,      the needed ones of ``[dx,
 weight2, need_dx, need_dnorm, need_dw1, need_dw2, need_db1,         dnorm, dw1, dw2, db1,
 need_db2)``                                                         db2]``
+``norm_io_split_bwd_triton(dy, dh?, x, norm_weight, rstd, n, xi,     the same
+weight1, weight2, need_dx, ...)``
 ==================================================================  ===========================
 
 The backward operators have no autograd formula of their own: a second derivative through the
@@ -61,6 +69,10 @@ def _launchers():
         _LOADED.update(act=layout_act, gemm=layout_gemm, norm=layout_norm, tail=mlp_tail,
                        head=norm_head, bias_grad=bias_grad)
     return _LOADED
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty((0,))
 
 
 def _with_bias_grads(grads, dy, groups: int, need_db1: bool, need_db2: bool):
@@ -108,14 +120,14 @@ def _bodies():
 
     def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
         with co._no_autocast(x):
-            _, n, rstd = _launchers()["norm"].rms_norm_fwd(x, weight, eps)
+            _, n, rstd, _ = _launchers()["norm"].rms_norm_fwd(x, weight, eps)
         n, rstd = co._fresh([n, rstd], [x, weight])
         return n, rstd
 
     def add_rms_norm(residual: Tensor, x: Tensor, weight: Tensor, eps: float
                      ) -> Tuple[Tensor, Tensor, Tensor]:
         with co._no_autocast(x):
-            h, n, rstd = _launchers()["norm"].rms_norm_fwd(x, weight, eps, residual)
+            h, n, rstd, _ = _launchers()["norm"].rms_norm_fwd(x, weight, eps, residual)
         h, n, rstd = co._fresh([h, n, rstd], [residual, x, weight])
         return h, n, rstd
 
@@ -136,32 +148,55 @@ def _bodies():
         return co._fresh(co._needed(grads, needs), [dy, gu, t, weight1, weight2])
 
     def norm_io(x: Tensor, norm_weight: Tensor, eps: float, weight1: Tensor, weight2: Tensor,
-                bias1: Optional[Tensor], bias2: Optional[Tensor], run: int
-                ) -> Tuple[Tensor, Tensor, Tensor]:
+                bias1: Optional[Tensor], bias2: Optional[Tensor], residual: Optional[Tensor],
+                run: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         with co._no_autocast(x):
-            y, t, rstd = _launchers()["head"].norm_io_fwd(x, norm_weight, eps, weight1, weight2,
-                                                          bias1, bias2, run)
-        y, t, rstd = co._fresh([y, t, rstd], [x, norm_weight, weight1, weight2, bias1, bias2])
-        return y, t, rstd
+            y, h, t, rstd = _launchers()["head"].norm_io_fwd(
+                x, norm_weight, eps, weight1, weight2, bias1, bias2, run, residual)
+        return tuple(co._fresh([y, _or_empty(h, x), t, rstd],
+                               [x, norm_weight, weight1, weight2, bias1, bias2, residual]))
 
-    def norm_io_bwd(dy: Tensor, x: Tensor, norm_weight: Tensor, rstd: Tensor, t: Tensor,
-                    weight1: Tensor, weight2: Tensor, need_dx: bool, need_dnorm: bool,
-                    need_dw1: bool, need_dw2: bool, need_db1: bool, need_db2: bool
-                    ) -> List[Tensor]:
+    def norm_io_split(x: Tensor, norm_weight: Tensor, eps: float, weight1: Tensor,
+                      weight2: Tensor, bias1: Optional[Tensor], bias2: Optional[Tensor],
+                      residual: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        with co._no_autocast(x):
+            y, h, n, xi, rstd = _launchers()["head"].norm_io_split_fwd(
+                x, norm_weight, eps, weight1, weight2, bias1, bias2, residual)
+        return tuple(co._fresh([y, _or_empty(h, x), n, xi, rstd],
+                               [x, norm_weight, weight1, weight2, bias1, bias2, residual]))
+
+    def norm_io_bwd(dy: Tensor, dh: Optional[Tensor], x: Tensor, norm_weight: Tensor,
+                    rstd: Tensor, t: Tensor, weight1: Tensor, weight2: Tensor, need_dx: bool,
+                    need_dnorm: bool, need_dw1: bool, need_dw2: bool, need_db1: bool,
+                    need_db2: bool) -> List[Tensor]:
         needs = (need_dx, need_dnorm, need_dw1, need_dw2, need_db1, need_db2)
         with co._no_autocast(dy):
-            dx, dnorm, dw1, dw2 = _launchers()["head"].norm_io_bwd(
+            grads = _launchers()["head"].norm_io_bwd(
                 dy, x, norm_weight, rstd, t.contiguous(), weight1, weight2, need_dx, need_dnorm,
-                need_dw1, need_dw2)
-            grads = _with_bias_grads((dx, dnorm, dw1, dw2), dy, weight1.shape[0], need_db1,
-                                     need_db2)
-        return co._fresh(co._needed(grads, needs), [dy, x, norm_weight, rstd, t, weight1, weight2])
+                need_dw1, need_dw2, dh)
+            grads = _with_bias_grads(grads, dy, weight1.shape[0], need_db1, need_db2)
+        return co._fresh(co._needed(grads, needs),
+                         [dy, dh, x, norm_weight, rstd, t, weight1, weight2])
+
+    def norm_io_split_bwd(dy: Tensor, dh: Optional[Tensor], x: Tensor, norm_weight: Tensor,
+                          rstd: Tensor, n: Tensor, xi: Tensor, weight1: Tensor, weight2: Tensor,
+                          need_dx: bool, need_dnorm: bool, need_dw1: bool, need_dw2: bool,
+                          need_db1: bool, need_db2: bool) -> List[Tensor]:
+        needs = (need_dx, need_dnorm, need_dw1, need_dw2, need_db1, need_db2)
+        with co._no_autocast(dy):
+            grads = _launchers()["head"].norm_io_split_bwd(
+                dy, x, norm_weight, rstd, n.contiguous(), xi.contiguous(), weight1, weight2,
+                need_dx, need_dnorm, need_dw1, need_dw2, dh)
+            grads = _with_bias_grads(grads, dy, weight1.shape[0], need_db1, need_db2)
+        return co._fresh(co._needed(grads, needs),
+                         [dy, dh, x, norm_weight, rstd, n, xi, weight1, weight2])
 
     return dict(silu_mul_layout=silu_mul_layout, silu_mul_layout_bwd=silu_mul_layout_bwd,
                 gpc_io_layout=gpc_io_layout, gpc_io_layout_bwd=gpc_io_layout_bwd,
                 mlp_tail=mlp_tail, mlp_tail_bwd=mlp_tail_bwd,
                 rms_norm=rms_norm, add_rms_norm=add_rms_norm, rms_norm_bwd=rms_norm_bwd,
-                norm_io=norm_io, norm_io_bwd=norm_io_bwd)
+                norm_io=norm_io, norm_io_bwd=norm_io_bwd, norm_io_split=norm_io_split,
+                norm_io_split_bwd=norm_io_split_bwd)
 
 
 def _fake_io_grads(inputs, dy, weight1, weight2, needs):
@@ -229,21 +264,43 @@ def _fake_mlp_tail_bwd(dy, gu, t, weight1, weight2, need_dgu, need_dw1, need_dw2
                           (need_dgu, need_dw1, need_dw2, need_db1, need_db2))
 
 
-def _fake_norm_io(x, norm_weight, eps, weight1, weight2, bias1, bias2, run):
+def _fake_norm_input(x, norm_weight, residual):
+    """``h`` of a norm head (empty without a residual) and the dtype of its rstd."""
+    if residual is None:
+        return x.new_empty((0,)), _norm_dtypes(x.dtype, norm_weight)[1]
+    h = x.new_empty(x.shape, dtype=torch.promote_types(residual.dtype, x.dtype))
+    return h, _norm_dtypes(h.dtype, norm_weight)[1]
+
+
+def _fake_norm_io(x, norm_weight, eps, weight1, weight2, bias1, bias2, residual, run):
     G, og = weight1.shape[0], weight1.shape[2]
-    rstd_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return (x.new_empty((x.shape[0], G * og), dtype=weight1.dtype),
+    h, rstd_dtype = _fake_norm_input(x, norm_weight, residual)
+    return (x.new_empty((x.shape[0], G * og), dtype=weight1.dtype), h,
             x.new_empty((x.shape[0], G * G * run), dtype=weight1.dtype),
             x.new_empty((x.shape[0],), dtype=rstd_dtype))
 
 
-def _fake_norm_io_bwd(dy, x, norm_weight, rstd, t, weight1, weight2, need_dx, need_dnorm,
+def _fake_norm_io_split(x, norm_weight, eps, weight1, weight2, bias1, bias2, residual):
+    G, og = weight1.shape[0], weight1.shape[2]
+    h, rstd_dtype = _fake_norm_input(x, norm_weight, residual)
+    return (x.new_empty((x.shape[0], G * og), dtype=weight1.dtype), h,
+            x.new_empty(x.shape, dtype=weight1.dtype), x.new_empty(x.shape, dtype=weight1.dtype),
+            x.new_empty((x.shape[0],), dtype=rstd_dtype))
+
+
+def _fake_norm_io_bwd(dy, dh, x, norm_weight, rstd, t, weight1, weight2, need_dx, need_dnorm,
                       need_dw1, need_dw2, need_db1, need_db2):
     return _fake_io_grads([(x, x.dtype), (norm_weight, norm_weight.dtype)], dy, weight1, weight2,
                           (need_dx, need_dnorm, need_dw1, need_dw2, need_db1, need_db2))
 
 
+def _fake_norm_io_split_bwd(dy, dh, x, norm_weight, rstd, n, xi, weight1, weight2, *needs):
+    return _fake_io_grads([(x, x.dtype), (norm_weight, norm_weight.dtype)], dy, weight1, weight2,
+                          needs)
+
+
 _FAKES = dict(norm_io=_fake_norm_io, norm_io_bwd=_fake_norm_io_bwd,
+              norm_io_split=_fake_norm_io_split, norm_io_split_bwd=_fake_norm_io_split_bwd,
               mlp_tail=_fake_mlp_tail, mlp_tail_bwd=_fake_mlp_tail_bwd,
               rms_norm=_fake_rms_norm, add_rms_norm=_fake_add_rms_norm,
               rms_norm_bwd=_fake_rms_norm_bwd,
@@ -282,9 +339,19 @@ def add_rms_norm(residual, x, weight, eps: float) -> Tuple[Tensor, Tensor]:
 
 
 def norm_io(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
-            run: int = 8) -> Tensor:
-    return co._call("norm_io", BACKEND, x, norm_weight, float(eps), weight1, weight2, bias1,
-                    bias2, run)[0]
+            run: int = 8, residual=None):
+    """``y``, or ``(h, y)`` with a residual: the layout norm head."""
+    y, h, _, _ = co._call("norm_io", BACKEND, x, norm_weight, float(eps), weight1, weight2,
+                          bias1, bias2, residual, run)
+    return y if residual is None else (h, y)
+
+
+def norm_io_split(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
+                  residual=None):
+    """``y``, or ``(h, y)`` with a residual: the split norm head."""
+    y, h = co._call("norm_io_split", BACKEND, x, norm_weight, float(eps), weight1, weight2,
+                    bias1, bias2, residual)[:2]
+    return y if residual is None else (h, y)
 
 
 def _no_grad_to_saved(name: str, grad) -> None:
@@ -353,31 +420,47 @@ def _register_autograd(bodies) -> None:
     register("mlp_tail", tail_backward, tail_setup)
 
     def head_setup(ctx, inputs, output):
-        x, norm_weight, _, weight1, weight2, bias1, bias2, _ = inputs
-        ctx.save_for_backward(x, norm_weight, output[2], output[1], weight1, weight2)
+        x, norm_weight, _, weight1, weight2, bias1, bias2, residual = inputs[:8]
+        # The norm's input is h (an output) with a residual, else x; then the block's operands.
+        source = output[1] if residual is not None else x
+        ctx.save_for_backward(source, norm_weight, output[-1], *output[2:-1], weight1, weight2)
+        ctx.mark_non_differentiable(*output[2:])  # the block's saved input and rstd
         ctx.has_bias = (bias1 is not None, bias2 is not None)
+        ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
         ctx.set_materialize_grads(False)
 
-    def head_backward(ctx, dy, dt, drstd):
-        x, norm_weight, rstd, t, weight1, weight2 = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if dt is not None or drstd is not None:
-            raise RuntimeError(
-                "kphi3::norm_io: a gradient reached its saved layout or rstd output; only its "
-                "first output (the IO block's result) is differentiable")
-        if dy is None:
-            return (None,) * 8
-        needs = (need[0], need[1], need[3], need[4], ctx.has_bias[0] and need[5],
-                 ctx.has_bias[1] and need[6])
-        dx, dnorm, dw1, dw2, db1, db2 = co._unpack(co._call(
-            "norm_io_bwd", BACKEND, dy, x, norm_weight, rstd, t, weight1, weight2, *needs), needs)
-        return dx, dnorm, None, dw1, dw2, db1, db2, None
+    def head_backward_of(name):
+        def head_backward(ctx, dy, dh, *saved_grads):
+            source, norm_weight, rstd, *operands = ctx.saved_tensors
+            need = ctx.needs_input_grad
+            if any(g is not None for g in saved_grads):
+                raise RuntimeError(
+                    f"kphi3::{name}: a gradient reached a saved output (the block's input or "
+                    "rstd); only the IO block's result and h are differentiable")
+            has_residual = ctx.dtypes[1] is not None
+            dh = dh if has_residual else None
+            need_d = need[0] or (has_residual and need[7])
+            d = dnorm = dw1 = dw2 = db1 = db2 = None
+            if dy is not None:
+                needs = (need_d, need[1], need[3], need[4], ctx.has_bias[0] and need[5],
+                         ctx.has_bias[1] and need[6])
+                d, dnorm, dw1, dw2, db1, db2 = co._unpack(co._call(
+                    f"{name}_bwd", BACKEND, dy, dh, source, norm_weight, rstd, *operands,
+                    *needs), needs)
+            elif dh is not None:  # only h is used: the residual add's gradient alone
+                d = dh
+            dx = d.to(ctx.dtypes[0]) if d is not None and need[0] else None
+            dres = d.to(ctx.dtypes[1]) if d is not None and has_residual and need[7] else None
+            return (dx, dnorm, None, dw1, dw2, db1, db2, dres) + (None,) * (len(need) - 8)
+        return head_backward
 
-    register("norm_io", head_backward, head_setup)
+    register("norm_io", head_backward_of("norm_io"), head_setup)
+    register("norm_io_split", head_backward_of("norm_io_split"), head_setup)
 
     def norm_setup(ctx, inputs, output):
         x, weight, _ = inputs
         ctx.save_for_backward(x, weight, output[1])
+        ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)
 
     def norm_backward(ctx, dn, drstd):
@@ -395,6 +478,7 @@ def _register_autograd(bodies) -> None:
     def add_norm_setup(ctx, inputs, output):
         residual, x, weight, _ = inputs
         ctx.save_for_backward(output[0], weight, output[2])
+        ctx.mark_non_differentiable(output[2])
         ctx.dtypes = (residual.dtype, x.dtype)
         ctx.set_materialize_grads(False)
 
@@ -419,7 +503,7 @@ def _register_autograd(bodies) -> None:
 
     # The backward operators run eagerly like the others, with no formula of their own.
     for name in ("silu_mul_layout_bwd", "gpc_io_layout_bwd", "mlp_tail_bwd", "norm_io_bwd",
-                 "rms_norm_bwd"):
+                 "norm_io_split_bwd", "rms_norm_bwd"):
         co._EAGER[(name, BACKEND)] = (bodies[name], None)
 
 

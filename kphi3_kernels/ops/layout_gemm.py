@@ -104,11 +104,16 @@ def _layout_fwd_kernel(
         acc += tl.load(bias2_ptr + g * s_bias2g + offs_q, mask=mask_q, other=0.0).to(ACC_DTYPE)[None, :]
     cols = g * OG + offs_q
     mask = mask_p[:, None] & mask_q[None, :]
-    if HAS_RESIDUAL:  # the decoder's residual add, on the fp32 accumulator
-        acc += tl.load(residual_ptr + offs_p[:, None] * s_rm + cols[None, :] * s_rc, mask=mask,
-                       other=0.0).to(ACC_DTYPE)
     y = y_ptr + offs_p[:, None] * s_ym + cols[None, :] * s_yc
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if HAS_RESIDUAL:  # the decoder's residual add, on the accumulator (float64 for a float64 y)
+        residual = tl.load(residual_ptr + offs_p[:, None] * s_rm + cols[None, :] * s_rc,
+                           mask=mask, other=0.0)
+        if y_ptr.dtype.element_ty == tl.float64:
+            tl.store(y, acc.to(tl.float64) + residual.to(tl.float64), mask=mask)
+        else:
+            tl.store(y, (acc + residual.to(ACC_DTYPE)).to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

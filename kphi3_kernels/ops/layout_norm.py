@@ -22,7 +22,7 @@ computed in fp32 (float64 for float64) and rounded once.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -32,37 +32,6 @@ from . import outputs
 from .grouped_gemm import accumulator_dtype
 from .layout_act import channel_of_slot
 from .launch import KernelLaunch, launch
-
-
-@triton.jit
-def _rms_norm_layout_kernel(
-    x_ptr, w_ptr, t_ptr, rstd_ptr, M, eps, s_xm, s_xc,
-    CHANNELS: tl.constexpr, PER_GROUP: tl.constexpr, GROUPS: tl.constexpr, RUN: tl.constexpr,
-    COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    WIDTH: tl.constexpr = GROUPS * GROUPS * RUN
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    mask_m = rows < M
-    x_rows = x_ptr + rows[:, None] * s_xm
-    squares = tl.zeros((BLOCK_M, BLOCK_C), dtype=COMPUTE)
-    for c0 in range(0, CHANNELS, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(x_rows + c[None, :] * s_xc, mask=mask_m[:, None] & (c < CHANNELS)[None, :],
-                    other=0.0).to(COMPUTE)
-        squares += x * x
-    rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / CHANNELS + eps)
-    tl.store(rstd_ptr + rows, rstd.to(rstd_ptr.dtype.element_ty), mask=mask_m)
-    # The layout, written in order: each column's channel is gathered (the row is in L1 / L2).
-    for l0 in range(0, WIDTH, BLOCK_C):
-        col = l0 + tl.arange(0, BLOCK_C)
-        chan, is_channel = channel_of_slot(col, PER_GROUP, GROUPS, RUN)
-        is_channel = is_channel & (col < WIDTH)
-        x = tl.load(x_rows + chan[None, :] * s_xc, mask=mask_m[:, None] & is_channel[None, :],
-                    other=0.0).to(COMPUTE)
-        w = tl.load(w_ptr + chan, mask=is_channel, other=0.0).to(COMPUTE)
-        y = x * rstd[:, None] * w[None, :]  # padding: 0
-        tl.store(t_ptr + rows[:, None] * WIDTH + col[None, :], y.to(t_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & (col < WIDTH)[None, :])
 
 
 @triton.jit
@@ -82,8 +51,9 @@ def _norm_input(x_ptr, r_ptr, h_ptr, rows, c, mask, s_xm, s_xc, s_rm, s_rc, CHAN
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, r_ptr, w_ptr, h_ptr, n_ptr, rstd_ptr, M, eps, s_xm, s_xc, s_rm, s_rc,
-    CHANNELS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    x_ptr, r_ptr, w_ptr, h_ptr, n_ptr, xi_ptr, t_ptr, rstd_ptr, M, eps, s_xm, s_xc, s_rm, s_rc,
+    CHANNELS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WRITE_N: tl.constexpr,
+    XI_GROUPS: tl.constexpr, LAYOUT_GROUPS: tl.constexpr, RUN: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -97,16 +67,46 @@ def _rms_norm_kernel(
         squares += x * x
     rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / CHANNELS + eps)
     tl.store(rstd_ptr + rows, rstd.to(rstd_ptr.dtype.element_ty), mask=mask_m)
-    # The row again (from L1 / L2): h is recomputed, bit for bit, rather than read back.
-    for c0 in range(0, CHANNELS, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        mask = mask_m[:, None] & (c < CHANNELS)[None, :]
-        x = _norm_input(x_ptr, r_ptr, h_ptr, rows, c, mask, s_xm, s_xc, s_rm, s_rc, CHANNELS,
-                        HAS_RESIDUAL, COMPUTE, False)
-        w = tl.load(w_ptr + c, mask=c < CHANNELS, other=0.0).to(COMPUTE)
-        n = x * rstd[:, None] * w[None, :]
-        tl.store(n_ptr + rows[:, None] * CHANNELS + c[None, :], n.to(n_ptr.dtype.element_ty),
-                 mask=mask)
+    # Each output is written in its own order, its channels read again from L1 / L2 (gathered
+    # for the de-interleaved copy and the layout); h is recomputed, bit for bit, not read back.
+    if WRITE_N:
+        for c0 in range(0, CHANNELS, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            _normalized_store(x_ptr, r_ptr, h_ptr, w_ptr, n_ptr, rows, c, c, c < CHANNELS,
+                              c < CHANNELS, mask_m, rstd, s_xm, s_xc, s_rm, s_rc, CHANNELS,
+                              CHANNELS, HAS_RESIDUAL, COMPUTE)
+    if XI_GROUPS > 0:
+        # xi[:, g*s + k] = n[:, k*G + g]: the IO block's second operand, group g contiguous.
+        PER: tl.constexpr = CHANNELS // XI_GROUPS
+        for j0 in range(0, CHANNELS, BLOCK_C):
+            j = j0 + tl.arange(0, BLOCK_C)
+            _normalized_store(x_ptr, r_ptr, h_ptr, w_ptr, xi_ptr, rows, (j % PER) * XI_GROUPS + j // PER,
+                              j, j < CHANNELS, j < CHANNELS, mask_m, rstd, s_xm, s_xc, s_rm,
+                              s_rc, CHANNELS, CHANNELS, HAS_RESIDUAL, COMPUTE)
+    if LAYOUT_GROUPS > 0:
+        # The block-residue layout; padding slots store 0 (their loads are masked).
+        WIDTH: tl.constexpr = LAYOUT_GROUPS * LAYOUT_GROUPS * RUN
+        for l0 in range(0, WIDTH, BLOCK_C):
+            col = l0 + tl.arange(0, BLOCK_C)
+            chan, is_channel = channel_of_slot(col, CHANNELS // LAYOUT_GROUPS, LAYOUT_GROUPS, RUN)
+            _normalized_store(x_ptr, r_ptr, h_ptr, w_ptr, t_ptr, rows, chan, col,
+                              is_channel & (col < WIDTH), col < WIDTH, mask_m, rstd, s_xm, s_xc,
+                              s_rm, s_rc, CHANNELS, WIDTH, HAS_RESIDUAL, COMPUTE)
+
+
+@triton.jit
+def _normalized_store(x_ptr, r_ptr, h_ptr, w_ptr, out_ptr, rows, chan, col, is_channel, in_range,
+                      mask_m, rstd, s_xm, s_xc, s_rm, s_rc, CHANNELS, WIDTH,
+                      HAS_RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr):
+    """``out[:, col] = weight[chan] * x[:, chan] * rstd`` (0 where ``chan`` is not a channel),
+    for the columns ``in_range`` of an output ``WIDTH`` wide."""
+    load_mask = mask_m[:, None] & is_channel[None, :]
+    x = _norm_input(x_ptr, r_ptr, h_ptr, rows, chan, load_mask, s_xm, s_xc, s_rm, s_rc, CHANNELS,
+                    HAS_RESIDUAL, COMPUTE, False)
+    w = tl.load(w_ptr + chan, mask=is_channel, other=0.0).to(COMPUTE)
+    n = x * rstd[:, None] * w[None, :]
+    tl.store(out_ptr + rows[:, None] * WIDTH + col[None, :], n.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & in_range[None, :])
 
 
 @triton.jit
@@ -169,53 +169,54 @@ def _launch(name, kernel, M, channels, args, device):
     return config
 
 
-def rms_norm_layout_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int,
-                        run: int, out_dtype=None):
-    """``(t, rstd)``: ``weight * x * rstd`` in the layout ``[M, G*G*R]`` (in ``out_dtype``,
-    default x's: under autocast the next GEMM's dtype while x and the weight stay fp32),
-    ``rstd`` ``[M]`` in fp32 (float64 for float64)."""
-    M, channels = x.shape
-    width = groups * groups * run
-    t = outputs.new_output((M, width), out_dtype or x.dtype, x.device)
-    rstd_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    rstd = outputs.new_output((M,), rstd_dtype, x.device)
-    if M == 0:
-        return t, rstd
-    weight = weight.contiguous()
-    _launch("rms_norm_layout", _rms_norm_layout_kernel, M, channels, dict(
-        x_ptr=x, w_ptr=weight, t_ptr=t, rstd_ptr=rstd, M=M, eps=float(eps),
-        s_xm=x.stride(0), s_xc=x.stride(1), CHANNELS=channels, PER_GROUP=channels // groups,
-        GROUPS=groups, RUN=run, COMPUTE=accumulator_dtype(x.dtype)), x.device)
-    return t, rstd
-
-
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: Optional[torch.Tensor] = None):
-    """``(h, n, rstd)`` of RMSNorm in channel order, ``x`` ``[M, C]`` (any strides).
+                 residual: Optional[torch.Tensor] = None, *, split_groups: int = 0,
+                 layout: Optional[Tuple[int, int]] = None, out_dtype=None):
+    """RMSNorm's forward in one launch, ``x`` ``[M, C]`` (any strides): ``(h, n, rstd, extra)``.
 
-    With ``residual`` (``[M, C]``): ``h = residual + x`` in their promoted dtype, and ``n`` the
-    norm of ``h``; without: ``h`` is None and ``n`` the norm of ``x``. ``n`` is in the promoted
-    dtype of the norm's input and ``weight`` (as ``weight * xhat.to(dtype)`` is), ``rstd``
-    ``[M]`` in fp32 (float64 for float64)."""
+    * ``h``: with ``residual`` (``[M, C]``), ``residual + x`` in their promoted dtype, and the
+      norm is of ``h``; without, None and the norm is of ``x``.
+    * ``n``: the normalized input in channel order; None where ``layout`` is given.
+    * ``rstd``: ``[M]`` in fp32 (float64 for float64).
+    * ``extra``: with ``split_groups = G``, ``n``'s de-interleaved copy ``xi`` (group g is
+      ``n[:, g::G]``, what the IO block's ``second`` reads); with ``layout = (G, R)``, the
+      normalized input in the block-residue layout ``[M, G*G*R]`` instead of ``n``; else None.
+
+    ``n`` and ``extra`` are in ``out_dtype``, by default the promoted dtype of the norm's input
+    and ``weight`` (as ``weight * xhat.to(dtype)`` is); under autocast the next GEMM's.
+    """
     M, channels = x.shape
     h = None
     if residual is not None:
         h = outputs.new_output((M, channels), torch.promote_types(residual.dtype, x.dtype),
                                x.device)
     source = h.dtype if h is not None else x.dtype
-    n = outputs.new_output((M, channels), torch.promote_types(source, weight.dtype), x.device)
+    out_dtype = out_dtype or torch.promote_types(source, weight.dtype)
+    n = outputs.new_output((M, channels), out_dtype, x.device) if layout is None else None
+    extra = None
+    if split_groups:
+        extra = outputs.new_output((M, channels), out_dtype, x.device)
+    elif layout is not None:
+        extra = outputs.new_output((M, layout[0] * layout[0] * layout[1]), out_dtype, x.device)
     rstd = outputs.new_output((M,), torch.float64 if source == torch.float64 else torch.float32,
                               x.device)
     if M == 0:
-        return h, n, rstd
+        return h, n, rstd, extra
     weight = weight.contiguous()
     r = residual if residual is not None else x
-    _launch("add_rms_norm" if h is not None else "rms_norm", _rms_norm_kernel, M, channels, dict(
-        x_ptr=x, r_ptr=r, w_ptr=weight, h_ptr=h if h is not None else n, n_ptr=n, rstd_ptr=rstd,
+    somewhere = n if n is not None else extra  # the pointer of an output not written
+    name = ("add_" if h is not None else "") + "rms_norm" + (
+        "_split" if split_groups else "_layout" if layout is not None else "")
+    _launch(name, _rms_norm_kernel, M, channels, dict(
+        x_ptr=x, r_ptr=r, w_ptr=weight, h_ptr=h if h is not None else somewhere,
+        n_ptr=somewhere, xi_ptr=extra if split_groups else somewhere,
+        t_ptr=extra if layout is not None else somewhere, rstd_ptr=rstd,
         M=M, eps=float(eps), s_xm=x.stride(0), s_xc=x.stride(1), s_rm=r.stride(0),
         s_rc=r.stride(1), CHANNELS=channels, HAS_RESIDUAL=h is not None,
-        COMPUTE=accumulator_dtype(source)), x.device)
-    return h, n, rstd
+        WRITE_N=n is not None, XI_GROUPS=split_groups,
+        LAYOUT_GROUPS=layout[0] if layout is not None else 0,
+        RUN=layout[1] if layout is not None else 0, COMPUTE=accumulator_dtype(source)), x.device)
+    return h, n, rstd, extra
 
 
 def rms_norm_bwd(dn: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,

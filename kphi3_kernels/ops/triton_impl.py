@@ -156,17 +156,30 @@ def gpc_io_fwd(x, weight1, weight2, bias1=None, bias2=None, save_xi=False):
         second = Operand(x, x.stride(1), x.stride(0), G * x.stride(1))
         name = "gpc_io_fwd_fused"
     else:
-        # x and xi get one layout (and W1, W2 one layout) so the GEMM runs ONE K loop of 2s.
         x = x.contiguous()
         xi = _deinterleave(x, G)
-        second = _groups_of(xi, s)
-        weight1, weight2 = weight1.contiguous(), weight2.contiguous()
-        name = "gpc_io_fwd"
+        return gpc_io_fwd_split(x, xi, weight1, weight2, bias1, bias2), \
+            xi if save_xi else x.new_empty(0)
     grouped_gemm(
         G, M, og, _groups_of(x, s), _weight(weight1), s, _groups_of(y, og),
         a2=second, b2=_weight(weight2), K2=s, bias=bias1, bias2=bias2, name=name,
     )
     return y, xi if save_xi else x.new_empty(0)
+
+
+def gpc_io_fwd_split(x, xi, weight1, weight2, bias1=None, bias2=None, name="gpc_io_fwd"):
+    """The IO block's ``y`` from ``x`` and its de-interleaved copy ``xi`` (both contiguous
+    ``[M, G*s]``, however ``xi`` was written): x and xi get one layout (and W1, W2 one
+    layout) so the GEMM runs ONE K loop of 2s."""
+    M = x.shape[0]
+    G, s, og = weight1.shape
+    y = _empty(M, G * og, x)
+    grouped_gemm(
+        G, M, og, _groups_of(x, s), _weight(weight1.contiguous()), s, _groups_of(y, og),
+        a2=_groups_of(xi, s), b2=_weight(weight2.contiguous()), K2=s, bias=bias1, bias2=bias2,
+        name=name,
+    )
+    return y
 
 
 def io_input_grad(dy, weight1, weight2, names=("gpc_io_bwd_dxi", "gpc_io_bwd_dx"),
