@@ -79,8 +79,9 @@ def _family(name: str, heads: int) -> ModelFamily:
     return ModelFamily(f.hidden, f.intermediate, f.min_channels_per_group, heads)
 
 
-# The released config.json: 10 heads of 128; Phi-3-mini: 32 heads of 96.
-MODEL_FAMILIES: Dict[str, ModelFamily] = {"kphi3": _family("kphi3", 10),
+# The released config.json (src/config.json of the original): 20 heads of 64; Phi-3-mini: 32
+# heads of 96.
+MODEL_FAMILIES: Dict[str, ModelFamily] = {"kphi3": _family("kphi3", 20),
                                           "phi3-mini": _family("phi3-mini", 32)}
 MODEL_UNAVAILABLE = ("kphi3_model is not importable ({error}); the model benchmark needs the "
                      "kphi3_model package next to kphi3_kernels")

@@ -11,19 +11,20 @@ launch costs ``max(FLOPs / 790 TFLOP/s, bytes / 4.3 TB/s) + 2 us`` (``ledger.h20
 
 One decoder layer's training step (forward, then the backward alone given the upstream gradient:
 every input and weight gradient) at ``tokens = batch * seq`` tokens, for four paths that differ
-only in their four projections (qkv, o, gate_up, down) and, for ``fused``, the activation:
+only in their four projections (qkv, o, gate_up, down) and, for ``fused``, the activation, the
+norms and the residual adds:
 
 * **dense**: Phi-3, the same widths as ``F.linear`` (``ledger.dense_launches``, an aten recording).
 * **reference**: KPhi-3 with ``kphi3_kernels.reference.gpc_io`` (``ledger.reference_launches``,
   the einsum chain recorded as aten ops on meta tensors).
 * **triton**: KPhi-3 with today's op-level Triton kernels (``ledger.triton_launches``: the
   launches of ``kphi3_kernels.ops.triton_impl`` recorded on meta tensors, none run).
-* **fused**: triton with ``KPhi3Config(fused_decoder=True)``: the activation and down_proj (and
-  the two RMSNorms with qkv_proj and gate_up_proj where the layout adds no padding, which is not
-  the case at the released widths) are the launches of the fused MLP tail and norm heads
-  (``fused_launches``: the producer writes the next IO block's input in the block-residue
-  layout, the block reads it; the activation's backward runs in down_proj's input-gradient
-  epilogue), also recorded, not run. o_proj is the op-level block.
+* **fused**: triton with ``KPhi3Config(fused_decoder=True)``: the activation and down_proj, the
+  two RMSNorms with qkv_proj and gate_up_proj, and the residual adds are the launches of the
+  fused MLP tail and norm heads (``fused_launches``: the producer writes the next IO block's
+  input as both its GEMMs read it; the activation's backward runs in down_proj's input-gradient
+  epilogue; the attention's residual add runs in gate_up_proj's norm head, the MLP's in
+  down_proj's epilogue), also recorded, not run. o_proj is the op-level block.
 
 The rest of the layer is the same for every path and is costed by explicit formulas (not an aten
 recording), each a fused launch that reads every input and writes every output once; elementwise
@@ -247,18 +248,18 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str,
     tensors like ``ledger.triton_launches`` (none run): ``norms``, ``residuals``, ``qkv``,
     ``gate_up``, ``activation`` and ``down``.
 
-    * ``ops/norm_head.py`` for each RMSNorm and the IO block after it (qkv_proj, gate_up_proj)
-      where the model fuses them (the block-residue layout adds no channel:
-      ``kphi3_kernels.fused.layout_padding``; not at the released widths):
-      forward, the norm writing the block-residue layout, then the block reading it; backward,
-      the block's input gradient in channel order, its weight gradients from the saved layout,
+    * ``ops/norm_head.py`` for each RMSNorm and the IO block after it (qkv_proj, gate_up_proj):
+      forward, the norm writing the block-residue layout where it adds no channel
+      (``kphi3_kernels.fused.layout_padding``), else channel order and its de-interleaved copy
+      (not at the released widths: the split head), then the block reading it; backward, the
+      block's input gradient in channel order, its weight gradients from the saved operands,
       the norm's backward.
-    * The residual stream (``ops/layout_norm.py``): a norm not fused into its block is one
-      launch (``rms_norm``); the attention's residual add and post_attention_layernorm are one
-      (``add_rms_norm``), whose backward adds the stream's gradient to the norm's in its pass,
-      so that branch point has no add of its own; the layer input's branch point keeps its add
-      (``residual_add`` formula), as does the attention's residual add where
-      post_attention_layernorm is fused into gate_up_proj.
+    * The residual stream: gate_up_proj's norm head takes the attention's residual add (it
+      reads both addends and writes ``h``), and its backward adds the stream's gradient to the
+      norm's in its pass, so that branch point has no add of its own; the layer input's branch
+      point keeps its add (``residual_add`` formula). A norm without a head (a projection that
+      is no grouped IO block) is one ``ops/layout_norm.py`` launch, ``add_rms_norm`` for the
+      one after the attention.
     * ``ops/mlp_tail.py`` for ``silu(gate) * up`` and down_proj: forward, the activation writing
       the layout (``activation``), down_proj reading it and adding the residual stream in its
       epilogue; backward, down_proj's three launches, the activation's backward inside its
@@ -497,8 +498,9 @@ def model_dict(model: CostModel, io_forward: str) -> Dict[str, Any]:
         "projections": ("dense: ledger.dense_launches (F.linear, aten); reference: "
                         "ledger.reference_launches (gpc_io einsum chain, aten); triton: "
                         "ledger.triton_launches (gpc_io, KernelLaunch records); fused: triton "
-                        "with the norms, qkv, gate_up, the activation and down as "
-                        "model_ledger.fused_launches (norm_head, mlp_tail KernelLaunch records)"),
+                        "with the norms, qkv, gate_up, the activation, down and the residual "
+                        "adds as model_ledger.fused_launches (norm_head, mlp_tail KernelLaunch "
+                        "records)"),
         "attention": ("causal flash attention, FA2 accounting: fwd 2*B*H*T^2*D FLOPs (4*B*H*T^2*D "
                       "halved), reads q, k, v, writes o and fp32 logsumexp; bwd 2.5x the forward's "
                       "FLOPs in 3 launches (preprocess, main with fp32 dq accumulator, dq "
@@ -506,7 +508,9 @@ def model_dict(model: CostModel, io_forward: str) -> Dict[str, Any]:
                       "cache update"),
         "rest": ("explicit formulas, one fused launch each, every tensor read or written once, "
                  "0 FLOPs: 2 RMSNorms (+ fp32 inverse RMS), RoPE of q and k, silu(gate) * up, "
-                 "2 residual adds (bwd: the gradient accumulation at each branch point)"),
+                 "2 residual adds (bwd: the gradient accumulation at each branch point); on the "
+                 "fused path, the launches it records instead (all but RoPE and the layer "
+                 "input's branch-point add)"),
         "outside_layer": "embedding and lm_head (aten recordings), not in the layer",
         "io_forward": io_forward,
         "note": "a prediction from FLOP and byte counts, not a measurement",
@@ -607,9 +611,12 @@ the sum of its launches.
   projections. **fused** (`KPhi3Config(fused_decoder=True)`) is triton with the MLP's tail
   fused: `silu(gate) * up` writes down_proj's input in the block-residue layout, down_proj's
   GEMMs read it, and its input gradient turns into d(gate_up) in its epilogue, so the
-  activation's backward has no launch (`ops/mlp_tail.py`); the RMSNorms write qkv_proj's and
-  gate_up_proj's input in the layout (`ops/norm_head.py`) only where it adds no padding (not
-  at these widths: G*R = 280 for s = 256, more matrix work than the pass it saves).
+  activation's backward has no launch (`ops/mlp_tail.py`); each RMSNorm writes its IO block's
+  input (`ops/norm_head.py`): in the layout where it adds no padding, else in channel order
+  and its de-interleaved copy (at these widths: G*R = 280 for s = 256 would be more matrix
+  work than the pass it saves); the attention's residual add runs in gate_up_proj's norm
+  head, whose backward sums the branch point's gradients in its pass, and the MLP's in
+  down_proj's epilogue. Its norms and adds are the launches it records.
 - Attention is causal flash attention with FA2's accounting: forward `2*B*H*T^2*D` FLOPs
   (`4*B*H*T^2*D` halved by the mask), reading q, k, v and writing o and the fp32 logsumexp;
   backward 2.5x the forward's FLOPs in three launches (preprocess, main kernel with an fp32 dq
@@ -617,7 +624,8 @@ the sum of its launches.
   FLOPs) plus the cache update. The compute ceiling is the GEMM peak, which flash attention
   does not reach in practice.
 - The rest (two RMSNorms, RoPE of q and k, `silu(gate) * up`, two residual adds) is costed by
-  explicit formulas: one fused launch each that reads and writes every tensor once, 0 FLOPs.
+  explicit formulas: one fused launch each that reads and writes every tensor once, 0 FLOPs
+  (the fused path: RoPE and the layer input's branch-point add).
   Dropout (0) and the RoPE table (built once per model) cost nothing.
 - Ratios are a path's time over dense's or reference's (below 1: predicted faster).
 """

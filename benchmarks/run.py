@@ -169,7 +169,7 @@ def build_model_parser(prog: str = "kphi3-bench model") -> argparse.ArgumentPars
                    help="torch.compile backend of the compiled rows (default inductor)")
     p.add_argument("--family", default="kphi3", metavar="NAME",
                    help=f"model sizes: {', '.join(FAMILY_NAMES)} (default kphi3: the "
-                        "released 1280/5120, 10 heads)")
+                        "released 1280/5120, 20 heads)")
     p.add_argument("--layers", type=int, metavar="N",
                    help=f"decoder layers (default {MODEL_DEFAULT_SIZES['layers'][2]}, as released)")
     p.add_argument("--batch", type=int, metavar="N", help=f"training batch ({sizes('batch')})")

@@ -666,3 +666,31 @@ def test_explain_at_the_released_widths_names_the_split_heads():
     text = model.model.explain_fused_decoder(DEVICE)
     assert text.count("would pad each group's 256 channels to 280") == 2, text
     assert text.count("on the Triton kernels") == 5 and "op-level" not in text, text
+
+
+@requires_triton
+def test_fused_model_under_autocast_matches_the_op_level_model():
+    """fp32 weights under autocast: the residual stream stays fp32 through the fused norms and
+    down_proj's epilogue (fp32 + half addends give fp32, as the unfused adds do)."""
+    model = _model(kernel_backend="triton", fused_decoder=True)
+    batch = _batch()
+    device_type = "cuda" if DEVICE == "cuda" else "cpu"
+    half = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+    results = []
+    for fused_decoder in (True, False):
+        model.config.fused_decoder = fused_decoder
+        model.zero_grad(set_to_none=True)
+        hidden = []
+        handle = model.model.layers[0].register_forward_hook(
+            lambda _m, _a, out: hidden.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            with torch.autocast(device_type, dtype=half):
+                out = model(**batch)
+        finally:
+            handle.remove()
+        out.loss.backward()
+        assert hidden[0].dtype == torch.float32
+        results.append((out.logits, out.loss, [p.grad for p in model.parameters()]))
+    (logits_f, loss_f, grads_f), (logits_u, loss_u, grads_u) = results
+    assert rel_error(logits_f, logits_u) < HALF_TOL and rel_error(loss_f, loss_u) < HALF_TOL
+    assert all(rel_error(a, b) < HALF_TOL for a, b in zip(grads_f, grads_u))

@@ -1,13 +1,19 @@
-"""RMSNorm (Phi-3's) kernels of the fused decoder: in plain order with the residual add before
-it, or written in the block-residue layout of the next IO block's input.
+"""RMSNorm (Phi-3's) kernels of the fused decoder, one forward kernel for every way the next IO
+block reads the normalized input, optionally with the residual add before the norm.
 
-Forward, ``rstd = 1 / sqrt(mean(x^2) + eps)`` per row (saved, fp32):
+Forward, ``rstd = 1 / sqrt(mean(x^2) + eps)`` per row (saved, fp32), one launch named by what
+it writes (``add_`` before the name with a residual):
 
-* ``rms_norm`` / ``add_rms_norm``: ``n = weight * x * rstd`` in channel order; with a residual,
-  ``x = h = residual + branch`` is first rounded to ``h``'s dtype and written (the decoder's
-  residual stream), then normalized: one launch for the residual add and the norm after it.
+* ``rms_norm``: ``n = weight * x * rstd`` in channel order.
+* ``rms_norm_split``: ``n`` and its de-interleaved copy ``xi`` (group g is ``n[:, g::G]``), the
+  op-level IO block's two operands, written from the row the program holds.
 * ``rms_norm_layout``: ``t = layout(weight * x * rstd)``, straight into the layout of
   qkv_proj's or gate_up_proj's IO block (``kphi3_kernels.layout``), padding zero.
+
+With a residual, ``x = h = residual + branch`` is first rounded to ``h``'s dtype and written
+(the decoder's residual stream), then normalized: the residual add and the norm after it in
+one launch. Each output is written in its own order with unit-stride stores; the gathered
+reads of the copy and the layout hit the row already in L1 / L2.
 
 Backward: the standard RMSNorm gradient from the plain-order gradient of the normalized input,
 plus, where the norm's input is also the residual stream, the stream's own gradient ``dh``
