@@ -4,8 +4,8 @@
 
 - ``kphi3-triton``: ``KPhi3ForCausalLM`` with ``kernel_backend="triton"`` (the fused kernels;
   CUDA only, "needs a GPU" elsewhere);
-- ``kphi3-fused``: the same with ``fused_decoder=True`` (the fused MLP tail and, where the layout
-  is unpadded, norm heads; CUDA only, "needs a GPU" elsewhere);
+- ``kphi3-fused``: the same with ``fused_decoder=True`` (the fused MLP tail, the norm heads and
+  the residual adds inside them; CUDA only, "needs a GPU" elsewhere);
 - ``kphi3-torch``: the same model on the PyTorch reference backend (``kernel_backend="torch"``);
 - ``phi3-dense``: transformers' ``Phi3ForCausalLM`` with the same hidden, intermediate, heads,
   layers and vocabulary: what the grouped projections replace.

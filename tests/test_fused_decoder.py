@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from kphi3_kernels import fused, layout, reference
 from kphi3_kernels.ops import launch, outputs
 
-from _utils import (DEVICE, HALF_RATIO, HALF_SLACK, HALF_TOL, INTERPRETING,
+from _utils import (DEVICE, FP32_TOL, HALF_RATIO, HALF_SLACK, HALF_TOL, INTERPRETING,
                     rel_error, rounded_intermediate_bound, tol_for)
 
 requires_triton = pytest.mark.skipif(
@@ -694,3 +694,21 @@ def test_fused_model_under_autocast_matches_the_op_level_model():
     (logits_f, loss_f, grads_f), (logits_u, loss_u, grads_u) = results
     assert rel_error(logits_f, logits_u) < HALF_TOL and rel_error(loss_f, loss_u) < HALF_TOL
     assert all(rel_error(a, b) < HALF_TOL for a, b in zip(grads_f, grads_u))
+
+
+@requires_triton
+@pytest.mark.parametrize("min_channels", [-1, 200], ids=["dense", "G=1"])
+def test_the_stream_fuses_around_projections_that_are_no_grouped_blocks(min_channels):
+    """Dense (or G = 1) projections have no norm heads and no fused MLP tail; the residual
+    stream's norms still run as one launch each, the attention's add inside the second."""
+    model = _model(kernel_backend="triton", fused_decoder=True, min_channels_per_group=min_channels)
+    text = model.model.explain_fused_decoder(DEVICE)
+    assert text.count("one RMSNorm launch") == 2 and \
+        text.count("post_attention_layernorm's launch") == 2, text
+    assert text.count("on the Triton kernels") == 4, text
+    batch = _batch()
+    logits_f, loss_f, grads_f = _loss_and_grads(model, batch, True)
+    logits_u, loss_u, grads_u = _loss_and_grads(model, batch, False)
+    assert rel_error(logits_f, logits_u) < FP32_TOL and rel_error(loss_f, loss_u) < FP32_TOL
+    assert all(rel_error(grads_f[n], grads_u[n]) < FP32_TOL for n in grads_u), \
+        {n: rel_error(grads_f[n], grads_u[n]) for n in grads_u}
