@@ -369,19 +369,21 @@ def test_norm_head_with_the_residual_add_matches_the_float64_oracle(case, dtype,
 @pytest.mark.parametrize("config", _layout_gpu_configs(),
                          ids=lambda c: "{BLOCK_P}x{BLOCK_Q}x{BLOCK_K}".format(**c.kwargs)
                          + f"-w{c.num_warps}s{c.num_stages}")
-def test_every_gpu_config_of_the_norm_head_interpreted(config, monkeypatch):
+@pytest.mark.parametrize("layout", ["block-residue", "split"])
+def test_every_gpu_config_of_the_norm_head_interpreted(config, layout, monkeypatch):
     forced = []
+    gemms = {"block-residue": {"gpc_io_layout_fwd", "gpc_io_layout_bwd_dw"},
+             "split": {"gpc_io_fwd", "gpc_io_bwd_dw"}}[layout]
 
     def force(spec):
-        if not spec.name.startswith(("gpc_io_layout", "norm_io")):
+        if spec.name not in gemms and not spec.name.startswith("norm_io"):
             return None
         forced.append(spec.name)
         return config
 
     monkeypatch.setattr(launch, "FORCE_CONFIG", force)
-    check_norm_fused(MlpCase(2, 140, 70, (130,), bias=True), "triton", torch.float32)
-    assert set(forced) == {"gpc_io_layout_fwd", "norm_io_bwd_dxi", "norm_io_bwd_dxn",
-                           "gpc_io_layout_bwd_dw"}
+    check_norm_fused(MlpCase(2, 140, 70, (130,), bias=True), "triton", torch.float32, layout)
+    assert set(forced) == gemms | {"norm_io_bwd_dxi", "norm_io_bwd_dxn"}
 
 
 @requires_triton
