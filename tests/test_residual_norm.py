@@ -31,7 +31,7 @@ from test_fused_decoder import (BACKENDS, MlpCase, _dt_second_term, _layout_gpu_
                                 _operands, _oracle, requires_triton)
 
 EPS = 1e-5
-F32, F16 = torch.float32, torch.float16
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,6 +214,16 @@ def test_add_rms_norm_matches_the_float64_oracle(case, backend, dtypes, mode):
     check_add_rms_norm(case, backend, NORM_DTYPES[dtypes], mode)
 
 
+# bf16: only on CUDA (the interpreter's bf16 tl.dot is wrong, docs/numerics.md).
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", NORM_CASES[::2], ids=str)
+def test_residual_norms_bf16_cuda(case, mode):
+    check_rms_norm(case, "triton", BF16, BF16)
+    check_add_rms_norm(case, "triton", (BF16, BF16, BF16), mode)
+    check_add_rms_norm(case, "triton", (F32, BF16, F32), mode)  # an fp32 stream, as autocast
+
+
 @requires_triton
 @pytest.mark.parametrize("mode", MODES)
 def test_add_rms_norm_gradient_subsets(mode):
@@ -342,6 +352,14 @@ def check_tail(case: MlpCase, r_layout: str, backend: str, dtype, r_dtype):
                          ids=[f"{c}-r{lay}" for c, lay in TAIL_CASES])
 def test_mlp_tail_with_residual_matches_the_float64_oracle(case, r_layout, backend, dtypes):
     check_tail(case, r_layout, backend, *TAIL_DTYPES[dtypes])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,r_layout", TAIL_CASES[::2],
+                         ids=[f"{c}-r{lay}" for c, lay in TAIL_CASES[::2]])
+def test_mlp_tail_with_residual_bf16_cuda(case, r_layout):
+    check_tail(case, r_layout, "triton", BF16, BF16)
+    check_tail(case, r_layout, "triton", BF16, F32)
 
 
 @requires_triton
