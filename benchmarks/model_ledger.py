@@ -257,9 +257,7 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str,
     * The residual stream: gate_up_proj's norm head takes the attention's residual add (it
       reads both addends and writes ``h``), and its backward adds the stream's gradient to the
       norm's in its pass, so that branch point has no add of its own; the layer input's branch
-      point keeps its add (``residual_add`` formula). A norm without a head (a projection that
-      is no grouped IO block) is one ``ops/layout_norm.py`` launch, ``add_rms_norm`` for the
-      one after the attention.
+      point keeps its add (``residual_add`` formula).
     * ``ops/mlp_tail.py`` for ``silu(gate) * up`` and down_proj: forward, the activation writing
       the layout (``activation``), down_proj reading it and adding the residual stream in its
       epilogue; backward, down_proj's three launches, the activation's backward inside its
@@ -272,7 +270,7 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str,
 
     from kphi3_kernels.fused import layout_padding
     from kphi3_kernels.layout import residue_run_length
-    from kphi3_kernels.ops import layout_norm, mlp_tail, norm_head
+    from kphi3_kernels.ops import mlp_tail, norm_head
 
     from .ledger import record_costs
     from .shapes import DTYPES
@@ -287,17 +285,14 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str,
         programs = -(-m // 16)  # layout_norm's 16-row programs: one fp32 partial each
         return LaunchCost("rms_norm_dweight_sum", 0, programs * channels * FP32 + channels * e)
 
-    h = cfg.hidden
-    rstd, norm_weight = meta(m, dtype=torch.float32), meta(h)
+    rstd, norm_weight = meta(m, dtype=torch.float32), meta(cfg.hidden)
     out: Dict[str, PathCost] = {"norms": PathCost(), "residuals": PathCost()}
-    heads = {}
     for sh in family_shapes(cfg):
         G, s, og = sh.groups, sh.in_per_group, sh.out_per_group
         run = residue_run_length(G * s, G, 8)
         x, t, dy = meta(m, G * s), meta(m, G * G * run), meta(m, G * og)
         w1, w2 = meta(G, s, og), meta(G, s, og)
         if sh.op in ("qkv", "gate_up"):
-            heads[sh.op] = True
             # gate_up's head takes the attention's residual add (forward: h = residual + x;
             # backward: the stream's gradient dh summed in the norm's pass).
             residual = meta(m, G * s) if sh.op == "gate_up" else None
@@ -326,25 +321,8 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str,
                                  (lambda: mlp_tail.mlp_tail_bwd(dy, gu, t, w1, w2)))
             out["activation"] = PathCost([c for c in costs if c.name == "silu_mul_layout"])
             out["down"] = PathCost([c for c in costs if c.name != "silu_mul_layout"])
-    # A norm without its head (a projection that is no grouped IO block) is one launch; the
-    # attention's residual add then goes into post_attention_layernorm's.
-    if "qkv" not in heads:
-        out["norms"].launches.extend(
-            record_costs(lambda: layout_norm.rms_norm_fwd(meta(m, h), norm_weight, 1e-5))
-            if mode == "fwd" else
-            record_costs(lambda: layout_norm.rms_norm_bwd(meta(m, h), meta(m, h), norm_weight,
-                                                          rstd))
-            + [dweight_sum(h)])
-    if "gate_up" not in heads:
-        out["norms"].launches.extend(
-            record_costs(lambda: layout_norm.rms_norm_fwd(meta(m, h), norm_weight, 1e-5,
-                                                          meta(m, h)))
-            if mode == "fwd" else
-            record_costs(lambda: layout_norm.rms_norm_bwd(meta(m, h), meta(m, h), norm_weight,
-                                                          rstd, dh=meta(m, h)))
-            + [dweight_sum(h)])
     if mode == "bwd":  # the layer input's branch point: the input norm's and the stream's
-        out["residuals"].launches.append(residual_add(m, h, dtype, mode))
+        out["residuals"].launches.append(residual_add(m, cfg.hidden, dtype, mode))
     return out
 
 

@@ -161,13 +161,7 @@ def silu_mul_gpc_io(gate_up: torch.Tensor, weight1: torch.Tensor, weight2: torch
     pad = as_int(pad, f"{op}: pad")
     if pad < 1:
         raise ValueError(f"{op}: pad must be positive, got {pad}")
-    if residual is not None:
-        _check_floating(residual, "residual", op)
-        want = (*gate_up.shape[:-1], G * og)
-        if tuple(residual.shape) != want:
-            raise ValueError(f"{op}: residual must have the result's shape {want}, got "
-                             f"{tuple(residual.shape)}")
-        _check_device(residual, gate_up, op, "residual")
+    _check_residual(residual, gate_up, op, result_shape=(*gate_up.shape[:-1], G * og))
     name = _backend(gate_up, backend)
     gate_up, (weight1, weight2, bias1, bias2) = _cast_params(
         gate_up, (weight1, weight2, bias1, bias2), op)
@@ -191,6 +185,21 @@ def _check_rms_weight(norm_weight, channels: int, op: str) -> None:
 def _check_device(t: torch.Tensor, like: torch.Tensor, op: str, name: str) -> None:
     if t.device != like.device:
         raise ValueError(f"{op}: {name} is on {t.device}, the input on {like.device}")
+
+
+def _check_residual(residual, like: torch.Tensor, op: str, result_shape=None) -> None:
+    """A residual (None: none) must be a floating tensor on ``like``'s device, of ``like``'s
+    shape (added to the input ``x``) or of ``result_shape`` (added to the result)."""
+    if residual is None:
+        return
+    _check_floating(residual, "residual", op)
+    if result_shape is None and residual.shape != like.shape:
+        raise ValueError(f"{op}: residual and x must have one shape, got "
+                         f"{tuple(residual.shape)} and {tuple(like.shape)}")
+    if result_shape is not None and tuple(residual.shape) != tuple(result_shape):
+        raise ValueError(f"{op}: residual must have the result's shape {tuple(result_shape)}, "
+                         f"got {tuple(residual.shape)}")
+    _check_device(residual, like, op, "residual")
 
 
 def _check_norm_args(x, weight, eps, op: str) -> None:
@@ -236,11 +245,7 @@ def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     """
     op = "add_rms_norm"
     _check_norm_args(x, weight, eps, op)
-    _check_floating(residual, "residual", op)
-    if residual.shape != x.shape:
-        raise ValueError(f"{op}: residual and x must have one shape, got "
-                         f"{tuple(residual.shape)} and {tuple(x.shape)}")
-    _check_device(residual, x, op, "residual")
+    _check_residual(residual, x, op)
     if _backend(x, backend) != "triton":
         h = residual + x
         return h, _rms_norm_torch(h, weight, eps)
@@ -280,12 +285,7 @@ def rms_norm_gpc_io(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     _check_norm_args(x, norm_weight, eps, op)
     _check_bias(bias1, G, og, op, "bias1")
     _check_bias(bias2, G, og, op, "bias2")
-    if residual is not None:
-        _check_floating(residual, "residual", op)
-        if residual.shape != x.shape:
-            raise ValueError(f"{op}: residual and x must have one shape, got "
-                             f"{tuple(residual.shape)} and {tuple(x.shape)}")
-        _check_device(residual, x, op, "residual")
+    _check_residual(residual, x, op)
     if layout not in NORM_HEAD_LAYOUTS:
         raise ValueError(f"{op}: layout must be one of {', '.join(NORM_HEAD_LAYOUTS)}, got "
                          f"{layout!r}")

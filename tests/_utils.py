@@ -258,6 +258,66 @@ def rounded_intermediate_bound(dtype: torch.dtype, result64: torch.Tensor,
     return u * (norm + intermediate64.norm().item()) / max(norm, 1e-30) + HALF_SLACK
 
 
+def _outputs(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def run_with_grads(fn, inputs, douts):
+    """``fn(*inputs)``'s outputs and the gradients of ``sum <out, dout>`` over the outputs with
+    a ``dout`` (None: that output is not used) with respect to every input requiring grad
+    (None where none reaches it)."""
+    outs = _outputs(fn(*inputs))
+    targets = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    # An output no target reaches (the oracle's h when only the weight requires grad) has no
+    # graph; the library's counterpart may have one, and then no gradient reaches a target.
+    used = [(o, d) for o, d in zip(outs, douts) if d is not None and o.requires_grad]
+    if not used:
+        return list(outs), [None] * len(targets)
+    grads = torch.autograd.grad([o for o, _ in used], targets,
+                                [d.to(o.dtype) for o, d in used], allow_unused=True)
+    return list(outs), list(grads)
+
+
+def as_float64(inputs):
+    return [t.detach().double().requires_grad_(t.requires_grad)
+            if isinstance(t, torch.Tensor) else t for t in inputs]
+
+
+def check_parity(what, fn, oracle, baseline, inputs, douts, names, bound, extra_limits=None):
+    """Every output and gradient of ``fn`` against ``oracle`` in float64.
+
+    ``bound[name]``: the dtype whose bound the result meets (FP32_TOL, or
+    HALF_TOL and no worse than HALF_RATIO x ``baseline``'s error + HALF_SLACK, ``baseline``
+    being the plain PyTorch path in the same dtypes). ``extra_limits(inputs64, douts, want)``:
+    rounding bounds (docs/numerics.md, "Rounded intermediates") replacing the ratio where
+    larger. Returns the results by name.
+    """
+    outs, grads = run_with_grads(fn, inputs, douts)
+    outs64, grads64 = run_with_grads(oracle, as_float64(inputs), douts)
+    got, want = dict(zip(names, outs + grads)), dict(zip(names, outs64 + grads64))
+    assert len(names) == len(outs + grads) == len(outs64 + grads64)
+    errs = {}
+    for n in names:
+        if want[n] is None:
+            assert got[n] is None, f"{what}: a gradient reaches {n}, none in the oracle"
+            continue
+        assert got[n] is not None, f"{what}: no gradient for {n}"
+        errs[n] = rel_error(got[n], want[n])
+    bad = {n: e for n, e in errs.items() if not e < tol_for(bound[n])}
+    assert not bad, f"{what}: over the bound {bad} (all: {errs})"
+    half = [n for n in errs if bound[n] != torch.float32]
+    if half:
+        outs_b, grads_b = run_with_grads(baseline, inputs, douts)
+        base = {n: rel_error(b, want[n]) for n, b in zip(names, outs_b + grads_b) if n in half}
+        limit = {n: HALF_RATIO * base[n] + HALF_SLACK for n in half}
+        if extra_limits is not None:
+            for n, extra in extra_limits(as_float64(inputs), douts, want).items():
+                limit[n] = max(limit[n], extra)
+        worse = {n: (errs[n], base[n], limit[n]) for n in half if not errs[n] <= limit[n]}
+        assert not worse, f"{what}: (err, baseline, limit) {worse}"
+    return got
+
+
 def check_op(op: str, ops: Operands, backend: str, dtype: torch.dtype, backward: bool = True) -> Dict:
     """Parity of one op on one backend with the float64 oracle, output and every gradient.
 

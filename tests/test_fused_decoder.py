@@ -16,7 +16,7 @@ from kphi3_kernels import fused, layout, reference
 from kphi3_kernels.ops import launch, outputs
 
 from _utils import (DEVICE, FP32_TOL, HALF_RATIO, HALF_SLACK, HALF_TOL, INTERPRETING,
-                    rel_error, rounded_intermediate_bound, tol_for)
+                    as_float64, check_parity, rel_error, rounded_intermediate_bound, tol_for)
 
 requires_triton = pytest.mark.skipif(
     not (INTERPRETING or torch.cuda.is_available()),
@@ -85,17 +85,6 @@ def _one_operator(gu, w1, w2, b1, b2, backend):
 FUSIONS = {"layout_ops": _composed, "mlp_tail": _one_operator}
 
 
-def _forward_backward(fn, inputs, dy):
-    y = fn(*inputs)
-    targets = [t for t in inputs if t is not None]
-    grads = torch.autograd.grad(y, targets, dy)
-    return y, grads
-
-
-def _as64(inputs):
-    return [None if t is None else t.detach().double().requires_grad_(True) for t in inputs]
-
-
 def _dt_second_term(inputs64, dy64):
     """The part of the input gradient that the kernels round once (the term through W2)."""
     gu, w1, w2, _, _ = inputs64
@@ -109,30 +98,24 @@ def check_fused(case: MlpCase, backend: str, dtype: torch.dtype, fusion: str = "
     inputs = _operands(case, dtype)
     gu, w1 = inputs[0], inputs[1]
     dy = torch.randn(*gu.shape[:-1], w1.shape[0] * w1.shape[2], device=gu.device).to(dtype)
-    y, grads = _forward_backward(lambda *a: fn(*a, backend), inputs, dy)
-    inputs64 = _as64(inputs)
-    y64, grads64 = _forward_backward(_oracle, inputs64, dy.double())
-    names = ["y", "gate_up", "weight1", "weight2", "bias1", "bias2"][: 1 + len(grads)]
-    errs = {n: rel_error(a, b) for n, a, b in zip(names, [y, *grads], [y64, *grads64])}
-    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
-    tol = tol_for(dtype)
-    assert all(e < tol for e in errs.values()), f"{case}/{backend}/{dtype}: {errs}"
-    if dtype != torch.float32:
-        # No worse than the same computation in plain PyTorch in this dtype, except the input
-        # gradient on Triton, whose layout gradient rounds its second term once before the sum
-        # (docs/numerics.md, "Rounded intermediates"; the MLP tail rounds dxi as the op-level
-        # IO block does): that one meets its rounding bound.
-        baseline = (lambda *a: fn(*a, "torch")) if backend == "triton" else _oracle
-        yb, gb = _forward_backward(baseline, inputs, dy)
-        base = {n: rel_error(a, b) for n, a, b in zip(names, [yb, *gb], [y64, *grads64])}
-        limit = {n: HALF_RATIO * base[n] + HALF_SLACK for n in names}
-        if backend == "triton":
-            bound = rounded_intermediate_bound(dtype, grads64[0],
-                                               _dt_second_term(inputs64, dy.double()))
-            limit["gate_up"] = max(limit["gate_up"], bound)
-        worse = {n: (errs[n], base[n], limit[n]) for n in names if not errs[n] <= limit[n]}
-        assert not worse, f"{case}/{backend}/{dtype}: (err, baseline, limit) {worse}"
-    return errs
+    names = ["y", "gate_up", "weight1", "weight2", "bias1", "bias2"][:1 + _tensors(inputs)]
+
+    def rounded_dxi(inputs64, douts, want):
+        # The input gradient on Triton: its layout gradient rounds its second term once before
+        # the sum (docs/numerics.md, "Rounded intermediates"; the MLP tail rounds dxi as the
+        # op-level IO block does), so it meets that rounding bound.
+        term = _dt_second_term(inputs64, douts[0].double())
+        return {"gate_up": rounded_intermediate_bound(dtype, want["gate_up"], term)}
+
+    baseline = (lambda *a: fn(*a, "torch")) if backend == "triton" else _oracle
+    got = check_parity(f"{case}/{backend}/{dtype}", lambda *a: fn(*a, backend), _oracle,
+                       baseline, inputs, [dy], names, {n: dtype for n in names},
+                       rounded_dxi if backend == "triton" else None)
+    assert all(g.dtype == dtype for g in got.values())
+
+
+def _tensors(inputs) -> int:
+    return sum(isinstance(t, torch.Tensor) for t in inputs)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
@@ -289,31 +272,24 @@ def check_norm_fused(case: MlpCase, backend: str, dtype: torch.dtype,
     inputs = _norm_operands(case, dtype)
     x, w1 = inputs[0], inputs[2]
     dy = torch.randn(*x.shape[:-1], w1.shape[0] * w1.shape[2], device=DEVICE).to(dtype)
-    y, grads = _forward_backward(lambda *a: _norm_fused(*a, backend, layout), inputs, dy)
-    inputs64 = _as64(inputs)
-    y64, grads64 = _forward_backward(_norm_oracle, inputs64, dy.double())
-    names = ["y", "x", "norm_weight", "weight1", "weight2", "bias1", "bias2"][: 1 + len(grads)]
-    errs = {n: rel_error(a, b) for n, a, b in zip(names, [y, *grads], [y64, *grads64])}
-    assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
-    tol = tol_for(dtype)
-    assert all(e < tol for e in errs.values()), f"{case}/{backend}/{dtype}: {errs}"
-    if dtype != torch.float32:
-        baseline = (lambda *a: _norm_fused(*a, "torch")) if backend == "triton" else _norm_oracle
-        yb, gb = _forward_backward(baseline, inputs, dy)
-        base = {n: rel_error(a, b) for n, a, b in zip(names, [yb, *gb], [y64, *grads64])}
-        limit = {n: HALF_RATIO * base[n] + HALF_SLACK for n in names}
-        if backend == "triton":
-            # The block's input gradient rounds its W2 term once (as the op-level IO block);
-            # the norm's backward is linear in that gradient, so x's and the norm weight's
-            # gradients carry the same relative bound.
-            x64, nw64, w164, w264 = inputs64[:4]
-            only2 = torch.autograd.grad(_norm_oracle(x64, nw64, torch.zeros_like(w164), w264,
-                                                     None, None), [x64, nw64], dy.double())
-            for n, g64, term in zip(("x", "norm_weight"), grads64[:2], only2):
-                limit[n] = max(limit[n], rounded_intermediate_bound(dtype, g64, term))
-        worse = {n: (errs[n], base[n], limit[n]) for n in names if not errs[n] <= limit[n]}
-        assert not worse, f"{case}/{backend}/{dtype}: (err, baseline, limit) {worse}"
-    return errs
+    names = ["y", "x", "norm_weight", "weight1", "weight2", "bias1", "bias2"][:1 + _tensors(inputs)]
+
+    def rounded_dn(inputs64, douts, want):
+        # The block's input gradient rounds its W2 term once (as the op-level IO block); the
+        # norm's backward is linear in that gradient, so x's and the norm weight's gradients
+        # carry the same relative bound.
+        x64, nw64, w164, w264 = inputs64[:4]
+        only2 = torch.autograd.grad(_norm_oracle(x64, nw64, torch.zeros_like(w164), w264,
+                                                 None, None), [x64, nw64], douts[0].double())
+        return {n: rounded_intermediate_bound(dtype, want[n], term)
+                for n, term in zip(("x", "norm_weight"), only2)}
+
+    baseline = (lambda *a: _norm_fused(*a, "torch")) if backend == "triton" else _norm_oracle
+    got = check_parity(f"{case}/{backend}/{dtype}/{layout}",
+                       lambda *a: _norm_fused(*a, backend, layout), _norm_oracle, baseline,
+                       inputs, [dy], names, {n: dtype for n in names},
+                       rounded_dn if backend == "triton" else None)
+    assert all(g.dtype == dtype for g in got.values())
 
 
 @pytest.mark.parametrize("layout", ["block-residue", "split"])
@@ -352,7 +328,7 @@ def test_norm_head_with_the_residual_add_matches_the_float64_oracle(case, dtype,
     assert torch.equal(h, r + x) and h.dtype == dtype == y.dtype
     dh, dy = torch.randn_like(h), torch.randn_like(y)
     grads = torch.autograd.grad([h, y], inputs, [dh, dy])
-    inputs64 = _as64(inputs)
+    inputs64 = as_float64(inputs)
     h64, y64 = oracle(*inputs64)
     grads64 = torch.autograd.grad([h64, y64], inputs64, [dh.double(), dy.double()])
     tol = tol_for(dtype)

@@ -25,78 +25,13 @@ from kphi3_kernels import fused, layout
 from kphi3_kernels.ops import custom_ops, fused_ops, launch, layout_gemm, layout_norm, outputs
 from kphi3_kernels.ops.grouped_gemm import CUDA_CONFIGS
 
-from _utils import (DEVICE, FP32_TOL, HALF_RATIO, HALF_SLACK, INTERPRETING, forbid_launch,
-                    make_input, rel_error, rounded_intermediate_bound, tol_for)
+from _utils import (DEVICE, FP32_TOL, INTERPRETING, as_float64, check_parity, forbid_launch,
+                    make_input, rel_error, rounded_intermediate_bound, run_with_grads)
 from test_fused_decoder import (BACKENDS, MlpCase, _dt_second_term, _layout_gpu_configs,
                                 _operands, _oracle, requires_triton)
 
 EPS = 1e-5
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-
-
-# --------------------------------------------------------------------------------------------
-# Running a function and its oracle, and the contract
-# --------------------------------------------------------------------------------------------
-
-
-def _outputs(out):
-    return out if isinstance(out, tuple) else (out,)
-
-
-def _run(fn, inputs, douts):
-    """``fn(*inputs)``'s outputs and the gradients of ``sum <out, dout>`` over the outputs with
-    a ``dout`` (None: that output is not used) with respect to every input requiring grad
-    (None where none reaches it)."""
-    outs = _outputs(fn(*inputs))
-    targets = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-    # An output no target reaches (the oracle's h when only the weight requires grad) has no
-    # graph; the library's counterpart may have one, and then no gradient reaches a target.
-    used = [(o, d) for o, d in zip(outs, douts) if d is not None and o.requires_grad]
-    if not used:
-        return list(outs), [None] * len(targets)
-    grads = torch.autograd.grad([o for o, _ in used], targets,
-                                [d.to(o.dtype) for o, d in used], allow_unused=True)
-    return list(outs), list(grads)
-
-
-def _copy64(inputs):
-    return [t.detach().double().requires_grad_(t.requires_grad)
-            if isinstance(t, torch.Tensor) else t for t in inputs]
-
-
-def _check(what, fn, oracle, baseline, inputs, douts, names, bound, extra_limits=None):
-    """Every output and gradient of ``fn`` against ``oracle`` in float64.
-
-    ``bound[name]``: the dtype whose bound the result meets (tests/_utils.py: FP32_TOL, or
-    HALF_TOL and no worse than HALF_RATIO x ``baseline``'s error + HALF_SLACK, ``baseline``
-    being the plain PyTorch path in the same dtypes). ``extra_limits(inputs64, douts, want)``:
-    rounding bounds (docs/numerics.md, "Rounded intermediates") replacing the ratio where
-    larger. Returns the results by name.
-    """
-    outs, grads = _run(fn, inputs, douts)
-    outs64, grads64 = _run(oracle, _copy64(inputs), douts)
-    got, want = dict(zip(names, outs + grads)), dict(zip(names, outs64 + grads64))
-    assert len(names) == len(outs + grads) == len(outs64 + grads64)
-    errs = {}
-    for n in names:
-        if want[n] is None:
-            assert got[n] is None, f"{what}: a gradient reaches {n}, none in the oracle"
-            continue
-        assert got[n] is not None, f"{what}: no gradient for {n}"
-        errs[n] = rel_error(got[n], want[n])
-    bad = {n: e for n, e in errs.items() if not e < tol_for(bound[n])}
-    assert not bad, f"{what}: over the bound {bad} (all: {errs})"
-    half = [n for n in errs if bound[n] != F32]
-    if half:
-        outs_b, grads_b = _run(baseline, inputs, douts)
-        base = {n: rel_error(b, want[n]) for n, b in zip(names, outs_b + grads_b) if n in half}
-        limit = {n: HALF_RATIO * base[n] + HALF_SLACK for n in half}
-        if extra_limits is not None:
-            for n, extra in extra_limits(_copy64(inputs), douts, want).items():
-                limit[n] = max(limit[n], extra)
-        worse = {n: (errs[n], base[n], limit[n]) for n in half if not errs[n] <= limit[n]}
-        assert not worse, f"{what}: (err, baseline, limit) {worse}"
-    return got
 
 
 def _rms_oracle(x, weight, eps=EPS):
@@ -162,8 +97,8 @@ def check_rms_norm(case: NormCase, backend: str, x_dtype, w_dtype):
     # fp16 x: the torch backend rounds the normalized input to x's dtype (Phi-3's module).
     bound = {n: x_dtype for n in ("n", "x", "weight")}
     baseline = _rms("torch") if backend == "triton" else _rms_oracle
-    got = _check(f"rms_norm/{case}/{backend}/{x_dtype}/{w_dtype}", _rms(backend), _rms_oracle,
-                 baseline, [x, w], [dn], ["n", "x", "weight"], bound)
+    got = check_parity(f"rms_norm/{case}/{backend}/{x_dtype}/{w_dtype}", _rms(backend),
+                       _rms_oracle, baseline, [x, w], [dn], ["n", "x", "weight"], bound)
     assert got["n"].dtype == n_dtype and got["x"].dtype == x_dtype
     assert got["weight"].dtype == w_dtype
     return got
@@ -182,8 +117,8 @@ def check_add_rms_norm(case: NormCase, backend: str, dtypes, mode: str):
     names = ["h", "n", "residual", "x", "weight"]
     bound = dict(zip(names, (h_dtype, n_dtype, r_dtype, x_dtype, w_dtype)))
     baseline = _add_rms("torch") if backend == "triton" else _add_rms_oracle
-    got = _check(f"add_rms_norm/{case}/{backend}/{dtypes}/{mode}", _add_rms(backend),
-                 _add_rms_oracle, baseline, [r, x, w], [dh, dn], names, bound)
+    got = check_parity(f"add_rms_norm/{case}/{backend}/{dtypes}/{mode}", _add_rms(backend),
+                       _add_rms_oracle, baseline, [r, x, w], [dh, dn], names, bound)
     assert (got["h"].dtype, got["n"].dtype) == (h_dtype, n_dtype)
     assert got["h"].shape == got["n"].shape == x.shape
     assert (got["residual"].dtype, got["x"].dtype) == (r_dtype, x_dtype)
@@ -238,8 +173,8 @@ def test_add_rms_norm_gradient_subsets(mode):
         x = torch.randn(M, C, device=DEVICE).requires_grad_(1 in subset)
         w = _norm_weight(C, F32, grad=2 in subset)
         douts = [torch.randn(M, C, device=DEVICE) if use else None for use in (use_h, use_n)]
-        got = _run(_add_rms("triton"), [r, x, w], douts)
-        want = _run(_add_rms_oracle, _copy64([r, x, w]), douts)
+        got = run_with_grads(_add_rms("triton"), [r, x, w], douts)
+        want = run_with_grads(_add_rms_oracle, as_float64([r, x, w]), douts)
         for a, b in zip(got[0] + got[1], want[0] + want[1]):
             assert (a is None) == (b is None), (subset, mode)
             if b is not None:
@@ -249,8 +184,8 @@ def test_add_rms_norm_gradient_subsets(mode):
         x = torch.randn(M, C, device=DEVICE).requires_grad_(x_grad)
         w = _norm_weight(C, F32, grad=not x_grad)
         dn = [torch.randn(M, C, device=DEVICE)]
-        (n,), (g,) = _run(_rms("triton"), [x, w], dn)
-        (n64,), (g64,) = _run(_rms_oracle, _copy64([x, w]), dn)
+        (n,), (g,) = run_with_grads(_rms("triton"), [x, w], dn)
+        (n64,), (g64,) = run_with_grads(_rms_oracle, as_float64([x, w]), dn)
         assert rel_error(n, n64) < FP32_TOL and rel_error(g, g64) < FP32_TOL
 
 
@@ -335,9 +270,9 @@ def check_tail(case: MlpCase, r_layout: str, backend: str, dtype, r_dtype):
         return {"gate_up": rounded_intermediate_bound(dtype, want["gate_up"], term)}
 
     baseline = _tail("torch") if backend == "triton" else _tail_oracle
-    got = _check(f"silu_mul_gpc_io/{case}/r{r_layout}/{backend}/{dtype}/{r_dtype}",
-                 _tail(backend), _tail_oracle, baseline, [gu, w1, w2, b1, b2, r], [dy], names,
-                 bound, rounded_dxi if backend == "triton" else None)
+    got = check_parity(f"silu_mul_gpc_io/{case}/r{r_layout}/{backend}/{dtype}/{r_dtype}",
+                       _tail(backend), _tail_oracle, baseline, [gu, w1, w2, b1, b2, r], [dy],
+                       names, bound, rounded_dxi if backend == "triton" else None)
     assert got["y"].dtype == y_dtype and got["y"].shape == r.shape
     assert all(got[n].dtype == dtype for n in names[1:-1])
     # The residual add's gradient is the upstream gradient itself, in the residual's dtype.
@@ -457,14 +392,14 @@ def _everything(backend):
     r = torch.randn(M, C, device=DEVICE, requires_grad=True)
     w = _norm_weight(C, F32)
     d1, d2 = torch.randn(M, C, device=DEVICE), torch.randn(M, C, device=DEVICE)
-    outs, grads = _run(_rms(backend), [x, w], [d1])
+    outs, grads = run_with_grads(_rms(backend), [x, w], [d1])
     results += outs + grads
     for douts in ([d1, d2], [None, d2], [d1, None]):
-        outs, grads = _run(_add_rms(backend), [r, x, w], douts)
+        outs, grads = run_with_grads(_add_rms(backend), [r, x, w], douts)
         results += outs + [g for g in grads if g is not None]
     case = MlpCase(5, 12, 7, (13,), bias=True)
     inputs = [*_operands(case, F32), torch.randn(13, 35, device=DEVICE, requires_grad=True)]
-    outs, grads = _run(_tail(backend), inputs, [torch.randn(13, 35, device=DEVICE)])
+    outs, grads = run_with_grads(_tail(backend), inputs, [torch.randn(13, 35, device=DEVICE)])
     return results + outs + grads
 
 
@@ -714,7 +649,7 @@ def _decoder_inputs():
 def test_torch_compile_of_the_residual_stream_matches_eager():
     inputs = _decoder_inputs()
     douts = [torch.randn(2, 9, 35, device=DEVICE), torch.randn(2, 9, 35, device=DEVICE)]
-    eager = _run(_decoder_tail("triton"), inputs, douts)
+    eager = run_with_grads(_decoder_tail("triton"), inputs, douts)
     torch._dynamo.reset()
     seen = []
 
@@ -724,12 +659,12 @@ def test_torch_compile_of_the_residual_stream_matches_eager():
         return lookup_backend("aot_eager")(gm, example_inputs)
 
     compiled = torch.compile(_decoder_tail("triton"), fullgraph=True, backend=record)
-    got = _run(compiled, inputs, douts)  # fullgraph: a graph break would raise here
+    got = run_with_grads(compiled, inputs, douts)  # fullgraph: a graph break would raise here
     for op in ("add_rms_norm_triton", "mlp_tail_triton", "rms_norm_triton"):
         assert any(op in s for s in seen), (op, seen)
     errs = [rel_error(a, b) for a, b in zip(got[0] + got[1], eager[0] + eager[1])]
     assert max(errs) < FP32_TOL, errs
     # And the same as the torch backend.
-    want = _run(_decoder_tail("torch"), inputs, douts)
+    want = run_with_grads(_decoder_tail("torch"), inputs, douts)
     errs = [rel_error(a, b) for a, b in zip(got[0] + got[1], want[0] + want[1])]
     assert max(errs) < FP32_TOL, errs
