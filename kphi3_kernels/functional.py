@@ -47,13 +47,18 @@ def _check_param(t, name: str, op: str, optional: bool = False) -> None:
         raise TypeError(f"{op}: {name} must be floating-point, got dtype {t.dtype}")
 
 
-def _backend(x: torch.Tensor, override: Optional[str]) -> str:
-    if x.device.type == "meta":
-        # Shapes only: the operators' fake implementations serve, whatever the backend.
-        if override is not None:
-            validate_backend(override)
-        return "torch"
-    return resolve_backend(x, override)
+def _backend(x: torch.Tensor, override: Optional[str], op: str) -> str:
+    """The backend to run ``op`` on for ``x``; a bad or impossible choice is a ValueError that
+    names ``op``, the function the user called."""
+    try:
+        if x.device.type == "meta":
+            # Shapes only: the operators' fake implementations serve, whatever the backend.
+            if override is not None:
+                validate_backend(override)
+            return "torch"
+        return resolve_backend(x, override)
+    except ValueError as err:
+        raise ValueError(f"{op}: {err}") from None
 
 
 _AUTOCAST_AVAILABLE: Dict[str, bool] = {}
@@ -140,7 +145,7 @@ def grouped_linear(x, weight, bias=None, *, backend: Optional[str] = None) -> to
     G, s, og = _check_weight(weight, op)
     _check_input(x, G * s, op)
     _check_bias(bias, G, og, op)
-    name = _backend(x, backend)
+    name = _backend(x, backend, op)
     x, (weight, bias) = _cast_params(x, (weight, bias), op)
     y = custom_ops.grouped_linear(_flatten(x), weight, bias, backend=name)
     return y.reshape(*x.shape[:-1], G * og)
@@ -159,7 +164,7 @@ def gpc_io(x, weight1, weight2, bias1=None, bias2=None, *, backend: Optional[str
     _check_input(x, G * s, op)
     _check_bias(bias1, G, og, op, "bias1")
     _check_bias(bias2, G, og, op, "bias2")
-    name = _backend(x, backend)
+    name = _backend(x, backend, op)
     x, params = _cast_params(x, (weight1, weight2, bias1, bias2), op)
     y = custom_ops.gpc_io(_flatten(x), *params, backend=name)
     return y.reshape(*x.shape[:-1], G * og)
@@ -183,7 +188,7 @@ def gpc_block(x, weight1, weight2=None, bias1=None, bias2=None, *, backend: Opti
             f"{op}: bias2 is given but weight2 is None; bias2 is the bias of the second GEMM, "
             "which exists only with weight2 (pass both, or neither)"
         )
-    name = _backend(x, backend)
+    name = _backend(x, backend, op)
     x, params = _cast_params(x, (weight1, weight2, bias1, bias2), op)
     y = custom_ops.gpc_block(_flatten(x), *params, backend=name)
     return y.reshape(*x.shape[:-1], G * og)
@@ -216,7 +221,7 @@ def interleave(x, step: int, *, backend: Optional[str] = None) -> torch.Tensor:
             f"{op}: step {step!r} must be a positive integer divisor of the last dimension "
             f"{channels}"
         )
-    name = _backend(x, backend)
+    name = _backend(x, backend, op)
     if channels == 0:
         # Nothing to permute (and [M, 0] has no 2-D form for every M): the empty result, still
         # a fresh tensor connected to x for autograd.

@@ -36,13 +36,14 @@ PyTorch conversions (the reference). Checks run before anything launches.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
 import torch.nn.functional as F_torch
 
 from . import layout
-from .functional import (_backend, _cast_params, _check_bias, _check_param,
+from .functional import (_autocast_on, _backend, _cast_params, _check_bias, _check_param,
                          _check_weight, _flatten, gpc_io)
 from .ops import fused_ops
 from .reference import as_int
@@ -95,7 +96,7 @@ def silu_mul_to_layout(gate_up: torch.Tensor, groups: int, pad: int = 8, *,
             f"{op}: the {channels} channels of each half must be a positive multiple of groups "
             f"({groups})")
     run = layout.residue_run_length(channels, groups, pad)
-    name = _backend(gate_up, backend)
+    name = _backend(gate_up, backend, op)
     if name == "triton":
         t = fused_ops.silu_mul_layout(_flatten(gate_up), groups, run)
         return t.reshape(*gate_up.shape[:-1], t.shape[-1])
@@ -126,7 +127,7 @@ def gpc_io_from_layout(t: torch.Tensor, weight1: torch.Tensor, weight2: torch.Te
             f"{layout.residue_layout_channels(G * s, G)} for pad 8)")
     _check_bias(bias1, G, og, op, "bias1")
     _check_bias(bias2, G, og, op, "bias2")
-    name = _backend(t, backend)
+    name = _backend(t, backend, op)
     t, (weight1, weight2, bias1, bias2) = _cast_params(t, (weight1, weight2, bias1, bias2), op)
     if name == "triton":
         y = fused_ops.gpc_io_layout(_flatten(t), weight1, weight2, bias1, bias2)
@@ -162,7 +163,7 @@ def silu_mul_gpc_io(gate_up: torch.Tensor, weight1: torch.Tensor, weight2: torch
     if pad < 1:
         raise ValueError(f"{op}: pad must be positive, got {pad}")
     _check_residual(residual, gate_up, op, result_shape=(*gate_up.shape[:-1], G * og))
-    name = _backend(gate_up, backend)
+    name = _backend(gate_up, backend, op)
     gate_up, (weight1, weight2, bias1, bias2) = _cast_params(
         gate_up, (weight1, weight2, bias1, bias2), op)
     if name == "triton":
@@ -187,10 +188,12 @@ def _check_device(t: torch.Tensor, like: torch.Tensor, op: str, name: str) -> No
         raise ValueError(f"{op}: {name} is on {t.device}, the input on {like.device}")
 
 
-def _check_residual(residual, like: torch.Tensor, op: str, result_shape=None) -> None:
-    """A residual (None: none) must be a floating tensor on ``like``'s device, of ``like``'s
-    shape (added to the input ``x``) or of ``result_shape`` (added to the result)."""
-    if residual is None:
+def _check_residual(residual, like: torch.Tensor, op: str, result_shape=None,
+                    required: bool = False) -> None:
+    """A residual (None: none, unless ``required``) must be a floating tensor on ``like``'s
+    device, of ``like``'s shape (added to the input ``x``) or of ``result_shape`` (added to the
+    result)."""
+    if residual is None and not required:
         return
     _check_floating(residual, "residual", op)
     if result_shape is None and residual.shape != like.shape:
@@ -206,8 +209,43 @@ def _check_norm_args(x, weight, eps, op: str) -> None:
     _check_floating(x, "x", op)
     _check_rms_weight(weight, x.shape[-1], op)
     _check_device(weight, x, op, "weight")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+    # Any real scalar (a Python or NumPy float or int), as torch's own norms take it.
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
+
+
+def _stream_dtype(residual: Optional[torch.Tensor], x: torch.Tensor) -> torch.dtype:
+    """The dtype of ``h = residual + x``: torch's promotion, as ``+`` computes it."""
+    return x.dtype if residual is None else torch.promote_types(residual.dtype, x.dtype)
+
+
+def _head_autocast_dtype(x, residual) -> Optional[torch.dtype]:
+    """The dtype a norm head's block runs in under autocast (None outside it). As autocast
+    does, a float64 ``h`` is never cast down."""
+    if _autocast_on(x.device.type) and _stream_dtype(residual, x) != torch.float64:
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def _check_head_params(x, residual, params, op: str) -> None:
+    """One dtype rule for a norm head on both backends: outside autocast, the normalized input
+    (of ``h = residual + x``, in the promoted dtype) and the parameters (norm weight, block
+    weights and biases) share one dtype, as the op-level ``gpc_io(rms_norm(h))`` needs. Under
+    autocast the norm reads ``h`` and its weight as they are and the block runs in the autocast
+    dtype. Every parameter is on ``x``'s device."""
+    for p in params:
+        if p is not None:
+            _check_device(p, x, op, "a parameter")
+    if _head_autocast_dtype(x, residual) is not None:
+        return
+    dtype = _stream_dtype(residual, x)
+    for p in params:
+        if p is not None and p.dtype != dtype:
+            source = ("x" if residual is None else
+                      f"h = residual + x ({residual.dtype} + {x.dtype})")
+            raise TypeError(f"{op}: the normalized input's dtype {dtype} (of {source}) does not "
+                            f"match parameter dtype {p.dtype}; cast one of them, or run under "
+                            "torch.autocast")
 
 
 def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -228,7 +266,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
     """
     op = "rms_norm"
     _check_norm_args(x, weight, eps, op)
-    if _backend(x, backend) != "triton":
+    if _backend(x, backend, op) != "triton":
         return _rms_norm_torch(x, weight, eps)
     n = fused_ops.rms_norm(_flatten(x), weight, float(eps))
     return n.reshape(x.shape)
@@ -245,8 +283,8 @@ def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     """
     op = "add_rms_norm"
     _check_norm_args(x, weight, eps, op)
-    _check_residual(residual, x, op)
-    if _backend(x, backend) != "triton":
+    _check_residual(residual, x, op, required=True)
+    if _backend(x, backend, op) != "triton":
         h = residual + x
         return h, _rms_norm_torch(h, weight, eps)
     h, n = fused_ops.add_rms_norm(_flatten(residual), _flatten(x), weight, float(eps))
@@ -286,22 +324,25 @@ def rms_norm_gpc_io(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     _check_bias(bias1, G, og, op, "bias1")
     _check_bias(bias2, G, og, op, "bias2")
     _check_residual(residual, x, op)
+    _check_head_params(x, residual, (norm_weight, weight1, weight2, bias1, bias2), op)
     if layout not in NORM_HEAD_LAYOUTS:
         raise ValueError(f"{op}: layout must be one of {', '.join(NORM_HEAD_LAYOUTS)}, got "
                          f"{layout!r}")
     pad = as_int(pad, f"{op}: pad")
     if pad < 1:
         raise ValueError(f"{op}: pad must be positive, got {pad}")
-    name = _backend(x, backend)
+    name = _backend(x, backend, op)
     if name != "triton":
         h = x if residual is None else residual + x
         y = gpc_io(_rms_norm_torch(h, norm_weight, eps), weight1, weight2, bias1, bias2,
                    backend="torch")
         return y if residual is None else (h, y)
-    # Under autocast the block's operands take the autocast dtype; the norm's (x and its
-    # weight) stay as they are. Without it, one dtype for all.
-    _, (_, weight1, weight2, bias1, bias2) = _cast_params(
-        x, (norm_weight, weight1, weight2, bias1, bias2), op)
+    # Under autocast the block's operands take the autocast dtype; the norm's (x, the residual
+    # and the norm weight) stay as they are. Without it, one dtype for all (checked above).
+    block_dtype = _head_autocast_dtype(x, residual)
+    if block_dtype is not None:
+        weight1, weight2, bias1, bias2 = (None if p is None else p.to(block_dtype)
+                                          for p in (weight1, weight2, bias1, bias2))
     if layout == "auto":
         layout = "block-residue" if layout_padding(G, s, pad) == 0 else "split"
     flat_residual = _flatten(residual) if residual is not None else None

@@ -14,6 +14,7 @@ KV cache ``past_key_values`` as well as those that call it ``cache``: see ``CACH
 """
 import functools
 import inspect
+import logging
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -50,6 +51,8 @@ from kphi3_kernels.fused import (add_rms_norm, layout_padding, rms_norm, rms_nor
                                  silu_mul_gpc_io)
 
 from .configuration_kphi3 import KPhi3Config, check_kphi3_config
+
+logger = logging.getLogger("kphi3_model")
 
 try:  # transformers' own, where it has one (Phi-3's RoPE enters its fp32 region through it)
     from transformers.utils.generic import maybe_autocast
@@ -123,36 +126,75 @@ def grouped_block(config: KPhi3Config, in_features: int, out_features: int) -> n
     )
 
 
-def fused_block_path(config: KPhi3Config, block: nn.Module, device, name: str,
-                     fused_text: str) -> tuple[bool, str]:
+def fused_block_path(owner: nn.Module, name: str, device, fused_text: str) -> tuple[bool, str]:
     """``(fused, reason)`` for one fusion of ``config.fused_decoder`` around the IO block
-    ``block`` (called ``name``) on ``device`` (a tensor, device or string)."""
+    ``owner.<name>`` on ``device`` (a tensor, device or string)."""
+    config = owner.config
     if not config.fused_decoder:
         return False, "fused_decoder=False: the op-level path"
+    block = getattr(owner, name, None)
     if not isinstance(block, GroupedPointwiseConvolutionBlockIO) or block.num_groups == 1:
         return False, (f"fused_decoder=True, but {name} is not a grouped IO block (G > 1): "
                        "the op-level path")
-    if not runs_as_built(block, block.first_pointwise_conv, block.second_pointwise_conv) or \
-            any(type(conv) is not GroupedLinearFast
-                for conv in (block.first_pointwise_conv, block.second_pointwise_conv)):
-        # The fused operators read the parameters directly: a hook or a wrapped (e.g. adapted)
-        # projection would be skipped, so it keeps its own forward.
-        return False, (f"fused_decoder=True, but {name} (or a module in it) has hooks or is "
-                       "wrapped, which the fused operator would skip: the op-level path")
+    # The fused operators read the parameters directly: a replaced, hooked or wrapped (e.g.
+    # adapted) projection, or one given an activation, keeps its own forward.
+    paths = [name] + [f"{name}.{child}" for child, _ in block.named_modules() if child]
+    problem = not_as_built(owner, *paths)
+    if problem is None and block.activation is not None:
+        problem = f"{name} has an activation, which the fused operator would skip"
+    if problem is not None:
+        return False, f"fused_decoder=True, but {problem}: the op-level path"
     backend, reason = resolve_backend(device, block.backend, with_reason=True)
     if backend != "triton":
         return False, f"fused_decoder=True, but the kernel backend is {reason}; so the op-level path"
     return True, f"fused_decoder=True on the Triton kernels: {fused_text}"
 
 
-def runs_as_built(*modules: nn.Module) -> bool:
-    """Whether none of ``modules`` has a forward (pre-)hook, global ones included: a fused
-    operator computes them without calling their ``forward``."""
+def remember_built(owner: nn.Module) -> None:
+    """Record every submodule of ``owner`` as built (object and class), so that a fusion that
+    skips a module's forward runs only while that module is still the one built
+    (``not_as_built``). Kept out of ``_modules``: state dicts and ``named_modules`` see nothing."""
+    owner.__dict__["_as_built"] = {
+        path: (module, type(module)) for path, module in owner.named_modules() if path}
+
+
+def not_as_built(owner: nn.Module, *paths: str, hooks: str = "all") -> str | None:
+    """Why a module at one of ``paths`` (dotted, under ``owner``) is not as ``owner`` built it,
+    or None when each is: the same object of the same class, and, by ``hooks``:
+
+    - ``"all"``: no forward (pre-)hook, global ones included, and no forward replaced on the
+      instance (a wrapper's): a fused operator computes the module without its ``forward``;
+    - ``"pre"``: no forward pre-hook: the forward runs, on an input the fusion changes (a norm
+      head hands the branch its un-normalized input), which a pre-hook would see;
+    - ``"none"``: the object and class alone.
+    """
     from torch.nn.modules import module as module_globals
 
-    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+    built = owner.__dict__.get("_as_built", {})
+    for path in paths:
+        module = owner.get_submodule(path) if _has_submodule(owner, path) else None
+        original, cls = built.get(path, (None, None))
+        if module is None or module is not original or type(module) is not cls:
+            now = "missing" if module is None else f"a {type(module).__name__}"
+            return f"{path} is {now}, not the {cls.__name__ if cls else 'module'} the model built"
+        if hooks == "pre" and module._forward_pre_hooks:
+            return f"{path} has forward pre-hooks, which would see its un-normalized input"
+        if hooks == "all" and (module._forward_hooks or module._forward_pre_hooks):
+            return f"{path} has forward hooks, which the fused operator would skip"
+        if hooks == "all" and "forward" in module.__dict__:
+            return f"{path} has a wrapped forward, which the fused operator would skip"
+    if paths and hooks != "none" and module_globals._global_forward_pre_hooks:
+        return "global forward pre-hooks are registered, which the fused path would bypass"
+    if paths and hooks == "all" and module_globals._global_forward_hooks:
+        return "global forward hooks are registered, which the fused operator would skip"
+    return None
+
+
+def _has_submodule(owner: nn.Module, path: str) -> bool:
+    try:
+        return isinstance(owner.get_submodule(path), nn.Module)
+    except AttributeError:
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def norm_then_block(norm: nn.Module, block: nn.Module, x: torch.Tensor,
@@ -191,6 +233,7 @@ class KPhi3MLP(nn.Module):
         self.gate_up_proj = projection(config, config.hidden_size, 2 * config.intermediate_size)
         self.down_proj = projection(config, config.intermediate_size, config.hidden_size)
         self.activation_fn = ACT2FN[config.hidden_act]
+        remember_built(self)
 
     def fused_path(self, device: torch.Tensor | torch.device | str) -> tuple[bool, str]:
         """``(fused, reason)``: whether ``forward`` on ``device`` runs the activation and
@@ -198,18 +241,17 @@ class KPhi3MLP(nn.Module):
         if self.config.fused_decoder and self.config.hidden_act != "silu":
             return False, (f"fused_decoder=True, but hidden_act is {self.config.hidden_act!r} "
                            "(the fused activation is silu): the op-level path")
-        if self.config.fused_decoder and isinstance(self.activation_fn, nn.Module) and \
-                not runs_as_built(self.activation_fn):
-            return False, ("fused_decoder=True, but the activation has hooks, which the fused "
-                           "operator would skip: the op-level path")
-        return fused_block_path(self.config, self.down_proj, device, "down_proj",
+        problem = not_as_built(self, "activation_fn") if self.config.fused_decoder else None
+        if problem is not None:
+            return False, f"fused_decoder=True, but {problem}: the op-level path"
+        return fused_block_path(self, "down_proj", device,
                                 "silu(gate) * up writes down_proj's input in the block-residue "
                                 "layout")
 
     def fused_norm_path(self, device: torch.Tensor | torch.device | str) -> tuple[bool, str]:
         """``(fused, reason)``: whether the RMSNorm before this MLP runs fused with
         ``gate_up_proj`` (the decoder layer passes it to ``forward``), and why."""
-        return fused_block_path(self.config, self.gate_up_proj, device, "gate_up_proj",
+        return fused_block_path(self, "gate_up_proj", device,
                                 norm_head_text("post_attention_layernorm", self.gate_up_proj,
                                                "gate_up_proj"))
 
@@ -418,11 +460,12 @@ class KPhi3Attention(nn.Module):
         op_size = config.num_attention_heads * self.head_dim + 2 * (config.num_key_value_heads * self.head_dim)
         self.qkv_proj = projection(config, config.hidden_size, op_size)
         self.o_proj = projection(config, config.num_attention_heads * self.head_dim, config.hidden_size)
+        remember_built(self)
 
     def fused_norm_path(self, device: torch.Tensor | torch.device | str) -> tuple[bool, str]:
         """``(fused, reason)``: whether the RMSNorm before this attention runs fused with
         ``qkv_proj`` (the decoder layer passes it to ``forward``), and why."""
-        return fused_block_path(self.config, self.qkv_proj, device, "qkv_proj",
+        return fused_block_path(self, "qkv_proj", device,
                                 norm_head_text("input_layernorm", self.qkv_proj, "qkv_proj"))
 
     @cache_parameter
@@ -507,28 +550,30 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
         self.config = config
         self.resid_attn_dropout = nn.Dropout(config.resid_pdrop)
         self.resid_mlp_dropout = nn.Dropout(config.resid_pdrop)
+        remember_built(self)
 
-    def norm_fusion(self, norm: nn.Module, path: tuple[bool, str]) -> tuple[bool, str]:
-        """A norm head's ``(fused, reason)``: ``path`` (its block's), and the norm as built
-        (Phi-3's RMSNorm, no hooks: the fused operator does not call its forward)."""
-        if path[0] and not (type(norm) is KPhi3RMSNorm and runs_as_built(norm)):
-            return False, ("fused_decoder=True, but the norm has hooks or is not the built "
-                           "RMSNorm, which the fused operator would skip: the op-level path")
+    def norm_fusion(self, norm: str, branch: str, path: tuple[bool, str]) -> tuple[bool, str]:
+        """A norm head's ``(fused, reason)``: ``path`` (its block's), the norm ``norm`` as built
+        (the fused operator does not call its forward), and the ``branch`` module (attention or
+        MLP) as built, with no forward pre-hook: it receives the un-normalized input."""
+        if not path[0]:
+            return path
+        problem = not_as_built(self, norm) or not_as_built(self, branch, hooks="pre")
+        if problem is not None:
+            return False, f"fused_decoder=True, but {problem}: the op-level path"
         return path
 
     def stream_path(self, device: torch.Tensor | torch.device | str) -> tuple[bool, str]:
         """``(fused, reason)``: whether the residual stream's fusions can run on ``device``: the
-        norms as built (Phi-3's RMSNorm, no hooks), no active dropout on the branches, the
-        Triton kernels."""
+        norms and the residual dropouts as built (the fused operators skip their forwards), no
+        active dropout on the branches, the Triton kernels."""
         if not self.config.fused_decoder:
             return False, "fused_decoder=False: the op-level path"
-        norms = (self.input_layernorm, self.post_attention_layernorm)
-        dropouts = (self.resid_attn_dropout, self.resid_mlp_dropout)
-        if not (all(type(n) is KPhi3RMSNorm for n in norms) and runs_as_built(*norms, *dropouts)):
-            return False, ("fused_decoder=True, but a norm or a residual dropout has hooks or is "
-                           "not the built module, which the fused operator would skip: the "
-                           "op-level path")
-        if self.training and any(d.p > 0 for d in dropouts):
+        problem = not_as_built(self, "input_layernorm", "post_attention_layernorm",
+                               "resid_attn_dropout", "resid_mlp_dropout")
+        if problem is not None:
+            return False, f"fused_decoder=True, but {problem}: the op-level path"
+        if self.training and any(d.p > 0 for d in (self.resid_attn_dropout, self.resid_mlp_dropout)):
             return False, ("fused_decoder=True, but residual dropout is active (training with "
                            "resid_pdrop > 0), and it sits between the branch and the add: the "
                            "op-level path")
@@ -539,23 +584,35 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
 
     def fusions(self, device: torch.Tensor | torch.device | str) -> dict[str, tuple[bool, str]]:
         """Each fusion of ``config.fused_decoder`` in this layer on ``device``: ``(fused, reason)``."""
+        foreign = {branch: not_as_built(self, branch, hooks="none")
+                   for branch in ("self_attn", "mlp")}
+
+        def unless_foreign(branch, decide):
+            # A replaced attention or MLP is not asked: it has none of the fused paths.
+            if foreign[branch] is not None:
+                return False, f"fused_decoder=True, but {foreign[branch]}: the op-level path"
+            return decide()
+
         heads = {
-            "input_layernorm + qkv_proj": self.norm_fusion(
-                self.input_layernorm, self.self_attn.fused_norm_path(device)),
-            "post_attention_layernorm + gate_up_proj": self.norm_fusion(
-                self.post_attention_layernorm, self.mlp.fused_norm_path(device)),
+            "input_layernorm + qkv_proj": unless_foreign("self_attn", lambda: self.norm_fusion(
+                "input_layernorm", "self_attn", self.self_attn.fused_norm_path(device))),
+            "post_attention_layernorm + gate_up_proj": unless_foreign("mlp", lambda: self.norm_fusion(
+                "post_attention_layernorm", "mlp", self.mlp.fused_norm_path(device))),
         }
-        tail = self.mlp.fused_path(device)
+        tail = unless_foreign("mlp", lambda: self.mlp.fused_path(device))
         stream, why = self.stream_path(device)
         head_gu = heads["post_attention_layernorm + gate_up_proj"][0]
+        # The MLP's own forward is skipped (the head's add) or returns the stream (the add in
+        # down_proj): no hook of it may see or change what it would have.
+        mlp_problem = not_as_built(self, "mlp")
         if not stream:
             input_norm = attn_add = down = (False, why)
         else:
             input_norm = ((False, "fused_decoder=True: runs as part of input_layernorm + qkv_proj")
                           if heads["input_layernorm + qkv_proj"][0] else
                           (True, f"{why}: one RMSNorm launch, and one for its backward"))
-            if head_gu and not runs_as_built(self.mlp):
-                attn_add = (False, "fused_decoder=True, but the MLP has hooks, and the norm head "
+            if head_gu and mlp_problem is not None:
+                attn_add = (False, f"fused_decoder=True, but {mlp_problem}, and the norm head "
                                    "that would take the add runs inside it: the op-level add")
             else:
                 attn_add = (True, f"{why}: the add runs in "
@@ -563,10 +620,12 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
                                "post_attention_layernorm's launch")
                             + "; its backward sums the stream's gradient with the norm's in the "
                               "norm's pass")
-            down = (True, f"{why}: the residual add in down_proj's epilogue")
-            if not (tail[0] and runs_as_built(self.mlp)):
-                down = (False, "fused_decoder=True, but the MLP tail is not fused (or the MLP "
-                               "has hooks): the op-level add")
+            if not tail[0]:
+                down = (False, "fused_decoder=True, but the MLP tail is not fused: the op-level add")
+            elif mlp_problem is not None:
+                down = (False, f"fused_decoder=True, but {mlp_problem}: the op-level add")
+            else:
+                down = (True, f"{why}: the residual add in down_proj's epilogue")
         return {
             **heads,
             "silu(gate) * up + down_proj": tail,
@@ -762,6 +821,8 @@ class KPhi3Model(KPhi3PreTrainedModel):
         hidden_states = self.embed_dropout(inputs_embeds)
         if self.embed_to_hidden is not None:
             hidden_states = self.embed_to_hidden(hidden_states)
+        if self.config.fused_decoder and not torch.compiler.is_compiling():
+            self.warn_unfused_once(hidden_states.device)
 
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = decoder_layer(
@@ -775,6 +836,31 @@ class KPhi3Model(KPhi3PreTrainedModel):
             )
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_KWARG: cache if use_cache else None})
+
+
+    def warn_unfused_once(self, device: torch.device) -> None:
+        """With ``fused_decoder=True`` on the Triton kernels, one logged warning (logger
+        ``"kphi3_model"``) per model, device type and training mode, naming each part of the
+        decoder that runs op-level instead and why (``explain_fused_decoder`` in one line per
+        part). Nothing where the kernel backend is not Triton: the backend says so itself."""
+        key = (torch.device(device).type, self.training)
+        warned = self.__dict__.setdefault("_unfused_warned", set())
+        if key in warned:
+            return
+        warned.add(key)
+        if resolve_backend(device, self.config.kernel_backend) != "triton":
+            return
+        unfused: dict[tuple[str, str], list[int]] = {}
+        for index, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            for where, (fused, reason) in layer.fusions(device).items():
+                if not fused and "runs as part of" not in reason:
+                    unfused.setdefault((where, reason), []).append(index)
+        if unfused:
+            parts = "; ".join(f"{where} in layers {', '.join(map(str, layers))}: {reason}"
+                              for (where, reason), layers in unfused.items())
+            logger.warning("KPhi-3 with fused_decoder=True leaves %d part(s) unfused on %s "
+                           "(model.explain_fused_decoder() says what runs where): %s. This "
+                           "warning is shown once per model.", len(unfused), key[0], parts)
 
 
 class KPhi3ForCausalLM(KPhi3PreTrainedModel, GenerationMixin):

@@ -360,6 +360,14 @@ def _no_grad_to_saved(name: str, grad) -> None:
                            "not differentiable")
 
 
+def _stream_only_from(ctx, h: Tensor, stream_inputs) -> None:
+    """``h = residual + x`` depends on those two inputs alone: where neither needs a gradient,
+    it is not differentiable, as the unfused ``+`` would give it (the weights' gradients do not
+    flow through it)."""
+    if not any(ctx.needs_input_grad[i] for i in stream_inputs):
+        ctx.mark_non_differentiable(h)
+
+
 def _register_autograd(bodies) -> None:
     def register(name, backward, setup_context):
         co.define_autograd(name, BACKEND, bodies[name], backward, setup_context)
@@ -425,6 +433,7 @@ def _register_autograd(bodies) -> None:
         source = output[1] if residual is not None else x
         ctx.save_for_backward(source, norm_weight, output[-1], *output[2:-1], weight1, weight2)
         ctx.mark_non_differentiable(*output[2:])  # the block's saved input and rstd
+        _stream_only_from(ctx, output[1], stream_inputs=(0, 7))
         ctx.has_bias = (bias1 is not None, bias2 is not None)
         ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
         ctx.set_materialize_grads(False)
@@ -479,6 +488,7 @@ def _register_autograd(bodies) -> None:
         residual, x, weight, _ = inputs
         ctx.save_for_backward(output[0], weight, output[2])
         ctx.mark_non_differentiable(output[2])
+        _stream_only_from(ctx, output[0], stream_inputs=(0, 1))
         ctx.dtypes = (residual.dtype, x.dtype)
         ctx.set_materialize_grads(False)
 

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import outputs
+from .activation import silu_mul, silu_mul_grads
 from .grouped_gemm import accumulator_dtype
 from .launch import KernelLaunch, launch
 
@@ -53,7 +54,7 @@ def _silu_mul_layout_kernel(
     src = gu_ptr + rows[:, None] * s_gm + c.to(tl.int64)[None, :] * s_gc
     gate = tl.load(src, mask=load_mask, other=0.0).to(COMPUTE)
     up = tl.load(src + CHANNELS * s_gc, mask=load_mask, other=0.0).to(COMPUTE)
-    h = up * gate * tl.sigmoid(gate)  # padding: 0 * 0
+    h = silu_mul(gate, up)  # padding: silu(0) * 0
     tl.store(t_ptr + rows[:, None] * WIDTH + col[None, :], h.to(t_ptr.dtype.element_ty),
              mask=mask_m[:, None] & (col < WIDTH)[None, :])
 
@@ -73,12 +74,10 @@ def _silu_mul_layout_bwd_kernel(
     up = tl.load(src + CHANNELS * s_gc, mask=mask, other=0.0).to(COMPUTE)
     slot = _slot_of_channel(c, PER_GROUP, GROUPS, RUN)
     dh = tl.load(dt_ptr + rows[:, None] * s_dtm + slot[None, :], mask=mask, other=0.0).to(COMPUTE)
-    sig = tl.sigmoid(gate)
-    silu = gate * sig
-    dgate = dh * up * sig * (1.0 + gate * (1.0 - sig))
+    dgate, dup = silu_mul_grads(dh, gate, up)
     dst = dgu_ptr + rows[:, None] * (2 * CHANNELS) + c[None, :]
     tl.store(dst, dgate.to(dgu_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + CHANNELS, (dh * silu).to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + CHANNELS, dup.to(dgu_ptr.dtype.element_ty), mask=mask)
 
 
 def _config(M: int, width: int) -> triton.Config:
