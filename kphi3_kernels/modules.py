@@ -7,6 +7,7 @@ Each module takes an extra keyword ``backend`` (``None`` follows the global flag
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -185,6 +186,8 @@ class _GroupedBlock(_BackendMixin, nn.Module):
         out_features = _as_int(out_features, "out_features", cls)
         min_channels_per_group = _as_int(min_channels_per_group, "min_channels_per_group", cls)
         self.num_groups = group_count(in_features, out_features, min_channels_per_group)
+        _warn_if_grouping_found_no_divisor(cls, in_features, out_features, min_channels_per_group,
+                                           self.num_groups)
         self.in_features = in_features
         self.out_features = out_features
         self.output_num_channels = out_features
@@ -213,6 +216,20 @@ class _GroupedBlock(_BackendMixin, nn.Module):
         for child in getattr(self, "_modules", {}).values():
             if isinstance(child, _BackendMixin):
                 child.backend = name
+
+
+def _warn_if_grouping_found_no_divisor(cls: str, in_features: int, out_features: int,
+                                       min_channels_per_group: int, groups: int) -> None:
+    """A ``UserWarning`` where the sizes allow groups (``in // min_channels_per_group >= 2``)
+    but no common divisor of ``in`` and ``out`` fits, so the block is dense (G = 1), as the
+    original computes it. Python shows it once per process."""
+    allowed = min(in_features, out_features, in_features // min_channels_per_group)
+    if groups == 1 and allowed >= 2:
+        warnings.warn(
+            f"{cls}({in_features}, {out_features}, min_channels_per_group="
+            f"{min_channels_per_group}) is dense (G = 1): no common divisor of {in_features} "
+            f"and {out_features} lies in 2..{allowed}, so the group rule gives one group, as "
+            "the original KPhi-3 does (docs/group-count.md)", UserWarning, stacklevel=4)
 
 
 class GroupedPointwiseConvolutionBlockIO(_GroupedBlock):

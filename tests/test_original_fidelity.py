@@ -379,3 +379,19 @@ def test_interleave_channels_compiles_fullgraph(backend):
     assert torch.equal(y, sliced_interleave_last_dim(x.detach(), 4))
     (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
     assert torch.equal(g, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("cls", [GroupedPointwiseConvolutionBlockIO, GroupedPointwiseConvolutionBlock])
+def test_a_block_left_dense_by_the_group_rule_warns_and_stays_dense(cls):
+    """1283 and 3840 share no divisor in 2..5 (1283 // 256): the original makes the block dense,
+    and so do we, with a warning, since the caller asked for groups of 256."""
+    with pytest.warns(UserWarning, match=r"\(1283, 3840, min_channels_per_group=256\) is dense"):
+        block = cls(1283, 3840, 256)
+    assert block.num_groups == 1 and hasattr(block, "first_pointwise_conv")
+    assert not hasattr(block, "second_pointwise_conv")
+
+
+@pytest.mark.parametrize("sizes", [(1280, 3840, 256), (48, 96, 200), (48, 96, -1), (7, 5, 7)])
+def test_no_warning_where_the_rule_groups_or_grouping_was_not_asked_for(sizes, recwarn):
+    GroupedPointwiseConvolutionBlockIO(*sizes)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
