@@ -42,8 +42,20 @@ def test_readme_python_block_runs(index, tmp_path, monkeypatch):
         torch.set_num_threads(threads)
 
 
-def test_readme_keeps_the_test_command():
-    """CI runs the README's test command: it must stay exactly this."""
+def _commands(block: str):
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+
+
+def test_readme_starts_with_the_two_commands_ci_runs():
+    """The README's first block is exactly the two commands that set up and run everything;
+    CI runs the second (the test command) the way a user does, and the plain pytest line that
+    `make test` runs stays in the README for those who install by hand."""
+    first = code_blocks(README, "bash")[0]
+    assert _commands(first) == ["make bench", "make test"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "run make test " in ci and "run make test-fast " in ci
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-m pytest -q $(PYTEST_ARGS)" in makefile
     assert any(line.strip() == "python -m pytest -q"
                for block in code_blocks(README, "bash") for line in block.splitlines())
 
