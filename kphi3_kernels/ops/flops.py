@@ -60,8 +60,7 @@ FORMULAS = dict(grouped_linear=grouped_linear, grouped_linear_bwd=grouped_linear
                 gpc_block_bwd=gpc_block_bwd, interleave=interleave)
 
 
-def register(op) -> None:
-    """Register every formula for ``op(name, backend)``'s operators of each backend."""
-    from .custom_ops import BACKENDS
+def register(op, backends) -> None:
+    """Register every formula for ``op(name, backend)``'s operators of each of ``backends``."""
     for name, formula in FORMULAS.items():
-        register_flop_formula([op(name, backend) for backend in BACKENDS])(formula)
+        register_flop_formula([op(name, backend) for backend in backends])(formula)

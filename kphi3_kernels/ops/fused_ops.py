@@ -56,7 +56,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import custom_ops as co
+from . import registry as co
 
 BACKEND = "triton"
 _LOADED = {}
@@ -518,7 +518,7 @@ def _register_autograd(bodies) -> None:
 
 
 def _register() -> None:
-    traceable = co._traceable_triton()
+    traceable = co.traceable_triton()
     bodies = _bodies()
     for name, body in bodies.items():
         co.define(name, BACKEND, body, _FAKES[name], traceable)
