@@ -175,7 +175,7 @@ def not_as_built(owner: nn.Module, *paths: str, hooks: str = "all") -> str | Non
         module = owner.get_submodule(path) if _has_submodule(owner, path) else None
         original, cls = built.get(path, (None, None))
         if module is None or module is not original or type(module) is not cls:
-            now = "missing" if module is None else f"a {type(module).__name__}"
+            now = "missing" if module is None else _a(type(module).__name__)
             return f"{path} is {now}, not the {cls.__name__ if cls else 'module'} the model built"
         if hooks == "pre" and module._forward_pre_hooks:
             return f"{path} has forward pre-hooks, which would see its un-normalized input"
@@ -188,6 +188,10 @@ def not_as_built(owner: nn.Module, *paths: str, hooks: str = "all") -> str | Non
     if paths and hooks == "all" and module_globals._global_forward_hooks:
         return "global forward hooks are registered, which the fused operator would skip"
     return None
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'AEIOU' else 'a'} {noun}"
 
 
 def _has_submodule(owner: nn.Module, path: str) -> bool:

@@ -128,7 +128,7 @@ def test_an_identity_residual_dropout_trains(backend):
     out = model(**_batch())
     out.loss.backward()
     assert torch.isfinite(out.loss)
-    assert model.model.explain_fused_decoder(DEVICE).count("resid_attn_dropout is a Identity") \
+    assert model.model.explain_fused_decoder(DEVICE).count("resid_attn_dropout is an Identity") \
         == 2 * 3
 
 
