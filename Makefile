@@ -12,6 +12,8 @@ VENV ?= .venv
 # multi-GB CUDA build that a plain `pip install torch` picks on Linux).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): one per core by default; JOBS=0 runs in this process.
+JOBS ?= auto
 
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -24,7 +26,8 @@ FAST_TESTS := tests/test_reference.py tests/test_bad_input.py tests/test_modules
 	tests/test_contract_checks.py tests/test_sanitizer.py tests/test_model_config.py \
 	tests/test_model_kernels.py tests/test_fused_fuzz.py
 
-# The kernels' tests under the sanitizer (docs/sanitizer.md): races between the programs of a
+# The kernels' tests under the sanitizer (docs/sanitizer.md), in one process (its summary and
+# its every-kernel-launched check see the whole run): races between the programs of a
 # launch, out-of-bounds accesses, and results that depend on the programs' order. The subset
 # marked `sanitize` launches every kernel of the package, in every GPU config.
 SANITIZE_TESTS := tests/test_ops_parity.py tests/test_fused_decoder.py tests/test_residual_norm.py
@@ -33,14 +36,14 @@ SANITIZE_TESTS := tests/test_ops_parity.py tests/test_fused_decoder.py tests/tes
 
 help:
 	@echo "make bench       the quick benchmark: each shape's time against nn.Linear (about 1-2 min on a 2-core CPU)"
-	@echo "make test        the whole test suite (about 15 min on a 2-core CPU)"
+	@echo "make test        the whole test suite (about 10 min on a 2-core CPU, in JOBS processes)"
 	@echo "make test-fast   a subset of about 2 min: every op, both backends, the fused decoder, the model"
 	@echo "make sanitize    the kernels' tests under the interpreter sanitizer (races, out-of-bounds; about 3 min)"
 	@echo "make bench-full  the full sweep (about 25 min on a 2-core CPU; writes benchmarks/results/)"
 	@echo "make install     only set up $(VENV) (PyTorch kept where installed, else the CPU build"
 	@echo "                 without an NVIDIA GPU), then this package with its test tools"
 	@echo "make clean       remove $(VENV)"
-	@echo "Variables: PYTHON=$(PYTHON) VENV=$(VENV) TORCH_CPU_INDEX=$(TORCH_CPU_INDEX) PYTEST_ARGS=..."
+	@echo "Variables: PYTHON=$(PYTHON) VENV=$(VENV) JOBS=$(JOBS) TORCH_CPU_INDEX=$(TORCH_CPU_INDEX) PYTEST_ARGS=..."
 
 install: $(STAMP)
 
@@ -66,10 +69,10 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 	@touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(JOBS) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	KPHI3_FUZZ_CASES=100 $(PY) -m pytest -q $(FAST_TESTS) $(PYTEST_ARGS)
+	KPHI3_FUZZ_CASES=100 $(PY) -m pytest -q -n $(JOBS) $(FAST_TESTS) $(PYTEST_ARGS)
 
 sanitize: $(STAMP)
 	$(PY) -m pytest -q --sanitize -m sanitize $(SANITIZE_TESTS) $(PYTEST_ARGS)

@@ -55,7 +55,7 @@ def test_readme_starts_with_the_two_commands_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "run make test " in ci and "run make test-fast " in ci
     makefile = (ROOT / "Makefile").read_text()
-    assert "-m pytest -q $(PYTEST_ARGS)" in makefile
+    assert "-m pytest -q -n $(JOBS) $(PYTEST_ARGS)" in makefile
     assert any(line.strip() == "python -m pytest -q"
                for block in code_blocks(README, "bash") for line in block.splitlines())
 
