@@ -16,6 +16,7 @@ import functools
 import inspect
 import logging
 import math
+from dataclasses import dataclass
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -260,20 +261,26 @@ class KPhi3MLP(nn.Module):
                                                "gate_up_proj"))
 
     def forward(self, hidden_states: torch.Tensor, input_norm: nn.Module | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+                residual: torch.Tensor | None = None, fused_tail: bool | None = None
+                ) -> torch.Tensor:
         """``input_norm``: the RMSNorm to apply first, fused with ``gate_up_proj`` (given only
         where ``fused_norm_path`` holds); without it ``hidden_states`` is already normalized.
         ``residual``: returns ``residual + mlp(hidden_states)``, the add in down_proj's
-        epilogue where the MLP tail is fused."""
+        epilogue where the MLP tail is fused. ``fused_tail``: the decoder layer's plan for the
+        tail (None: decided here, ``fused_path``)."""
         if input_norm is not None:
             up_states = norm_then_block(input_norm, self.gate_up_proj, hidden_states)
         else:
             up_states = self.gate_up_proj(hidden_states)
-        return self.tail(up_states, residual)
+        return self.tail(up_states, residual, fused_tail)
 
-    def tail(self, up_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``(residual +) down_proj(up * act(gate))`` from gate_up_proj's output."""
-        if self.config.fused_decoder and self.fused_path(up_states)[0]:
+    def tail(self, up_states: torch.Tensor, residual: torch.Tensor | None = None,
+             fused: bool | None = None) -> torch.Tensor:
+        """``(residual +) down_proj(up * act(gate))`` from gate_up_proj's output; ``fused`` as
+        ``forward``'s ``fused_tail``."""
+        if fused is None:
+            fused = self.config.fused_decoder and self.fused_path(up_states)[0]
+        if fused:
             down = self.down_proj
             first, second = down.first_pointwise_conv, down.second_pointwise_conv
             return silu_mul_gpc_io(up_states, first.weight, second.weight, first.bias,
@@ -543,6 +550,34 @@ class KPhi3RMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
+@dataclass(frozen=True)
+class FusionPlan:
+    """What one decoder layer runs fused with ``config.fused_decoder`` on one device (each
+    field a part of ``KPhi3DecoderLayer.fusions``; ``explain_fused_decoder`` prints why)."""
+
+    qkv_head: bool = False      # input_layernorm + qkv_proj: the norm writes the block's input
+    gate_up_head: bool = False  # post_attention_layernorm + gate_up_proj
+    tail: bool = False          # silu(gate) * up + down_proj, one operator
+    input_norm: bool = False    # input_layernorm as one RMSNorm launch (no head after it)
+    attn_add: bool = False      # the attention's residual add in the norm's launch after it
+    down_add: bool = False      # the MLP's residual add in down_proj's epilogue
+
+    @classmethod
+    def from_fusions(cls, fusions: dict[str, tuple[bool, str]]) -> "FusionPlan":
+        return cls(**{field: fusions[part][0] for field, part in PLAN_PARTS.items()})
+
+
+PLAN_PARTS = {
+    "qkv_head": "input_layernorm + qkv_proj",
+    "gate_up_head": "post_attention_layernorm + gate_up_proj",
+    "tail": "silu(gate) * up + down_proj",
+    "input_norm": "input_layernorm",
+    "attn_add": "attention residual add + post_attention_layernorm",
+    "down_add": "down_proj + residual add",
+}
+OP_LEVEL = FusionPlan()
+
+
 class KPhi3DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: KPhi3Config, layer_idx: int):
         super().__init__()
@@ -638,6 +673,43 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
             "down_proj + residual add": down,
         }
 
+    def fusion_plan(self, device: torch.Tensor | torch.device | str) -> FusionPlan:
+        """``fusions`` as the forward reads it, decided once per device, training mode and
+        module state (``_plan_key``) instead of on every call."""
+        if not self.config.fused_decoder:
+            return OP_LEVEL
+        if torch.compiler.is_compiling():  # traced once per graph: no cache to keep
+            return FusionPlan.from_fusions(self.fusions(device))
+        key = self._plan_key(device)
+        plans = self.__dict__.setdefault("_plans", {})
+        plan = plans.get(key)
+        if plan is None:
+            if len(plans) >= 8:  # states seen before are few; a long-lived model keeps few
+                plans.clear()
+            plan = plans[key] = FusionPlan.from_fusions(self.fusions(device))
+        return plan
+
+    def _plan_key(self, device) -> tuple:
+        """Everything ``fusions`` reads: the device and the backend it resolves to (the thread's
+        ``use_backend`` included), the training mode, the config's switches, the global hooks,
+        and each module of the layer (object, class, hooks, a forward set on the instance, a
+        block's activation and backend, a dropout's ``p``). A module that replaced a built one
+        is never the built one, whatever its id, so an id a freed module had cannot revive a
+        fused decision."""
+        from torch.nn.modules import module as module_globals
+
+        device = device.device if isinstance(device, torch.Tensor) else torch.device(device)
+        config = self.config
+        modules = tuple(
+            (id(m), type(m), len(m._forward_hooks), len(m._forward_pre_hooks),
+             "forward" in m.__dict__, id(m.__dict__.get("activation")),
+             m.__dict__.get("_backend"), m.__dict__.get("p"))
+            for m in self.modules())
+        return (device, self.training, config.fused_decoder, config.hidden_act,
+                resolve_backend(device, config.kernel_backend),
+                len(module_globals._global_forward_hooks),
+                len(module_globals._global_forward_pre_hooks), modules)
+
     @cache_parameter
     def forward(
         self,
@@ -649,15 +721,14 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        # With config.fused_decoder, a norm fused into the projection after it is handed over,
-        # and the residual adds run inside the launches around them (``fusions``).
-        fused = self.fusions(hidden_states) if self.config.fused_decoder else {}
-        on = {where: path[0] for where, path in fused.items()}
+        # One path per plan: a norm fused into the projection after it is handed over as
+        # ``input_norm``, and the residual adds run inside the launches around them.
+        plan = self.fusion_plan(hidden_states)
         residual = hidden_states
         attn_norm = None
-        if on.get("input_layernorm + qkv_proj"):
+        if plan.qkv_head:
             attn_norm = self.input_layernorm
-        elif on.get("input_layernorm"):
+        elif plan.input_norm:
             norm = self.input_layernorm
             hidden_states = rms_norm(hidden_states, norm.weight, norm.variance_epsilon,
                                      backend="triton")
@@ -670,31 +741,29 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
             **{CACHE_KWARG: cache},
             use_cache=use_cache,
             position_embeddings=position_embeddings,
-            input_norm=attn_norm,
+            **({} if attn_norm is None else dict(input_norm=attn_norm)),
             **kwargs,
         )
-        add_fused = on.get("attention residual add + post_attention_layernorm")
-        down_fused = on.get("down_proj + residual add")
         norm = self.post_attention_layernorm
-        mlp_norm = None
-        if add_fused and on.get("post_attention_layernorm + gate_up_proj"):
+        if plan.attn_add and plan.gate_up_head:
             # The add, the norm and gate_up_proj in one operator; then the MLP's tail.
             residual, up_states = norm_then_block(norm, self.mlp.gate_up_proj, hidden_states,
                                                   residual=residual)
-            out = self.mlp.tail(up_states, residual if down_fused else None)
-            return out if down_fused else residual + out
-        if add_fused:
+            out = self.mlp.tail(up_states, residual if plan.down_add else None, plan.tail)
+            return out if plan.down_add else residual + out
+        mlp_norm = None
+        if plan.attn_add:
             residual, mlp_in = add_rms_norm(residual, hidden_states, norm.weight,
                                             norm.variance_epsilon, backend="triton")
         else:
             residual = residual + self.resid_attn_dropout(hidden_states)
-            if on.get("post_attention_layernorm + gate_up_proj"):
-                mlp_in, mlp_norm = residual, norm
-            else:
-                mlp_in = norm(residual)
-        if down_fused:
-            return self.mlp(mlp_in, input_norm=mlp_norm, residual=residual)
-        return residual + self.resid_mlp_dropout(self.mlp(mlp_in, input_norm=mlp_norm))
+            mlp_in, mlp_norm = (residual, norm) if plan.gate_up_head else (norm(residual), None)
+        if plan.down_add:
+            return self.mlp(mlp_in, input_norm=mlp_norm, residual=residual, fused_tail=plan.tail)
+        # A replaced MLP gets the plain call; the built one the plan's decisions.
+        mlp_kwargs = dict(input_norm=mlp_norm, fused_tail=plan.tail) \
+            if isinstance(self.mlp, KPhi3MLP) else {}
+        return residual + self.resid_mlp_dropout(self.mlp(mlp_in, **mlp_kwargs))
 
 
 class KPhi3PreTrainedModel(PreTrainedModel):

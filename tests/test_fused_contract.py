@@ -340,3 +340,61 @@ def test_no_warning_where_nothing_asked_for_is_left_unfused(over, caplog):
     with caplog.at_level(logging.WARNING, logger="kphi3_model"):
         model(**_batch())
     assert not _warnings(caplog)
+
+
+# ---- the plan: decided once per state, never stale ----------------------------------------
+
+
+@requires_triton
+def test_the_plan_is_decided_once_per_state_and_again_when_it_changes(monkeypatch):
+    """The forward reads a plan decided once per device, training mode and module state: a
+    replaced module, a hook, the training mode or the backend in force decide it again."""
+    import kphi3_kernels
+
+    from kphi3_model import modeling_kphi3
+
+    model = _model(kernel_backend="triton", fused_decoder=True)
+    layer = model.model.layers[0]
+    decided = []
+    plan_of = modeling_kphi3.FusionPlan.from_fusions
+    monkeypatch.setattr(modeling_kphi3.FusionPlan, "from_fusions",
+                        lambda fusions: decided.append(fusions) or plan_of(fusions))
+    batch = _batch()
+
+    def decisions(step):  # how many layers decided their plan again during ``step``
+        decided.clear()
+        step()
+        return len(decided)
+
+    layers = len(model.model.layers)
+    assert decisions(lambda: _logits(model, batch)) == layers
+    assert decisions(lambda: _logits(model, batch)) == 0      # cached
+    handle = layer.mlp.down_proj.register_forward_hook(lambda *_: None)
+    assert decisions(lambda: _logits(model, batch)) == 1      # a hook, in layer 0
+    assert not layer.fusion_plan(DEVICE).tail
+    handle.remove()
+    assert decisions(lambda: _logits(model, batch)) == 0      # back to the first state
+    assert layer.fusion_plan(DEVICE).tail
+    layer.mlp.activation_fn = nn.GELU()
+    assert decisions(lambda: _logits(model, batch)) == 1      # a replaced module
+    assert not layer.fusion_plan(DEVICE).tail
+    model.train(not model.training)
+    assert decisions(lambda: _logits(model, batch)) == layers  # the training mode
+    model.set_kernel_backend("torch")                           # the backend
+    assert decisions(lambda: _logits(model, batch)) == layers
+    assert layer.fusion_plan(DEVICE) == type(layer.fusion_plan(DEVICE))()  # all op-level
+
+
+@pytest.mark.parametrize("fused_decoder", [False, True])
+def test_a_foreign_mlp_gets_the_plain_call(fused_decoder):
+    """A replaced MLP (any module of one input) runs as it is, fused decoder or not."""
+    model = _model(kernel_backend="torch", fused_decoder=fused_decoder)
+
+    class Doubling(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    for layer in model.model.layers:
+        layer.mlp = Doubling()
+    out = model(**_batch())
+    assert torch.isfinite(out.loss)
