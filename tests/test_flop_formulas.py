@@ -1,5 +1,7 @@
 """``torch.utils.flop_counter`` counts the kphi3 operators: each op's grouped GEMMs, forward and
 every gradient, on both backends' operators, on real and on meta tensors."""
+import os
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -56,3 +58,45 @@ def test_every_operator_of_every_backend_has_a_formula():
     for name in flops.FORMULAS:
         for backend in custom_ops.BACKENDS:
             assert custom_ops.op(name, backend) in registry, (name, backend)
+
+
+needs_triton = pytest.mark.skipif(
+    not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
+    reason="the Triton kernels need a GPU or TRITON_INTERPRET=1")
+# gpc_io_from_layout's torch path is the layout's plain reference (kphi3_kernels.layout), whose
+# padded matmuls torch counts as they run: only its operator is counted here.
+FUSED_CASES = [
+    pytest.param(call, backend, id=f"{call}-{backend}",
+                 marks=[needs_triton] if backend == "triton" else [])
+    for call in ("silu_mul_gpc_io", "rms_norm_gpc_io-split", "rms_norm_gpc_io-block-residue",
+                 "gpc_io_from_layout")
+    for backend in ("torch", "triton")
+    if (call, backend) != ("gpc_io_from_layout", "torch")]
+
+
+@pytest.mark.parametrize("call,backend", FUSED_CASES)
+def test_the_fused_operators_count_the_io_blocks_gemms(call, backend):
+    """The fused decoder's operators count what the op-level IO block counts, forward and every
+    gradient (the layout's padding and the elementwise norm and activation add none), on the
+    Triton operators as on the torch composition."""
+    from kphi3_kernels import fused
+
+    x, nw, w1, w2 = params((M, G * S), (G * S,), (G, S, OG), (G, S, OG))
+    gu = torch.randn(M, 2 * G * S).requires_grad_(True)
+    t = fused.silu_mul_to_layout(gu.detach(), G, backend="torch").requires_grad_(True)
+    fns = {
+        "silu_mul_gpc_io": lambda: fused.silu_mul_gpc_io(gu, w1, w2, backend=backend),
+        "rms_norm_gpc_io-split": lambda: fused.rms_norm_gpc_io(
+            x, nw, 1e-5, w1, w2, layout="split", backend=backend),
+        "rms_norm_gpc_io-block-residue": lambda: fused.rms_norm_gpc_io(
+            x, nw, 1e-5, w1, w2, layout="block-residue", backend=backend),
+        "gpc_io_from_layout": lambda: fused.gpc_io_from_layout(t, w1, w2, backend=backend),
+    }
+    # forward 2 GEMMs; backward the input gradient 2, dW1 1, dW2 1
+    assert count(fns[call]) == 6 * GEMM
+
+
+def test_every_fused_operator_has_a_formula():
+    from kphi3_kernels.ops import fused_ops
+
+    assert set(flops.FUSED_FORMULAS) == set(fused_ops._FAKES)

@@ -60,7 +60,66 @@ FORMULAS = dict(grouped_linear=grouped_linear, grouped_linear_bwd=grouped_linear
                 gpc_block_bwd=gpc_block_bwd, interleave=interleave)
 
 
-def register(op, backends) -> None:
-    """Register every formula for ``op(name, backend)``'s operators of each of ``backends``."""
-    for name, formula in FORMULAS.items():
+# The fused decoder's operators (``fused_ops.py``) count the IO block's arithmetic, as the
+# op-level ``gpc_io`` does: the layout's padding channels meet zero weight rows and are not
+# the model's work; the norms and the activation are elementwise (no FLOPs, like interleave).
+def _io_forward(rows: int, weight1_shape) -> int:
+    return 2 * _gemm(rows, weight1_shape)
+
+
+def _io_backward(rows: int, weight1_shape, need_input: bool, need_dw1: bool, need_dw2: bool) -> int:
+    # The input gradient is two GEMMs (through W1 and W2), each weight gradient one.
+    return (2 * int(need_input) + int(need_dw1) + int(need_dw2)) * _gemm(rows, weight1_shape)
+
+
+def gpc_io_layout(t_shape, weight1_shape, *_, **__) -> int:
+    return _io_forward(t_shape[0], weight1_shape)
+
+
+def gpc_io_layout_bwd(dy_shape, t_shape, weight1_shape, weight2_shape, need_dt, need_dw1,
+                      need_dw2, *_, **__) -> int:
+    return _io_backward(dy_shape[0], weight1_shape, need_dt, need_dw1, need_dw2)
+
+
+def mlp_tail(gu_shape, weight1_shape, *_, **__) -> int:
+    return _io_forward(gu_shape[0], weight1_shape)
+
+
+def mlp_tail_bwd(dy_shape, gu_shape, t_shape, weight1_shape, weight2_shape, need_dgu, need_dw1,
+                 need_dw2, *_, **__) -> int:
+    return _io_backward(dy_shape[0], weight1_shape, need_dgu, need_dw1, need_dw2)
+
+
+def norm_io(x_shape, norm_weight_shape, eps, weight1_shape, *_, **__) -> int:
+    return _io_forward(x_shape[0], weight1_shape)
+
+
+def norm_io_bwd(dy_shape, dh_shape, x_shape, norm_weight_shape, rstd_shape, t_shape,
+                weight1_shape, weight2_shape, need_dx, need_dnorm, need_dw1, need_dw2, *_,
+                **__) -> int:
+    return _io_backward(dy_shape[0], weight1_shape, need_dx or need_dnorm, need_dw1, need_dw2)
+
+
+def norm_io_split_bwd(dy_shape, dh_shape, x_shape, norm_weight_shape, rstd_shape, n_shape,
+                      xi_shape, weight1_shape, weight2_shape, need_dx, need_dnorm, need_dw1,
+                      need_dw2, *_, **__) -> int:
+    return _io_backward(dy_shape[0], weight1_shape, need_dx or need_dnorm, need_dw1, need_dw2)
+
+
+def elementwise(*_, **__) -> int:
+    return 0
+
+
+FUSED_FORMULAS = dict(gpc_io_layout=gpc_io_layout, gpc_io_layout_bwd=gpc_io_layout_bwd,
+                      mlp_tail=mlp_tail, mlp_tail_bwd=mlp_tail_bwd, norm_io=norm_io,
+                      norm_io_bwd=norm_io_bwd, norm_io_split=norm_io,
+                      norm_io_split_bwd=norm_io_split_bwd, silu_mul_layout=elementwise,
+                      silu_mul_layout_bwd=elementwise, rms_norm=elementwise,
+                      add_rms_norm=elementwise, rms_norm_bwd=elementwise)
+
+
+def register(op, backends, formulas=FORMULAS) -> None:
+    """Register every formula of ``formulas`` for ``op(name, backend)``'s operators of each of
+    ``backends``."""
+    for name, formula in formulas.items():
         register_flop_formula([op(name, backend) for backend in backends])(formula)

@@ -56,6 +56,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import flops
 from . import registry as co
 
 BACKEND = "triton"
@@ -523,6 +524,7 @@ def _register() -> None:
     for name, body in bodies.items():
         co.define(name, BACKEND, body, _FAKES[name], traceable)
     _register_autograd(bodies)
+    flops.register(co.op, (BACKEND,), flops.FUSED_FORMULAS)
 
 
 _register()
