@@ -398,3 +398,20 @@ def test_a_foreign_mlp_gets_the_plain_call(fused_decoder):
         layer.mlp = Doubling()
     out = model(**_batch())
     assert torch.isfinite(out.loss)
+
+
+@requires_triton
+@pytest.mark.parametrize("call", ["silu_mul_gpc_io", "rms_norm_gpc_io", "add_rms_norm"])
+def test_a_second_derivative_names_the_op_level_path(call):
+    x, r, nw, w1, w2 = _head_operands(torch.float32, torch.float32, torch.float32)
+    gu = torch.randn(5, 2 * G * S, device=DEVICE)
+    leaf = {"silu_mul_gpc_io": gu, "rms_norm_gpc_io": x, "add_rms_norm": x}[call].requires_grad_()
+    out = {"silu_mul_gpc_io": lambda: fused.silu_mul_gpc_io(leaf, w1, w2, backend="triton"),
+           "rms_norm_gpc_io": lambda: fused.rms_norm_gpc_io(leaf, nw, EPS, w1, w2,
+                                                            backend="triton"),
+           "add_rms_norm": lambda: fused.add_rms_norm(r, leaf, nw, EPS, backend="triton")[1],
+           }[call]()
+    (grad,) = torch.autograd.grad((out * out).sum(), leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivative through the fused decoder.*"
+                                           "op-level path supports gradients of any order"):
+        grad.sum().backward()

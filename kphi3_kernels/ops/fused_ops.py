@@ -47,9 +47,9 @@ need_db2)``                                                         db2]``
 weight1, weight2, need_dx, ...)``
 ==================================================================  ===========================
 
-The backward operators have no autograd formula of their own: a second derivative through the
-fused path raises torch's "does not have an autograd kernel" error (the op-level path, which the
-model runs with ``fused_decoder=False``, supports gradients of any order).
+The backward operators' autograd formula refuses a second derivative through the fused path
+with an error that names the op-level path (which the model runs with ``fused_decoder=False``,
+and which supports gradients of any order).
 """
 from typing import List, Optional, Tuple
 
@@ -512,10 +512,25 @@ def _register_autograd(bodies) -> None:
 
     register("add_rms_norm", add_norm_backward, add_norm_setup)
 
-    # The backward operators run eagerly like the others, with no formula of their own.
+    # The backward operators' own formula refuses a second derivative, naming the path that
+    # has one; a first derivative never calls it.
     for name in ("silu_mul_layout_bwd", "gpc_io_layout_bwd", "mlp_tail_bwd", "norm_io_bwd",
                  "norm_io_split_bwd", "rms_norm_bwd"):
-        co._EAGER[(name, BACKEND)] = (bodies[name], None)
+        register(name, _refuse_double_backward(name), _nothing_to_save)
+
+
+def _nothing_to_save(ctx, inputs, output) -> None:
+    pass
+
+
+def _refuse_double_backward(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"kphi3::{name}_{BACKEND}: a second derivative through the fused decoder's "
+            "operators is not supported; the op-level path supports gradients of any order "
+            "(KPhi3Config(fused_decoder=False), or kphi3_kernels.gpc_io / rms_norm of the "
+            "unfused modules)")
+    return backward
 
 
 def _register() -> None:
