@@ -35,11 +35,12 @@ SANITIZE_TESTS := tests/test_ops_parity.py tests/test_fused_decoder.py tests/tes
 .PHONY: help install test test-fast sanitize bench bench-full clean
 
 help:
-	@echo "make bench       the quick benchmark: each shape's time against nn.Linear (about 1-2 min on a 2-core CPU)"
+	@echo "make bench       the quick benchmark: each shape's time as a fraction of nn.Linear's (15-25 s on a 2-core CPU)"
 	@echo "make test        the whole test suite (about 10 min on a 2-core CPU, in JOBS processes)"
 	@echo "make test-fast   a subset of about 2 min: every op, both backends, the fused decoder, the model"
 	@echo "make sanitize    the kernels' tests under the interpreter sanitizer (races, out-of-bounds; about 3 min)"
-	@echo "make bench-full  the full sweep (about 25 min on a 2-core CPU; writes benchmarks/results/)"
+	@echo "make bench-full  the full sweep (about 10 min on a 2-core CPU): bench-full.json, rewritten as rows"
+	@echo "                 finish, and plots in bench-full-plots/; add --resume to its command to go on after Ctrl-C"
 	@echo "make install     only set up $(VENV) (PyTorch kept where installed, else the CPU build"
 	@echo "                 without an NVIDIA GPU), then this package with its test tools"
 	@echo "make clean       remove $(VENV)"
@@ -81,7 +82,7 @@ bench: $(STAMP)
 	$(PY) -m kphi3_bench.run --quick
 
 bench-full: $(STAMP)
-	$(PY) -m kphi3_bench.run
+	$(PY) -m kphi3_bench.run --out bench-full.json --plot bench-full-plots
 
 clean:
 	rm -rf $(VENV)

@@ -1,8 +1,9 @@
 """The launch ledger: a speed-of-light cost model of each op's data flow, launch by launch.
 
-    python -m kphi3_bench.ledger                                  # every op, shape, M, mode, dtype
-    python -m kphi3_bench.ledger --shapes kphi3 --m 8192 --dtypes bf16
-    python -m kphi3_bench.ledger --json ledger.json --markdown ledger.md
+    python -m kphi3_bench.ledger                                  # the summary: per op, per layer
+    python -m kphi3_bench.ledger --detail                         # ... then every row and launch
+    python -m kphi3_bench.ledger --shapes kphi3 --M 8192 --dtype bf16
+    python -m kphi3_bench.ledger --out ledger.json --markdown ledger.md
     python -m kphi3_bench.ledger --check-budget benchmarks/results/ledger-budget.json
     python -m kphi3_bench.ledger --triton-only --write-budget benchmarks/results/ledger-budget.json
 
@@ -51,16 +52,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
-OPS = ("grouped_linear", "gpc_io", "gpc_block", "interleave")
-LEDGER_MODES = ("fwd", "bwd")
-DEFAULT_M = (1, 16, 2048, 8192)
-DEFAULT_SHAPES = ("kphi3", "phi3-mini")
-DEFAULT_DTYPES = ("bf16", "fp16")
-LAUNCH_OVERHEAD_US = 2.0
+from .cli import LAUNCH_OVERHEAD_US, LEDGER_DEFAULT_DTYPES as DEFAULT_DTYPES
+from .cli import LEDGER_DEFAULT_M as DEFAULT_M, LEDGER_DEFAULT_SHAPES as DEFAULT_SHAPES
+from .cli import LEDGER_MODES, LEDGER_OPS as OPS
+
 SCHEMA = "kphi3_bench.ledger/1"
 BUDGET_SCHEMA = "kphi3_bench.ledger-budget/1"
 DEFAULT_BUDGET = "benchmarks/results/ledger-budget.json"
@@ -557,8 +557,10 @@ def row_key(op: str, shape: str, m: int, mode: str, dtype: str) -> str:
 
 def build_ledger(shapes: Sequence[Any], ms: Sequence[int], modes: Sequence[str] = LEDGER_MODES,
                  dtypes: Sequence[str] = DEFAULT_DTYPES, ops: Sequence[str] = OPS,
-                 io_forward: str = "auto", baselines: bool = True) -> List[LedgerRow]:
-    """Every (op, shape, M, mode, dtype) row; ``baselines=False`` skips reference and dense."""
+                 io_forward: str = "auto", baselines: bool = True,
+                 on_row: Optional[Callable[[List["LedgerRow"]], None]] = None) -> List[LedgerRow]:
+    """Every (op, shape, M, mode, dtype) row; ``baselines=False`` skips reference and dense.
+    ``on_row`` is called with the rows so far after each one (``--out`` is rewritten)."""
     rows = []
     for op in ops:
         for sh in shapes:
@@ -571,6 +573,8 @@ def build_ledger(shapes: Sequence[Any], ms: Sequence[int], modes: Sequence[str] 
                             floor(p, mode),
                             reference_launches(p, mode) if baselines else None,
                             dense_launches(p, mode) if baselines else None))
+                        if on_row is not None:
+                            on_row(rows)
     return rows
 
 
@@ -829,77 +833,148 @@ def _csv(text: str) -> List[str]:
 
 
 def build_parser(prog: str = "python -m kphi3_bench.ledger") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=("The launch ledger: predicted H200 time of every launch of the Triton path, "
-                     "the plain reference and nn.Linear, from FLOP and byte counts (nothing is "
-                     "run or timed)."))
-    parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
-                        help="comma-separated shape or family names of kphi3_bench.shapes "
-                             "(default: %(default)s)")
-    parser.add_argument("--ops", default=",".join(OPS),
-                        help="comma-separated ops (default: %(default)s)")
-    parser.add_argument("--m", default=",".join(map(str, DEFAULT_M)),
-                        help="comma-separated token counts M (default: %(default)s)")
-    parser.add_argument("--modes", default=",".join(LEDGER_MODES),
-                        help="fwd, bwd (the backward alone) or both (default: %(default)s)")
-    parser.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES),
-                        help="comma-separated dtypes: bf16, fp16, fp32 (default: %(default)s; "
-                             "the default ceilings are bf16's, give --peak-tflops for fp32)")
-    parser.add_argument("--io-forward", choices=("auto", "split", "fused"), default="auto",
-                        help="the IO block's forward design recorded for the Triton path "
-                             "(triton_impl.IO_FORWARD; default: %(default)s)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="compute ceiling in TFLOP/s (default: the H200 bf16 figure of "
-                             "kphi3_bench.roofline, 790)")
-    parser.add_argument("--peak-gbps", type=float, default=None,
-                        help="memory ceiling in GB/s, read + write (default: the H200 copy figure "
-                             "of kphi3_bench.roofline, 4300)")
-    parser.add_argument("--launch-overhead-us", type=float, default=LAUNCH_OVERHEAD_US,
-                        help="fixed cost added to every launch, in us (default: %(default)s)")
-    parser.add_argument("--triton-only", action="store_true",
-                        help="count the Triton path and the floor only (skip reference and dense; "
-                             "enough for the budget, and faster)")
-    parser.add_argument("--json", metavar="PATH", help="write every row, launch by launch, as JSON")
-    parser.add_argument("--markdown", metavar="PATH",
-                        help="write the generated markdown section (bf16 rows, or the first "
-                             "dtype's without bf16) to PATH")
-    parser.add_argument("--write-budget", metavar="PATH",
-                        help="write the Triton path's launches and bytes of every row as the "
-                             "budget file PATH (e.g. " + DEFAULT_BUDGET + ")")
-    parser.add_argument("--check-budget", metavar="PATH",
-                        help="compare the Triton path with the budget file PATH on the budget's "
-                             "own grid; exit 1 listing every row over budget")
-    parser.add_argument("--quiet", action="store_true", help="do not print the table")
-    return parser
+    """The ledger's options: ``cli.build_ledger_parser`` (one family with the other commands)."""
+    from .cli import build_ledger_parser
+
+    return build_ledger_parser(prog)
 
 
 def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
+    """Written to a temporary file that then replaces ``path``: never half a file."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
         f.write(text)
+    os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# What is printed: a summary first (per op and for the layer), every row and launch on request
+# ----------------------------------------------------------------------------------------------
+
+
+def _signature(row: LedgerRow, model: CostModel) -> tuple:
+    """What a row predicts: equal signatures print once (bf16 and fp16 are the same numbers)."""
+    t = row.times(model)
+    return (row.triton.count, row.triton.bytes, tuple(round(v or 0.0, 6) for v in t.values()))
+
+
+def dedupe(rows: Sequence[LedgerRow], model: CostModel) -> List[tuple]:
+    """(dtype label, row) once per op, shape, M and mode whose dtypes predict the same: the label
+    joins those dtypes (``bf16/fp16``)."""
+    groups: Dict[tuple, List[LedgerRow]] = {}
+    for r in rows:
+        groups.setdefault((r.op, r.shape.name, r.m, r.mode), []).append(r)
+    out = []
+    for same_point in groups.values():
+        by_signature: Dict[tuple, List[LedgerRow]] = {}
+        for r in same_point:
+            by_signature.setdefault(_signature(r, model), []).append(r)
+        for equal in by_signature.values():
+            out.append(("/".join(r.dtype for r in equal), equal[0]))
+    return out
+
+
+SUMMARY_HEADERS = ("family", "M", "op", "dtype", "triton", "reference", "dense", "floor",
+                   "triton/dense", "triton/floor")
+
+
+def summary_body(rows: Sequence[LedgerRow], model: CostModel) -> List[List[str]]:
+    """Per family, M, op and dtype: the family's projections summed, forward + backward (what
+    one decoder layer's grouped layers cost), for each path and the floor."""
+    sums: Dict[tuple, Dict[str, float]] = {}
+    for label, r in dedupe(rows, model):
+        key = (r.shape.family, r.m, r.op, label)
+        total = sums.setdefault(key, {"triton": 0.0, "reference": 0.0, "dense": 0.0,
+                                      "floor": 0.0})
+        for path, value in r.times(model).items():
+            total[path] = None if value is None or total[path] is None else total[path] + value
+    body = []
+    for (family, m, op, label), t in sums.items():
+        body.append([family, str(m), op, label, _us(t["triton"]), _us(t["reference"] or None),
+                     _us(t["dense"] or None), _us(t["floor"]),
+                     _ratio(t["triton"], t["dense"]), _ratio(t["triton"], t["floor"])])
+    return body
+
+
+def summary_text(rows: Sequence[LedgerRow], model: CostModel) -> str:
+    """The summary printed first: every op per family and M, then the layer's lines."""
+    from .report import render, wrap_lines
+
+    body = sorted(summary_body(rows, model), key=lambda b: (b[0], int(b[1]), OPS.index(b[2])))
+    headers = list(SUMMARY_HEADERS)
+    labels = {b[3] for b in body}
+    one_label = len(labels) == 1
+    if one_label:  # every dtype predicts the same: say so once, not on every line
+        body = [b[:3] + b[4:] for b in body]
+        del headers[3]
+    lines = wrap_lines([
+        "Predicted H200 time in us per family, M and op: the family's four projections summed, "
+        "forward + backward" + (f" ({labels.pop()}: the same prediction)" if one_label else
+                                " (dtypes that predict the same share a line)") + ":"])
+    lines.append(render(headers, body, right=range(3 if one_label else 4, len(headers))))
+    io = [r for label, r in dedupe(rows, model) if r.op == "gpc_io"]
+    layer = layer_totals(io, model, max(r.m for r in io)) if io else []
+    if layer:  # it needs both modes
+        lines += ["", "One decoder layer (gpc_io, the block the model runs) at the largest M:"]
+        lines += wrap_lines(layer)
+    return "\n".join(lines)
+
+
+def detail_text(rows: Sequence[LedgerRow], model: CostModel) -> str:
+    """Every row (equal dtypes once), then every launch of each row's Triton path."""
+    from .report import render
+
+    shown = dedupe(rows, model)
+    body = table_body([r for _, r in shown], model)
+    for cells, (label, _) in zip(body, shown):
+        cells[5] = label
+    lines = ["Every row:", render(TABLE_HEADERS, body, right=range(6, len(TABLE_HEADERS))), "",
+             "Every launch of the Triton path (MB moved, predicted us):"]
+    for label, r in shown:
+        lines.append(row_key(r.op, r.shape.name, r.m, r.mode, label))
+        for launch in r.triton.launches:
+            config = f" [{launch.config}]" if launch.config else ""
+            lines.append(f"  {launch.name}: {launch.bytes / 1e6:.2f} MB, "
+                         f"{_us(model.time_us(launch.flops, launch.bytes))} us{config}")
+    return "\n".join(lines)
+
+
+WRITE_INTERVAL_S = 1.0  # the --out file is rewritten at most this often while rows are counted
+
+
+class ThrottledWriter:
+    """Rewrites ``path`` with the rows so far at most once a second (and always at the end), so
+    that an interrupted run keeps what it counted without rewriting the file per row."""
+
+    def __init__(self, path: str, model: CostModel, io_forward: str,
+                 interval_s: Optional[float] = None):
+        self.path, self.model, self.io_forward = path, model, io_forward
+        self.interval_s = WRITE_INTERVAL_S if interval_s is None else interval_s
+        self.last = 0.0
+
+    def __call__(self, rows: Sequence[LedgerRow], force: bool = False) -> None:
+        import time
+
+        now = time.monotonic()
+        if force or now - self.last >= self.interval_s:
+            data = to_json(rows, self.model, self.io_forward)
+            data["complete"] = force
+            _write(self.path, dump_json(data))
+            self.last = now
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m kphi3_bench.ledger") -> int:
-    args = build_parser(prog).parse_args(argv)
-    from . import shapes as shape_table
+    from .cli import UsageError, check_ledger_args, usage_error
 
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)  # --help and argparse's own errors exit here, as always
     try:
+        ms = check_ledger_args(args)  # before torch and the kernels are imported
+        from . import shapes as shape_table
+
         chosen = shape_table.resolve_shapes(_csv(args.shapes))
-        ms = [int(m) for m in _csv(args.m)]
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for label, values, known in (("op", _csv(args.ops), OPS), ("mode", _csv(args.modes),
-                                 LEDGER_MODES), ("dtype", _csv(args.dtypes),
-                                 tuple(shape_table.DTYPES))):
-        bad = [v for v in values if v not in known]
-        if bad or not values:
-            print(f"error: unknown {label} {bad or values}; expected some of {', '.join(known)}",
-                  file=sys.stderr)
-            return 2
-    if any(m <= 0 for m in ms):
-        print("error: every M must be positive", file=sys.stderr)
-        return 2
+    except (UsageError, ValueError) as err:
+        return usage_error(parser, err)
     base = h200_model(args.launch_overhead_us)
     model = CostModel(args.peak_tflops or base.peak_tflops, args.peak_gbps or base.peak_gbps,
                       args.launch_overhead_us)
@@ -918,15 +993,27 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m kphi3_benc
         if not (args.json or args.markdown or args.write_budget):
             return status
 
-    rows = build_ledger(chosen, ms, _csv(args.modes), _csv(args.dtypes), _csv(args.ops),
-                        args.io_forward, baselines=not args.triton_only)
+    writer = ThrottledWriter(args.json, model, args.io_forward) if args.json else None
+    try:
+        rows = build_ledger(chosen, ms, _csv(args.modes), _csv(args.dtypes), _csv(args.ops),
+                            args.io_forward, baselines=not args.triton_only, on_row=writer)
+    except KeyboardInterrupt:
+        kept = f"; the rows counted so far are in {args.json}" if writer else ""
+        print(f"{prog}: interrupted{kept}", file=sys.stderr)
+        return 130
     if not args.quiet:
-        print(f"cost model: max(FLOPs / {model.peak_tflops:g} TFLOP/s, bytes / "
-              f"{model.peak_gbps:g} GB/s) + {model.overhead_us:g} us per launch "
-              "(a prediction, not a measurement)")
-        print(format_table(rows, model))
-    if args.json:
-        _write(args.json, dump_json(to_json(rows, model, args.io_forward)))
+        from .report import wrap_lines
+
+        print(f"Cost model: max(FLOPs / {model.peak_tflops:g} TFLOP/s, bytes / "
+              f"{model.peak_gbps:g} GB/s) + {model.overhead_us:g} us per launch:")
+        print(f"a prediction, not a measurement. {len(rows)} rows "
+              f"({', '.join(_csv(args.dtypes))}); --detail prints each, launch by launch.")
+        print(summary_text(rows, model))
+        if args.detail:
+            print()
+            print(detail_text(rows, model))
+    if writer:
+        writer(rows, force=True)
         print(f"wrote {args.json}")
     if args.markdown:
         dtypes = _csv(args.dtypes)

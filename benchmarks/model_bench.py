@@ -43,8 +43,8 @@ import torch
 from . import env, memory, report, shapes
 from .parity import rel_err
 from .progress import Progress
-from .run import (MODEL_DEFAULT_SIZES, UsageError, _check_writable_file, _split,
-                  build_model_parser, parse, resolve_device)
+from . import cli
+from .cli import MODEL_DEFAULT_SIZES, UsageError, build_model_parser, parse, resolve_device
 from .timing import quantiles_ms
 
 VARIANTS = ("kphi3-triton", "kphi3-fused", "kphi3-torch", "phi3-dense")
@@ -215,6 +215,7 @@ class ModelBench:
         self.prompt = torch.randint(0, high, (sizes.gen_batch, sizes.prompt), generator=g).to(device)
         self._oracle = None  # (ids, float64 logits, the torch backend's error in self.dtype)
         self._compiled_check = None  # (ok, description) of the compiled variant being run
+        self.on_row: Optional[Callable[[List[ModelRow]], None]] = None  # e.g. rewrite --out
 
     def _row(self, variant: str, task: str, status: str, **kw) -> ModelRow:
         s = self.sizes
@@ -225,6 +226,8 @@ class ModelBench:
                        compile_backend=self.compile_backend if is_compiled(variant) else "",
                        env=env.row_env(self.info), **kw)
         self.rows.append(row)
+        if self.on_row is not None:
+            self.on_row(self.rows)
         return row
 
     def oracle(self):
@@ -268,9 +271,8 @@ class ModelBench:
 
     def _run_variant(self, variant: str) -> None:
         if base_variant(variant) in ("kphi3-triton", "kphi3-fused") and self.device.type != "cuda":
-            for task in TASKS:
+            for task in TASKS:  # rows saying why; the progress bar never counted them
                 self._row(variant, task, "needs a GPU", parity="not run")
-            self.progress.advance(len(TASKS))
             return
         model = None
         self._compiled_check = None  # (ok, description) of a compiled variant, set by its train task
@@ -340,6 +342,9 @@ class ModelBench:
             ids = self.train_ids
             forward = model
             if compiled:
+                from .providers import import_inductor_cpu_quietly
+
+                import_inductor_cpu_quietly()  # torch's own deprecation warnings, see there
                 forward = torch.compile(model, fullgraph=True, backend=self.compile_backend)
                 ok, text, seconds = self.compiled_parity(model, forward, ids)
                 parity_text = f"{parity_text}; {text}"
@@ -388,20 +393,20 @@ class ModelBench:
 
 
 def format_table(rows: Sequence[ModelRow], meta: dict) -> str:
-    headers = ["variant", "task", "sizes", "tokens/s", "median ms", "p20-p80 ms", "first call s",
+    headers = ["variant", "task", "sizes", "tokens/s", "median", "p20-p80", "first call",
                "vs phi3-dense", "params", "state MB", "peak MB", "parity / status"]
     body = []
     for r in rows:
         timed = r.median_ms is not None
         body.append([
-            r.variant, r.task, r.shape, f"{r.tokens_per_s:.4g}" if timed else "-",
-            f"{r.median_ms:.4g}" if timed else "-",
-            f"{r.p20_ms:.4g}-{r.p80_ms:.4g}" if timed else "-",
-            f"{r.first_call_s:.3g}" if r.first_call_s is not None else "-",
+            r.variant, r.task, r.shape, report.plain(r.tokens_per_s) if timed else "-",
+            report.fmt_time(r.median_ms),
+            f"{report.fmt_time(r.p20_ms)}-{report.fmt_time(r.p80_ms)}" if timed else "-",
+            report.fmt_time(None if r.first_call_s is None else r.first_call_s * 1e3),
             f"{r.speedup_vs_dense:.2f}x" if r.speedup_vs_dense else "-",
             f"{r.params / 1e6:.1f}M" if r.params else "-",
-            f"{r.state_mb:.4g}" if r.state_mb is not None else "-",
-            f"{r.peak_mb:.4g}" if r.peak_mb is not None else ("n/a" if timed else "-"),
+            report.plain(r.state_mb, 4),
+            report.plain(r.peak_mb, 4, none="n/a" if timed else "-"),
             r.parity if r.status == "ok" else (f"{r.status.upper()}: {r.error}" if r.error
                                                else (r.parity if r.failed else r.status)),
         ])
@@ -413,7 +418,8 @@ def format_table(rows: Sequence[ModelRow], meta: dict) -> str:
     if any(is_compiled(r.variant) for r in rows):
         head.insert(-1, f"compiled rows: {meta.get('compile', '')}; 'vs phi3-dense' compares compiled "
                         "with compiled phi3-dense")
-    return "\n".join(head) + report.render(headers, body, right=range(3, 11))
+    return "\n".join(report.wrap_lines(head[:-1]) + [""]) + report.render(headers, body,
+                                                                         right=range(3, 11))
 
 
 def _sizes(args: argparse.Namespace, cuda: bool) -> ModelSizes:
@@ -427,68 +433,79 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     """``prog``: how the command was invoked, for the record (``kphi3-bench model`` passes it)."""
     prog = prog or "python -m kphi3_bench.model_bench"
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, status = parse(build_model_parser(prog), argv)
-    return status if args is None else run_model(args, argv, prog)
-
-
-def run_model(args: argparse.Namespace, argv: Sequence[str], prog: str) -> int:
-    """The benchmark that ``args`` (parsed by ``run.build_model_parser``) asks for."""
     parser = build_model_parser(prog)
+    args, status = parse(parser, argv)
+    if args is None:
+        return status
     try:
-        device = resolve_device(args.device)
-        variants = _split(args.variants) if args.variants else list(VARIANTS)
-        for v in variants:
-            if v not in ALL_VARIANTS:
-                raise UsageError(f"unknown variant {v!r}; known variants: {', '.join(ALL_VARIANTS)}")
-        if args.family not in MODEL_FAMILIES:
-            raise UsageError(f"unknown family {args.family!r}; known families: "
-                             f"{', '.join(MODEL_FAMILIES)}")
-        if args.compile:
-            variants += [v + COMPILED for v in variants
-                         if not is_compiled(v) and v + COMPILED not in variants]
-        cuda = device.type == "cuda"
-        sizes = _sizes(args, cuda)
-        for name, value in asdict(sizes).items():
-            if isinstance(value, int) and value <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if args.out:
-            _check_writable_file(args.out)
+        cli.check_model_args(args, tuple(MODEL_FAMILIES))
     except UsageError as err:
-        parser.print_usage(sys.stderr)
-        print(f"kphi3-bench model: error: {err}", file=sys.stderr)
-        return 2
-    from transformers.utils import logging as transformers_logging
+        return cli.usage_error(parser, err)
+    return run_model(args, argv, prog)
 
-    transformers_logging.disable_progress_bar()  # this run's own bar is the one to read
-    dtype = shapes.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    progress = Progress(len(variants) * len(TASKS), enabled=not args.no_progress, desc="model")
-    bench = ModelBench(sizes, dtype, device, variants, progress, seed=args.seed,
-                       compile_backend=args.compile_backend)
-    try:
-        rows = bench.run()
-    finally:
-        progress.close()
-    meta = {
+
+def model_meta(args: argparse.Namespace, argv: Sequence[str], prog: str, bench: "ModelBench",
+               sizes: ModelSizes, dtype: torch.dtype, device: torch.device) -> dict:
+    return {
         "command": f"{prog} {shlex.join(argv)}".strip(),
         "env": bench.info, "dtype": shapes.dtype_name(dtype), "family": sizes.family,
         "sizes": asdict(sizes),
         "attention": "transformers' default attention implementation (sdpa where supported)",
         "timing": "wall clock per call (CUDA-synchronized), median; warm-up excluded",
-        "compile": (f"torch.compile(model, fullgraph=True, backend={args.compile_backend!r}) for train; "
-                    "generate: static cache, decoding step compiled by transformers (CompileConfig(fullgraph="
-                    "True)); first call s includes the compile"),
+        "compile": (f"torch.compile(model, fullgraph=True, backend={args.compile_backend!r}) for "
+                    "train; generate: static cache, decoding step compiled by transformers "
+                    "(CompileConfig(fullgraph=True)); first call s includes the compile"),
         "memory": "state MB = weights + AdamW state (summed from the tensors); peak MB: "
                   + (memory.CUDA_METHOD if device.type == "cuda" else memory.CPU_METHOD),
     }
+
+
+def write_model_json(path: str, rows: Sequence[ModelRow], meta: dict, complete: bool = True
+                     ) -> None:
+    report.write_payload(path, {"schema": "kphi3-bench-model/1", "complete": complete,
+                                "meta": meta, "results": [r.to_dict() for r in rows]})
+
+
+def run_model(args: argparse.Namespace, argv: Sequence[str], prog: str) -> int:
+    """The benchmark that ``args`` (parsed by ``cli.build_model_parser`` and checked by
+    ``cli.check_model_args``) asks for. ``--out`` is rewritten after every row."""
+    parser = build_model_parser(prog)
+    try:
+        variants = cli.check_model_args(args, tuple(MODEL_FAMILIES))
+        device = resolve_device(args.device)
+        cuda = device.type == "cuda"
+        cli.refuse_gpu_only(variants, named=bool(args.variants), on_cuda=cuda)
+        sizes = _sizes(args, cuda)
+    except UsageError as err:
+        return cli.usage_error(parser, err)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # this run's own bar is the one to read
+    dtype = shapes.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    # The bar counts the rows that run: GPU-only variants on a CPU are rows, but not steps.
+    runnable = [v for v in variants if cuda or base_variant(v) not in cli.GPU_ONLY_VARIANTS]
+    progress = Progress(len(runnable) * len(TASKS), enabled=not args.no_progress, desc="model")
+    bench = ModelBench(sizes, dtype, device, variants, progress, seed=args.seed,
+                       compile_backend=args.compile_backend)
+    meta = model_meta(args, argv, prog, bench, sizes, dtype, device)
+    if args.out:
+        bench.on_row = lambda rows: write_model_json(args.out, rows, meta, complete=False)
+    try:
+        rows = bench.run()
+    except KeyboardInterrupt:
+        kept = f"; the rows timed so far are in {args.out}" if args.out else ""
+        print(f"{prog}: interrupted{kept}", file=sys.stderr)
+        return 130
+    finally:
+        progress.close()
     print(format_table(rows, meta))
     failed = [r for r in rows if r.failed]
     if args.out:
         try:
-            report.write_payload(args.out, {"schema": "kphi3-bench-model/1", "meta": meta,
-                                            "results": [r.to_dict() for r in rows]})
+            write_model_json(args.out, rows, meta)
             print(f"wrote {args.out}")
         except OSError as err:
-            print(f"kphi3-bench model: error: could not write {args.out}: {err}", file=sys.stderr)
+            print(f"{prog}: error: could not write {args.out}: {err}", file=sys.stderr)
             return 1
     if failed:
         print(f"FAILED: {len(failed)} rows ({', '.join(sorted({r.variant for r in failed}))})")

@@ -1,8 +1,8 @@
 """The model-level ledger: the predicted H200 time of one decoder layer, dense Phi-3 against KPhi-3.
 
     python -m kphi3_bench.model_ledger                       # kphi3 and phi3-mini, 8192 tokens
-    python -m kphi3_bench.model_ledger --families kphi3 --tokens 4096 --batch 2
-    python -m kphi3_bench.model_ledger --json ledger.json --markdown ledger.md
+    python -m kphi3_bench.model_ledger --families kphi3 --M 4096 --batch 2
+    python -m kphi3_bench.model_ledger --out ledger.json --markdown ledger.md
 
 Nothing is timed and nothing runs on a GPU: like ``kphi3_bench.ledger`` (whose cost model, launch
 records and aten recorder this module reuses), every number is arithmetic on what each launch
@@ -82,11 +82,9 @@ PATHS = ("dense", "reference", "triton", "fused")
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 REST = ("norms", "rope", "activation", "residuals")
 COMPONENTS = ("projections", "attention") + REST
-DEFAULT_FAMILIES = ("kphi3", "phi3-mini")
-DEFAULT_TOKENS = 8192
-DEFAULT_BATCH = 4
-DEFAULT_DECODE_BATCHES = (1, 16)
-DEFAULT_CACHE = 2048
+from .cli import MODEL_LEDGER_BATCH as DEFAULT_BATCH, MODEL_LEDGER_CACHE as DEFAULT_CACHE
+from .cli import MODEL_LEDGER_DECODE_BATCHES as DEFAULT_DECODE_BATCHES
+from .cli import MODEL_LEDGER_FAMILIES as DEFAULT_FAMILIES, MODEL_LEDGER_TOKENS as DEFAULT_TOKENS
 ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 FP32 = 4
 
@@ -243,7 +241,8 @@ def projections(cfg: LayerConfig, path: str, m: int, dtype: str, modes: Sequence
             for sh in family_shapes(cfg)}
 
 
-def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str, PathCost]:
+def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str,
+                   norm_heads: str = "auto") -> Dict[str, PathCost]:
     """What ``KPhi3Config(fused_decoder=True)`` runs differently at ``m`` tokens, recorded on meta
     tensors like ``ledger.triton_launches`` (none run): ``norms``, ``residuals``, ``qkv``,
     ``gate_up``, ``activation`` and ``down``.
@@ -297,7 +296,11 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str,
             # backward: the stream's gradient dh summed in the norm's pass).
             residual = meta(m, G * s) if sh.op == "gate_up" else None
             dh = meta(m, G * s) if sh.op == "gate_up" else None
-            if layout_padding(G, s) == 0:
+            # "auto": what the model runs; "layout" / "split": either head everywhere, to
+            # price the choice (norm_heads_delta_us).
+            layout_head = (layout_padding(G, s) == 0 if norm_heads == "auto"
+                           else norm_heads == "layout")
+            if layout_head:
                 costs = record_costs(
                     (lambda: norm_head.norm_io_fwd(x, norm_weight, 1e-5, w1, w2, run=run,
                                                    residual=residual)) if mode == "fwd" else
@@ -324,6 +327,16 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str) -> Dict[str,
     if mode == "bwd":  # the layer input's branch point: the input norm's and the stream's
         out["residuals"].launches.append(residual_add(m, cfg.hidden, dtype, mode))
     return out
+
+
+def norm_heads_delta_us(cfg: LayerConfig, tokens: int, dtype: str, model: CostModel) -> float:
+    """The fused layer's forward + backward with every norm head on the block-residue layout,
+    minus with every head split (channel order and its de-interleaved copy): what the layout
+    heads would add per layer at these widths (negative: what they would save)."""
+    def total(heads: str) -> float:
+        return sum(cost.time_us(model) for mode in ("fwd", "bwd")
+                   for cost in fused_launches(cfg, tokens, dtype, mode, heads).values())
+    return total("layout") - total("split")
 
 
 def path_costs(cfg: LayerConfig, path: str, m: int, dtype: str, modes: Sequence[str],
@@ -413,7 +426,9 @@ def train_layer(cfg: LayerConfig, tokens: int, batch: int, dtype: str, model: Co
         components.update(replaced)
         paths[path] = _layer_dict(components, proj, tokens, model)
     return {"family": cfg.family, "task": "train", "tokens": tokens, "batch": batch, "seq": seq,
-            "dtype": dtype, "paths": paths, "ratios": _ratios(paths)}
+            "dtype": dtype, "paths": paths, "ratios": _ratios(paths),
+            "layout_norm_heads_delta_us": round(norm_heads_delta_us(cfg, tokens, dtype, model),
+                                                 4)}
 
 
 def decode_layer(cfg: LayerConfig, batch: int, cache: int, dtype: str, model: CostModel,
@@ -571,6 +586,12 @@ def summary_lines(data: Dict[str, Any]) -> List[str]:
             f"{r['triton_over_reference']:.2f}; fused / dense {r['fused_over_dense']:.2f} "
             f"({1 / r['fused_over_dense']:.2f}x dense's tokens/s), fused / reference "
             f"{r['fused_over_reference']:.2f} ({1 / r['fused_over_reference']:.2f}x) (predicted).")
+        delta = row.get("layout_norm_heads_delta_us")
+        if delta is not None:
+            lines.append(
+                f"{row['family']}, fused path: norm heads on the block-residue layout instead of "
+                f"split heads would {'add' if delta >= 0 else 'save'} {_us(abs(delta))} us per "
+                f"layer at {row['tokens']} tokens (predicted).")
     return lines
 
 
@@ -649,75 +670,49 @@ def _csv(text: str) -> List[str]:
 
 
 def build_parser(prog: str = "python -m kphi3_bench.model_ledger") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=("The model-level ledger: predicted H200 time of one decoder layer's "
-                     "training step (forward + backward) and decode step for dense Phi-3, KPhi-3 "
-                     "with the PyTorch reference and KPhi-3 with the op-level Triton kernels. "
-                     "These are predictions from FLOP and byte counts, not measurements: nothing "
-                     "is run or timed."))
-    parser.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
-                        help=f"comma-separated configs: {', '.join(CONFIGS)} "
-                             "(default: %(default)s)")
-    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
-                        help="training tokens per step, batch x seq (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH,
-                        help="training sequences per step; seq = tokens / batch "
-                             "(default: %(default)s)")
-    parser.add_argument("--decode-batches", default=",".join(map(str, DEFAULT_DECODE_BATCHES)),
-                        help="comma-separated decode batch sizes, one new token each "
-                             "(default: %(default)s)")
-    parser.add_argument("--cache", type=int, default=DEFAULT_CACHE,
-                        help="static KV cache length attended by a decode step "
-                             "(default: %(default)s)")
-    parser.add_argument("--dtype", choices=tuple(ELEMENT_SIZE), default="bf16",
-                        help="(default: %(default)s; the default ceilings are bf16's)")
-    parser.add_argument("--io-forward", choices=("auto", "split", "fused"), default="auto",
-                        help="the IO block's forward design recorded for the Triton path "
-                             "(default: %(default)s)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="compute ceiling in TFLOP/s (default: the H200 bf16 figure, 790)")
-    parser.add_argument("--peak-gbps", type=float, default=None,
-                        help="memory ceiling in GB/s (default: the H200 copy figure, 4300)")
-    parser.add_argument("--launch-overhead-us", type=float, default=2.0,
-                        help="fixed cost added to every launch, in us (default: %(default)s)")
-    parser.add_argument("--json", metavar="PATH", help="write the full result as JSON")
-    parser.add_argument("--markdown", metavar="PATH", help="write the markdown section to PATH")
-    parser.add_argument("--quiet", action="store_true", help="do not print the table")
-    return parser
+    """The model ledger's options: ``cli.build_model_ledger_parser``."""
+    from .cli import build_model_ledger_parser
+
+    return build_model_ledger_parser(prog)
+
+
+def check_args(args: argparse.Namespace) -> List[int]:
+    """The decode batches; a UsageError for anything that cannot be costed."""
+    from .cli import UsageError, check_choices, positive_ints
+
+    check_choices(_csv(args.families) or [""], tuple(CONFIGS), "family")
+    batches = positive_ints(args.decode_batches, "--decode-batches")
+    if args.tokens <= 0 or args.batch <= 0 or args.cache <= 0 or args.tokens % args.batch:
+        raise UsageError("--M (tokens), --batch and --cache must be positive, and the tokens a "
+                         "multiple of the batch")
+    return batches
 
 
 def main(argv: Optional[Sequence[str]] = None,
          prog: str = "python -m kphi3_bench.model_ledger") -> int:
-    args = build_parser(prog).parse_args(argv)
-    families = _csv(args.families)
-    bad = [f for f in families if f not in CONFIGS]
-    if bad or not families:
-        print(f"error: unknown family {bad or families}; expected some of {', '.join(CONFIGS)}",
-              file=sys.stderr)
-        return 2
+    from .cli import UsageError, usage_error
+
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)  # --help and argparse's own errors exit here, as always
     try:
-        batches = [int(b) for b in _csv(args.decode_batches)]
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if (args.tokens <= 0 or args.batch <= 0 or args.cache <= 0 or any(b <= 0 for b in batches)
-            or args.tokens % args.batch):
-        print("error: tokens, batch, cache and decode batches must be positive, and tokens a "
-              "multiple of batch", file=sys.stderr)
-        return 2
+        batches = check_args(args)
+    except UsageError as err:
+        return usage_error(parser, err)
+    families = _csv(args.families)
     base = h200_model(args.launch_overhead_us)
     model = CostModel(args.peak_tflops or base.peak_tflops, args.peak_gbps or base.peak_gbps,
                       args.launch_overhead_us)
     data = build(families, args.tokens, args.batch, batches, args.cache, args.dtype, model,
                  args.io_forward)
     if not args.quiet:
+        from .report import wrap_lines
+
         print(f"cost model: max(FLOPs / {model.peak_tflops:g} TFLOP/s, bytes / "
               f"{model.peak_gbps:g} GB/s) + {model.overhead_us:g} us per launch "
               "(a prediction, not a measurement)")
+        print("\n".join(wrap_lines(summary_lines(data) + outside_lines(data))))
+        print()
         print(format_table(data))
-        for line in summary_lines(data) + outside_lines(data):
-            print(line)
     if args.json:
         with open(args.json, "w") as f:
             f.write(dump_json(data))

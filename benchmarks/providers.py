@@ -103,24 +103,46 @@ class ReferenceProvider(Provider):
 
 
 def _configure_compile(limit: int = 64) -> None:
-    """Two process-wide settings the sweep needs from torch.compile.
+    """Three process-wide settings the sweep needs from torch.compile.
 
     - Every (shape, M, grad mode) may cost dynamo a recompile; past its limit (8) it would fall
       back to eager silently, and a row would time eager code under torch.compile's name.
     - Donated buffers (the backward reusing saved activations' memory) forbid
       ``backward(retain_graph=True)``, which timing the backward alone needs; they save memory,
       not time, so they are switched off.
+    - Inductor compiles in-process (``compile_threads = 1``): its default pool of worker
+      processes starts in the background at the first compile and each worker imports torch,
+      seconds of CPU that, on a 2-core machine, slowed the rows timed meanwhile by 10-40x.
     """
     config = torch._dynamo.config
     for key in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, key) and getattr(config, key) < limit:
             setattr(config, key, limit)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1
     try:
         import torch._functorch.config as functorch_config
     except ImportError:  # a torch without the option has no donated buffers either
         return
     if hasattr(functorch_config, "donated_buffer"):
         functorch_config.donated_buffer = False
+
+
+def import_inductor_cpu_quietly() -> None:
+    """Import ``torch.utils.mkldnn`` with its own deprecation warnings silenced, once.
+
+    Inductor on a CPU imports ``torch.fx.experimental.optimization``, which imports
+    ``torch.utils.mkldnn``, whose 14 ``@torch.jit.script_method`` decorators each warn that
+    ``torch.jit.script_method`` is deprecated: torch's code, not ours, and nothing we can change
+    by calling torch.compile differently. Importing the module here under a filter that matches
+    only that message leaves every other warning alone; later imports find it cached."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is",
+                                category=DeprecationWarning)
+        import torch.utils.mkldnn  # noqa: F401
 
 
 class CompileProvider(Provider):
@@ -142,6 +164,7 @@ class CompileProvider(Provider):
     def compiled(self):
         if self._compiled is None:
             _configure_compile()
+            import_inductor_cpu_quietly()
             self._compiled = torch.compile(reference.gpc_io, dynamic=True)
         return self._compiled
 

@@ -60,6 +60,7 @@ class Row:
     roofline_ms: Optional[float] = None
     roofline_fraction: Optional[float] = None
     roofline_speedup_vs_linear: Optional[float] = None  # nn.Linear's roofline time / this row's
+    roofline_note: str = ""  # set when the measured fraction was above 1 (then capped at 1)
     bound: str = ""
     stable: Optional[bool] = None  # timed rows: False when the measurement stayed unstable
     unstable_reason: str = ""
@@ -89,20 +90,14 @@ class Row:
         return d
 
 
-def _fmt(value: Optional[float], spec: str = ".3g", none: str = "-") -> str:
-    return none if value is None else format(value, spec)
-
-
 def _ms(value: Optional[float]) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+    return plain(value)
 
 
 def _count(n: int) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
-            return f"{n / size:.3g}{unit}"
+            return f"{plain(n / size)}{unit}"
     return str(n)
 
 
@@ -147,10 +142,10 @@ def detailed_table(rows: Sequence[Row]) -> str:
     for r in rows:
         spread = f"{_ms(r.p20_ms)}-{_ms(r.p80_ms)}" if r.timed else "-"
         speedup = speedup_text(r)
-        frac = f"{100 * r.roofline_fraction:.1f}%" if r.roofline_fraction is not None else "-"
-        peak = _fmt(r.peak_mem_mb, ".4g", none="n/a") if r.timed else "-"
+        frac = fmt_percent(r.roofline_fraction) + ("*" if r.roofline_note else "")
+        peak = plain(r.peak_mem_mb, 4, none="n/a") if r.timed else "-"
         body.append([r.shape, str(r.groups), str(r.M), r.mode, r.provider, _ms(r.median_ms),
-                     spread, speedup, _fmt(r.tflops), _fmt(r.gbps), frac, _count(r.params), peak,
+                     spread, speedup, plain(r.tflops), plain(r.gbps), frac, _count(r.params), peak,
                      _status_cell(r)])
     return render(headers, body, right=range(5, 13))
 
@@ -236,8 +231,8 @@ def header_lines(meta: dict) -> List[str]:
         f"kphi3-bench on {env['device_name']} | torch {env['torch']}, triton {env['triton']}, "
         f"transformers {env['transformers']} | {env['date']}",
         f"dtype {meta['dtype']}; timing: {meta['timing']}",
-        f"roofline: {roof['peak_tflops']:.4g} TFLOP/s ({roof['tflops_source']}), "
-        f"{roof['peak_gbps']:.4g} GB/s ({roof['gbps_source']})",
+        f"roofline: {plain(roof['peak_tflops'], 4)} TFLOP/s ({roof['tflops_source']}), "
+        f"{plain(roof['peak_gbps'], 4)} GB/s ({roof['gbps_source']})",
         f"peak memory: {meta['memory']}",
     ]
     return lines
@@ -266,19 +261,24 @@ def _finite(value):
     return value
 
 
-def to_json(rows: Sequence[Row], meta: dict) -> dict:
-    return _finite({"schema": JSON_SCHEMA, "meta": meta, "results": [r.to_dict() for r in rows]})
+def to_json(rows: Sequence[Row], meta: dict, complete: bool = True) -> dict:
+    """``complete`` is False in the file a running sweep rewrites after each row."""
+    return _finite({"schema": JSON_SCHEMA, "complete": complete, "meta": meta,
+                    "results": [r.to_dict() for r in rows]})
 
 
 def write_payload(path: str, payload: dict) -> None:
-    """Strict JSON (no NaN/Inf), indented; the file is written only once the text is complete."""
+    """Strict JSON (no NaN/Inf), indented; written to a temporary file that then replaces
+    ``path``, so that an interrupted write never leaves half a file."""
     text = json.dumps(_finite(payload), indent=1, allow_nan=False)
-    with open(path, "w") as f:
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
         f.write(text + "\n")
+    os.replace(temporary, path)
 
 
-def write_json(path: str, rows: Sequence[Row], meta: dict) -> None:
-    write_payload(path, to_json(rows, meta))
+def write_json(path: str, rows: Sequence[Row], meta: dict, complete: bool = True) -> None:
+    write_payload(path, to_json(rows, meta, complete))
 
 
 def load_rows(path: str) -> List[dict]:
@@ -311,95 +311,295 @@ def markdown_table(headers: Sequence[str], body: Sequence[Sequence[str]],
     return "\n".join(lines)
 
 
-def _log_tick_label(value: float, digits: Sequence[int]) -> str:
-    """``"20"`` for 20 when 2 is in ``digits`` (ticks 1, 2, 5 x 10^k are labelled), else ``""``."""
-    if value <= 0:
-        return ""
-    exponent = math.floor(math.log10(value) + 1e-9)
-    mantissa = value / 10 ** exponent
-    if round(mantissa) in digits and abs(mantissa - round(mantissa)) < 1e-6:
-        return f"{round(mantissa) * 10.0 ** exponent:g}"
-    return ""
+
+# ----------------------------------------------------------------------------------------------
+# Numbers for people: no exponent notation, a unit that fits the size
+# ----------------------------------------------------------------------------------------------
 
 
-def write_plots(rows: Sequence[Row], directory: str, dpi: int = 100) -> List[str]:
-    """One PNG per shape: median time vs M (log-log), a panel per mode, a line per provider.
+def plain(value: Optional[float], digits: int = 3, none: str = "-") -> str:
+    """``value`` with about ``digits`` significant digits and never an exponent: 0.0123, 1.23,
+    123, 12345."""
+    if value is None:
+        return none
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    text = f"{value:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
-    1200 x 750 pixels for two panels, 1800 x 750 for three; the time axis has a tick at every
-    decade and at 2 and 5 between (labelled when the panel spans at most three decades, else the
-    decades only). An unstable row's time is drawn as a hollow marker.
-    """
+
+def fmt_time(ms: Optional[float], none: str = "-") -> str:
+    """A duration given in ms, in the unit that suits it: ``456 us``, ``1.23 ms``, ``14.8 s``."""
+    if ms is None:
+        return none
+    if ms >= 1000:
+        return f"{plain(ms / 1000)} s"
+    if ms >= 1:
+        return f"{plain(ms)} ms"
+    return f"{plain(ms * 1000)} us"
+
+
+def fmt_percent(fraction: Optional[float]) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
+
+
+# ----------------------------------------------------------------------------------------------
+# The summary printed first: each shape's time as a fraction of nn.Linear's
+# ----------------------------------------------------------------------------------------------
+
+SUMMARY_WIDTH = 100  # columns: every line the sweep prints without --table fits
+# The providers the summary shows, by the heading it gives them.
+SUMMARY_PROVIDERS = (("kernels", "triton"), ("torch", "torch"), ("reference", "reference"))
+
+
+def _fraction_cell(row: Optional[Row], base: Optional[Row]) -> str:
+    """The row's time / nn.Linear's, ``*`` when either was unstable; ``-`` when not timed."""
+    if row is None or base is None or not (row.timed and base.timed) or not base.median_ms:
+        return "-"
+    text = f"{row.median_ms / base.median_ms:.2f}"
+    return text + "*" if (row.unstable or base.unstable) else text
+
+
+def _not_run_notes(rows: Sequence[Row]) -> List[str]:
+    """One line per provider that timed no row at all, and why (``needs a GPU``...)."""
+    notes = []
+    for name in _provider_order(rows):
+        own = [r for r in rows if r.provider == name]
+        if own and not any(r.timed for r in own):
+            why = "; ".join(sorted({r.error or r.status for r in own}))
+            notes.append(f"{name}: not run ({why})")
+    return notes
+
+
+def summary_rows(rows: Sequence[Row]) -> List[List[str]]:
+    """One line per shape, M and mode: nn.Linear's time, each summary provider's fraction of it,
+    the FLOP ratio 2/G."""
+    points: Dict[tuple, Dict[str, Row]] = {}
+    for r in rows:
+        points.setdefault((r.shape, r.groups, r.M, r.mode), {})[r.provider] = r
+    shown = [(head, name) for head, name in SUMMARY_PROVIDERS
+             if any(r.provider == name for r in rows)]
+    body = []
+    previous_shape = None
+    for (shape, groups, M, mode), by in points.items():
+        base = by.get("nn.Linear")
+        linear = fmt_time(base.median_ms) if base is not None and base.timed else "-"
+        if base is not None and base.unstable:
+            linear += "*"
+        label = (shape, str(groups)) if shape != previous_shape else ("", "")
+        previous_shape = shape
+        body.append([*label, str(M), mode, linear]
+                    + [_fraction_cell(by.get(name), base) for _, name in shown]
+                    + [f"{2 / groups:.2f}"])
+    return body
+
+
+def summary_headers(rows: Sequence[Row]) -> List[str]:
+    shown = [head for head, name in SUMMARY_PROVIDERS if any(r.provider == name for r in rows)]
+    return ["shape", "G", "M", "mode", "nn.Linear"] + shown + ["2/G"]
+
+
+def quick_summary(rows: Sequence[Row]) -> str:
+    """The answer at a glance: each shape's time with the kernels, the torch backend and the
+    plain reference as a fraction of nn.Linear's, beside the FLOP ratio 2/G."""
+    headers = summary_headers(rows)
+    lines = wrap_lines(["Time per call as a fraction of nn.Linear's (below 1: faster; 2/G: the "
+                        "FLOP ratio, the ideal):"])
+    lines.append(render(headers, summary_rows(rows), right=[1, 2] + list(range(4, len(headers)))))
+    notes = []
+    if any(r.unstable for r in rows):
+        notes.append(f"*: {UNSTABLE}, the row's timing stayed noisy or beat nn.Linear by more "
+                     "than the roofline allows: not a result (--table says why)")
+    heading = {name: head for head, name in SUMMARY_PROVIDERS if head != name}
+    notes += [f"{heading[n.split(':')[0]]} = {n}" if n.split(":")[0] in heading else n
+              for n in _not_run_notes(rows)]
+    lines += wrap_lines(notes)
+    return "\n".join(lines)
+
+
+def wrap_lines(paragraphs: Sequence[str], width: int = SUMMARY_WIDTH) -> List[str]:
+    """Each paragraph wrapped to ``width`` columns, continuation lines indented."""
+    import textwrap
+
+    out: List[str] = []
+    for p in paragraphs:
+        out += textwrap.wrap(p, width, subsequent_indent="  ", break_on_hyphens=False) or [""]
+    return out
+
+
+def format_summary_report(rows: Sequence[Row], meta: dict, tables: bool = False) -> str:
+    """What the sweep prints: the header and the summary (within 100 columns), then, with
+    ``tables``, the full tables (every provider and figure, as in the JSON)."""
+    head = header_lines(meta)
+    if not tables:  # the machine and the dtype; how it was timed is in the JSON and --table
+        head = [head[0], f"dtype {meta['dtype']}; --table prints every provider's time, spread, "
+                         "TFLOP/s, roofline fraction, memory and parity"]
+    parts = wrap_lines(head) + ["", quick_summary(rows)]
+    if tables:
+        parts += ["", "Detailed results (vs nn.Linear = nn.Linear's median / this median; "
+                  "roofline = roofline time / measured time):", detailed_table(rows), "",
+                  "Every provider: median time (speedup vs nn.Linear); ideal = G/2 at the "
+                  "roofline:", summary_table(rows)]
+    unstable = unstable_lines(rows, meta)
+    if unstable:
+        parts += [""] + wrap_lines(unstable if tables else unstable[:1])
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots: the speed-up over nn.Linear against M, one figure per shape family
+# ----------------------------------------------------------------------------------------------
+
+IDEAL_STYLE = dict(color="black", linestyle=":", linewidth=1.6)
+PARITY_STYLE = dict(color="0.45", linestyle="--", linewidth=1.2)
+NICE_TICKS = (0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20, 30, 50, 100)
+
+
+def speedup_points(rows: Sequence[Row], shape: str, mode: str, provider: str):
+    """(M, speed-up over nn.Linear, unstable) of one line, sorted by M; a speed-up is unstable
+    when the row's timing or nn.Linear's was."""
+    shaky_base = {r.M for r in rows if r.shape == shape and r.mode == mode
+                  and r.provider == "nn.Linear" and r.unstable}
+    return sorted((r.M, r.speedup_vs_linear, r.unstable or r.M in shaky_base) for r in rows
+                  if r.shape == shape and r.mode == mode and r.provider == provider
+                  and r.speedup_vs_linear is not None)
+
+
+def _y_axis(ax, values: Sequence[float]) -> None:
+    """Log scale when the values span more than a decade, linear otherwise; ticks at round
+    numbers either way, at least three of them, labelled ``0.5x``, ``2x``."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
+
+    lo, hi = min(values), max(values)
+    if hi / lo > 10:
+        ax.set_yscale("log")
+        lo, hi = lo / 1.4, hi * 1.4
+        ticks = [t for t in NICE_TICKS if lo <= t <= hi]
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
+        ax.yaxis.set_minor_locator(NullLocator())
+    else:
+        pad = 0.08 * (hi - lo) or 0.1
+        lo, hi = max(0.0, lo - pad), hi + pad
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10], min_n_ticks=3))
+    ax.set_ylim(lo, hi)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{plain(v, 2)}x"))
+
+
+def _x_axis(ax, Ms: Sequence[int]) -> None:
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(list(Ms)))
+    ax.xaxis.set_minor_locator(NullLocator())  # the M values are the x ticks
+    ax.set_xticklabels([str(m) for m in Ms])
+    if len(Ms) > 1:
+        ax.set_xlim(Ms[0] / 1.6, Ms[-1] * 1.6)
+    else:
+        ax.set_xlim(Ms[0] / 2, Ms[0] * 2)
+
+
+def _panel(ax, rows: Sequence[Row], shape: str, mode: str, providers: Sequence[str],
+           colours: Dict[str, str]) -> bool:
+    """One shape and mode: a line per provider, nn.Linear (1x) and the FLOP ideal (G/2) drawn.
+    True when a point was unstable (drawn hollow)."""
+    of_shape = [r for r in rows if r.shape == shape]
+    groups = of_shape[0].groups
+    ideal = groups / 2
+    values = [1.0, ideal]
+    any_unstable = False
+    for name in providers:
+        points = speedup_points(rows, shape, mode, name)
+        if not points:
+            continue
+        Ms, speedups, unstable = zip(*points)
+        ax.plot(Ms, speedups, marker="o", markersize=6, linewidth=2, label=name,
+                color=colours[name])
+        shaky = [(m, s) for m, s, u in points if u]
+        if shaky:  # an unstable row's speed-up is drawn hollow: not a result
+            ax.plot(*zip(*shaky), linestyle="none", marker="o", markersize=9,
+                    markerfacecolor="white", markeredgewidth=2, color=colours[name])
+            any_unstable = True
+        values += speedups
+    ax.axhline(1.0, label="nn.Linear (1x)", **PARITY_STYLE)
+    ax.axhline(ideal, label="FLOP ideal: G/2 (2/G of the time)", **IDEAL_STYLE)
+    _y_axis(ax, values)
+    _x_axis(ax, sorted({r.M for r in of_shape}))
+    ax.set_title(f"{shape} (G = {groups}), {mode}", fontsize=12)
+    ax.tick_params(labelsize=10)
+    ax.grid(True, which="major", alpha=0.35)
+    return any_unstable
+
+
+def family_figure(rows: Sequence[Row], family: str):
+    """The figure of one shape family: a panel per shape (columns) and mode (rows)."""
+    import matplotlib.pyplot as plt
+
+    of_family = [r for r in rows if r.family == family]
+    shapes_ = list(dict.fromkeys(r.shape for r in of_family))
+    modes = list(dict.fromkeys(r.mode for r in of_family))
+    providers = [p for p in _provider_order(of_family) if p != "nn.Linear"]
+    colours = {name: f"C{i}" for i, name in enumerate(providers)}
+    fig, axes = plt.subplots(len(modes), len(shapes_), squeeze=False,
+                             figsize=(max(7.0, 4.0 * len(shapes_)), 1.9 + 3.3 * len(modes)))
+    any_unstable = False
+    for i, mode in enumerate(modes):
+        for j, shape in enumerate(shapes_):
+            any_unstable |= _panel(axes[i][j], of_family, shape, mode, providers, colours)
+        axes[i][0].set_ylabel("speed-up over nn.Linear", fontsize=11)
+    for ax in axes[-1]:
+        ax.set_xlabel("M (tokens)", fontsize=11)
+    first = of_family[0]
+    fig.suptitle(f"{family}: speed-up over nn.Linear ({first.dtype}, "
+                 f"{first.env.get('device_name', '')})", fontsize=14)
+    _legend_and_notes(fig, axes, of_family, any_unstable)
+    return fig
+
+
+def _legend_and_notes(fig, axes, rows: Sequence[Row], any_unstable: bool) -> None:
+    """The legend (every provider that ran, and the two reference lines) above the notes (hollow
+    points, providers that did not run), both below the panels; measured so none overlaps."""
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    notes = ([f"hollow points: {UNSTABLE} rows (noisy or implausible timing), not results"]
+             if any_unstable else []) + _not_run_notes(rows)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    height = fig.bbox.height
+    pad = 6.0  # pixels between the notes, the legend and the panels
+    top = pad / height
+    if notes:
+        text = fig.text(0.5, top, "\n".join(notes), ha="center", va="bottom", fontsize=10,
+                        wrap=True)
+        top = (text.get_window_extent(renderer).y1 + pad) / height
+    legend = fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, top),
+                        ncol=min(len(labels), 4), fontsize=10, frameon=False)
+    top = (legend.get_window_extent(renderer).y1 + pad) / height
+    fig.tight_layout(rect=(0, top, 1, 0.95))
+
+
+def write_plots(rows: Sequence[Row], directory: str, dpi: int = 150) -> List[str]:
+    """One PNG per shape family (``<family>.png``): the speed-up over nn.Linear against M, a
+    panel per shape and mode, a line per provider that ran, with nn.Linear (1x) and the FLOP
+    ideal G/2 drawn; unstable rows hollow; a note names the providers that did not run."""
     try:
         import matplotlib
     except ImportError as err:
         raise RuntimeError("--plot needs matplotlib (pip install matplotlib)") from err
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
     os.makedirs(directory, exist_ok=True)
-    providers = _provider_order(rows)
-    colours = {name: f"C{i}" for i, name in enumerate(providers)}
     written = []
-    for shape in dict.fromkeys(r.shape for r in rows):
-        any_unstable = False
-        of_shape = [r for r in rows if r.shape == shape]
-        modes = list(dict.fromkeys(r.mode for r in of_shape))
-        fig, axes = plt.subplots(1, len(modes), figsize=(max(8.0, 6.0 * len(modes)), 7.5),
-                                 squeeze=False)
-        for ax, mode in zip(axes[0], modes):
-            times = []
-            for name in providers:
-                timed = sorted((r.M, r.median_ms, r.unstable) for r in of_shape
-                               if r.mode == mode and r.provider == name and r.timed)
-                if timed:
-                    Ms_, ts, unstable = zip(*timed)
-                    ax.plot(Ms_, ts, marker="o", markersize=6, linewidth=2, label=name,
-                            color=colours[name])
-                    shaky = [(m, t) for m, t, u in timed if u]
-                    if shaky:  # an unstable row's time is drawn hollow: not a result
-                        ax.plot(*zip(*shaky), linestyle="none", marker="o", markersize=9,
-                                markerfacecolor="white", markeredgewidth=2, color=colours[name])
-                        any_unstable = True
-                    times += ts
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            Ms = sorted({r.M for r in of_shape})
-            ax.set_xticks(Ms)
-            ax.set_xticklabels([str(m) for m in Ms])
-            ax.xaxis.set_minor_locator(NullLocator())  # the M values are the x ticks
-            decades = math.log10(max(times) / min(times)) if times and min(times) > 0 else 0.0
-            minor_digits = (2, 5) if decades <= 3 else ()
-            ax.yaxis.set_major_locator(LogLocator(base=10, numticks=30))
-            ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2, 3, 4, 5, 6, 7, 8, 9),
-                                                  numticks=30))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _log_tick_label(v, (1,))))
-            ax.yaxis.set_minor_formatter(FuncFormatter(
-                lambda v, _, digits=minor_digits: _log_tick_label(v, digits)))
-            ax.set_title(mode, fontsize=15)
-            ax.set_xlabel("M (tokens)", fontsize=13)
-            ax.tick_params(which="major", labelsize=12, length=6)
-            ax.tick_params(which="minor", labelsize=10, length=3)
-            ax.grid(True, which="major", alpha=0.45)
-            ax.grid(True, which="minor", alpha=0.15)
-        axes[0][0].set_ylabel("median time per call (ms)", fontsize=13)
-        first = of_shape[0]
-        fig.suptitle(f"{shape}: {first.in_features}->{first.out_features}, G={first.groups}, "
-                     f"{first.dtype}, {first.env.get('device_name', '')}", fontsize=16)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        for ax in axes[0][1:]:
-            for h, l in zip(*ax.get_legend_handles_labels()):
-                if l not in labels:
-                    handles.append(h)
-                    labels.append(l)
-        if handles:
-            fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=13,
-                       frameon=False)
-        if any_unstable:
-            fig.text(0.99, 0.01, f"hollow: {UNSTABLE}, not a result", ha="right", va="bottom",
-                     fontsize=11)
-        fig.tight_layout(rect=(0, 0.07, 1, 0.95))
-        path = os.path.join(directory, f"{shape}.png")
+    for family in dict.fromkeys(r.family for r in rows):
+        if not any(r.speedup_vs_linear is not None for r in rows if r.family == family):
+            continue  # nothing timed against nn.Linear: nothing to draw
+        fig = family_figure(rows, family)
+        path = os.path.join(directory, f"{family}.png")
         fig.savefig(path, dpi=dpi)
         plt.close(fig)
         written.append(path)

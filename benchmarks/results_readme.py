@@ -40,19 +40,22 @@ def _load(path: str) -> Optional[dict]:
 def latest_per_device(directory: str, schema: str) -> Dict[str, tuple]:
     """device name -> (file name, data) of the newest file of ``schema``."""
     found: Dict[str, tuple] = {}
-    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+    # A run's files: <device>-<date>.json, or <run folder>/<name>.json with its plots beside it.
+    paths = glob.glob(os.path.join(directory, "*.json")) + glob.glob(
+        os.path.join(directory, "*", "*.json"))
+    for path in sorted(paths):
         data = _load(path)
-        if data is None or data.get("schema") != schema:
+        if data is None or data.get("schema") != schema or data.get("complete") is False:
             continue
         device = data["meta"]["env"]["device_name"]
         date = data["meta"]["env"]["date"]
         if device not in found or date >= found[device][1]["meta"]["env"]["date"]:
-            found[device] = (os.path.basename(path), data)
+            found[device] = (os.path.relpath(path, directory).replace(os.sep, "/"), data)
     return found
 
 
 def _ms(v) -> str:
-    return "-" if v is None else (f"{v:.3g}" if v < 100 else f"{v:.0f}")
+    return report.plain(v)
 
 
 def released_ratio_table(rows: Sequence[Row]) -> str:
@@ -88,7 +91,9 @@ def backend_vs_reference_table(rows: Sequence[Row]) -> str:
         base = ref.get((r.shape, r.M, r.mode))
         if r.provider != "torch" or base is None or not r.timed:
             continue
-        if r.median_ms <= base.median_ms:
+        if r.unstable or base.unstable:  # shown, never counted: not a result
+            verdict = report.UNSTABLE
+        elif r.median_ms <= base.median_ms:
             verdict = "faster"
         elif r.p20_ms is not None and base.p80_ms is not None and r.p20_ms <= base.p80_ms:
             verdict = "within spread"
@@ -100,9 +105,13 @@ def backend_vs_reference_table(rows: Sequence[Row]) -> str:
     if not body:
         return "_(no torch-backend and reference rows)_"
     counts = ", ".join(f"{verdicts.count(v)} {v}" for v in ("faster", "within spread", "slower"))
+    stable = len(body) - verdicts.count(report.UNSTABLE)
+    skipped = (f" ({verdicts.count(report.UNSTABLE)} {report.UNSTABLE} rows not counted)"
+               if stable < len(body) else "")
     return report.markdown_table(
         ["shape", "M", "mode", "reference ms", "p20-p80", "torch ms", "p20-p80",
-         "torch / reference", ""], body, right=range(3, 8)) + f"\n\n{len(body)} rows: {counts}."
+         "torch / reference", ""], body, right=range(3, 8)) + (
+        f"\n\n{stable} stable rows: {counts}{skipped}.")
 
 
 def summary_markdown(rows: Sequence[Row]) -> str:
@@ -115,15 +124,17 @@ def summary_markdown(rows: Sequence[Row]) -> str:
 def roofline_markdown(rows: Sequence[Row]) -> str:
     body = []
     for name in dict.fromkeys(r.provider for r in rows):
-        timed = [r for r in rows if r.provider == name and r.roofline_fraction is not None]
+        timed = [r for r in rows if r.provider == name and r.roofline_fraction is not None
+                 and not r.unstable]  # an unstable row's fraction is not a result
         if not timed:
             continue
         best = max(timed, key=lambda r: r.roofline_fraction)
         body.append([name, str(len(timed)),
-                     f"{100 * statistics.median(r.roofline_fraction for r in timed):.1f}%",
-                     f"{100 * best.roofline_fraction:.1f}%",
+                     f"{100 * min(1.0, statistics.median(r.roofline_fraction for r in timed)):.1f}%",
+                     # above 100 %: the peak was measured low on a busy machine
+                     f"{100 * min(1.0, best.roofline_fraction):.1f}%",
                      f"{best.shape} M={best.M} {best.mode}"])
-    return report.markdown_table(["provider", "rows", "median fraction", "best", "best at"], body,
+    return report.markdown_table(["provider", "stable rows", "median fraction", "best", "best at"], body,
                                  right=(1, 2, 3))
 
 
@@ -132,11 +143,11 @@ def model_markdown(data: dict) -> str:
     for r in data["results"]:
         timed = r.get("median_ms") is not None
         body.append([r["variant"], r["task"], r["shape"],
-                     f"{r['tokens_per_s']:.4g}" if timed else "-",
+                     report.plain(r['tokens_per_s']) if timed else "-",
                      f"{r['speedup_vs_dense']:.2f}x" if r.get("speedup_vs_dense") else "-",
                      f"{r['params'] / 1e6:.1f}M" if r.get("params") else "-",
-                     f"{r['state_mb']:.4g}" if r.get("state_mb") is not None else "-",
-                     f"{r['peak_mb']:.4g}" if r.get("peak_mb") is not None else ("n/a" if timed else "-"),
+                     report.plain(r.get("state_mb"), 4),
+                     report.plain(r.get("peak_mb"), 4, none="n/a" if timed else "-"),
                      r["status"]])
     return report.markdown_table(["variant", "task", "sizes", "tokens/s", "vs phi3-dense", "params",
                                   "state MB", "peak MB", "status"], body, right=range(3, 8))
@@ -153,14 +164,24 @@ def stability_lines(rows: Sequence[Row], meta: dict) -> List[str]:
     return [text + (f" (the rule: {rule})." if rule else "."), ""]
 
 
+def plot_images(directory: str, plots: str) -> List[str]:
+    """The run's figures (one per shape family, newer runs), shown on the page."""
+    found = sorted(glob.glob(os.path.join(directory, plots, "*.png")))
+    if not found or any(os.path.basename(p).split(".")[0] not in ("kphi3", "phi3-mini")
+                        for p in found):
+        return []  # older runs: a plot per shape, linked above rather than shown
+    return [f"![{os.path.basename(p)[:-4]}: speed-up over nn.Linear]({plots}/{os.path.basename(p)})"
+            for p in found] + [""]
+
+
 def device_section(name: str, layer: Optional[tuple], model: Optional[tuple], directory: str) -> str:
     out = [f"### {name}", ""]
     if layer is not None:
         fname, data = layer
         meta, rows = data["meta"], report.rows_from_dicts(data["results"])
         env, roof = meta["env"], meta["roofline"]
-        stem = fname[:-len(".json")]
-        plots = f"plots-{stem}"
+        folder, _, base = fname.rpartition("/")
+        plots = f"{folder}/plots" if folder else f"plots-{base[:-len('.json')]}"
         out += [
             f"Layer sweep: [`{fname}`]({fname})"
             + (f", plots in [`{plots}/`]({plots}/)" if os.path.isdir(os.path.join(directory, plots)) else "")
@@ -169,8 +190,9 @@ def device_section(name: str, layer: Optional[tuple], model: Optional[tuple], di
             "",
             f"Command: `{meta['command']}`",
             "",
-            f"Roofline: {roof['peak_tflops']:.4g} TFLOP/s ({roof['tflops_source']}); "
-            f"{roof['peak_gbps']:.4g} GB/s ({roof['gbps_source']}). Timing: {meta['timing']}.",
+        ] + plot_images(directory, plots) + [
+            f"Roofline: {report.plain(roof['peak_tflops'], 4)} TFLOP/s ({roof['tflops_source']}); "
+            f"{report.plain(roof['peak_gbps'], 4)} GB/s ({roof['gbps_source']}). Timing: {meta['timing']}.",
             "",
             "**The torch backend against nn.Linear at M = 2048, released shapes** (time ratio; "
             "the ideal at the roofline is 2/G):",
@@ -188,7 +210,8 @@ def device_section(name: str, layer: Optional[tuple], model: Optional[tuple], di
             summary_markdown(rows),
             "",
         ] + stability_lines(rows, meta) + [
-            "**Against the roofline** (roofline time / measured time, over all timed rows):",
+            "**Against the roofline** (roofline time / measured time, over the stable timed rows; "
+            "at most 100 %: a row above the measured peak says the peak was measured low):",
             "",
             roofline_markdown(rows),
             "",

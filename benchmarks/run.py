@@ -2,7 +2,7 @@
 
 Examples::
 
-    kphi3-bench --quick                                  # a first try (about a minute on 2 cores)
+    kphi3-bench --quick                                  # a first try (15-25 s on 2 cores)
     kphi3-bench --out results.json --plot plots/         # the full sweep, saved
     kphi3-bench --shapes kphi3 --M 2048 --modes fwd      # the released shapes at one M
     kphi3-bench --list                                   # shapes, providers, modes
@@ -15,12 +15,16 @@ roofline allows is timed again (``--max-repeats``, ``--max-time``), and rows tha
 are marked UNSTABLE in the tables and ``"stable": false`` with the reason in the JSON.
 
 Exit status: 0 when every row that ran was correct (passed parity, raised nothing), 1 when a
-provider failed parity or raised, 2 for bad arguments. Unstable rows do not change it: they are
+provider failed parity or raised, 2 for bad arguments (a provider named in ``--providers`` that
+cannot run here included), 130 when interrupted. Unstable rows do not change it: they are
 noise, not errors, and the closing line counts them.
 
-This module imports neither torch nor the kernels at import time (together they take 10-20 s to
-import on a small CPU): ``--help`` of every subcommand is printed without them, and each
-subcommand imports what it needs once its arguments are parsed.
+The parsers and every check that needs no torch live in ``cli.py``, shared by every subcommand;
+this module imports neither torch nor the kernels at import time (together they take 10-20 s to
+import on a small CPU): ``--help`` and usage errors come at once, and each subcommand imports
+what it needs once its arguments are checked. With ``--out``, the JSON file is rewritten after
+every timed row (``"complete": false`` until the end): an interrupted run keeps its rows,
+``kphi3-bench plot`` plots them and ``--resume`` times only what is missing.
 """
 from __future__ import annotations
 
@@ -28,248 +32,22 @@ import argparse
 import os
 import shlex
 import sys
-import tempfile
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
+from . import cli
+from .cli import (  # noqa: F401  (re-exported: the names scripts and tests know run.py by)
+    COMMANDS, DEFAULT_M_CPU, DEFAULT_M_CUDA, DTYPE_NAMES, FAMILY_NAMES, MAX_REPEATS, MAX_TIME_S,
+    MODEL_COMPILED, MODEL_DEFAULT_SIZES, MODEL_VARIANTS, MODES, PROVIDER_NAMES, QUICK_M_CPU,
+    QUICK_M_CUDA, QUICK_MAX_REPEATS, QUICK_MAX_TIME_S, QUICK_MODES, QUICK_SHAPES, QUICK_TAKES,
+    SPREAD_THRESHOLD, UsageError, build_ledger_parser, build_model_ledger_parser,
+    build_model_parser, build_parser, build_plot_parser, parse, resolve_device)
 
-class UsageError(ValueError):
-    """A bad command-line argument; main() prints it and exits with status 2."""
-
-
-def _split(value: str) -> List[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if not items:
-        raise UsageError(f"expected a comma-separated list, got {value!r}")
-    return items
-
-
-def _csv(values) -> str:
-    return ",".join(map(str, values))
-
-
-# Re-timing of unstable rows: how often and for how long (a row = one shape, M and mode, all
-# its providers together).
-MAX_REPEATS, QUICK_MAX_REPEATS = 3, 2
-MAX_TIME_S, QUICK_MAX_TIME_S = 15.0, 2.0
-# Untimed calls per provider and mode before the first run: one per rotated input set (up to 64
-# at small M), but --quick makes two (enough to compile and allocate once).
-QUICK_WARMUP_CALLS = 2
-
-# What the help texts quote, written out so that `--help` needs no torch. The sweep itself reads
-# shapes.py, providers.py, sweep.py and model_bench.py; tests/test_benchmarks.py checks that these
-# copies match them.
-FAMILY_NAMES = ("kphi3", "phi3-mini")
-PROVIDER_NAMES = ("nn.Linear", "reference", "torch", "torch.compile", "grouped_mm", "triton")
-MODES = ("fwd", "bwd", "fwd+bwd")
-DTYPE_NAMES = ("fp32", "bf16", "fp16")
-DEFAULT_M_CUDA, DEFAULT_M_CPU = (1, 16, 2048, 8192, 16384), (1, 16, 2048)
-QUICK_SHAPES = ("kphi3-qkv", "kphi3-down")
-QUICK_M_CPU, QUICK_M_CUDA = (16, 256), (16, 2048)
-QUICK_MODES = ("fwd", "fwd+bwd")
-SPREAD_THRESHOLD = {"cpu": 1.5, "cuda": 1.2}
-MODEL_VARIANTS = ("kphi3-triton", "kphi3-fused", "kphi3-torch", "phi3-dense")
-MODEL_COMPILED = "+compile"
-
-# The model benchmark's sizes when not given: (--quick, CUDA, CPU).
-MODEL_DEFAULT_SIZES = {"layers": (2, 2, 2), "batch": (1, 8, 2), "seq": (64, 1024, 256),
-                       "prompt": (8, 128, 32), "new_tokens": (8, 128, 32), "steps": (2, 10, 4)}
-
-# How long `--quick` takes: `time kphi3-bench --quick --no-progress` took 49-72 s (median 60 s,
-# three runs) on a 2-core CPU that other jobs were using too.
-QUICK_TAKES = "about a minute on a 2-core CPU"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The sweep's options (``kphi3-bench [options]``)."""
-    p = argparse.ArgumentParser(
-        prog="kphi3-bench",
-        description="Benchmark KPhi-3's grouped layers (the IO block) against nn.Linear and the "
-                    "PyTorch paths, with a parity check before every timing. Four more commands: "
-                    "`kphi3-bench model --help` (the model-level benchmark), "
-                    "`kphi3-bench plot --help` (plot a saved sweep again), "
-                    "`kphi3-bench ledger --help` (the predicted H200 cost of every launch) and "
-                    "`kphi3-bench ledger --model --help` (the predicted cost of one decoder "
-                    "layer).",
-        epilog="exit status: 0 when every row that ran passed parity and raised nothing, 1 when a "
-               "provider failed parity or raised, 2 for bad arguments",
-    )
-    p.add_argument("--shapes", metavar="LIST",
-                   help="comma-separated shape or family names (default: all; families: "
-                        f"{', '.join(FAMILY_NAMES)}; see --list)")
-    p.add_argument("--M", "--tokens", dest="Ms", metavar="LIST",
-                   help=f"comma-separated token counts (default: {_csv(DEFAULT_M_CUDA)} on "
-                        f"CUDA, {_csv(DEFAULT_M_CPU)} on CPU)")
-    p.add_argument("--providers", metavar="LIST",
-                   help=f"comma-separated providers (default: all: {_csv(PROVIDER_NAMES)})")
-    p.add_argument("--modes", metavar="LIST",
-                   help=f"comma-separated modes (default: all: {_csv(MODES)})")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--quick", action="store_true",
-                   help=f"a reduced sweep ({_csv(QUICK_SHAPES)}; M {_csv(QUICK_M_CPU)} on CPU, "
-                        f"{_csv(QUICK_M_CUDA)} on CUDA; {_csv(QUICK_MODES)}; shorter timings) "
-                        f"that takes {QUICK_TAKES}")
-    p.add_argument("--out", metavar="FILE.json", help="write the results as JSON")
-    p.add_argument("--plot", metavar="DIR", help="write PNG plots (time vs M per shape)")
-    p.add_argument("--peak-tflops", type=float, metavar="X",
-                   help="roofline compute peak (default: the measured peak of an H200 in "
-                        "bf16/fp16, else measured here)")
-    p.add_argument("--peak-gbps", type=float, metavar="X",
-                   help="roofline bandwidth (default: the measured copy bandwidth of an H200, "
-                        "else measured here)")
-    p.add_argument("--budget-s", type=float, metavar="S",
-                   help="CPU: seconds of timed calls per row and run (default 1, --quick 0.1)")
-    p.add_argument("--min-repeats", "--min-reps", dest="min_reps", type=int, metavar="N",
-                   help="CPU: at least this many timed calls per provider and run (default 5, "
-                        "--quick 3)")
-    p.add_argument("--spread-threshold", type=float, metavar="X",
-                   help="a run in which a row's p80/p20 exceeds X is timed again (default "
-                        f"{SPREAD_THRESHOLD['cpu']:g} on CPU, {SPREAD_THRESHOLD['cuda']:g} on "
-                        "CUDA); so is one in which a grouped provider beats nn.Linear by more "
-                        "than the roofline allows")
-    p.add_argument("--max-repeats", type=int, metavar="N",
-                   help=f"time an unstable row's providers again at most N times (default "
-                        f"{MAX_REPEATS}, --quick {QUICK_MAX_REPEATS}; 0: never); rows still "
-                        "unstable are marked UNSTABLE")
-    p.add_argument("--max-time", type=float, metavar="S",
-                   help="no repeat that would take a row (all its providers, every run) past S "
-                        f"seconds (default {MAX_TIME_S:g}, --quick {QUICK_MAX_TIME_S:g})")
-    p.add_argument("--tolerance", type=float, metavar="X",
-                   help="parity tolerance on the relative error (default: the numerics contract, 1e-5 "
-                        "fp32, 1e-2 fp16/bf16, and no worse than 2x the plain PyTorch path)")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU: torch.set_num_threads (default: torch's choice, one per core)")
-    p.add_argument("--seed", type=int, default=0, metavar="N",
-                   help="seed of the random inputs and weights (default 0)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bar on stderr (UNSTABLE, PARITY FAILED and ERROR lines are "
-                        "still written there)")
-    p.add_argument("--list", action="store_true", help="list shapes, providers and modes, then exit")
-    return p
-
-
-def build_model_parser(prog: str = "kphi3-bench model") -> argparse.ArgumentParser:
-    """The model benchmark's options (``kphi3-bench model [options]``, ``model_bench.py``)."""
-    def sizes(name: str) -> str:
-        quick, cuda, cpu = MODEL_DEFAULT_SIZES[name]
-        return f"default {cuda} CUDA, {cpu} CPU; --quick {quick}"
-
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Model-level benchmark: tokens/s of a training step and of generate, and "
-                    "peak memory, for KPhi-3 on the Triton kernels, KPhi-3 on the torch backend "
-                    "and the dense Phi-3 it replaces (same sizes).")
-    p.add_argument("--variants", metavar="LIST",
-                   help=f"comma-separated (default: {', '.join(MODEL_VARIANTS)}; compiled: the "
-                        f"same names + '{MODEL_COMPILED}')")
-    p.add_argument("--compile", action="store_true",
-                   help="also run each chosen variant compiled (torch.compile of the whole model, "
-                        "fullgraph; generate with the static cache through transformers' compile path)")
-    p.add_argument("--compile-backend", default="inductor", metavar="NAME",
-                   help="torch.compile backend of the compiled rows (default inductor)")
-    p.add_argument("--family", default="kphi3", metavar="NAME",
-                   help=f"model sizes: {', '.join(FAMILY_NAMES)} (default kphi3: the "
-                        "released 1280/5120, 20 heads)")
-    p.add_argument("--layers", type=int, metavar="N",
-                   help=f"decoder layers (default {MODEL_DEFAULT_SIZES['layers'][2]}, as released)")
-    p.add_argument("--batch", type=int, metavar="N", help=f"training batch ({sizes('batch')})")
-    p.add_argument("--seq", type=int, metavar="N",
-                   help=f"training sequence length ({sizes('seq')})")
-    p.add_argument("--gen-batch", type=int, default=1, metavar="N",
-                   help="generate batch (default 1)")
-    p.add_argument("--prompt", type=int, metavar="N", help=f"prompt tokens ({sizes('prompt')})")
-    p.add_argument("--new-tokens", type=int, metavar="N",
-                   help=f"generated tokens ({sizes('new_tokens')})")
-    p.add_argument("--steps", type=int, metavar="N",
-                   help=f"timed training steps ({sizes('steps')}); generate runs half as many")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke test)")
-    p.add_argument("--out", metavar="FILE.json", help="write the results as JSON")
-    p.add_argument("--seed", type=int, default=0, metavar="N",
-                   help="seed of the weights and the token ids (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    return p
-
-
-def build_plot_parser(prog: str = "kphi3-bench plot") -> argparse.ArgumentParser:
-    """``kphi3-bench plot FILE.json --out DIR``: the plots of a saved sweep, without re-running it."""
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Plot a saved sweep (a JSON file written by `kphi3-bench --out`) again: one "
-                    "PNG per shape, median time against M, a panel per mode, a line per provider.")
-    p.add_argument("json", metavar="FILE.json", help="the results file of a layer sweep")
-    p.add_argument("--out", required=True, metavar="DIR", help="where to write the PNG files")
-    return p
-
-
-# Every command's parser, by how it is invoked (the tests check that each option has a help text).
-def build_ledger_parser(prog: str = "kphi3-bench ledger") -> argparse.ArgumentParser:
-    from . import ledger  # torch-free until its main() runs
-
-    return ledger.build_parser(prog)
-
-
-def build_model_ledger_parser(prog: str = "kphi3-bench ledger --model"
-                              ) -> argparse.ArgumentParser:
-    from . import model_ledger  # torch-free until its main() runs
-
-    return model_ledger.build_parser(prog)
-
-
-COMMANDS = {"kphi3-bench": build_parser, "kphi3-bench model": build_model_parser,
-            "kphi3-bench plot": build_plot_parser, "kphi3-bench ledger": build_ledger_parser,
-            "kphi3-bench ledger --model": build_model_ledger_parser}
-
-
-def _positive_ints(value: str, what: str) -> List[int]:
-    out = []
-    for item in _split(value):
-        try:
-            n = int(item)
-        except ValueError:
-            raise UsageError(f"{what}: {item!r} is not an integer") from None
-        if n <= 0:
-            raise UsageError(f"{what}: every value must be positive, got {n}")
-        out.append(n)
-    return list(dict.fromkeys(out))
-
-
-def _check_writable_file(path: str) -> None:
-    if os.path.isdir(path):
-        raise UsageError(f"--out {path}: is a directory; give a file name such as results.json")
-    existed = os.path.exists(path)
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as err:
-        raise UsageError(f"--out {path}: cannot write there ({err.strerror or err})") from None
-    if not existed:
-        os.remove(path)
-
-
-def _check_writable_dir(path: str, option: str = "--plot") -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        raise UsageError(f"{option} {path}: cannot write there ({err.strerror or err})") from None
-
-
-def resolve_device(name: Optional[str]):
-    """The ``torch.device`` to run on; a UsageError when CUDA is asked for and missing."""
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here (torch "
-                         f"{torch.__version__}); use --device cpu")
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+_split, _positive_ints, _check_writable_dir = cli.split_list, cli.positive_ints, cli.check_writable_dir
 
 
 def plan(args: argparse.Namespace) -> dict:
-    """Validate every argument before anything runs; a UsageError says which one is wrong."""
+    """Resolve the arguments that ``cli.check_sweep_args`` checked into what the sweep runs
+    (this imports torch); a UsageError when a provider named in --providers cannot run here."""
     import torch
 
     from . import providers, shapes
@@ -294,24 +72,9 @@ def plan(args: argparse.Namespace) -> dict:
         Ms = list(shapes.QUICK_M_CUDA if on_cuda else shapes.QUICK_M_CPU)
     else:
         Ms = list(shapes.DEFAULT_M_CUDA if on_cuda else shapes.DEFAULT_M_CPU)
-    for flag in ("peak_tflops", "peak_gbps", "budget_s", "tolerance", "max_time"):
-        value = getattr(args, flag)
-        if value is not None and not value > 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    for flag, option in (("min_reps", "--min-repeats"), ("threads", "--threads")):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise UsageError(f"{option} must be positive, got {value}")
-    if args.max_repeats is not None and args.max_repeats < 0:
-        raise UsageError(f"--max-repeats must be 0 or more, got {args.max_repeats}")
-    if args.spread_threshold is not None and not args.spread_threshold > 1:
-        raise UsageError(f"--spread-threshold is a ratio p80/p20 and must exceed 1, got "
-                         f"{args.spread_threshold}")
-    if args.out:
-        _check_writable_file(args.out)
-    if args.plot:
-        _check_writable_dir(args.plot)
     dtype = shapes.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_cuda else torch.float32)
+    if args.providers:
+        refuse_unavailable(chosen_providers, device, dtype)
     return dict(device=device, dtype=dtype, shapes=chosen_shapes, providers=chosen_providers,
                 modes=modes, Ms=Ms,
                 budget_s=args.budget_s or (0.1 if quick else 1.0),
@@ -320,7 +83,18 @@ def plan(args: argparse.Namespace) -> dict:
                 max_repeats=args.max_repeats if args.max_repeats is not None else
                 (QUICK_MAX_REPEATS if quick else MAX_REPEATS),
                 max_time_s=args.max_time or (QUICK_MAX_TIME_S if quick else MAX_TIME_S),
-                warmup_calls=QUICK_WARMUP_CALLS if quick else None)
+                warmup_calls=None)
+
+
+def refuse_unavailable(chosen, device, dtype) -> None:
+    """A provider asked for by name that cannot run on this device is an error, not a silent
+    "0 rows timed": say which and why."""
+    cannot = [(p.name, p.unavailable(device, dtype)) for p in chosen]
+    cannot = [(name, why) for name, why in cannot if why is not None]
+    if cannot:
+        reasons = "; ".join(f"{name}: {why}" for name, why in cannot)
+        raise UsageError(f"--providers: cannot run on {device.type} here ({reasons}); leave "
+                         "them out, or run on a machine that has what they need")
 
 
 def list_choices() -> str:
@@ -399,9 +173,12 @@ def stability_meta(cfg) -> dict:
         "max_repeats": cfg.max_repeats,
         "max_time_s": cfg.max_time_s,
         "rule": (f"a shape, M and mode's providers are timed together; the run is repeated "
-                 f"(at most {cfg.max_repeats} times, within {cfg.max_time_s:g} s) while a row's "
-                 f"p80/p20 exceeds {threshold:g} or a grouped provider's speedup over nn.Linear "
-                 "exceeds nn.Linear's roofline time / its own (about G/2); the first stable run "
+                 f"(at most {cfg.max_repeats} times, within {cfg.max_time_s:g} s, each repeat "
+                 f"with twice the calls of the run before) while a row's p80/p20 exceeds "
+                 f"{threshold:g} or a grouped provider's speedup over nn.Linear "
+                 "exceeds nn.Linear's roofline time / its own (about G/2"
+                 + ("" if cfg.device.type == "cuda" else "; 1.5x that on a CPU, whose nn.Linear "
+                    "runs below its roofline at small M") + "); the first stable run "
                  "is kept, else the least unstable one, its offending rows marked unstable"),
     }
 
@@ -413,22 +190,18 @@ def invoked_as(argv_given: bool) -> str:
     return os.path.basename(sys.argv[0]) or "kphi3-bench"
 
 
-def parse(parser: argparse.ArgumentParser, argv: Sequence[str]):
-    """(the parsed arguments, None), or (None, the exit status) when argparse exited: ``--help``
-    (0) or a bad argument (2, the usage and the error already printed)."""
-    try:
-        return parser.parse_args(list(argv)), None
-    except SystemExit as exit_:
-        return None, int(exit_.code or 0)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     prog = invoked_as(argv is not None)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["model"]:
-        args, status = parse(build_model_parser(f"{prog} model"), argv[1:])
+        parser = build_model_parser(f"{prog} model")
+        args, status = parse(parser, argv[1:])
         if args is None:
             return status
+        try:
+            cli.check_model_args(args)  # before torch and transformers are imported
+        except UsageError as err:
+            return cli.usage_error(parser, err)
         from . import model_bench
 
         return model_bench.run_model(args, argv[1:], prog=f"{prog} model")
@@ -443,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ["plot"]:
         args, status = parse(build_plot_parser(f"{prog} plot"), argv[1:])
         return status if args is None else plot_main(args)
-    parser = build_parser()
+    parser = build_parser(prog)
     args, status = parse(parser, argv)
     if args is None:
         return status
@@ -451,25 +224,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(list_choices())
         return 0
     try:
+        cli.check_sweep_args(args)  # before torch: a typo costs no import time
         config = plan(args)
     except UsageError as err:
-        parser.print_usage(sys.stderr)
-        print(f"kphi3-bench: error: {err}", file=sys.stderr)
-        return 2
+        return cli.usage_error(parser, err)
     return run_layers(args, config, f"{prog} {shlex.join(argv)}".strip())
 
 
+def resumed_rows(args: argparse.Namespace) -> list:
+    """The rows of ``--out`` that ``--resume`` keeps (none when the file is not there yet)."""
+    from . import report
+
+    if not (args.resume and os.path.isfile(args.out)):
+        return []
+    return report.rows_from_dicts(report.load_rows(args.out))
+
+
 def run_layers(args: argparse.Namespace, config: dict, command: str) -> int:
-    """The sweep that ``plan`` validated: run it, print the tables, write JSON and plots."""
+    """The sweep that ``plan`` resolved: run it, print the summary (and the tables with
+    ``--table``), write JSON and plots. ``--out`` is rewritten after every timed row, so that
+    an interrupted run (Ctrl-C) keeps what it measured."""
     import torch
 
     from . import env, report, roofline
-    from .sweep import SweepConfig, run_sweep
+    from .sweep import SweepConfig, done_points, run_sweep
 
     device, dtype = config["device"], config["dtype"]
     if args.threads:
         torch.set_num_threads(args.threads)
     info = env.environment(device)
+    previous = resumed_rows(args)
     if not args.no_progress:
         print("measuring the roofline ...", file=sys.stderr, flush=True)
     roof = roofline.roofline_for(device, dtype, args.peak_tflops, args.peak_gbps, quick=args.quick)
@@ -481,11 +265,17 @@ def run_layers(args: argparse.Namespace, config: dict, command: str) -> int:
                       max_repeats=config["max_repeats"], max_time_s=config["max_time_s"],
                       warmup_calls=config["warmup_calls"],
                       tolerance=args.tolerance, seed=args.seed,
-                      measure_memory=not args.no_memory)
-    rows = run_sweep(cfg, progress=not args.no_progress)
-
+                      measure_memory=not args.no_memory, done=done_points(previous))
     meta = sweep_meta(cfg, info, roof, command, args.no_memory)
-    print(report.format_report(rows, meta))
+    if args.out:
+        cfg.on_rows = lambda rows: report.write_json(args.out, previous + list(rows), meta,
+                                                     complete=False)
+    try:
+        rows = previous + run_sweep(cfg, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return interrupted(args, command)
+
+    print(report.format_summary_report(rows, meta, tables=args.table))
     status, closing = verdict(rows)
     try:
         if args.out:
@@ -497,8 +287,21 @@ def run_layers(args: argparse.Namespace, config: dict, command: str) -> int:
     except (OSError, RuntimeError) as err:
         print(f"kphi3-bench: error: could not write the results: {err}", file=sys.stderr)
         status = 1
-    print(closing)
+    print("\n".join(report.wrap_lines([closing])))
     return status
+
+
+def interrupted(args: argparse.Namespace, command: str) -> int:
+    """Ctrl-C: say what was kept and how to go on; exit status 130 (the shell's for SIGINT)."""
+    if not args.out:
+        print("kphi3-bench: interrupted; nothing kept (give --out FILE.json to keep the rows of "
+              "a long run as they finish)", file=sys.stderr)
+        return 130
+    resume = command if "--resume" in command.split() else f"{command} --resume"
+    print(f"kphi3-bench: interrupted; the rows timed so far are in {args.out}. Plot them with "
+          f"`kphi3-bench plot {args.out} --out DIR`; time the rest with `{resume}`",
+          file=sys.stderr)
+    return 130
 
 
 def plot_main(args: argparse.Namespace) -> int:

@@ -9,8 +9,13 @@ calls alternate), so that their ratios come from one run. Such a run is kept onl
 *stable*: every row's spread p80 / p20 is within ``spread_threshold``, and no grouped provider
 beats nn.Linear by more than the roofline allows (nn.Linear's roofline time / the row's: about
 G/2). Otherwise all of them are timed again, up to ``max_repeats`` more times within
-``max_time_s``; the first stable run is kept, or else the least unstable one, whose offending
-rows say ``stable: False`` and why (``unstable_reason``).
+``max_time_s``, each repeat with twice the calls of the run before (a median of more calls moves
+less with a burst of load from elsewhere); the first stable run is kept, or else the least
+unstable one, whose offending rows say ``stable: False`` and why (``unstable_reason``).
+
+Rows are handed to ``on_rows`` as each mode's rows are written (``kphi3-bench --out`` rewrites its
+JSON file then), and points already in ``done`` are skipped (``--resume``). The progress bar
+counts only the rows of providers that run here.
 
 Inputs are rotated: each call takes the next of a few input sets (x, dy and the weights), enough
 that together they exceed the cache, so that small shapes are not timed from a warm cache. The
@@ -42,6 +47,11 @@ BASELINE = "nn.Linear"  # the provider the speedups are measured against
 # p80 / p20 above which a row is timed again: measured on this project's machines, see
 # ``default_spread_threshold``.
 SPREAD_THRESHOLD = {"cpu": 1.5, "cuda": 1.2}
+# How far past the roofline's bound a speed-up over nn.Linear may go before the pair's timings
+# are suspected: on a CPU, nn.Linear's fp32 GEMM at M = 1-16 runs at a third of the copy
+# bandwidth that bound assumes, and the grouped paths beat it by up to 1.3x more than the bound
+# in runs whose every timing was steady (2026-12-07, 2-core Xeon); on CUDA, none.
+ABOVE_IDEAL_SLACK = {"cpu": 1.5, "cuda": 1.0}
 
 # timer(calls by provider name, device, tensors whose .grad to clear by name, budget_s, min_reps)
 Timer = Callable[[Mapping[str, Callable[[], object]], torch.device,
@@ -75,6 +85,9 @@ class SweepConfig:
     rotate_bytes: Optional[int] = None  # None: twice the L2 (CUDA) or 64 MiB (CPU)
     max_sets: int = 64  # small shapes need many sets to exceed a cache (M = 1: ~3 MB each)
     warmup_calls: Optional[int] = None  # untimed calls per provider and mode; None: one per set
+    warmup_s: float = 1.0  # ... but a provider's warm-up stops after this many seconds
+    done: frozenset = frozenset()  # (shape, M, mode) already measured (--resume): not run again
+    on_rows: Optional[Callable[[Sequence[Row]], None]] = None  # after each mode's rows (--out)
 
 
 class InputSet:
@@ -117,6 +130,22 @@ def warmup_count(cfg: SweepConfig, sets: int) -> int:
     """Untimed calls per provider before a mode's first run: one per input set, or
     ``cfg.warmup_calls`` when that is fewer (at least one: the first call compiles, allocates)."""
     return sets if cfg.warmup_calls is None else max(1, min(cfg.warmup_calls, sets))
+
+
+def warm_up(call: Callable[[], object], calls: int, seconds: float) -> None:
+    """``calls`` untimed calls (one per input set, so that each set's weights and the kernels'
+    packed copies are warm before timing), but none started after ``seconds``: at large M one
+    call may take a second."""
+    start = time.perf_counter()
+    for i in range(calls):
+        if i and time.perf_counter() - start > seconds:
+            break
+        call()
+
+
+def done_points(rows: Sequence[Row]) -> frozenset:
+    """The (shape, M, mode) whose rows are all present (``--resume`` skips them)."""
+    return frozenset((r.shape, r.M, r.mode) for r in rows)
 
 
 def _cycle(n: int) -> Callable[[], int]:
@@ -171,13 +200,16 @@ Instability = Tuple[str, float, str]
 
 
 def assess(timings: Mapping[str, timing.Timing], spread_threshold: float,
-           speedup_bounds: Mapping[str, float], baseline: str = BASELINE
+           speedup_bounds: Mapping[str, float], baseline: str = BASELINE, slack: float = 1.0
            ) -> Dict[str, List[Instability]]:
     """What is wrong with one run of providers timed together, by provider (stable ones absent).
 
     A row is *noisy* when its p80 / p20 exceeds ``spread_threshold``; it is *above the ideal*
-    when the baseline's median / its median exceeds its bound in ``speedup_bounds`` (the most a
-    provider can beat nn.Linear by at the roofline; providers not in it are not checked)."""
+    when the baseline's median / its median exceeds ``slack`` times its bound in
+    ``speedup_bounds`` (the most a provider can beat nn.Linear by when both run at the roofline;
+    providers not in it are not checked). ``slack`` > 1 where nn.Linear itself runs well below
+    its roofline (a CPU's fp32 GEMM at small M), so that its own slowness is not taken for a
+    disturbed timing."""
     found: Dict[str, List[Instability]] = {}
     base = timings.get(baseline)
     for name, t in timings.items():
@@ -190,11 +222,12 @@ def assess(timings: Mapping[str, timing.Timing], spread_threshold: float,
         bound = speedup_bounds.get(name)
         if base is not None and name != baseline and bound and t.median_ms > 0:
             speedup = base.median_ms / t.median_ms
-            if speedup > bound:
-                issues.append((ABOVE_IDEAL, speedup / bound,
+            if speedup > bound * slack:
+                allowed = f"the {bound:.2f}x the roofline allows" + (
+                    f" (x{slack:g} on this device)" if slack != 1 else "")
+                issues.append((ABOVE_IDEAL, speedup / (bound * slack),
                                f"{ABOVE_IDEAL}: {speedup:.2f}x faster than {baseline}, more than "
-                               f"the {bound:.2f}x the roofline allows, so one of the two timings "
-                               "was disturbed"))
+                               f"{allowed}, so one of the two timings was disturbed"))
         if issues:
             found[name] = issues
     return found
@@ -247,9 +280,16 @@ class Sweep:
         self.timer: Timer = cfg.timer or functools.partial(timing.bench_many, warmup=0)
         self.rows: List[Row] = []
 
-    def total(self) -> int:
+    def runnable(self) -> List[Provider]:
         c = self.cfg
-        return len(c.shapes) * len(c.Ms) * len(c.providers) * len(c.modes)
+        return [p for p in c.providers if p.unavailable(c.device, c.dtype) is None]
+
+    def total(self) -> int:
+        """The rows the progress bar counts: those of providers that run here, not yet done."""
+        c = self.cfg
+        todo = sum(1 for s in c.shapes for M in c.Ms for mode in c.modes
+                   if (s.name, M, mode) not in c.done)
+        return todo * len(self.runnable())
 
     def _row(self, provider: Provider, shape: Shape, M: int, mode: str, status: str,
              **kwargs) -> Row:
@@ -268,6 +308,12 @@ class Sweep:
             row.roofline_speedup_vs_linear = self._speedup_bound(shape, M, mode)
         self.rows.append(row)
         return row
+
+    def _rows_done(self) -> None:
+        """Rows were added: hand them to ``on_rows`` (the --out file is rewritten)."""
+        if self.cfg.on_rows is not None:
+            fill_speedups(self.rows)
+            self.cfg.on_rows(self.rows)
 
     def _elem(self) -> int:
         return torch.empty((), dtype=self.cfg.dtype).element_size()
@@ -300,6 +346,9 @@ class Sweep:
 
     def _run_point(self, shape: Shape, M: int) -> None:
         c = self.cfg
+        modes = [m for m in c.modes if (shape.name, M, m) not in c.done]
+        if not modes:
+            return
         try:
             generator = torch.Generator(device=c.device).manual_seed(c.seed)
             sets = [InputSet(shape, M, c.dtype, c.device, generator)
@@ -307,27 +356,27 @@ class Sweep:
         except Exception as err:  # e.g. out of memory: every row of this point says so
             message = f"creating the inputs: {_describe(err)}"
             for provider in c.providers:
-                for mode in c.modes:
+                for mode in modes:
                     self._row(provider, shape, M, mode, ERROR, parity="not run", error=message)
             self.progress.write(f"ERROR {shape.name} M={M}: {message}")
-            self.progress.advance(len(c.providers) * len(c.modes))
+            self.progress.advance(len(self.runnable()) * len(modes))
+            self._rows_done()
             return
         oracle = None
         ready = []
         try:
             for provider in c.providers:
                 reason = provider.unavailable(c.device, c.dtype)
-                if reason is not None:
-                    for mode in c.modes:
+                if reason is not None:  # a row saying why; the progress bar never counted it
+                    for mode in modes:
                         self._row(provider, shape, M, mode, reason, parity="not run")
-                    self.progress.advance(len(c.modes))
                     continue
                 if oracle is None and not provider.dense:
                     oracle = parity.Oracle(sets[0].x, sets[0].params(provider), sets[0].dy)
-                checked = self._check(provider, shape, M, sets, oracle)
+                checked = self._check(provider, shape, M, sets, oracle, modes)
                 if checked is not None:
                     ready.append(checked)
-            for mode in c.modes:
+            for mode in modes:
                 self._run_mode(ready, shape, M, mode, sets)
         finally:
             del sets, oracle, ready
@@ -335,9 +384,8 @@ class Sweep:
             if c.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def _check(self, provider: Provider, shape: Shape, M: int, sets, oracle):
+    def _check(self, provider: Provider, shape: Shape, M: int, sets, oracle, modes):
         """(provider, its callables per input set, its parity), or None when it raised."""
-        c = self.cfg
         label = f"{shape.name} M={M} {provider.name}"
         self.progress.step(f"{label} parity")
         try:
@@ -348,14 +396,15 @@ class Sweep:
                 # The Triton IO block rounds dxi by design: its dx meets the rounding bound.
                 rounded = ("dx",) if provider.name == "triton" else ()
                 check = parity.check(fns[0], sets[0].x, sets[0].params(provider), sets[0].dy,
-                                     oracle, self.tol, grads=any(m != "fwd" for m in c.modes),
+                                     oracle, self.tol, grads=any(m != "fwd" for m in modes),
                                      rounded=rounded)
         except Exception as err:  # a provider that cannot even run: every mode says why
             message = _describe(err)
-            for mode in c.modes:
+            for mode in modes:
                 self._row(provider, shape, M, mode, ERROR, parity="not run", error=message)
             self.progress.write(f"ERROR {label}: {message}")
-            self.progress.advance(len(c.modes))
+            self.progress.advance(len(modes))
+            self._rows_done()
             return None
         finally:
             for s in sets:
@@ -378,6 +427,7 @@ class Sweep:
             else:
                 entries.append((provider, fns, common))
         if not entries:
+            self._rows_done()
             return
         self.progress.step(f"{shape.name} M={M} {mode}")
         errors: Dict[str, str] = {}
@@ -392,8 +442,7 @@ class Sweep:
                         cleanups.append(cleanup)
                         # The warm-up: one call per input set unless told fewer (do_bench adds
                         # its own on CUDA).
-                        for _ in range(warmup_count(c, len(sets))):
-                            call()
+                        warm_up(call, warmup_count(c, len(sets)), c.warmup_s)
                     except Exception as err:
                         errors[provider.name] = _describe(err)
                         continue
@@ -423,6 +472,7 @@ class Sweep:
             else:
                 self._timed_row(provider, shape, M, mode, kept, peaks.get(name), common)
             self.progress.advance()
+        self._rows_done()
 
     def _measure(self, calls, grads, errors: Dict[str, str], shape: Shape, M: int,
                  mode: str) -> Optional[Measurement]:
@@ -437,8 +487,12 @@ class Sweep:
         start = time.perf_counter()
         while calls:
             began = time.perf_counter()
+            # A noisy run is timed again with twice the calls: a median of more calls moves
+            # less with a burst of load from elsewhere.
+            scale = 2 ** len(runs)
             try:
-                timings = self.timer(calls, c.device, grads, c.budget_s, c.min_reps)
+                timings = self.timer(calls, c.device, grads, c.budget_s * scale,
+                                     c.min_reps * scale)
             except timing.CallFailed as failed:
                 errors[failed.name] = _describe(failed.error)
                 calls.pop(failed.name, None)
@@ -450,11 +504,12 @@ class Sweep:
                     errors[name] = _describe(err)
                 return None
             took = time.perf_counter() - began
-            issues = assess(timings, self.spread_threshold, bounds)
+            issues = assess(timings, self.spread_threshold, bounds,
+                            slack=ABOVE_IDEAL_SLACK["cuda" if c.device.type == "cuda" else "cpu"])
             runs.append((timings, issues))
             if not issues or len(runs) > c.max_repeats:
                 break
-            if time.perf_counter() - start + took > c.max_time_s:
+            if time.perf_counter() - start + 2 * took > c.max_time_s:  # the next run is 2x
                 out_of_time = True
                 break
             label = ", ".join(sorted(issues))
@@ -480,10 +535,20 @@ class Sweep:
         seconds = t.median_ms * 1e-3
         row.tflops = row.flops / seconds / 1e12
         row.gbps = row.bytes / seconds / 1e9
-        row.roofline_fraction = c.roofline.fraction(row.flops, row.bytes, seconds)
+        row.roofline_fraction, row.roofline_note = capped_fraction(
+            c.roofline.fraction(row.flops, row.bytes, seconds))
         if reason:
             self.progress.write(f"UNSTABLE {provider.name} {shape.name} M={M} {mode}: {reason}. "
                                 f"This time is not a result: {kept.advice()}.")
+
+
+def capped_fraction(fraction: Optional[float]):
+    """(the roofline fraction, at most 1; a note when the measured one was above 1): a row faster
+    than the roofline means the peak was measured low (on a busy machine), not 130 % efficiency."""
+    if fraction is None or fraction <= 1.0:
+        return fraction, ""
+    return 1.0, (f"ran at {100 * fraction:.0f}% of the measured peak: the peak was measured low "
+                 "(other work on the machine), so this row is at the roofline")
 
 
 def _describe(err: BaseException) -> str:
