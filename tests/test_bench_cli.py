@@ -5,7 +5,6 @@ notes that do not overlap), not only by their existence.
 
 Nothing here times anything for real: the sweeps run on a tiny shape with a fake timer.
 """
-import ast
 import json
 import os
 import pathlib
@@ -411,40 +410,16 @@ def test_a_speedup_that_spans_decades_gets_a_log_axis():
         plt.close(fig)
 
 
-# --- the modules import each other without a cycle ------------------------------------------
+# --- the command line imports nothing of the suite (tests/test_import_graph.py: no cycles) -----
 
-def _imports(path: pathlib.Path) -> set:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            names = [node.module] if node.module else [a.name for a in node.names]
-            found.update(n.split(".")[0] for n in names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kphi3_bench."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.ImportFrom) and node.module == "kphi3_bench":
-            found.update(a.name for a in node.names)
-    return found
+def test_every_subcommand_parses_through_the_cli_module_alone():
+    from test_import_graph import PACKAGES, imports_of, module_names
 
-
-def test_the_benchmark_modules_import_each_other_without_a_cycle():
-    folder = ROOT / "benchmarks"
-    modules = {p.stem for p in folder.glob("*.py")}
-    graph = {p.stem: _imports(p) & modules for p in folder.glob("*.py")}
-
-    def cycle_from(start, node, seen):
-        for nxt in graph[node]:
-            if nxt == start:
-                return seen + [nxt]
-            if nxt not in seen:
-                found = cycle_from(start, nxt, seen + [nxt])
-                if found:
-                    return found
-        return None
-
-    cycles = [c for m in sorted(graph) if (c := cycle_from(m, m, [m]))]
-    assert not cycles, f"import cycles: {cycles[:3]}"
-    assert "run" not in graph["model_bench"] and "cli" in graph["model_bench"]
-    assert graph["cli"] == set()  # the command line imports nothing of the suite
+    modules = module_names("benchmarks", PACKAGES["benchmarks"])
+    imports = {name: imports_of(name, path, set(modules)) for name, path in modules.items()}
+    assert "kphi3_bench.run" not in imports["kphi3_bench.model_bench"]
+    assert "kphi3_bench.cli" in imports["kphi3_bench.model_bench"]
+    assert imports["kphi3_bench.cli"] == set()
 
 
 # --- the results page counts no UNSTABLE row ---------------------------------------------------
