@@ -238,12 +238,16 @@ def header_lines(meta: dict) -> List[str]:
     return lines
 
 
+def full_tables(rows: Sequence[Row]) -> List[str]:
+    """Every provider and figure: the detailed table, then each provider's median and speedup."""
+    return ["Detailed results (vs nn.Linear = nn.Linear's median / this median; roofline = "
+            "roofline time / measured time):", detailed_table(rows), "",
+            "Every provider: median time (speedup vs nn.Linear); ideal = G/2 at the roofline:",
+            summary_table(rows)]
+
+
 def format_report(rows: Sequence[Row], meta: dict) -> str:
-    parts = header_lines(meta)
-    parts += ["", "Detailed results (vs nn.Linear = nn.Linear's median / this median; roofline = "
-              "roofline time / measured time):", detailed_table(rows), "",
-              "Summary: median time per provider, (speedup vs nn.Linear); ideal = G/2 at the "
-              "roofline:", summary_table(rows)]
+    parts = header_lines(meta) + [""] + full_tables(rows)
     unstable = unstable_lines(rows, meta)
     if unstable:
         parts += [""] + unstable
@@ -437,10 +441,7 @@ def format_summary_report(rows: Sequence[Row], meta: dict, tables: bool = False)
                          "TFLOP/s, roofline fraction, memory and parity"]
     parts = wrap_lines(head) + ["", quick_summary(rows)]
     if tables:
-        parts += ["", "Detailed results (vs nn.Linear = nn.Linear's median / this median; "
-                  "roofline = roofline time / measured time):", detailed_table(rows), "",
-                  "Every provider: median time (speedup vs nn.Linear); ideal = G/2 at the "
-                  "roofline:", summary_table(rows)]
+        parts += [""] + full_tables(rows)
     unstable = unstable_lines(rows, meta)
     if unstable:
         parts += [""] + wrap_lines(unstable if tables else unstable[:1])
