@@ -28,7 +28,7 @@ All offsets are computed in int64, so ``M * channels`` may pass 2**31.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -37,6 +37,7 @@ import triton.language as tl
 from ..backend import triton_interpreting
 from .activation import silu_mul_grads
 from .launch import KernelLaunch, launch
+from .slots import operand_slot, operand_weight_row
 
 # Tile configs, chosen for an H200 (measured there: ~790 TFLOP/s bf16 dense, ~4.3 TB/s copy). The
 # released shapes have K = s = 256 per operand (K = 512 for the IO block) and og = out/G in
@@ -112,6 +113,103 @@ def tile_ids(pid, P, Q, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_P: t
     return pid_p, pid_q
 
 
+# Operand views: which index of the problem walks the block-residue layout
+# (``kphi3_kernels.layout``), so that the IO block's GEMMs read and write it in place.
+VIEW_NONE = 0  # plain strided operands
+VIEW_K = 1     # forward from the layout: A's columns are slots, B's rows weight rows (masked)
+VIEW_Q = 2     # input gradient into the layout: B's columns weight rows (masked), C's slots
+VIEW_P = 3     # weight gradient from the layout: A's rows (t^T) are slots, C's weight rows
+# The same, as the kernels see them (a jitted function reads only constexpr globals).
+_VIEW_K, _VIEW_Q, _VIEW_P = tl.constexpr(VIEW_K), tl.constexpr(VIEW_Q), tl.constexpr(VIEW_P)
+
+
+@triton.jit
+def _p_view(p, g, second, mask_p, per_group, VIEW: tl.constexpr, GROUPS: tl.constexpr,
+            RUN: tl.constexpr):
+    """``(A's row, C's row, C's row mask)`` of output rows ``p``."""
+    # One return: a jitted function's returns must agree in type, and a view's indices are int32.
+    if VIEW == _VIEW_P:
+        row, is_channel = operand_weight_row(p, g, per_group, GROUPS, RUN, second)
+        a_row = operand_slot(p, g, GROUPS, RUN, second)
+        c_row = row
+        mask_c = mask_p & is_channel
+    else:
+        a_row = p.to(tl.int64)
+        c_row = a_row
+        mask_c = mask_p
+    return a_row, c_row, mask_c
+
+
+@triton.jit
+def _q_view(q, g, second, mask_q, per_group, VIEW: tl.constexpr, GROUPS: tl.constexpr,
+            RUN: tl.constexpr):
+    """``(B's column, B's column mask, C's column)`` of output columns ``q``."""
+    if VIEW == _VIEW_Q:
+        row, is_channel = operand_weight_row(q, g, per_group, GROUPS, RUN, second)
+        b_col = row
+        mask_b = mask_q & is_channel
+        c_col = operand_slot(q, g, GROUPS, RUN, second)
+    else:
+        b_col = q.to(tl.int64)
+        mask_b = mask_q
+        c_col = b_col
+    return b_col, mask_b, c_col
+
+
+@triton.jit
+def _k_view(k, g, second, mask_k, per_group, VIEW: tl.constexpr, GROUPS: tl.constexpr,
+            RUN: tl.constexpr):
+    """``(A's column, B's row, B's row mask)`` of reduction indices ``k``."""
+    if VIEW == _VIEW_K:
+        row, is_channel = operand_weight_row(k, g, per_group, GROUPS, RUN, second)
+        a_col = operand_slot(k, g, GROUPS, RUN, second)
+        b_row = row
+        mask_b = mask_k & is_channel
+    else:
+        a_col = k.to(tl.int64)
+        b_row = a_col
+        mask_b = mask_k
+    return a_col, b_row, mask_b
+
+
+@triton.jit
+def _gathered_residual(r_ptr, pid_p, mask_p, offs_q, mask_q, g, Q, s_rp, s_rq, r_groups, r_width,
+                       ACC_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The interleaved addend as the accumulator's start: output channel ``c = g*Q + q`` takes
+    R's column ``(c % r_groups) * r_width + c // r_groups`` (the IO block's dx: dxi interleaved
+    with step G). Offsets within the tile are int32 (the tile's first row is added in int64)."""
+    chan = (g * Q + offs_q).to(tl.int32)
+    r_cols = (chan % r_groups) * r_width + chan // r_groups
+    r_rows = tl.arange(0, BLOCK_P) * s_rp
+    r_tile = r_ptr + (pid_p * BLOCK_P).to(tl.int64) * s_rp
+    return tl.load(r_tile + (r_rows[:, None] + r_cols[None, :] * s_rq),
+                   mask=mask_p[:, None] & mask_q[None, :], other=0.0).to(ACC_DTYPE)
+
+
+@triton.jit
+def _plus_residual(acc, residual, out_ty: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``acc + residual``: in the accumulator, or in float64 for a float64 output."""
+    if out_ty == tl.float64:
+        total = acc.to(tl.float64) + residual.to(tl.float64)
+    else:
+        total = acc + residual.to(ACC_DTYPE)
+    return total
+
+
+@triton.jit
+def _act_grad_epilogue(acc, act_ptr, c, mask, offs_p, offs_q, g, Q, s_actp, s_actq, act_half,
+                       s_cq, ACC_DTYPE: tl.constexpr):
+    """The accumulator is dh, the gradient of ``h = up * silu(gate)`` at channel g*Q + q; the
+    saved gate_up [gate | up] (``act_half`` channels each) gives d(gate), returned, and d(up),
+    stored at the same channel of C's second half: the activation's backward, fused."""
+    act = act_ptr + offs_p[:, None] * s_actp + (g * Q + offs_q)[None, :] * s_actq
+    gate = tl.load(act, mask=mask, other=0.0).to(ACC_DTYPE)
+    up = tl.load(act + act_half * s_actq, mask=mask, other=0.0).to(ACC_DTYPE)
+    dgate, dup = silu_mul_grads(acc, gate, up)
+    tl.store(c + act_half * s_cq, dup.to(c.dtype.element_ty), mask=mask)
+    return dgate
+
+
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, c2_ptr, r_ptr, bias_ptr, bias2_ptr, act_ptr,
@@ -125,84 +223,109 @@ def _grouped_gemm_kernel(
     s_biasg, s_bias2g,
     r_groups, r_width,
     s_actp, s_actq, act_half,
+    per_group,  # the layout's channels per block (views only)
     p_bucket, k_bucket,  # autotune keys only
     HAS_SECOND: tl.constexpr, SHARED_STRIDES: tl.constexpr, PAIRED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     RESIDUAL_GATHER: tl.constexpr, ACT_GRAD: tl.constexpr,
+    VIEW: tl.constexpr, GROUPS: tl.constexpr, RUN: tl.constexpr, VIEW_SECOND: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    g = tl.program_id(1).to(tl.int64)
+    g32 = tl.program_id(1)
+    # A view's operand: residue g (``second``) or block g. G and R are constexprs, so a view's
+    # extent is one too: the compiler proves its runs contiguous and 16-byte aligned.
+    second = VIEW_SECOND
     if PAIRED:
         # Two problems of one shape and one set of strides in one launch: groups G..2G-1 of
         # grid axis 1 compute C2[g] = A2[g] @ B2[g]; only the base pointers switch.
         half = tl.num_programs(1) // 2
-        second_problem = g >= half
-        g = tl.where(second_problem, g - half, g)
-        a_base = tl.where(second_problem, a2_ptr + g * s_a2g, a_ptr + g * s_ag)
-        b_base = tl.where(second_problem, b2_ptr + g * s_b2g, b_ptr + g * s_bg)
-        c_base = tl.where(second_problem, c2_ptr + g * s_cg, c_ptr + g * s_cg)
+        second = g32 >= half
+        g32 = tl.where(second, g32 - half, g32)
+    g = g32.to(tl.int64)
+    if PAIRED:
+        a_base = tl.where(second, a2_ptr + g * s_a2g, a_ptr + g * s_ag)
+        b_base = tl.where(second, b2_ptr + g * s_b2g, b_ptr + g * s_bg)
+        c_base = tl.where(second, c2_ptr + g * s_cg, c_ptr + g * s_cg)
     else:
         a_base = a_ptr + g * s_ag
         b_base = b_ptr + g * s_bg
         c_base = c_ptr + g * s_cg
+    # A view's extent and the layout's strides are constexprs (a row of t is G*G*R elements), so
+    # the compiler proves each run of R slots contiguous and 16-byte aligned. Indices within a
+    # view stay int32 (a slot is under G*G*R, a weight row under s).
+    if VIEW == _VIEW_P:
+        P = GROUPS * RUN
+        s_ap = 1
+        s_ak = GROUPS * GROUPS * RUN
+    if VIEW == _VIEW_Q:
+        Q = GROUPS * RUN
+        s_cp = GROUPS * GROUPS * RUN
+        s_cq = 1
+        s_rp = GROUPS * GROUPS * RUN
+        s_rq = 1
+    if VIEW == _VIEW_K:
+        K = GROUPS * RUN
+        K2 = GROUPS * RUN
+        s_ap = GROUPS * GROUPS * RUN
+        s_ak = 1
     pid_p, pid_q = tile_ids(pid, P, Q, BLOCK_P, BLOCK_Q, GROUP_P)
 
-    offs_p = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
-    offs_q = (pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    mask_p = offs_p < P
-    mask_q = offs_q < Q
+    rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_p = rows < P
+    mask_q = cols < Q
+    a_p, c_p, mask_cp = _p_view(rows, g32, second, mask_p, per_group, VIEW, GROUPS, RUN)
+    b_q, mask_bq, c_q = _q_view(cols, g32, second, mask_q, per_group, VIEW, GROUPS, RUN)
+    offs_p = rows.to(tl.int64)
+    offs_q = cols.to(tl.int64)
 
     # Every tl.dot names the accumulator's dtype: Triton 3.6 defaults out_dtype to fp32 and
     # rejects the float64 accumulator otherwise (3.9 infers it); for fp32/fp16/bf16 it is fp32.
     if HAS_RESIDUAL and RESIDUAL_GATHER:
-        # Output channel c = g*Q + q takes R's column (c % r_groups) * r_width + c // r_groups
-        # (the IO block's dx: dxi interleaved with step G). The gather has no unit stride, so it
-        # is scalar; loaded into the accumulator before the K loop, while no pipeline buffer is
-        # live, it costs no registers of its own (in the epilogue it spilled at 128-row tiles).
-        # Offsets within the tile are int32 (the tile's first row is added in int64).
-        chan = (g * Q + offs_q).to(tl.int32)
-        r_cols = (chan % r_groups) * r_width + chan // r_groups
-        r_rows = tl.arange(0, BLOCK_P) * s_rp
-        r_tile = r_ptr + (pid_p * BLOCK_P).to(tl.int64) * s_rp
-        acc = tl.load(r_tile + (r_rows[:, None] + r_cols[None, :] * s_rq),
-                      mask=mask_p[:, None] & mask_q[None, :], other=0.0).to(ACC_DTYPE)
+        # The gather has no unit stride, so it is scalar; loaded into the accumulator before the
+        # K loop, while no pipeline buffer is live, it costs no registers of its own (in the
+        # epilogue it spilled at 128-row tiles).
+        acc = _gathered_residual(r_ptr, pid_p, mask_p, offs_q, mask_q, g, Q, s_rp, s_rq,
+                                 r_groups, r_width, ACC_DTYPE, BLOCK_P)
     else:
         acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC_DTYPE)
-    a_rows = offs_p[:, None] * s_ap
-    b_cols = offs_q[None, :] * s_bq
+    a_rows = a_p[:, None] * s_ap
+    b_cols = b_q[None, :] * s_bq
     steps1 = tl.cdiv(K, BLOCK_K)
     if HAS_SECOND and SHARED_STRIDES:
         # One pipelined loop over K + K2: step i reads (A, B) for i < steps1, else (A2, B2). The
         # pairs share their strides, so only the base pointers and the K bound switch.
         for i in range(0, steps1 + tl.cdiv(K2, BLOCK_K)):
-            second = i >= steps1
-            k = tl.where(second, i - steps1, i).to(tl.int64) * BLOCK_K + offs_k
-            mask_k = k < tl.where(second, K2, K)
-            a_src = tl.where(second, a2_ptr + g * s_a2g, a_base)
-            b_src = tl.where(second, b2_ptr + g * s_b2g, b_base)
-            a = tl.load(a_src + a_rows + k[None, :] * s_ak,
+            phase2 = i >= steps1
+            k = tl.where(phase2, i - steps1, i) * BLOCK_K + offs_k
+            mask_k = k < tl.where(phase2, K2, K)
+            a_k, b_k, mask_bk = _k_view(k, g32, phase2, mask_k, per_group, VIEW, GROUPS, RUN)
+            a_src = tl.where(phase2, a2_ptr + g * s_a2g, a_base)
+            b_src = tl.where(phase2, b2_ptr + g * s_b2g, b_base)
+            a = tl.load(a_src + a_rows + a_k[None, :] * s_ak,
                         mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(b_src + k[:, None] * s_bk + b_cols,
-                        mask=mask_k[:, None] & mask_q[None, :], other=0.0)
+            b = tl.load(b_src + b_k[:, None] * s_bk + b_cols,
+                        mask=mask_bk[:, None] & mask_bq[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     else:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             mask_k = k < K
-            a = tl.load(a_base + a_rows + k[None, :] * s_ak,
+            a_k, b_k, mask_bk = _k_view(k, g32, second, mask_k, per_group, VIEW, GROUPS, RUN)
+            a = tl.load(a_base + a_rows + a_k[None, :] * s_ak,
                         mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(b_base + k[:, None] * s_bk + b_cols,
-                        mask=mask_k[:, None] & mask_q[None, :], other=0.0)
+            b = tl.load(b_base + b_k[:, None] * s_bk + b_cols,
+                        mask=mask_bk[:, None] & mask_bq[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if HAS_SECOND:
-            # The fused variant: A2 has its own strides (x[..., n::G] read in place).
+            # The fused IO variant: A2 has its own strides (x[..., n::G] read in place).
             a2_rows = a2_ptr + g * s_a2g + offs_p[:, None] * s_a2p
             b2_cols = b2_ptr + g * s_b2g + offs_q[None, :] * s_b2q
             for k0 in range(0, K2, BLOCK_K):
-                k = k0 + offs_k
+                k = (k0 + offs_k).to(tl.int64)
                 mask_k = k < K2
                 a = tl.load(a2_rows + k[None, :] * s_a2k,
                             mask=mask_p[:, None] & mask_k[None, :], other=0.0)
@@ -217,21 +340,15 @@ def _grouped_gemm_kernel(
     if HAS_BIAS2:
         bias2 = tl.load(bias2_ptr + g * s_bias2g + offs_q, mask=mask_q, other=0.0)
         acc += bias2.to(ACC_DTYPE)[None, :]
-    mask = mask_p[:, None] & mask_q[None, :]
+    mask = mask_cp[:, None] & mask_q[None, :]
+    c = c_base + c_p[:, None] * s_cp + c_q[None, :] * s_cq
     if HAS_RESIDUAL and not RESIDUAL_GATHER:
-        residual = tl.load(r_ptr + g * s_rg + offs_p[:, None] * s_rp + offs_q[None, :] * s_rq,
+        residual = tl.load(r_ptr + g * s_rg + c_p[:, None] * s_rp + c_q[None, :] * s_rq,
                            mask=mask, other=0.0)
-        acc += residual.to(ACC_DTYPE)
-    c = c_base + offs_p[:, None] * s_cp + offs_q[None, :] * s_cq
+        acc = _plus_residual(acc, residual, c_ptr.dtype.element_ty, ACC_DTYPE)
     if ACT_GRAD:
-        # The accumulator is dh, the gradient of h = up * silu(gate) at channel g*Q + q; the
-        # saved gate_up [gate | up] (``act_half`` channels each) gives d(gate) and d(up),
-        # stored at the same channel of C's two halves: the activation's backward, fused.
-        act = act_ptr + offs_p[:, None] * s_actp + (g * Q + offs_q)[None, :] * s_actq
-        gate = tl.load(act, mask=mask, other=0.0).to(ACC_DTYPE)
-        up = tl.load(act + act_half * s_actq, mask=mask, other=0.0).to(ACC_DTYPE)
-        acc, dup = silu_mul_grads(acc, gate, up)
-        tl.store(c + act_half * s_cq, dup.to(c_ptr.dtype.element_ty), mask=mask)
+        acc = _act_grad_epilogue(acc, act_ptr, c, mask, offs_p, offs_q, g, Q, s_actp, s_actq,
+                                 act_half, s_cq, ACC_DTYPE)
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -254,6 +371,19 @@ def _input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not triton_interpreting():
         return "tf32"
     return "ieee"
+
+
+class LayoutView(NamedTuple):
+    """An operand view of the block-residue layout (``VIEW_K`` / ``VIEW_Q`` / ``VIEW_P``): the
+    layout's ``groups`` (G), run length ``run`` (R) and channels per block ``per_group`` (s);
+    ``second`` says the launch's one operand is the residue (W2's) side, else the block side
+    (a K view takes both sides in its one loop, a paired launch one per problem)."""
+
+    kind: int
+    groups: int
+    run: int
+    per_group: int
+    second: bool = False
 
 
 class Operand:
@@ -285,6 +415,7 @@ def grouped_gemm(
     residual_gather: Optional[Tuple[int, int]] = None,
     c2: Optional[Operand] = None,
     act_grad: Optional[Tuple[torch.Tensor, int]] = None,
+    view: Optional[LayoutView] = None,
     name: str = "grouped_gemm",
 ) -> None:
     """Launch the kernel: ``c[g] = a[g] @ b[g] (+ a2[g] @ b2[g]) (+ biases) (+ residual[g])``.
@@ -304,6 +435,11 @@ def grouped_gemm(
     epilogue: the accumulator (with any residual) is ``dh`` at channel ``c = g*Q + q``, and the
     launch stores ``d(gate)`` at column ``c`` and ``d(up)`` at column ``c + half`` of ``c``'s
     tensor (``[P, 2*half]``), reading the saved ``gate_up`` (same layout) at those columns.
+    ``view`` reads or writes the block-residue layout in place (``LayoutView``): a K view's
+    A is the layout ``t`` (column stride 1, no group stride) and B a ``[G, s, og]`` weight, whose
+    rows the layout index maps to; a Q view's B is a weight with its inner strides swapped and C
+    the layout; a P view's A is ``t`` transposed (row stride 1) and C a ``[G, s, og]`` weight
+    gradient. The view's extent (``G*R``) replaces K, Q or P respectively.
     ``name`` says what the launch is for (reports and tests see it).
     """
     if P == 0 or Q == 0 or groups == 0:
@@ -347,9 +483,12 @@ def grouped_gemm(
         HAS_SECOND=has_second, SHARED_STRIDES=shared, PAIRED=paired, HAS_BIAS=bias is not None,
         HAS_BIAS2=bias2 is not None, HAS_RESIDUAL=residual is not None,
         RESIDUAL_GATHER=residual_gather is not None, ACT_GRAD=act_grad is not None,
+        per_group=view.per_group if view else 1, VIEW=view.kind if view else VIEW_NONE,
+        GROUPS=view.groups if view else 1, RUN=view.run if view else 1,
+        VIEW_SECOND=bool(view.second) if view else False,
         INPUT_PRECISION=_input_precision(a.tensor.dtype), GROUP_P=8,
         # fp32 accumulation for fp32/fp16/bf16; float64 operands keep a float64 accumulator.
-        ACC_DTYPE=accumulator_dtype(c.tensor.dtype),
+        ACC_DTYPE=accumulator_dtype(a.tensor.dtype),
     )
 
     def grid(meta):
@@ -373,7 +512,8 @@ def grouped_gemm(
         configs=configs,
         interpreter_config=_interpreter_config(P, Q, max(K, K2)),
         tune_key=("p_bucket", "Q", "k_bucket", "K2", "HAS_SECOND", "SHARED_STRIDES", "PAIRED",
-                  "HAS_RESIDUAL", "RESIDUAL_GATHER", "ACT_GRAD"),
+                  "HAS_RESIDUAL", "RESIDUAL_GATHER", "ACT_GRAD", "VIEW", "GROUPS", "RUN",
+                  "VIEW_SECOND"),
         # An output that is also the residual is accumulated into: restore it between trials.
         restore=("c_ptr",) if residual is not None and residual.tensor is c.tensor else (),
         device=c.tensor.device,

@@ -22,20 +22,7 @@ from . import outputs
 from .activation import silu_mul, silu_mul_grads
 from .grouped_gemm import accumulator_dtype
 from .launch import KernelLaunch, launch
-
-
-@triton.jit
-def channel_of_slot(col, PER_GROUP: tl.constexpr, GROUPS: tl.constexpr, RUN: tl.constexpr):
-    """The channel at layout column ``col`` and whether ``col`` holds one (else padding)."""
-    b = col // (GROUPS * RUN)
-    n = (col // RUN) % GROUPS
-    i = (n + GROUPS - (b * PER_GROUP) % GROUPS) % GROUPS + (col % RUN) * GROUPS
-    return b * PER_GROUP + i, i < PER_GROUP
-
-
-@triton.jit
-def _slot_of_channel(c, PER_GROUP: tl.constexpr, GROUPS: tl.constexpr, RUN: tl.constexpr):
-    return ((c // PER_GROUP) * GROUPS + c % GROUPS) * RUN + (c % PER_GROUP) // GROUPS
+from .slots import channel_of_slot, slot_of_channel
 
 
 @triton.jit
@@ -72,7 +59,7 @@ def _silu_mul_layout_bwd_kernel(
     src = gu_ptr + rows[:, None] * s_gm + c.to(tl.int64)[None, :] * s_gc
     gate = tl.load(src, mask=mask, other=0.0).to(COMPUTE)
     up = tl.load(src + CHANNELS * s_gc, mask=mask, other=0.0).to(COMPUTE)
-    slot = _slot_of_channel(c, PER_GROUP, GROUPS, RUN)
+    slot = slot_of_channel(c, PER_GROUP, GROUPS, RUN)
     dh = tl.load(dt_ptr + rows[:, None] * s_dtm + slot[None, :], mask=mask, other=0.0).to(COMPUTE)
     dgate, dup = silu_mul_grads(dh, gate, up)
     dst = dgu_ptr + rows[:, None] * (2 * CHANNELS) + c[None, :]

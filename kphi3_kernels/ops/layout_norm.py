@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import outputs
 from .grouped_gemm import accumulator_dtype
-from .layout_act import channel_of_slot
+from .slots import channel_of_slot
 from .launch import KernelLaunch, launch
 
 
