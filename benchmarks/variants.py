@@ -163,3 +163,98 @@ def format_rows(rows: List[dict]) -> str:
         lines.append(f"{r['shape']:<14}{r['M']:>6}  {r['provider']:<15}{r['median_ms']:>10.4f}"
                      f"{r['p20_ms']:>9.4f}{r['p80_ms']:>9.4f}{ratio:>9}{r['floor_ms']:>10.4f}{err:>10}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The MLP tail: down_proj(up * silu(gate)) from gate_up_proj's output, three designs
+# --------------------------------------------------------------------------------------------
+# - ``op-level``: ``silu(gate) * up`` in channel order, then the IO block (``gpc_io``): its forward
+#   de-interleaves the input, its backward gathers the interleaved half of the gradient back.
+# - ``two-operators``: the producer writes the block-residue layout (``silu_mul_to_layout``) and
+#   the consumer reads it (``gpc_io_from_layout``); in the backward the layout's gradient is
+#   written whole (``gpc_io_layout_bwd_dt_second`` + ``gpc_io_layout_bwd_dt``) and read back by
+#   the activation's own backward (``silu_mul_layout_bwd``): the composable form, for a layer
+#   whose activation and block are separate modules.
+# - ``one-operator``: ``silu_mul_gpc_io``, what the fused decoder runs: the layout's gradient is
+#   never written; the activation's backward runs in the input gradient's epilogue.
+MLP_TAIL_DESIGNS = ("op-level", "two-operators", "one-operator")
+
+
+def mlp_tail_callables(shape: Shape, M: int, dtype: torch.dtype, device: torch.device,
+                       backend: str = "auto"):
+    """``({design: forward}, inputs)``: each forward maps ``(gate_up, W1, W2)`` to down_proj's
+    output; ``shape`` is a down_proj shape (its input is the MLP's intermediate width)."""
+    import torch.nn.functional as F
+
+    from kphi3_kernels import fused, gpc_io
+
+    g = torch.Generator(device=device).manual_seed(0)
+    G, s, og = shape.groups, shape.in_per_group, shape.out_per_group
+    gate_up = torch.randn(M, 2 * shape.in_features, generator=g, device=device).to(dtype)
+    w1 = (torch.randn(G, s, og, generator=g, device=device) * (2 * s) ** -0.5).to(dtype)
+    w2 = (torch.randn(G, s, og, generator=g, device=device) * (2 * s) ** -0.5).to(dtype)
+
+    def op_level(gu, a, b):
+        gate, up = gu.chunk(2, dim=-1)
+        return gpc_io(up * F.silu(gate), a, b, backend=backend)
+
+    def two_operators(gu, a, b):
+        return fused.gpc_io_from_layout(fused.silu_mul_to_layout(gu, G, backend=backend), a, b,
+                                        backend=backend)
+
+    def one_operator(gu, a, b):
+        return fused.silu_mul_gpc_io(gu, a, b, backend=backend)
+
+    designs = dict(zip(MLP_TAIL_DESIGNS, (op_level, two_operators, one_operator)))
+    return designs, (gate_up, w1, w2)
+
+
+def time_mlp_tail(device: torch.device, dtype: torch.dtype, shapes_: Sequence[Shape],
+                  Ms: Sequence[int], budget_s: float = 1.0, backend: str = "auto") -> List[dict]:
+    """One row per (shape, M, design): the training step's MLP tail (forward and backward of
+    gate_up and both weights), median/p20/p80 ms, ratio to the op-level design, and each
+    design's relative error against the float64 op-level composition (forward output and the
+    gate_up gradient)."""
+    rows = []
+    for shape in shapes_:
+        for M in Ms:
+            designs, inputs = mlp_tail_callables(shape, M, dtype, device, backend)
+            leaves = [t.detach().requires_grad_() for t in inputs]
+            dy = torch.randn(M, shape.out_features, device=device, dtype=dtype)
+            oracle = [t.detach().double().requires_grad_() for t in inputs]
+            want = _float64_tail(*oracle)
+            want.backward(dy.double())
+            errors = {}
+            for name, fn in designs.items():
+                got = fn(*leaves)
+                got.backward(dy)
+                errors[name] = max(_rel(got, want), _rel(leaves[0].grad, oracle[0].grad))
+                for t in leaves:
+                    t.grad = None
+
+            def step(fn):
+                def run():
+                    fn(*leaves).backward(dy)
+                return run
+
+            timings = bench_many({n: step(f) for n, f in designs.items()}, device,
+                                 {n: leaves for n in designs}, budget_s=budget_s)
+            base = timings["op-level"].median_ms
+            for name, t in timings.items():
+                rows.append(dict(
+                    shape=shape.name, M=M, provider=name, dtype=str(dtype).replace("torch.", ""),
+                    median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
+                    vs_op_level=t.median_ms / base if base else None, rel_error=errors[name],
+                    method=t.method,
+                ))
+    return rows
+
+
+def _float64_tail(gate_up, w1, w2):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return reference.gpc_io(up * torch.nn.functional.silu(gate), w1, w2)
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.detach()
+    return float((got.detach().double() - want).norm() / want.norm().clamp_min(1e-300))
