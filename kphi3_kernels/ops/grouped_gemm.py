@@ -224,11 +224,13 @@ def _grouped_gemm_kernel(
     r_groups, r_width,
     s_actp, s_actq, act_half,
     per_group,  # the layout's channels per block (views only)
+    k_per_split, s_split,  # split K: each split's share of K (a multiple of 128), its C offset
     p_bucket, k_bucket,  # autotune keys only
     HAS_SECOND: tl.constexpr, SHARED_STRIDES: tl.constexpr, PAIRED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     RESIDUAL_GATHER: tl.constexpr, ACT_GRAD: tl.constexpr,
     VIEW: tl.constexpr, GROUPS: tl.constexpr, RUN: tl.constexpr, VIEW_SECOND: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_P: tl.constexpr,
 ):
@@ -311,9 +313,18 @@ def _grouped_gemm_kernel(
                         mask=mask_bk[:, None] & mask_bq[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     else:
-        for k0 in range(0, K, BLOCK_K):
+        k_lo = 0
+        k_hi = K
+        if SPLIT_K > 1:
+            # Split ``split`` sums K-range [k_lo, k_hi) into its own slice of an fp32 workspace;
+            # a second pass (``_split_k_sum_kernel``) adds the slices in a fixed order.
+            split = tl.program_id(2)
+            k_lo = split * k_per_split
+            k_hi = tl.minimum(K, k_lo + k_per_split)
+            c_base += split.to(tl.int64) * s_split
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + offs_k
-            mask_k = k < K
+            mask_k = k < k_hi
             a_k, b_k, mask_bk = _k_view(k, g32, second, mask_k, per_group, VIEW, GROUPS, RUN)
             a = tl.load(a_base + a_rows + a_k[None, :] * s_ak,
                         mask=mask_p[:, None] & mask_k[None, :], other=0.0)
@@ -350,6 +361,71 @@ def _grouped_gemm_kernel(
         acc = _act_grad_epilogue(acc, act_ptr, c, mask, offs_p, offs_q, g, Q, s_actp, s_actq,
                                  act_half, s_cq, ACC_DTYPE)
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_k_sum_kernel(ws_ptr, out_ptr, out2_ptr, N, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``out[i] = sum over s of ws[o, s, i]`` (o = grid axis 1: ``out``, then ``out2``), the
+    splits added in order 0, 1, ... in the workspace's dtype, rounded once: the same result on
+    every run, whatever order the GEMM's programs ran in."""
+    o = tl.program_id(1)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < N
+    src = ws_ptr + (o * SPLITS).to(tl.int64) * N + offs
+    acc = tl.load(src, mask=mask, other=0.0)
+    for _ in tl.static_range(1, SPLITS):
+        src += N
+        acc += tl.load(src, mask=mask, other=0.0)
+    dst = tl.where(o == 0, out_ptr, out2_ptr)
+    tl.store(dst + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Split K (weight gradients): each split keeps at least SPLIT_MIN_K of the reduction (16 steps
+# of 64, so the pipeline's prologue stays a small part of it), at most MAX_SPLITS of them, and
+# each split's range is a multiple of 128, every BLOCK_K's multiple: a split's sum does not
+# depend on the config. The SMs of an H100 / H200 where the device cannot be asked.
+SPLIT_MIN_K = 1024
+MAX_SPLITS = 16
+SPLIT_ALIGN = 128
+DEFAULT_SMS = 132
+# Tests set this to an int to force that many splits on every weight-gradient launch.
+FORCE_SPLITS: Optional[int] = None
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return DEFAULT_SMS
+
+
+def split_plan(P: int, Q: int, K: int, groups: int, config: triton.Config,
+               device: torch.device, sms: Optional[int] = None) -> Tuple[int, int]:
+    """``(splits, K per split)`` of a weight-gradient launch, by a wave model: the launch takes
+    ``ceil(programs * S / SMs)`` waves of ``1/S`` of the work, ``programs`` counted with the
+    first-choice tile. The fewest splits within 10% of the best, kept only where they save at
+    least a fifth over no split: each split costs an fp32 copy of the output, written by the
+    GEMM and read by the sum."""
+    if FORCE_SPLITS is not None:
+        want = FORCE_SPLITS
+    else:
+        sms = sms or _sm_count(device)
+        programs = groups * triton.cdiv(P, config.kwargs["BLOCK_P"]) \
+            * triton.cdiv(Q, config.kwargs["BLOCK_Q"])
+        most = min(MAX_SPLITS, K // SPLIT_MIN_K)
+
+        def waves(n):
+            return triton.cdiv(programs * n, sms) / n
+
+        counts = range(1, max(most, 1) + 1)
+        best = min(waves(n) for n in counts)
+        want = next(n for n in counts if waves(n) <= 1.1 * best)
+        if waves(want) > 0.8 * waves(1):
+            want = 1
+    if want <= 1 or K <= SPLIT_ALIGN:
+        return 1, K
+    per_split = triton.cdiv(triton.cdiv(K, want), SPLIT_ALIGN) * SPLIT_ALIGN
+    splits = triton.cdiv(K, per_split)
+    return (splits, per_split) if splits > 1 else (1, K)
 
 
 def _interpreter_config(P: int, Q: int, K: int) -> triton.Config:
@@ -416,6 +492,7 @@ def grouped_gemm(
     c2: Optional[Operand] = None,
     act_grad: Optional[Tuple[torch.Tensor, int]] = None,
     view: Optional[LayoutView] = None,
+    weight_grad: bool = False,
     name: str = "grouped_gemm",
 ) -> None:
     """Launch the kernel: ``c[g] = a[g] @ b[g] (+ a2[g] @ b2[g]) (+ biases) (+ residual[g])``.
@@ -440,6 +517,9 @@ def grouped_gemm(
     rows the layout index maps to; a Q view's B is a weight with its inner strides swapped and C
     the layout; a P view's A is ``t`` transposed (row stride 1) and C a ``[G, s, og]`` weight
     gradient. The view's extent (``G*R``) replaces K, Q or P respectively.
+    ``weight_grad`` says the launch is a weight gradient (K is the token count; ``c`` and ``c2``
+    contiguous and written whole): where its programs do not fill the GPU, K is split
+    (``split_plan``) and the splits are summed by a second, fixed-order pass.
     ``name`` says what the launch is for (reports and tests see it).
     """
     if P == 0 or Q == 0 or groups == 0:
@@ -484,6 +564,7 @@ def grouped_gemm(
         HAS_BIAS2=bias2 is not None, HAS_RESIDUAL=residual is not None,
         RESIDUAL_GATHER=residual_gather is not None, ACT_GRAD=act_grad is not None,
         per_group=view.per_group if view else 1, VIEW=view.kind if view else VIEW_NONE,
+        k_per_split=K, s_split=0,
         GROUPS=view.groups if view else 1, RUN=view.run if view else 1,
         VIEW_SECOND=bool(view.second) if view else False,
         INPUT_PRECISION=_input_precision(a.tensor.dtype), GROUP_P=8,
@@ -491,9 +572,11 @@ def grouped_gemm(
         ACC_DTYPE=accumulator_dtype(a.tensor.dtype),
     )
 
+    grid_groups = 2 * groups if paired else groups
+
     def grid(meta):
-        return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Q, meta["BLOCK_Q"]),
-                2 * groups if paired else groups)
+        return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Q, meta["BLOCK_Q"]), grid_groups,
+                meta["SPLIT_K"])
 
     configs = configs_for(P, Q, a.tensor.dtype, _smem_limit(c.tensor.device))
     if residual_gather is not None:
@@ -507,14 +590,49 @@ def grouped_gemm(
         # 64 elements per thread it spilled on sm_90a (Triton 3.6, 8 to 144 B); 32 compile clean.
         configs = tuple(c for c in configs if c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"]
                         <= 32 * 32 * c.num_warps) or configs
+    splits, k_per_split = (split_plan(P, Q, K, grid_groups, configs[0], c.tensor.device)
+                           if weight_grad else (1, K))
+    outs = (c.tensor, c2.tensor if paired else None)
+    if splits > 1:
+        if has_second or bias is not None or bias2 is not None or residual is not None \
+                or act_grad is not None:
+            raise ValueError("split K sums plain products: no second operand, bias, residual "
+                             "or activation gradient")
+        if not all(t is None or t.is_contiguous() for t in outs) or \
+                (paired and c2.tensor.shape != c.tensor.shape):
+            raise ValueError("split K writes contiguous outputs of one shape")
+        # Each split writes C's elements, at C's strides, into its own fp32 slice.
+        numel = c.tensor.numel()
+        ws = torch.empty((len(outs) if paired else 1, splits, numel),
+                         dtype=torch.float64 if c.tensor.dtype == torch.float64 else torch.float32,
+                         device=c.tensor.device)
+        args.update(c_ptr=ws, c2_ptr=ws[-1], r_ptr=ws, act_ptr=ws, s_split=numel)
+        if bias is None:
+            args.update(bias_ptr=ws, bias2_ptr=ws)
+    args.update(SPLIT_K=splits, k_per_split=k_per_split)
     launch(KernelLaunch(
         name=name, kernel=_grouped_gemm_kernel, grid=grid, args=args,
         configs=configs,
         interpreter_config=_interpreter_config(P, Q, max(K, K2)),
         tune_key=("p_bucket", "Q", "k_bucket", "K2", "HAS_SECOND", "SHARED_STRIDES", "PAIRED",
                   "HAS_RESIDUAL", "RESIDUAL_GATHER", "ACT_GRAD", "VIEW", "GROUPS", "RUN",
-                  "VIEW_SECOND"),
+                  "VIEW_SECOND", "SPLIT_K"),
         # An output that is also the residual is accumulated into: restore it between trials.
         restore=("c_ptr",) if residual is not None and residual.tensor is c.tensor else (),
         device=c.tensor.device,
+    ))
+    if splits > 1:
+        _sum_splits(ws, outs, splits, name)
+
+
+def _sum_splits(ws: torch.Tensor, outs, splits: int, name: str) -> None:
+    numel = ws.shape[-1]
+    config = triton.Config({"BLOCK_N": 1024}, num_warps=4)
+    out, out2 = outs
+    launch(KernelLaunch(
+        name=f"{name}_sum", kernel=_split_k_sum_kernel,
+        grid=lambda meta: (triton.cdiv(numel, meta["BLOCK_N"]), ws.shape[0]),
+        args=dict(ws_ptr=ws, out_ptr=out, out2_ptr=out2 if out2 is not None else out, N=numel,
+                  SPLITS=splits),
+        configs=[config], interpreter_config=config, device=ws.device,
     ))

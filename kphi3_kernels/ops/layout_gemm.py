@@ -113,5 +113,5 @@ def gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt=True, need_dw1=True, need
                          a2=t_cols if both else None, b2=rows_of_dy if both else None,
                          K2=M if both else 0, c2=_weight(dw2) if both else None,
                          view=LayoutView(VIEW_P, G, R, s, second=dw1 is None),
-                         name="gpc_io_layout_bwd_dw")
+                         weight_grad=True, name="gpc_io_layout_bwd_dw")
     return dt, dw1, dw2

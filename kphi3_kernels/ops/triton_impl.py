@@ -120,7 +120,7 @@ def _grouped_weight_grad(a: Operand, dy, weight, name: str) -> torch.Tensor:
     M = dy.shape[0]
     G, s, og = weight.shape
     dw = outputs.new_output((G, s, og), weight.dtype, weight.device)
-    grouped_gemm(G, s, og, a, _groups_of(dy, og), M, _weight(dw), name=name)
+    grouped_gemm(G, s, og, a, _groups_of(dy, og), M, _weight(dw), weight_grad=True, name=name)
     return dw
 
 
@@ -224,7 +224,7 @@ def gpc_io_bwd(dy, x, xi, weight1, weight2, need_dx=True, need_dw1=True, need_dw
         dw2 = outputs.new_output((G, s, og), weight2.dtype, weight2.device)
         grouped_gemm(G, s, og, _groups_of_transposed(x, s), _groups_of(dy, og), M, _weight(dw1),
                      a2=_groups_of_transposed(xi, s), b2=_groups_of(dy, og), c2=_weight(dw2),
-                     name="gpc_io_bwd_dw")
+                     weight_grad=True, name="gpc_io_bwd_dw")
     elif need_dw1:
         dw1 = _grouped_weight_grad(_groups_of_transposed(x, s), dy, weight1, "gpc_io_bwd_dw1")
     elif need_dw2:
