@@ -49,7 +49,7 @@ MAX_TIME_S, QUICK_MAX_TIME_S = 30.0, 4.0
 MODEL_DEFAULT_SIZES = {"layers": (2, 2, 2), "batch": (1, 8, 2), "seq": (64, 1024, 256),
                        "prompt": (8, 128, 32), "new_tokens": (8, 128, 32), "steps": (2, 10, 4)}
 
-# The ledgers' grids (ledger.py and model_ledger.py read them from here).
+# The ledgers' grids (ledger.py reads them from here, for the ops and for --model).
 LEDGER_OPS = ("grouped_linear", "gpc_io", "gpc_block", "interleave")
 LEDGER_MODES = ("fwd", "bwd")
 LEDGER_DEFAULT_M = (1, 16, 2048, 8192)
@@ -420,8 +420,41 @@ def build_plot_parser(prog: str = "kphi3-bench plot") -> argparse.ArgumentParser
 
 
 # ----------------------------------------------------------------------------------------------
-# kphi3-bench ledger (python -m kphi3_bench.ledger)
+# kphi3-bench ledger [--model] (python -m kphi3_bench.ledger [--model])
 # ----------------------------------------------------------------------------------------------
+
+
+def _add_ledger_common(parser: argparse.ArgumentParser, what: str, markdown: str = "") -> None:
+    """The options both ledgers share: the IO forward design, the cost model and the outputs."""
+    parser.add_argument("--io-forward", choices=("auto", "split", "fused"), default="auto",
+                        help="the IO block's forward design recorded for the Triton path "
+                             "(triton_impl.IO_FORWARD; default: %(default)s)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="compute ceiling in TFLOP/s (default: the H200 bf16 figure of "
+                             "kphi3_bench.roofline, 790)")
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="memory ceiling in GB/s, read + write (default: the H200 copy figure "
+                             "of kphi3_bench.roofline, 4300)")
+    parser.add_argument("--launch-overhead-us", type=float, default=LAUNCH_OVERHEAD_US,
+                        help="fixed cost added to every launch, in us (default: %(default)s)")
+    parser.add_argument("--out", dest="json", metavar="FILE.json",
+                        help=f"write {what} as JSON (--json, its former name, still works)")
+    hidden_alias(parser, "--json", "json")
+    parser.add_argument("--markdown", metavar="PATH",
+                        help=f"write the generated markdown section{markdown} to PATH")
+    parser.add_argument("--quiet", action="store_true", help="do not print the tables")
+
+
+def _check_ledger_common(args: argparse.Namespace, files: Sequence[str] = ()) -> None:
+    for flag in ("peak_tflops", "peak_gbps"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    for dest in ("json", "markdown") + tuple(files):
+        path = getattr(args, dest)
+        if path:
+            check_writable_file(path, "--out" if dest == "json" else
+                                f"--{dest.replace('_', '-')}")
 
 
 def build_ledger_parser(prog: str = "kphi3-bench ledger") -> argparse.ArgumentParser:
@@ -431,6 +464,9 @@ def build_ledger_parser(prog: str = "kphi3-bench ledger") -> argparse.ArgumentPa
                      "the plain reference and nn.Linear, from FLOP and byte counts (nothing is "
                      "run or timed). Prints a summary per op and for the layer; --detail prints "
                      "every row and launch."))
+    parser.add_argument("--model", action="store_true",
+                        help="the model-level ledger instead: one decoder layer, dense Phi-3 "
+                             "against KPhi-3 (its own options: --model --help)")
     parser.add_argument("--shapes", default=csv(LEDGER_DEFAULT_SHAPES),
                         help="comma-separated shape or family names of kphi3_bench.shapes "
                              "(default: %(default)s)")
@@ -452,35 +488,18 @@ def build_ledger_parser(prog: str = "kphi3-bench ledger") -> argparse.ArgumentPa
                         help=f"M {csv(LEDGER_QUICK_M)} only (a decode and a training size)")
     parser.add_argument("--detail", action="store_true",
                         help="after the summary, every row and every launch of its Triton path")
-    parser.add_argument("--io-forward", choices=("auto", "split", "fused"), default="auto",
-                        help="the IO block's forward design recorded for the Triton path "
-                             "(triton_impl.IO_FORWARD; default: %(default)s)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="compute ceiling in TFLOP/s (default: the H200 bf16 figure of "
-                             "kphi3_bench.roofline, 790)")
-    parser.add_argument("--peak-gbps", type=float, default=None,
-                        help="memory ceiling in GB/s, read + write (default: the H200 copy figure "
-                             "of kphi3_bench.roofline, 4300)")
-    parser.add_argument("--launch-overhead-us", type=float, default=LAUNCH_OVERHEAD_US,
-                        help="fixed cost added to every launch, in us (default: %(default)s)")
     parser.add_argument("--triton-only", action="store_true",
                         help="count the Triton path and the floor only (skip reference and dense; "
                              "enough for the budget, and faster)")
-    parser.add_argument("--out", dest="json", metavar="FILE.json",
-                        help="write every row, launch by launch, as JSON (rewritten as rows are "
-                             "counted, so an interrupted run keeps them; --json, its former name, "
-                             "still works)")
-    hidden_alias(parser, "--json", "json")
-    parser.add_argument("--markdown", metavar="PATH",
-                        help="write the generated markdown section (bf16 rows, or the first "
-                             "dtype's without bf16) to PATH")
+    _add_ledger_common(parser, "every row, launch by launch (rewritten as rows are counted, so "
+                               "an interrupted run keeps them)",
+                       " (bf16 rows, or the first dtype's without bf16)")
     parser.add_argument("--write-budget", metavar="PATH",
                         help="write the Triton path's launches and bytes of every row as the "
                              "budget file PATH (e.g. benchmarks/results/ledger-budget.json)")
     parser.add_argument("--check-budget", metavar="PATH",
                         help="compare the Triton path with the budget file PATH on the budget's "
                              "own grid; exit 1 listing every row over budget")
-    parser.add_argument("--quiet", action="store_true", help="do not print the tables")
     return parser
 
 
@@ -492,22 +511,10 @@ def check_ledger_args(args: argparse.Namespace) -> List[int]:
     check_choices(split_list(args.dtypes), DTYPE_NAMES, "dtype")
     default = LEDGER_QUICK_M if args.quick else LEDGER_DEFAULT_M
     ms = positive_ints(args.m, "--M") if args.m else list(default)
-    for flag in ("peak_tflops", "peak_gbps"):
-        value = getattr(args, flag)
-        if value is not None and not value > 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    for option, path in (("--out", args.json), ("--markdown", args.markdown),
-                         ("--write-budget", args.write_budget)):
-        if path:
-            check_writable_file(path, option)
+    _check_ledger_common(args, ("write_budget",))
     if args.check_budget and not os.path.isfile(args.check_budget):
         raise UsageError(f"--check-budget {args.check_budget}: no such file")
     return ms
-
-
-# ----------------------------------------------------------------------------------------------
-# kphi3-bench ledger --model (python -m kphi3_bench.model_ledger)
-# ----------------------------------------------------------------------------------------------
 
 
 def build_model_ledger_parser(prog: str = "kphi3-bench ledger --model"
@@ -536,22 +543,19 @@ def build_model_ledger_parser(prog: str = "kphi3-bench ledger --model"
                              "(default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16",
                         help="(default: %(default)s; the default ceilings are bf16's)")
-    parser.add_argument("--io-forward", choices=("auto", "split", "fused"), default="auto",
-                        help="the IO block's forward design recorded for the Triton path "
-                             "(default: %(default)s)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="compute ceiling in TFLOP/s (default: the H200 bf16 figure, 790)")
-    parser.add_argument("--peak-gbps", type=float, default=None,
-                        help="memory ceiling in GB/s (default: the H200 copy figure, 4300)")
-    parser.add_argument("--launch-overhead-us", type=float, default=LAUNCH_OVERHEAD_US,
-                        help="fixed cost added to every launch, in us (default: %(default)s)")
-    parser.add_argument("--out", dest="json", metavar="FILE.json",
-                        help="write the full result as JSON (--json, its former name, still "
-                             "works)")
-    hidden_alias(parser, "--json", "json")
-    parser.add_argument("--markdown", metavar="PATH", help="write the markdown section to PATH")
-    parser.add_argument("--quiet", action="store_true", help="do not print the table")
+    _add_ledger_common(parser, "the full result")
     return parser
+
+
+def check_model_ledger_args(args: argparse.Namespace) -> List[int]:
+    """The torch-free checks of ``kphi3-bench ledger --model``; returns the decode batches."""
+    check_choices(split_list(args.families), MODEL_LEDGER_FAMILIES, "family")
+    batches = positive_ints(args.decode_batches, "--decode-batches")
+    if args.tokens <= 0 or args.batch <= 0 or args.cache <= 0 or args.tokens % args.batch:
+        raise UsageError("--M (tokens), --batch and --cache must be positive, and the tokens a "
+                         "multiple of the batch")
+    _check_ledger_common(args)
+    return batches
 
 
 # Every command's parser, by how it is invoked (the tests check that each option has a help text).

@@ -1,4 +1,6 @@
-"""The launch ledger: a speed-of-light cost model of each op's data flow, launch by launch.
+"""The ledger: the predicted H200 time of every launch, op by op (the launch ledger) and for one
+decoder layer (``--model``, dense Phi-3 against KPhi-3), with its budget, tables, JSON, markdown
+and command line.
 
     python -m kphi3_bench.ledger                                  # the summary: per op, per layer
     python -m kphi3_bench.ledger --detail                         # ... then every row and launch
@@ -6,500 +8,65 @@
     python -m kphi3_bench.ledger --out ledger.json --markdown ledger.md
     python -m kphi3_bench.ledger --check-budget benchmarks/results/ledger-budget.json
     python -m kphi3_bench.ledger --triton-only --write-budget benchmarks/results/ledger-budget.json
+    python -m kphi3_bench.ledger --model                          # kphi3 and phi3-mini, 8192 tokens
+    python -m kphi3_bench.ledger --model --families kphi3 --M 4096 --batch 2 --out layer.json
+
+``kphi3-bench ledger [--model]`` runs the same; so does ``python -m kphi3_bench.model_ledger``, the
+former name of ``--model``.
 
 Nothing is timed and nothing runs on a GPU: every number is arithmetic on what each launch reads,
-writes and computes, so the ledger is the same on any machine. For every op (``grouped_linear``,
-``gpc_io``, ``gpc_block``, ``interleave``), shape, M, mode and dtype it counts four things:
+writes and computes (``kphi3_bench.ledger_costs`` says what is counted and how; every name of it
+is importable from here), **a prediction from FLOP and byte counts, not a measurement**. Each
+launch costs ``max(FLOPs / 790 TFLOP/s, bytes / 4.3 TB/s) + 2 us`` (``h200_model``); a path
+costs the sum of its launches.
 
-* **triton**: the launches of ``kphi3_kernels.ops.triton_impl``. The launchers are called on
-  ``meta`` tensors (shapes and strides, no memory) with ``ops.launch.RECORDER`` set, so each
-  ``KernelLaunch`` is seen and none is run. A launch's FLOPs are those its first-choice config
-  (``configs[0]``) issues, tile padding included: ``2 * programs * BLOCK_P * BLOCK_Q * BLOCK_K *
-  (cdiv(K, BLOCK_K) + cdiv(K2, BLOCK_K))`` for the grouped GEMM, 0 for the interleave (a pure
-  data-movement kernel). Its bytes are the sizes of the distinct tensors among its arguments
-  (a tensor passed twice, e.g. as an unused bias placeholder, counts once; an output the kernel
-  accumulates into, named in ``KernelLaunch.restore``, counts twice: read and write).
-* **reference**: ``kphi3_kernels.reference`` (the original's einsum chain), recorded as an aten
-  graph on ``meta`` tensors with a ``TorchDispatchMode``. Every aten op that moves data is a
-  launch (copies, clones, ``bmm``, ``add``...); views and other metadata-only ops (``view``,
-  ``permute``, ``t``, ``_unsafe_view``...) and bare allocations are skipped. FLOPs come from
-  ``torch.utils.flop_counter``'s formulas, bytes are the op's distinct tensor inputs plus its
-  outputs (the operand of an in-place op such as ``add_`` is read and written; the destination
-  of ``copy_``, ``fill_`` or an ``out=`` variant is written only).
-* **dense**: ``F.linear(x, W)`` of the same in/out (what a user would run instead), recorded the
-  same way. The interleave has no dense counterpart.
-* **floor**: one launch that does the op's true FLOPs (``2 * M * in * out / G`` per grouped
-  GEMM, twice that backward) and moves the least bytes: forward reads x and the weights and
-  writes y; backward reads dy, x and the weights and writes dx and the weight gradients.
-
-``bwd`` is the backward alone, given the upstream gradient: every input gradient and every weight
-gradient (no bias). Each launch costs ``max(FLOPs / peak FLOP/s, bytes / peak bytes/s) +
-overhead``; an op costs the sum of its launches. The defaults are the H200 ceilings of
-``kphi3_bench.roofline`` (790 TFLOP/s bf16, 4.3 TB/s copy; fp16 assumed the same) and 2 us per
-launch. These are predictions, not measurements: a kernel can only be slower than its ledger line
-(it ignores L2 re-reads, load widths, occupancy and tails), so the ledger says what a design can
-at best achieve and where its bytes go, not how fast it runs.
+A row of the launch ledger (``LedgerRow``, ``build_ledger``) is one op, shape, M, mode and dtype
+with its four paths (triton, reference, dense, floor). The model-level ledger (``build_model``)
+is one decoder layer's training step and decode step per family, for the paths dense, reference,
+triton and fused.
 
 The budget (``--write-budget`` / ``--check-budget``, and ``tests/test_ledger.py``) holds the
 Triton path's launches and bytes per row: a change that adds a launch or moves more bytes than
 the committed budget fails until the budget is rewritten on purpose.
 
-Python API: ``triton_launches``, ``reference_launches``, ``dense_launches``, ``floor``,
-``triton_launch_cost``, ``AtenRecorder``, ``build_ledger``, ``budget_from_rows``,
-``check_budget``, ``format_table``, ``markdown``.
+Python API: the costs (``triton_launches``, ``reference_launches``, ``dense_launches``,
+``floor``, ``triton_launch_cost``, ``AtenRecorder``, ``train_layer``, ``decode_layer``,
+``fused_launches``...), ``build_ledger``, ``budget_from_rows``, ``check_budget``,
+``format_table``, ``markdown``, ``build_model``, ``format_layer_table``, ``layer_markdown``,
+``measured_over_predicted``, ``main``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .cli import LAUNCH_OVERHEAD_US, LEDGER_DEFAULT_DTYPES as DEFAULT_DTYPES
-from .cli import LEDGER_DEFAULT_M as DEFAULT_M, LEDGER_DEFAULT_SHAPES as DEFAULT_SHAPES
-from .cli import LEDGER_MODES, LEDGER_OPS as OPS
+from .cli import LEDGER_DEFAULT_DTYPES as DEFAULT_DTYPES, LEDGER_DEFAULT_M as DEFAULT_M
+from .cli import LEDGER_DEFAULT_SHAPES as DEFAULT_SHAPES, LEDGER_MODES, LEDGER_OPS as OPS
+from .cli import MODEL_LEDGER_BATCH, MODEL_LEDGER_CACHE, MODEL_LEDGER_DECODE_BATCHES
+from .cli import MODEL_LEDGER_FAMILIES, MODEL_LEDGER_TOKENS
+from .ledger_costs import (  # noqa: F401  (re-exported: the ledger's one import for its callers)
+    COMPONENTS, CONFIGS, ELEMENT_SIZE, PATHS, PROJECTIONS, REST, CostModel, LaunchCost,
+    LayerConfig, PathCost, Problem, activation, aten_op_cost, cache_update, decode_attention,
+    decode_layer, dense_launches, distinct_bytes, family_shapes, flash_attention, floor,
+    fused_launches, h200_model, norm_heads_delta_us, outside_layer, path_costs, projection_launches,
+    projections, record_aten, record_costs, reference_launches, residual_add, rest_of_layer,
+    rms_norm, rope, train_layer, triton_launch_cost, triton_launches)
 
 SCHEMA = "kphi3_bench.ledger/1"
+MODEL_SCHEMA = "kphi3_bench.model_ledger/1"
 BUDGET_SCHEMA = "kphi3_bench.ledger-budget/1"
 DEFAULT_BUDGET = "benchmarks/results/ledger-budget.json"
 
 
-# ----------------------------------------------------------------------------------------------
-# The cost model
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """``time = max(flops / peak_flops, bytes / peak_bytes_per_s) + overhead_s`` per launch."""
-
-    peak_tflops: float
-    peak_gbps: float
-    overhead_us: float = LAUNCH_OVERHEAD_US
-
-    def time_us(self, flops: float, nbytes: float) -> float:
-        return (max(flops / (self.peak_tflops * 1e12), nbytes / (self.peak_gbps * 1e9)) * 1e6
-                + self.overhead_us)
-
-    def bound(self, flops: float, nbytes: float) -> str:
-        compute = flops / (self.peak_tflops * 1e12)
-        memory = nbytes / (self.peak_gbps * 1e9)
-        return "compute" if compute >= memory else "memory"
-
-
-def h200_model(overhead_us: float = LAUNCH_OVERHEAD_US) -> CostModel:
-    """The H200 ceilings of ``kphi3_bench.roofline`` (bf16; fp16 assumed the same)."""
-    from .roofline import H200_BF16_TFLOPS, H200_COPY_GBPS
-
-    return CostModel(H200_BF16_TFLOPS, H200_COPY_GBPS, overhead_us)
-
-
-@dataclass
-class LaunchCost:
-    """One launch: what it is, what it computes and what it moves."""
-
-    name: str
-    flops: int
-    bytes: int
-    config: str = ""
-
-    def to_dict(self, model: CostModel) -> Dict[str, Any]:
-        out = {"name": self.name, "flops": self.flops, "bytes": self.bytes,
-               "time_us": round(model.time_us(self.flops, self.bytes), 4),
-               "bound": model.bound(self.flops, self.bytes)}
-        if self.config:
-            out["config"] = self.config
-        return out
-
-
-@dataclass
-class PathCost:
-    """The launches of one way to compute one op call."""
-
-    launches: List[LaunchCost] = field(default_factory=list)
-
-    @property
-    def count(self) -> int:
-        return len(self.launches)
-
-    @property
-    def flops(self) -> int:
-        return sum(l.flops for l in self.launches)
-
-    @property
-    def bytes(self) -> int:
-        return sum(l.bytes for l in self.launches)
-
-    def time_us(self, model: CostModel) -> float:
-        return sum(model.time_us(l.flops, l.bytes) for l in self.launches)
-
-    def to_dict(self, model: CostModel) -> Dict[str, Any]:
-        return {"launches": self.count, "flops": self.flops, "bytes": self.bytes,
-                "time_us": round(self.time_us(model), 4),
-                "kernels": [l.to_dict(model) for l in self.launches]}
-
-
-# ----------------------------------------------------------------------------------------------
-# Bytes of a set of tensors
-# ----------------------------------------------------------------------------------------------
-
-
-def _storage_key(t) -> int:
-    # The StorageImpl's address: equal for every view of one storage (meta tensors included,
-    # whose data pointers are all 0).
-    return t.untyped_storage()._cdata
-
-
-def _view_bytes(t) -> int:
-    """Bytes a tensor (view) spans: its elements, or fewer where strides overlap (``expand``)."""
-    n = t.numel()
-    if n == 0:
-        return 0
-    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
-    return min(n, span) * t.element_size()
-
-
-def distinct_bytes(tensors: Iterable[Any]) -> int:
-    """The bytes of the distinct tensors among ``tensors``.
-
-    One tensor passed twice counts once; distinct views of one storage add up, but never to more
-    than the storage holds.
-    """
-    import torch
-
-    views: Dict[Any, Dict[tuple, int]] = {}
-    caps: Dict[Any, int] = {}
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            continue
-        key = _storage_key(t)
-        caps[key] = t.untyped_storage().nbytes()
-        views.setdefault(key, {})[(t.storage_offset(), tuple(t.shape), tuple(t.stride()))] = \
-            _view_bytes(t)
-    return sum(min(caps[key], sum(v.values())) for key, v in views.items())
-
-
-# ----------------------------------------------------------------------------------------------
-# The Triton path: KernelLaunch records
-# ----------------------------------------------------------------------------------------------
-
-# The block-size names of the kernels' configs (kphi3_kernels/ops/grouped_gemm.py, interleave.py).
-_GEMM_BLOCKS = ("BLOCK_P", "BLOCK_Q", "BLOCK_K")
-_MOVE_BLOCKS = {"BLOCK_M", "BLOCK_A", "BLOCK_B"}
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _config_text(config) -> str:
-    kw = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
-    return f"{kw}, num_warps={config.num_warps}, num_stages={config.num_stages}"
-
-
-# A pass over rows x columns with no matmul (the fused activation of ``ops/layout_act.py``).
-_ELEMENTWISE_BLOCKS = {"BLOCK_M", "BLOCK_C"}
-
-
-def _k_steps(spec, bk: int) -> int:
-    """K-loop steps of one program of a GEMM launch: the grouped GEMM's ``K`` (+ ``K2``), the
-    layout GEMMs' (``ops/layout_gemm.py``) two products of ``G*R``, ``og`` or ``M``."""
-    a = spec.args
-    if "K" in a:
-        return _cdiv(a["K"], bk) + _cdiv(a.get("K2", 0), bk)
-    if spec.name == "gpc_io_layout_fwd":
-        return 2 * _cdiv(a["GROUPS"] * a["RUN"], bk)
-    if spec.name.startswith("gpc_io_layout_bwd_dt"):
-        return _cdiv(a["OG"], bk)
-    if spec.name == "gpc_io_layout_bwd_dw":
-        return _cdiv(a["M"], bk)
-    raise ValueError(f"launch {spec.name!r}: no reduction length known; teach the ledger")
-
-
-def triton_launch_cost(spec) -> LaunchCost:
-    """FLOPs (first-choice config, tile padding included) and bytes of one ``KernelLaunch``."""
-    import torch
-
-    config = spec.configs[0]
-    kw = dict(config.kwargs)
-    if all(k in kw for k in _GEMM_BLOCKS):
-        bp, bq, bk = (kw[k] for k in _GEMM_BLOCKS)
-        programs = 1
-        for n in spec.grid(dict(spec.args, **kw)):
-            programs *= n
-        steps = _k_steps(spec, bk)
-        flops = 2 * programs * bp * bq * bk * steps
-    elif set(kw) in (_MOVE_BLOCKS, _ELEMENTWISE_BLOCKS):
-        flops = 0
-    else:
-        raise ValueError(
-            f"launch {spec.name!r}: config {sorted(kw)} is neither a GEMM's {_GEMM_BLOCKS} "
-            f"nor a data pass's {sorted(_MOVE_BLOCKS)} / {sorted(_ELEMENTWISE_BLOCKS)}; teach the ledger "
-            "what this kernel computes")
-    tensors = [v for v in spec.args.values() if isinstance(v, torch.Tensor)]
-    nbytes = distinct_bytes(tensors)
-    # An output the kernel accumulates into is read and written.
-    nbytes += distinct_bytes(spec.args[name] for name in spec.restore)
-    return LaunchCost(spec.name, int(flops), int(nbytes), _config_text(config))
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One op call: the op, a shape of ``kphi3_bench.shapes``, M tokens and a dtype name."""
-
-    op: str
-    shape: Any   # shapes.Shape
-    m: int
-    dtype: str
-
-    @property
-    def has_second(self) -> bool:
-        """gpc_block has its second GEMM only when in >= out."""
-        return self.shape.in_features >= self.shape.out_features
-
-    def torch_dtype(self):
-        from .shapes import DTYPES
-
-        return DTYPES[self.dtype]
-
-
-def _meta(*size, dtype, requires_grad=False):
-    import torch
-
-    return torch.empty(*size, dtype=dtype, device="meta", requires_grad=requires_grad)
-
-
-def _operands(p: Problem, requires_grad: bool = False) -> Dict[str, Any]:
-    """x, the weights and dy of ``p`` on the meta device (``[M, C]``, weights ``[G, s, og]``)."""
-    sh, dt = p.shape, p.torch_dtype()
-    G, s, og = sh.groups, sh.in_per_group, sh.out_per_group
-    out = {"x": _meta(p.m, sh.in_features, dtype=dt, requires_grad=requires_grad)}
-    if p.op in ("grouped_linear", "gpc_io", "gpc_block"):
-        out["w1"] = _meta(G, s, og, dtype=dt, requires_grad=requires_grad)
-    if p.op == "gpc_io":
-        out["w2"] = _meta(G, s, og, dtype=dt, requires_grad=requires_grad)
-    if p.op == "gpc_block" and p.has_second:
-        out["w2"] = _meta(G, og, og, dtype=dt, requires_grad=requires_grad)
-    width = sh.in_features if p.op == "interleave" else sh.out_features
-    out["dy"] = _meta(p.m, width, dtype=dt)
-    return out
-
-
-def _triton_call(p: Problem, mode: str) -> Callable[[], Any]:
-    from kphi3_kernels.ops import triton_impl as T
-
-    t = _operands(p)
-    x, dy, w1, w2 = t["x"], t["dy"], t.get("w1"), t.get("w2")
-    s = p.shape.in_per_group
-    calls = {
-        ("grouped_linear", "fwd"): lambda: T.grouped_linear_fwd(x, w1),
-        ("grouped_linear", "bwd"): lambda: T.grouped_linear_bwd(dy, x, w1),
-        ("gpc_io", "fwd"): lambda: T.gpc_io_fwd(x, w1, w2),
-        # xi (x de-interleaved) is saved by a forward whose backward needs dW2, as here.
-        ("gpc_io", "bwd"): lambda: T.gpc_io_bwd(dy, x, _meta(*x.shape, dtype=x.dtype), w1, w2),
-        ("gpc_block", "fwd"): lambda: T.gpc_block_fwd(x, w1, w2),
-        # h (first(x) interleaved, saved by the forward) is read only by the second GEMM's dW2.
-        ("gpc_block", "bwd"): lambda: T.gpc_block_bwd(
-            dy, x, _meta(p.m, p.shape.out_features, dtype=p.torch_dtype()) if w2 is not None
-            else None, w1, w2),
-        ("interleave", "fwd"): lambda: T.interleave_fwd(x, s),
-        # The interleave's backward is the interleave with the inverse step C / s (= G).
-        ("interleave", "bwd"): lambda: T.interleave_fwd(dy, p.shape.in_features // s),
-    }
-    return calls[(p.op, mode)]
-
-
-def triton_launches(p: Problem, mode: str, io_forward: str = "auto") -> PathCost:
-    """The Triton path's launches for ``p`` in ``mode``: recorded, not run."""
-    from kphi3_kernels.ops import triton_impl as T
-
-    previous_io = T.IO_FORWARD
-    try:
-        T.IO_FORWARD = io_forward
-        return PathCost(record_costs(_triton_call(p, mode)))
-    finally:
-        T.IO_FORWARD = previous_io
-
-
-def record_costs(call: Callable[[], Any]) -> List[LaunchCost]:
-    """The cost of each launch ``call`` makes, recorded through ``ops/launch.py``, none run."""
-    from kphi3_kernels.ops import launch as launch_mod
-
-    seen: List[Any] = []
-    previous = launch_mod.RECORDER
-    try:
-        launch_mod.RECORDER = seen.append
-        call()
-        # Counted while the launches' tensors are alive (storage identity decides duplicates).
-        return [triton_launch_cost(spec) for spec in seen]
-    finally:
-        launch_mod.RECORDER = previous
-
-
-# ----------------------------------------------------------------------------------------------
-# The reference and dense paths: aten graphs
-# ----------------------------------------------------------------------------------------------
-
-# Ops that the schema does not mark as views but that move no bytes: aliases without an alias
-# annotation, allocations without a fill, and queries.
-_NO_BYTES = {
-    "_unsafe_view", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty",
-    "new_empty_strided", "resize_", "set_",
-}
-# In-place ops that overwrite their destination without reading it.
-_WRITE_ONLY = {"copy_", "fill_", "zero_", "uniform_", "normal_", "random_", "bernoulli_",
-               "exponential_"}
-
-
-def _tensor_leaves(tree) -> List[Any]:
-    import torch
-    from torch.utils._pytree import tree_leaves
-
-    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
-
-
-def aten_op_cost(func, args, kwargs, out) -> Optional[LaunchCost]:
-    """One aten op as a launch (None for views, metadata-only ops and bare allocations)."""
-    from torch.utils.flop_counter import flop_registry
-
-    name = func._overloadpacket.__name__
-    outputs = _tensor_leaves(out)
-    if not outputs or getattr(func, "is_view", False) or name in _NO_BYTES:
-        return None
-    inputs = _tensor_leaves((args, kwargs))
-    if func._overloadname.startswith("out") or name in _WRITE_ONLY:
-        # ``out=`` tensors and the destination of copy_ / fill_ are written, not read.
-        written = {_storage_key(t) for t in outputs}
-        inputs = [t for t in inputs if _storage_key(t) not in written]
-    formula = flop_registry.get(func._overloadpacket)
-    flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
-    # Inputs once each, outputs once each: an in-place op's operand (add_) is read and written.
-    nbytes = distinct_bytes(inputs) + distinct_bytes(outputs)
-    return LaunchCost(f"aten.{name}.{func._overloadname}", flops, int(nbytes))
-
-
-_RECORDER_CLASS = None
-
-
-def _aten_recorder_class():
-    """``AtenRecorder``, defined on first use so that importing this module does not import torch."""
-    global _RECORDER_CLASS
-    if _RECORDER_CLASS is None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class AtenRecorder(TorchDispatchMode):
-            """A ``TorchDispatchMode`` that keeps every data-moving aten op run while it is
-            active as a ``LaunchCost``: ``with AtenRecorder() as rec: ...``, then
-            ``rec.launches``."""
-
-            def __init__(self):
-                super().__init__()
-                self.launches: List[LaunchCost] = []
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                out = func(*args, **kwargs)
-                cost = aten_op_cost(func, args, kwargs, out)
-                if cost is not None:
-                    self.launches.append(cost)
-                return out
-
-        AtenRecorder.__module__ = __name__
-        _RECORDER_CLASS = AtenRecorder
-    return _RECORDER_CLASS
-
-
 def __getattr__(name: str):
-    if name == "AtenRecorder":
-        return _aten_recorder_class()
+    if name == "AtenRecorder":  # defined on first use: importing the ledger imports no torch
+        from . import ledger_costs
+
+        return ledger_costs.AtenRecorder
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def record_aten(forward: Callable[..., Any], inputs: Sequence[Any], mode: str,
-                dy: Any) -> PathCost:
-    """The aten launches of ``forward(*inputs)`` (``fwd``) or of its backward alone (``bwd``:
-    ``torch.autograd.grad`` of the output with respect to every input, given ``dy``)."""
-    import torch
-
-    if mode == "fwd":
-        with torch.no_grad(), _aten_recorder_class()() as rec:
-            forward(*inputs)
-        return PathCost(rec.launches)
-    y = forward(*inputs)
-    with _aten_recorder_class()() as rec:
-        torch.autograd.grad(y, list(inputs), dy)
-    return PathCost(rec.launches)
-
-
-def reference_launches(p: Problem, mode: str) -> PathCost:
-    """``kphi3_kernels.reference``'s aten graph for ``p`` (forward, or backward alone)."""
-    from kphi3_kernels import reference as R
-
-    t = _operands(p, requires_grad=(mode == "bwd"))
-    x, w1, w2, dy = t["x"], t.get("w1"), t.get("w2"), t["dy"]
-    s = p.shape.in_per_group
-    if p.op == "grouped_linear":
-        return record_aten(R.grouped_linear, [x, w1], mode, dy)
-    if p.op == "gpc_io":
-        return record_aten(R.gpc_io, [x, w1, w2], mode, dy)
-    if p.op == "gpc_block":
-        if w2 is None:
-            return record_aten(lambda a, b: R.gpc_block(a, b), [x, w1], mode, dy)
-        return record_aten(R.gpc_block, [x, w1, w2], mode, dy)
-    return record_aten(lambda a: R.interleave(a, s), [x], mode, dy)
-
-
-def dense_launches(p: Problem, mode: str) -> Optional[PathCost]:
-    """``F.linear(x, W)`` with ``W`` ``[out, in]`` (None for the interleave: no dense form)."""
-    import torch.nn.functional as F
-
-    if p.op == "interleave":
-        return None
-    sh, dt = p.shape, p.torch_dtype()
-    grad = mode == "bwd"
-    x = _meta(p.m, sh.in_features, dtype=dt, requires_grad=grad)
-    w = _meta(sh.out_features, sh.in_features, dtype=dt, requires_grad=grad)
-    return record_aten(F.linear, [x, w], mode, _meta(p.m, sh.out_features, dtype=dt))
-
-
-# ----------------------------------------------------------------------------------------------
-# The floor
-# ----------------------------------------------------------------------------------------------
-
-
-def floor(p: Problem, mode: str) -> LaunchCost:
-    """One launch with the op's true FLOPs and the least bytes (each operand once).
-
-    Forward: read x and the weights, write y. Backward: read dy, x and the weights, write dx and
-    the weight gradients (twice the forward's FLOPs). gpc_block's dW2 needs ``h``, a function of
-    x and W1: the floor counts neither reading it nor recomputing it, so it is a lower bound of
-    both designs.
-    """
-    sh = p.shape
-    G, s, og = sh.groups, sh.in_per_group, sh.out_per_group
-    elem = {"fp32": 4, "bf16": 2, "fp16": 2}[p.dtype]
-    M, cin, cout = p.m, sh.in_features, sh.out_features
-    if p.op == "interleave":
-        gemm_flops, weights = 0, 0
-        cout = cin
-    elif p.op == "grouped_linear":
-        gemm_flops, weights = 2 * M * cin * cout // G, G * s * og
-    elif p.op == "gpc_io":
-        gemm_flops, weights = 4 * M * cin * cout // G, 2 * G * s * og
-    else:  # gpc_block
-        gemm_flops, weights = 2 * M * cin * cout // G, G * s * og
-        if p.has_second:
-            gemm_flops += 2 * M * cout * cout // G
-            weights += G * og * og
-    if mode == "fwd":
-        flops, count = gemm_flops, M * cin + weights + M * cout
-    elif p.op == "interleave":
-        flops, count = 0, 2 * M * cin
-    else:
-        flops, count = 2 * gemm_flops, M * cout + M * cin + weights + M * cin + weights
-    return LaunchCost("floor", flops, count * elem)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,8 +146,90 @@ def build_ledger(shapes: Sequence[Any], ms: Sequence[int], modes: Sequence[str] 
 
 
 # ----------------------------------------------------------------------------------------------
-# Output
+# The model-level ledger: one decoder layer per family
 # ----------------------------------------------------------------------------------------------
+
+
+def build_model(families: Sequence[str] = MODEL_LEDGER_FAMILIES, tokens: int = MODEL_LEDGER_TOKENS,
+                batch: int = MODEL_LEDGER_BATCH,
+                decode_batches: Sequence[int] = MODEL_LEDGER_DECODE_BATCHES,
+                cache: int = MODEL_LEDGER_CACHE, dtype: str = "bf16",
+                model: Optional[CostModel] = None, io_forward: str = "auto") -> Dict[str, Any]:
+    """Everything ``--model`` prints and writes, as one JSON-ready dict."""
+    model = model or h200_model()
+    cfgs = [CONFIGS[f] for f in families]
+    return {
+        "schema": MODEL_SCHEMA, "tool": "python -m kphi3_bench.model_ledger",
+        "model": model_dict(model, io_forward, "layer"),
+        "configs": [c.to_dict() for c in cfgs],
+        "train": [train_layer(c, tokens, batch, dtype, model, io_forward) for c in cfgs],
+        "decode": [decode_layer(c, b, cache, dtype, model, io_forward)
+                   for c in cfgs for b in decode_batches],
+        "outside_layer": [outside_layer(c, tokens, dtype, model) for c in cfgs],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Output: JSON, tables and markdown of both ledgers
+# ----------------------------------------------------------------------------------------------
+
+_TIME = "sum over launches of max(flops / peak_tflops, bytes / peak_gbps) + overhead"
+# What a ledger's JSON says its numbers are, per level (the op ledger's "op", --model's "layer").
+_COUNTED = {
+    "op": {
+        "triton_flops": "first-choice config (configs[0]), tile padding included",
+        "bytes": ("distinct tensors a launch reads or writes, each once; an accumulated output "
+                  "(KernelLaunch.restore, the operand of an in-place aten op such as add_) read "
+                  "and written; copy_ / fill_ / out= destinations written only"),
+    },
+    "layer": {
+        "projections": ("dense: ledger.dense_launches (F.linear, aten); reference: "
+                        "ledger.reference_launches (gpc_io einsum chain, aten); triton: "
+                        "ledger.triton_launches (gpc_io, KernelLaunch records); fused: triton "
+                        "with the norms, qkv, gate_up, the activation, down and the residual "
+                        "adds as model_ledger.fused_launches (norm_head, mlp_tail KernelLaunch "
+                        "records)"),
+        "attention": ("causal flash attention, FA2 accounting: fwd 2*B*H*T^2*D FLOPs (4*B*H*T^2*D "
+                      "halved), reads q, k, v, writes o and fp32 logsumexp; bwd 2.5x the forward's "
+                      "FLOPs in 3 launches (preprocess, main with fp32 dq accumulator, dq "
+                      "conversion); decode: one read of the KV cache, 4*b*H*S*D FLOPs, plus the "
+                      "cache update"),
+        "rest": ("explicit formulas, one fused launch each, every tensor read or written once, "
+                 "0 FLOPs: 2 RMSNorms (+ fp32 inverse RMS), RoPE of q and k, silu(gate) * up, "
+                 "2 residual adds (bwd: the gradient accumulation at each branch point); on the "
+                 "fused path, the launches it records instead (all but RoPE and the layer "
+                 "input's branch-point add)"),
+        "outside_layer": "embedding and lm_head (aten recordings), not in the layer",
+    },
+}
+
+
+def model_dict(model: CostModel, io_forward: str, level: str = "op") -> Dict[str, Any]:
+    """The cost model and what is counted, as the ``model`` entry of a ledger's JSON."""
+    return {"peak_tflops": model.peak_tflops, "peak_gbps": model.peak_gbps,
+            "launch_overhead_us": model.overhead_us, "time": _TIME, **_COUNTED[level],
+            "io_forward": io_forward,
+            "note": "a prediction from FLOP and byte counts, not a measurement"}
+
+
+def to_json(rows: Sequence[LedgerRow], model: CostModel, io_forward: str) -> Dict[str, Any]:
+    import torch
+    import triton
+
+    return {"schema": SCHEMA, "tool": "python -m kphi3_bench.ledger",
+            "model": model_dict(model, io_forward),
+            "versions": {"torch": torch.__version__, "triton": triton.__version__},
+            "rows": [r.to_dict(model) for r in rows]}
+
+
+def dump_json(data: Dict[str, Any]) -> str:
+    """Indented JSON; a launch ledger's rows one to a line (small files, one diff line per row)."""
+    if "rows" not in data:
+        return json.dumps(data, indent=1) + "\n"
+    head = {k: v for k, v in data.items() if k != "rows"}
+    text = json.dumps(head, indent=1)[:-2]
+    rows = ",\n".join("  " + json.dumps(r, separators=(",", ":")) for r in data["rows"])
+    return text + ',\n "rows": [\n' + rows + "\n ]\n}\n"
 
 
 def _us(v: Optional[float]) -> str:
@@ -592,6 +241,27 @@ def _us(v: Optional[float]) -> str:
 def _ratio(a: float, b: Optional[float]) -> str:
     return "-" if not b else f"{a / b:.2f}"
 
+
+def _text_table(headers: Sequence[str], body: List[List[str]], first_number: int) -> str:
+    """A fixed-width text table: the columns before ``first_number`` left-aligned."""
+    from .report import render
+
+    return render(headers, body, right=range(first_number, len(headers)))
+
+
+def _markdown_head(title: str, tool: str, intro: str) -> List[str]:
+    return [f"## {title} (predicted)", "",
+            f"<!-- generated by python -m {tool} --markdown; do not edit by hand -->", "", intro]
+
+
+def cost_lines(model: CostModel) -> List[str]:
+    """What both ledgers print first: the cost model, and that it predicts."""
+    return [f"Cost model: max(FLOPs / {model.peak_tflops:g} TFLOP/s, bytes / "
+            f"{model.peak_gbps:g} GB/s) + {model.overhead_us:g} us per launch:",
+            "a prediction, not a measurement."]
+
+
+# --- the launch ledger ------------------------------------------------------------------------
 
 TABLE_HEADERS = ("op", "shape", "G", "M", "mode", "dtype", "triton launches", "triton MB",
                  "triton us", "reference launches", "reference us", "dense us", "floor us",
@@ -613,34 +283,8 @@ def table_body(rows: Sequence[LedgerRow], model: CostModel) -> List[List[str]]:
 
 
 def format_table(rows: Sequence[LedgerRow], model: CostModel) -> str:
-    """A fixed-width text table, one line per row: op .. dtype left-aligned, numbers right."""
-    from .report import render
-
-    return render(TABLE_HEADERS, table_body(rows, model), right=range(6, len(TABLE_HEADERS)))
-
-
-def model_dict(model: CostModel, io_forward: str) -> Dict[str, Any]:
-    return {
-        "peak_tflops": model.peak_tflops, "peak_gbps": model.peak_gbps,
-        "launch_overhead_us": model.overhead_us,
-        "time": "sum over launches of max(flops / peak_tflops, bytes / peak_gbps) + overhead",
-        "triton_flops": "first-choice config (configs[0]), tile padding included",
-        "bytes": ("distinct tensors a launch reads or writes, each once; an accumulated output "
-                  "(KernelLaunch.restore, the operand of an in-place aten op such as add_) read "
-                  "and written; copy_ / fill_ / out= destinations written only"),
-        "io_forward": io_forward,
-        "note": "a prediction from FLOP and byte counts, not a measurement",
-    }
-
-
-def to_json(rows: Sequence[LedgerRow], model: CostModel, io_forward: str) -> Dict[str, Any]:
-    import torch
-    import triton
-
-    return {"schema": SCHEMA, "tool": "python -m kphi3_bench.ledger",
-            "model": model_dict(model, io_forward),
-            "versions": {"torch": torch.__version__, "triton": triton.__version__},
-            "rows": [r.to_dict(model) for r in rows]}
+    """One line per row: op .. dtype left-aligned, numbers right."""
+    return _text_table(TABLE_HEADERS, table_body(rows, model), 6)
 
 
 MARKDOWN_INTRO = """\
@@ -717,10 +361,8 @@ def markdown(rows: Sequence[LedgerRow], model: CostModel, io_forward: str,
     one table per op (rows of ``dtypes``)."""
     from .report import markdown_table
 
-    parts = ["## Launch ledger (predicted)", "",
-             "<!-- generated by python -m kphi3_bench.ledger --markdown; do not edit by hand -->",
-             "", MARKDOWN_INTRO.format(tflops=model.peak_tflops, gbps=model.peak_gbps,
-                                       overhead=model.overhead_us, io=io_forward)]
+    parts = _markdown_head("Launch ledger", "kphi3_bench.ledger", MARKDOWN_INTRO.format(
+        tflops=model.peak_tflops, gbps=model.peak_gbps, overhead=model.overhead_us, io=io_forward))
     for dtype in dtypes:
         summary = _summary(rows, model, dtype)
         if summary:
@@ -738,12 +380,118 @@ def markdown(rows: Sequence[LedgerRow], model: CostModel, io_forward: str,
     return "\n".join(parts)
 
 
-def dump_json(data: Dict[str, Any]) -> str:
-    """Indented JSON with each ledger row on one line (small files, one diff line per row)."""
-    head = {k: v for k, v in data.items() if k != "rows"}
-    text = json.dumps(head, indent=1)[:-2]
-    rows = ",\n".join("  " + json.dumps(r, separators=(",", ":")) for r in data.get("rows", []))
-    return text + ',\n "rows": [\n' + rows + "\n ]\n}\n"
+# --- the model-level ledger -------------------------------------------------------------------
+
+LAYER_TABLE_HEADERS = ("family", "task", "tokens", "path", "launches", "total us", "tokens/s",
+                       "projections us", "attention us", "norms us", "rope us", "activation us",
+                       "residuals us", "/dense", "/reference")
+
+
+def layer_table_body(data: Dict[str, Any]) -> List[List[str]]:
+    body = []
+    for row in data["train"] + data["decode"]:
+        task = ("train fwd+bwd" if row["task"] == "train"
+                else f"decode b={row['batch']} S={row['cache']}")
+        t = {name: p["time_us"] for name, p in row["paths"].items()}
+        for path in PATHS:
+            p = row["paths"][path]
+            c = p["components"]
+            body.append([row["family"], task, str(row["tokens"]), path, str(p["launches"]),
+                         _us(p["time_us"]), f"{p['tokens_per_s']:,.0f}"]
+                        + [_us(c[name]["time_us"]) for name in COMPONENTS]
+                        + [_ratio(p["time_us"], t["dense"]), _ratio(p["time_us"], t["reference"])])
+    return body
+
+
+def format_layer_table(data: Dict[str, Any]) -> str:
+    return _text_table(LAYER_TABLE_HEADERS, layer_table_body(data), 2)
+
+
+def layer_summary_lines(data: Dict[str, Any]) -> List[str]:
+    """Per family: the layer's training step on every path, then what lies outside the layer."""
+    lines = []
+    for row in data["train"]:
+        p, r = row["paths"], row["ratios"]
+        lines.append(
+            f"{row['family']}, one layer, fwd+bwd at {row['tokens']} tokens: dense "
+            f"{_us(p['dense']['time_us'])} us, reference {_us(p['reference']['time_us'])} us, "
+            f"triton {_us(p['triton']['time_us'])} us, fused {_us(p['fused']['time_us'])} us; "
+            f"triton / dense {r['triton_over_dense']:.2f}, triton / reference "
+            f"{r['triton_over_reference']:.2f}; fused / dense {r['fused_over_dense']:.2f} "
+            f"({1 / r['fused_over_dense']:.2f}x dense's tokens/s), fused / reference "
+            f"{r['fused_over_reference']:.2f} ({1 / r['fused_over_reference']:.2f}x) (predicted).")
+        delta = row.get("layout_norm_heads_delta_us")
+        if delta is not None:
+            lines.append(
+                f"{row['family']}, fused path: norm heads on the block-residue layout instead of "
+                f"split heads would {'add' if delta >= 0 else 'save'} {_us(abs(delta))} us per "
+                f"layer at {row['tokens']} tokens (predicted).")
+    for o in data["outside_layer"]:
+        lines.append(f"{o['family']} at {o['tokens']} tokens, outside the layer (every path): "
+                     f"embedding fwd+bwd {_us(o['embedding']['time_us'])} us, lm_head fwd+bwd "
+                     f"{_us(o['lm_head']['time_us'])} us.")
+    return lines
+
+
+LAYER_MARKDOWN_INTRO = """\
+Predicted with `python -m kphi3_bench.model_ledger` on the H200 cost model of
+`kphi3_bench.ledger`: **a prediction from FLOP and byte counts, not a measurement.** Each launch
+costs `max(FLOPs / {tflops:g} TFLOP/s, bytes / {gbps:g} GB/s) + {overhead:g} us`; a layer costs
+the sum of its launches.
+
+- One decoder layer, training step = forward + backward (every input and weight gradient), at
+  {tokens} tokens (batch {batch} x {seq}), {dtype}. Decode: the forward of one new token per
+  sequence against a static KV cache.
+- **dense** (Phi-3: the four projections as `F.linear`), **reference** (KPhi-3 with
+  `kphi3_kernels.reference.gpc_io`, an aten recording), **triton** (KPhi-3 with the op-level
+  Triton kernels, `ledger.triton_launches`, IO forward design `{io}`) differ only in the
+  projections. **fused** (`KPhi3Config(fused_decoder=True)`) is triton with the MLP's tail
+  fused: `silu(gate) * up` writes down_proj's input in the block-residue layout, down_proj's
+  GEMMs read it, and its input gradient turns into d(gate_up) in its epilogue, so the
+  activation's backward has no launch (`ops/mlp_tail.py`); each RMSNorm writes its IO block's
+  input (`ops/norm_head.py`): in the layout where it adds no padding, else in channel order
+  and its de-interleaved copy (at these widths: G*R = 280 for s = 256 would be more matrix
+  work than the pass it saves); the attention's residual add runs in gate_up_proj's norm
+  head, whose backward sums the branch point's gradients in its pass, and the MLP's in
+  down_proj's epilogue. Its norms and adds are the launches it records.
+- Attention is causal flash attention with FA2's accounting: forward `2*B*H*T^2*D` FLOPs
+  (`4*B*H*T^2*D` halved by the mask), reading q, k, v and writing o and the fp32 logsumexp;
+  backward 2.5x the forward's FLOPs in three launches (preprocess, main kernel with an fp32 dq
+  accumulator, dq conversion). Decode attention is one read of the KV cache (`4*b*H*S*D`
+  FLOPs) plus the cache update. The compute ceiling is the GEMM peak, which flash attention
+  does not reach in practice.
+- The rest (two RMSNorms, RoPE of q and k, `silu(gate) * up`, two residual adds) is costed by
+  explicit formulas: one fused launch each that reads and writes every tensor once, 0 FLOPs
+  (the fused path: RoPE and the layer input's branch-point add).
+  Dropout (0) and the RoPE table (built once per model) cost nothing.
+- Ratios are a path's time over dense's or reference's (below 1: predicted faster).
+"""
+
+
+def layer_markdown(data: Dict[str, Any]) -> str:
+    from .report import markdown_table
+
+    train = data["train"][0] if data["train"] else {"tokens": "-", "batch": "-", "seq": "-",
+                                                    "dtype": "-"}
+    m = data["model"]
+    parts = _markdown_head("Model-level ledger", "kphi3_bench.model_ledger",
+                           LAYER_MARKDOWN_INTRO.format(
+                               tflops=m["peak_tflops"], gbps=m["peak_gbps"],
+                               overhead=m["launch_overhead_us"], tokens=train["tokens"],
+                               batch=train["batch"], seq=train["seq"], dtype=train["dtype"],
+                               io=m["io_forward"]))
+    parts += ["### Configurations", ""]
+    heads = ["family", "hidden", "intermediate", "heads", "kv heads", "head_dim", "vocab", "min"]
+    parts += [markdown_table(heads, [[c["family"], str(c["hidden"]), str(c["intermediate"]),
+                                      str(c["heads"]), str(c["kv_heads"]), str(c["head_dim"]),
+                                      str(c["vocab"]), str(c["min_channels_per_group"])]
+                                     for c in data["configs"]], right=range(1, len(heads))), ""]
+    parts += [f"- {c['family']}: {c['source']}" for c in data["configs"]] + [""]
+    parts += ["### One decoder layer", "",
+              markdown_table(LAYER_TABLE_HEADERS, layer_table_body(data),
+                             right=range(2, len(LAYER_TABLE_HEADERS))), ""]
+    parts += [f"{line}\n" for line in layer_summary_lines(data)]
+    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -821,30 +569,6 @@ def budget_grid(budget: Dict[str, Any]):
     g = budget["grid"]
     return dict(shapes=resolve_shapes(g["shapes"]), ms=g["m"], modes=g["modes"],
                 dtypes=g["dtypes"], ops=g["ops"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-
-
-def _csv(text: str) -> List[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def build_parser(prog: str = "python -m kphi3_bench.ledger") -> argparse.ArgumentParser:
-    """The ledger's options: ``cli.build_ledger_parser`` (one family with the other commands)."""
-    from .cli import build_ledger_parser
-
-    return build_ledger_parser(prog)
-
-
-def _write(path: str, text: str) -> None:
-    """Written to a temporary file that then replaces ``path``: never half a file."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as f:
-        f.write(text)
-    os.replace(temporary, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -939,7 +663,15 @@ def detail_text(rows: Sequence[LedgerRow], model: CostModel) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# Command line (``kphi3-bench ledger [--model]``; the parsers are cli.py's)
+# ----------------------------------------------------------------------------------------------
+
 WRITE_INTERVAL_S = 1.0  # the --out file is rewritten at most this often while rows are counted
+
+
+def _csv(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 class ThrottledWriter:
@@ -952,32 +684,80 @@ class ThrottledWriter:
         self.interval_s = WRITE_INTERVAL_S if interval_s is None else interval_s
         self.last = 0.0
 
+    def text(self, rows: Sequence[LedgerRow], complete: bool) -> str:
+        data = to_json(rows, self.model, self.io_forward)
+        data["complete"] = complete
+        return dump_json(data)
+
     def __call__(self, rows: Sequence[LedgerRow], force: bool = False) -> None:
         import time
 
+        from .report import write_text
+
         now = time.monotonic()
         if force or now - self.last >= self.interval_s:
-            data = to_json(rows, self.model, self.io_forward)
-            data["complete"] = force
-            _write(self.path, dump_json(data))
+            write_text(self.path, self.text(rows, force))
             self.last = now
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m kphi3_bench.ledger") -> int:
-    from .cli import UsageError, check_ledger_args, usage_error
+def _write_outputs(args: argparse.Namespace, json_text: Callable[[], str],
+                   markdown_text: Callable[[], str]) -> None:
+    from .report import write_text
 
-    parser = build_parser(prog)
+    for path, text in ((args.json, json_text), (args.markdown, markdown_text)):
+        if path:
+            write_text(path, text())
+            print(f"wrote {path}")
+
+
+def build_parser(prog: str = "python -m kphi3_bench.ledger",
+                 model: bool = False) -> argparse.ArgumentParser:
+    """The options of the launch ledger, or of the model-level ledger with ``model``."""
+    from .cli import build_ledger_parser, build_model_ledger_parser
+
+    return (build_model_ledger_parser if model else build_ledger_parser)(prog)
+
+
+def _cost_model(args: argparse.Namespace) -> CostModel:
+    base = h200_model(args.launch_overhead_us)
+    return CostModel(args.peak_tflops or base.peak_tflops, args.peak_gbps or base.peak_gbps,
+                     args.launch_overhead_us)
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m kphi3_bench.ledger",
+         model: bool = False) -> int:
+    """Both ledgers' command line: the launch ledger, or with ``--model`` (or ``model=True``) the
+    model-level ledger. 0 when done, 1 when over budget, 2 for bad arguments, 130 interrupted."""
+    from .cli import UsageError, check_ledger_args, check_model_ledger_args, usage_error
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--model" in argv:
+        argv.remove("--model")
+        model, prog = True, f"{prog} --model"
+    parser = build_parser(prog, model)
     args = parser.parse_args(argv)  # --help and argparse's own errors exit here, as always
-    try:
-        ms = check_ledger_args(args)  # before torch and the kernels are imported
-        from . import shapes as shape_table
+    try:  # every check before torch and the kernels are imported
+        if model:
+            batches = check_model_ledger_args(args)
+        else:
+            ms = check_ledger_args(args)
+            from . import shapes as shape_table
 
-        chosen = shape_table.resolve_shapes(_csv(args.shapes))
+            chosen = shape_table.resolve_shapes(_csv(args.shapes))
     except (UsageError, ValueError) as err:
         return usage_error(parser, err)
-    base = h200_model(args.launch_overhead_us)
-    model = CostModel(args.peak_tflops or base.peak_tflops, args.peak_gbps or base.peak_gbps,
-                      args.launch_overhead_us)
+    costs = _cost_model(args)
+    if model:
+        data = build_model(_csv(args.families), args.tokens, args.batch, batches, args.cache,
+                           args.dtype, costs, args.io_forward)
+        if not args.quiet:
+            from .report import wrap_lines
+
+            print("\n".join(cost_lines(costs) + wrap_lines(layer_summary_lines(data))))
+            print()
+            print(format_layer_table(data))
+        _write_outputs(args, lambda: dump_json(data), lambda: layer_markdown(data))
+        return 0
 
     status = 0
     if args.check_budget:
@@ -993,7 +773,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m kphi3_benc
         if not (args.json or args.markdown or args.write_budget):
             return status
 
-    writer = ThrottledWriter(args.json, model, args.io_forward) if args.json else None
+    writer = ThrottledWriter(args.json, costs, args.io_forward) if args.json else None
     try:
         rows = build_ledger(chosen, ms, _csv(args.modes), _csv(args.dtypes), _csv(args.ops),
                             args.io_forward, baselines=not args.triton_only, on_row=writer)
@@ -1001,34 +781,26 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m kphi3_benc
         kept = f"; the rows counted so far are in {args.json}" if writer else ""
         print(f"{prog}: interrupted{kept}", file=sys.stderr)
         return 130
+    dtypes = _csv(args.dtypes)
     if not args.quiet:
-        from .report import wrap_lines
-
-        print(f"Cost model: max(FLOPs / {model.peak_tflops:g} TFLOP/s, bytes / "
-              f"{model.peak_gbps:g} GB/s) + {model.overhead_us:g} us per launch:")
-        print(f"a prediction, not a measurement. {len(rows)} rows "
-              f"({', '.join(_csv(args.dtypes))}); --detail prints each, launch by launch.")
-        print(summary_text(rows, model))
+        head, predicts = cost_lines(costs)
+        print(head)
+        print(f"{predicts} {len(rows)} rows ({', '.join(dtypes)}); --detail prints each, "
+              "launch by launch.")
+        print(summary_text(rows, costs))
         if args.detail:
             print()
-            print(detail_text(rows, model))
-    if writer:
-        writer(rows, force=True)
-        print(f"wrote {args.json}")
-    if args.markdown:
-        dtypes = _csv(args.dtypes)
-        shown = ["bf16"] if "bf16" in dtypes else dtypes[:1]
-        _write(args.markdown, markdown(rows, model, args.io_forward, shown))
-        print(f"wrote {args.markdown}")
+            print(detail_text(rows, costs))
+    shown = ["bf16"] if "bf16" in dtypes else dtypes[:1]
+    _write_outputs(args, lambda: writer.text(rows, True),
+                   lambda: markdown(rows, costs, args.io_forward, shown))
     if args.write_budget:
+        from .report import write_text
+
         budget = budget_from_rows(rows, args.io_forward, args.write_budget)
-        _write(args.write_budget, json.dumps(budget, indent=1, sort_keys=False) + "\n")
+        write_text(args.write_budget, json.dumps(budget, indent=1, sort_keys=False) + "\n")
         print(f"wrote {args.write_budget} ({len(rows)} rows)")
     return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1084,3 +856,7 @@ def format_measured(pairs: Sequence[Dict[str, Any]]) -> str:
              _us(p["measured_us"]), _us(p["predicted_us"]),
              f"{p['measured_over_predicted']:.2f}"] for p in pairs]
     return render(head, body, right=range(5, len(head)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

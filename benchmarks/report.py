@@ -271,14 +271,18 @@ def to_json(rows: Sequence[Row], meta: dict, complete: bool = True) -> dict:
                     "results": [r.to_dict() for r in rows]})
 
 
-def write_payload(path: str, payload: dict) -> None:
-    """Strict JSON (no NaN/Inf), indented; written to a temporary file that then replaces
-    ``path``, so that an interrupted write never leaves half a file."""
-    text = json.dumps(_finite(payload), indent=1, allow_nan=False)
+def write_text(path: str, text: str) -> None:
+    """Written to a temporary file that then replaces ``path``, so that an interrupted write
+    never leaves half a file (every results file of every command is written so)."""
     temporary = f"{path}.tmp"
     with open(temporary, "w") as f:
-        f.write(text + "\n")
+        f.write(text)
     os.replace(temporary, path)
+
+
+def write_payload(path: str, payload: dict) -> None:
+    """Strict JSON (no NaN/Inf), indented, written with ``write_text``."""
+    write_text(path, json.dumps(_finite(payload), indent=1, allow_nan=False) + "\n")
 
 
 def write_json(path: str, rows: Sequence[Row], meta: dict, complete: bool = True) -> None:

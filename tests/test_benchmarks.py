@@ -574,28 +574,6 @@ def test_plot_command_replots_a_saved_sweep(tmp_path, capsys):
 
 # --- gpu_check and the model benchmark --------------------------------------------------------
 
-def test_gpu_check_dry_run_exercises_every_step_on_cpu(tmp_path):
-    out = tmp_path / "gpu"
-    assert gpu_check.main(["--dry-run", "--no-compile", "--out-dir", str(out)]) == 0
-    summary = _load(out / "summary.json")
-    assert summary["ok"] and summary["dry_run"]
-    assert {"env", "pytest -m gpu", "parity", "timing", "ledger"} <= set(summary["steps"])
-    assert "-m gpu" in summary["steps"]["pytest -m gpu"]["command"]
-    cases = _load(out / "parity.json")["cases"]
-    assert {c["op"] for c in cases} == {"gpc_io", "grouped_linear", "gpc_block"}
-    assert {c["dtype"] for c in cases} == {"bf16", "fp16"}
-    assert all(c["ok"] and c["worst"] < 2e-2 for c in cases)
-    rows = _load(summary["steps"]["timing"]["json"])["results"]
-    assert {r["provider"] for r in rows} == {"torch", "reference", "nn.Linear"}
-    assert all(r["status"] == "ok" for r in rows)
-    # every reference and nn.Linear row that was timed has its ledger prediction beside it
-    pairs = _load(out / "ledger-vs-measured.json")["rows"]
-    timed = {(r["provider"], r["shape"], r["M"], r["mode"]) for r in rows
-             if r["provider"] in ("reference", "nn.Linear") and r["median_ms"] is not None}
-    assert {(p["provider"], p["shape"], p["M"], p["mode"]) for p in pairs} == timed
-    assert all(p["predicted_us"] > 0 and p["measured_over_predicted"] > 0 for p in pairs)
-
-
 def test_gpu_check_without_a_gpu_says_so(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("there is a GPU")

@@ -122,6 +122,27 @@ def test_narrow_loads_only_where_the_design_makes_them():
     assert all(rule.reason for rule in cr.NARROW_LOADS.values())
 
 
+def test_sass_reading_knows_no_kphi3_launch():
+    """``kphi3_bench.sass`` compiles and reads any recorded launch; which launches exist, and the
+    narrow loads their designs make, are the compile report's."""
+    import ast
+
+    from kphi3_bench import sass
+
+    source = open(sass.__file__).read()
+    nodes = list(ast.walk(ast.parse(source)))
+    imported = {n.module or "" for n in nodes if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in nodes if isinstance(n, (ast.Import, ast.ImportFrom))
+                 for a in n.names}
+    assert not {m for m in imported if m.startswith("kphi3") or m in
+                ("shapes", "compile_report", "ledger", "ledger_costs")}
+    assert "NARROW_LOADS" not in source and "gpc_io" not in source
+    # Without an allowance every scalar 16-bit load in a matrix kernel is a violation.
+    record = _narrow("gpc_io_bwd_dx", 64)
+    assert cr.check_properties(record) == [] and sass.check_properties(record)
+    assert sass.check_properties(record, cr.narrow_allowance) == []
+
+
 def _env_without_interpreter():
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)

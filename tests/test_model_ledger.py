@@ -158,6 +158,17 @@ def test_main_writes_json_and_markdown(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_the_ledger_with_model_is_the_model_ledger(tmp_path, capsys):
+    """``python -m kphi3_bench.ledger --model`` and its former name write the same result."""
+    argv = ["--families", "kphi3", "--tokens", "256", "--batch", "2", "--decode-batches", "1",
+            "--quiet", "--out"]
+    assert ledger.main(["--model"] + argv + [str(tmp_path / "a.json")]) == 0
+    assert ML.main(argv + [str(tmp_path / "b.json")]) == 0
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+    assert ledger.main(["--model", "--families", "nope"]) == 2
+    assert "unknown family 'nope'" in capsys.readouterr().err
+
+
 def test_committed_model_ledger_matches_the_code():
     with open(COMMITTED) as f:
         committed = json.load(f)

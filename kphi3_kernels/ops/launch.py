@@ -9,10 +9,16 @@ Because every launch passes through here, tools can look at launches without run
 sm_90a compile report (``kphi3_bench.compile_report``) sets ``RECORDER`` and compiles what it
 receives for a GPU target, and the tests set ``FORCE_CONFIG`` to push each GPU config through the
 interpreter.
+
+``KPHI3_FIRST_CHOICE=1`` in the environment (read at import; ``FIRST_CHOICE`` can be set later)
+launches every kernel with its first-choice config (``configs[0]``) instead of autotuning: one
+compile per kernel rather than one per config, for a GPU run with a time limit
+(``kphi3_bench.gpu_check``). The first-choice config is the tuned default, not the fastest.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -42,6 +48,9 @@ RECORDER: Optional[Callable[[KernelLaunch], None]] = None
 # Tests set this to a callable ``launch -> Optional[triton.Config]`` to force a config through the
 # interpreter (None keeps the launch's own interpreter config).
 FORCE_CONFIG: Optional[Callable[[KernelLaunch], Optional[triton.Config]]] = None
+
+# True: configs[0] on a GPU, no autotuning (see the module docstring).
+FIRST_CHOICE: bool = os.environ.get("KPHI3_FIRST_CHOICE", "0").strip() == "1"
 
 _AUTOTUNERS: Dict[tuple, Any] = {}
 
@@ -96,7 +105,7 @@ def launch(spec: KernelLaunch) -> None:
     guard = torch.cuda.device(device) if device is not None and device.type == "cuda" \
         else contextlib.nullcontext()
     with guard:
-        if len(spec.configs) == 1:
+        if len(spec.configs) == 1 or FIRST_CHOICE:
             maybe_wrap(spec.kernel)[spec.grid](**spec.args, **config_kwargs(spec.configs[0]))
         else:
             maybe_wrap(_autotuner(spec))[spec.grid](**spec.args)
