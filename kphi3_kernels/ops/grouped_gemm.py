@@ -124,52 +124,22 @@ _VIEW_K, _VIEW_Q, _VIEW_P = tl.constexpr(VIEW_K), tl.constexpr(VIEW_Q), tl.const
 
 
 @triton.jit
-def _p_view(p, g, second, mask_p, per_group, VIEW: tl.constexpr, GROUPS: tl.constexpr,
-            RUN: tl.constexpr):
-    """``(A's row, C's row, C's row mask)`` of output rows ``p``."""
-    # One return: a jitted function's returns must agree in type, and a view's indices are int32.
-    if VIEW == _VIEW_P:
-        row, is_channel = operand_weight_row(p, g, per_group, GROUPS, RUN, second)
-        a_row = operand_slot(p, g, GROUPS, RUN, second)
-        c_row = row
-        mask_c = mask_p & is_channel
+def _layout_index(i, g, second, mask, per_group, ACTIVE: tl.constexpr, GROUPS: tl.constexpr,
+                  RUN: tl.constexpr):
+    """``(slot, weight row, mask)`` of indices ``i`` of one problem dimension: where the view is
+    ``ACTIVE`` on it, the layout column that index ``i`` of group ``g``'s operand names, the
+    weight row it meets and ``mask`` narrowed to the slots that hold a channel (int32: a slot is
+    under G*G*R, a row under s); elsewhere ``i`` itself (int64) for both, and ``mask``."""
+    # One return: a jitted function's returns must agree in type across its branches.
+    if ACTIVE:
+        row, is_channel = operand_weight_row(i, g, per_group, GROUPS, RUN, second)
+        slot = operand_slot(i, g, GROUPS, RUN, second)
+        narrowed = mask & is_channel
     else:
-        a_row = p.to(tl.int64)
-        c_row = a_row
-        mask_c = mask_p
-    return a_row, c_row, mask_c
-
-
-@triton.jit
-def _q_view(q, g, second, mask_q, per_group, VIEW: tl.constexpr, GROUPS: tl.constexpr,
-            RUN: tl.constexpr):
-    """``(B's column, B's column mask, C's column)`` of output columns ``q``."""
-    if VIEW == _VIEW_Q:
-        row, is_channel = operand_weight_row(q, g, per_group, GROUPS, RUN, second)
-        b_col = row
-        mask_b = mask_q & is_channel
-        c_col = operand_slot(q, g, GROUPS, RUN, second)
-    else:
-        b_col = q.to(tl.int64)
-        mask_b = mask_q
-        c_col = b_col
-    return b_col, mask_b, c_col
-
-
-@triton.jit
-def _k_view(k, g, second, mask_k, per_group, VIEW: tl.constexpr, GROUPS: tl.constexpr,
-            RUN: tl.constexpr):
-    """``(A's column, B's row, B's row mask)`` of reduction indices ``k``."""
-    if VIEW == _VIEW_K:
-        row, is_channel = operand_weight_row(k, g, per_group, GROUPS, RUN, second)
-        a_col = operand_slot(k, g, GROUPS, RUN, second)
-        b_row = row
-        mask_b = mask_k & is_channel
-    else:
-        a_col = k.to(tl.int64)
-        b_row = a_col
-        mask_b = mask_k
-    return a_col, b_row, mask_b
+        slot = i.to(tl.int64)
+        row = slot
+        narrowed = mask
+    return slot, row, narrowed
 
 
 @triton.jit
@@ -279,8 +249,12 @@ def _grouped_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_p = rows < P
     mask_q = cols < Q
-    a_p, c_p, mask_cp = _p_view(rows, g32, second, mask_p, per_group, VIEW, GROUPS, RUN)
-    b_q, mask_bq, c_q = _q_view(cols, g32, second, mask_q, per_group, VIEW, GROUPS, RUN)
+    # A P view: A's rows are slots of t^T, C's the weight rows (padding rows not stored).
+    a_p, c_p, mask_cp = _layout_index(rows, g32, second, mask_p, per_group, VIEW == _VIEW_P,
+                                      GROUPS, RUN)
+    # A Q view: B's columns are weight rows (padding masked), C's the slots of the layout.
+    c_q, b_q, mask_bq = _layout_index(cols, g32, second, mask_q, per_group, VIEW == _VIEW_Q,
+                                      GROUPS, RUN)
     offs_p = rows.to(tl.int64)
     offs_q = cols.to(tl.int64)
 
@@ -304,7 +278,9 @@ def _grouped_gemm_kernel(
             phase2 = i >= steps1
             k = tl.where(phase2, i - steps1, i) * BLOCK_K + offs_k
             mask_k = k < tl.where(phase2, K2, K)
-            a_k, b_k, mask_bk = _k_view(k, g32, phase2, mask_k, per_group, VIEW, GROUPS, RUN)
+            # A K view: A's columns are slots of t, B's rows the weight rows (padding masked).
+            a_k, b_k, mask_bk = _layout_index(k, g32, phase2, mask_k, per_group, VIEW == _VIEW_K,
+                                              GROUPS, RUN)
             a_src = tl.where(phase2, a2_ptr + g * s_a2g, a_base)
             b_src = tl.where(phase2, b2_ptr + g * s_b2g, b_base)
             a = tl.load(a_src + a_rows + a_k[None, :] * s_ak,
@@ -325,7 +301,9 @@ def _grouped_gemm_kernel(
         for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + offs_k
             mask_k = k < k_hi
-            a_k, b_k, mask_bk = _k_view(k, g32, second, mask_k, per_group, VIEW, GROUPS, RUN)
+            # A K view: A's columns are slots of t, B's rows the weight rows (padding masked).
+            a_k, b_k, mask_bk = _layout_index(k, g32, second, mask_k, per_group, VIEW == _VIEW_K,
+                                              GROUPS, RUN)
             a = tl.load(a_base + a_rows + a_k[None, :] * s_ak,
                         mask=mask_p[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_base + b_k[:, None] * s_bk + b_cols,
