@@ -488,6 +488,23 @@ def spy_impls(monkeypatch) -> List[Tuple[str, str]]:
     return calls
 
 
+def force_gemm_config(monkeypatch, config) -> List[str]:
+    """Run every launch of the grouped GEMM kernel with ``config`` (the interpreter asks
+    ``launch.FORCE_CONFIG`` of each); returns the list the forced launches' names go to."""
+    from kphi3_kernels.ops import launch
+
+    forced: List[str] = []
+
+    def force(spec):
+        if spec.kernel.__name__ != "_grouped_gemm_kernel":
+            return None
+        forced.append(spec.name)
+        return config
+
+    monkeypatch.setattr(launch, "FORCE_CONFIG", force)
+    return forced
+
+
 requires_interpreter = pytest.mark.skipif(
     not INTERPRETING, reason="needs Triton's CPU interpreter (TRITON_INTERPRET=1, no GPU)")
 

@@ -14,7 +14,7 @@ import kphi3_kernels
 from kphi3_kernels import reference as R
 
 from _utils import (DEVICE, FP32_TOL, HALF_SLACK, Case, assert_meets_contract, call_package,
-                    call_reference, check_op, interleave_case, make_input, make_operands,
+                    call_reference, check_op, force_gemm_config, interleave_case, make_input, make_operands,
                     make_weight, reference_operands, rel_error, requires_interpreter,
                     run_reference)
 
@@ -333,18 +333,10 @@ def _all_gpu_configs():
 @pytest.mark.parametrize("io_forward", ["split", "fused"])
 @pytest.mark.parametrize("config", _all_gpu_configs(), ids=lambda c: "{BLOCK_P}x{BLOCK_Q}x{BLOCK_K}".format(**c.kwargs) + f"-w{c.num_warps}s{c.num_stages}")
 def test_every_gpu_config_interpreted(config, io_forward, monkeypatch):
-    from kphi3_kernels.ops import launch, triton_impl
+    from kphi3_kernels.ops import triton_impl
 
     monkeypatch.setattr(triton_impl, "IO_FORWARD", io_forward)
-    forced = []
-
-    def force(spec):
-        if spec.kernel.__name__ != "_grouped_gemm_kernel":
-            return None
-        forced.append(spec.name)
-        return config
-
-    monkeypatch.setattr(launch, "FORCE_CONFIG", force)
+    forced = force_gemm_config(monkeypatch, config)
     cases = FORCED_CASES if io_forward == "split" else FORCED_CASES[1:2]
     for op, case in cases:
         check_op(op, make_operands(op, case, torch.float32), "triton", torch.float32)

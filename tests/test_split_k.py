@@ -13,8 +13,8 @@ from kphi3_kernels import reference as R
 from kphi3_kernels.ops import grouped_gemm as GG
 from kphi3_kernels.ops import launch
 
-from _utils import (Case, assert_meets_contract, check_op, make_operands, rel_error,
-                    requires_interpreter)
+from _utils import (Case, assert_meets_contract, check_op, force_gemm_config, make_operands,
+                    rel_error, requires_interpreter)
 
 CPU = torch.device("cpu")
 FIRST = GG.CUDA_CONFIGS[0]  # 128x256x64
@@ -138,15 +138,7 @@ def test_layout_weight_gradients_split(G, s, og, M, splits, monkeypatch):
 def test_every_gpu_config_with_split_k_interpreted(config, splits, monkeypatch):
     """Partial tiles everywhere: dW is 130 x 70 per group (P, Q), K = 431 rows in 3 splits of
     256, 128 (a partial BLOCK_K of 128 in the last) and 47."""
-    forced = []
-
-    def force(spec):
-        if spec.kernel.__name__ != "_grouped_gemm_kernel":
-            return None
-        forced.append(spec.name)
-        return config
-
-    monkeypatch.setattr(launch, "FORCE_CONFIG", force)
+    forced = force_gemm_config(monkeypatch, config)
     for op in ("gpc_io", "grouped_linear"):
         check_op(op, make_operands(op, Case(2, 130, 70, (431,), "contig", True), torch.float32),
                  "triton", torch.float32)
