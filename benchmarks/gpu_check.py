@@ -55,7 +55,9 @@ Steps, by value:
    all five providers (torch.compile included): ``<device>-<date>.json`` (ready for
    benchmarks/results/), its table and plots.
 10. ``variants``: ``variants.json``, the IO block's two forward designs (``split``, ``fused``)
-    timed in one run next to nn.Linear, the reference and ``torch.compile`` of the reference.
+    timed in one run next to nn.Linear, the reference and ``torch.compile`` of the reference;
+    and the MLP tail's three designs (op-level, the two layout operators, the fused decoder's
+    one operator), a training step each, at down_proj's shape.
 11. ``compile report``: ``compile-report.json``, registers, spills, shared memory and load kinds
     of every launch at the released shapes in bf16/fp16 for this GPU's architecture.
 12. ``autotune``: ``autotune-<device>-<date>.json`` and ``autotune.json``, the Triton rows of
@@ -685,15 +687,21 @@ def run_variants(out_dir: str, device, rehearse: bool, with_compile: bool) -> di
     else:
         rows = variants.time_variants(device, dtype, released, VARIANT_M, tflops, gbps,
                                       with_compile=with_compile)
+    # The MLP tail's three designs (training step), at down_proj's shape.
+    tail_shapes = DRY_SHAPES[1:] if rehearse else [s for s in released if s.op == "down"]
+    tail = ([] if rehearse and os.environ.get("TRITON_INTERPRET") != "1" else
+            variants.time_mlp_tail(device, dtype, tail_shapes, DRY_M[-1:] if rehearse else
+                                   VARIANT_M, budget_s=0.02 if rehearse else 1.0))
     predicted = variants.predicted_floors(released, 8192,
                                           torch.empty((), dtype=dtype).element_size(), tflops, gbps)
     report.write_payload(os.path.join(out_dir, "variants.json"),
                          {"roofline": {"tflops": tflops, "gbps": gbps, "source": roof.describe()},
-                          "rows": rows, "predicted_floors_m8192": predicted})
+                          "rows": rows, "mlp_tail_rows": tail,
+                          "predicted_floors_m8192": predicted})
     print(variants.format_rows(rows))
-    bad = [r for r in rows
+    bad = [r for r in rows + tail
            if r["rel_error"] is not None and not r["rel_error"] < parity.tolerance(dtype)]
-    return {"ok": not bad, "rows": len(rows), "parity_failed": len(bad)}
+    return {"ok": not bad, "rows": len(rows) + len(tail), "parity_failed": len(bad)}
 
 
 def run_compile_report(out_dir: str, rehearse: bool, arch: int, timeout_s: float) -> dict:
@@ -872,7 +880,8 @@ class GpuCheck:
             keys |= self._keys(self.released, ["bf16"], VARIANT_M, ["gpc_io_fwd", "interleave_fwd"],
                                io_forward=design)
         n_providers = 5 if not self.args.no_compile else 4
-        measurements = len(self.released) * len(VARIANT_M) * n_providers
+        # plus the MLP tail's three designs at down_proj's shape (a training step each)
+        measurements = len(self.released) * len(VARIANT_M) * n_providers + len(VARIANT_M) * 3 * 3
         compile_s = 0.0 if self.args.no_compile else VARIANTS_COMPILE_S
         return Plan(keys=keys, run_s=measurements * DO_BENCH_S + compile_s,
                     detail={"measurements": measurements, "torch_compile_s": compile_s})
@@ -1031,7 +1040,7 @@ class GpuCheck:
                      extra_s=0.0 if a.no_compile else TORCH_COMPILE_S)),
                  self._timed("sweep", sweep_body),
                  [f"{stem}.json", f"{stem}.txt", f"plots-{stem}/"]),
-            Step("variants", "the IO block's two forward designs side by side",
+            Step("variants", "the IO block's forward designs and the MLP tail's, side by side",
                  lambda: P(self.plan_variants), self._timed("variants", variants_body),
                  ["variants.json"]),
             Step("compile report", "registers, spills, shared memory of every launch (bf16, "
