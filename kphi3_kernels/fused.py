@@ -30,45 +30,25 @@ attention and the RMSNorm after it in one launch, whose backward adds the stream
 to the norm's in the same pass (the sum at the branch point), and ``silu_mul_gpc_io(...,
 residual=h)`` adds the stream in down_proj's epilogue.
 
-All take ``backend=`` like the op-level functions. ``"triton"`` runs the fused kernels
-(``ops/fused_ops.py``); ``"torch"`` computes the same values from ``kphi3_kernels.layout``'s plain
-PyTorch conversions (the reference). Checks run before anything launches.
+All take ``backend=`` like the op-level functions, and each validates its arguments
+(``_checks.py``, the op-level functions' checks) and then calls one operator of
+``ops/fused_ops.py`` on the resolved backend: ``"triton"`` runs the fused kernels, ``"torch"``
+the same operators composed in PyTorch (``ops/torch_impl.py``), with the same autograd
+formulas. Checks run before anything launches.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
-import torch.nn.functional as F_torch
 
+from . import _checks as C
 from . import layout
-from .functional import (_autocast_on, _backend, _cast_params, _check_bias, _check_param,
-                         _check_weight, _flatten, gpc_io)
 from .ops import fused_ops
 from .reference import as_int
 
 __all__ = ["silu_mul_to_layout", "gpc_io_from_layout", "silu_mul_gpc_io", "rms_norm_gpc_io",
            "rms_norm", "add_rms_norm", "layout_padding"]
-
-
-def _check_floating(x, name: str, op: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{op}: {name} must be floating-point, got dtype {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError(f"{op}: {name} must have a channel dimension, got a 0-d tensor")
-
-
-def _check_io_weights(weight1, weight2, op: str):
-    """``(G, s, og)`` of an IO block's two weights, which must share one ``[G, s, og]`` shape."""
-    G, s, og = _check_weight(weight1, op, "weight1")
-    _check_param(weight2, "weight2", op)
-    if tuple(weight2.shape) != (G, s, og):
-        raise ValueError(f"{op}: both weights must have one shape, got {tuple(weight1.shape)} "
-                         f"and {tuple(weight2.shape)}")
-    return G, s, og
 
 
 def silu_mul_to_layout(gate_up: torch.Tensor, groups: int, pad: int = 8, *,
@@ -81,7 +61,7 @@ def silu_mul_to_layout(gate_up: torch.Tensor, groups: int, pad: int = 8, *,
     Differentiable: the gradient reaching the layout's padding is ignored.
     """
     op = "silu_mul_to_layout"
-    _check_floating(gate_up, "gate_up", op)
+    C.check_floating(gate_up, "gate_up", op)
     groups = as_int(groups, f"{op}: groups")
     pad = as_int(pad, f"{op}: pad")
     width = gate_up.shape[-1]
@@ -96,12 +76,9 @@ def silu_mul_to_layout(gate_up: torch.Tensor, groups: int, pad: int = 8, *,
             f"{op}: the {channels} channels of each half must be a positive multiple of groups "
             f"({groups})")
     run = layout.residue_run_length(channels, groups, pad)
-    name = _backend(gate_up, backend, op)
-    if name == "triton":
-        t = fused_ops.silu_mul_layout(_flatten(gate_up), groups, run)
-        return t.reshape(*gate_up.shape[:-1], t.shape[-1])
-    gate, up = gate_up.chunk(2, dim=-1)
-    return layout.to_residue_layout(up * F_torch.silu(gate), groups, pad)
+    name = C.backend_for(gate_up, backend, op)
+    t = fused_ops.silu_mul_layout(C.flatten(gate_up), groups, run, backend=name)
+    return t.reshape(*gate_up.shape[:-1], t.shape[-1])
 
 
 def gpc_io_from_layout(t: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
@@ -116,8 +93,8 @@ def gpc_io_from_layout(t: torch.Tensor, weight1: torch.Tensor, weight2: torch.Te
     reach ``t`` (in the layout, padding zero), the weights and the biases.
     """
     op = "gpc_io_from_layout"
-    G, s, og = _check_io_weights(weight1, weight2, op)
-    _check_floating(t, "t", op)
+    G, s, og = C.check_io_weights(weight1, weight2, op)
+    C.check_floating(t, "t", op)
     width = t.shape[-1]
     shortest = -(-s // G)
     if width % (G * G) or width // (G * G) < shortest:
@@ -125,16 +102,12 @@ def gpc_io_from_layout(t: torch.Tensor, weight1: torch.Tensor, weight2: torch.Te
             f"{op}: t's last dimension is {width}, but a block-residue layout of {G * s} channels "
             f"in {G} groups is G*G*R = {G * G}*R with R >= ceil(s/G) = {shortest} (e.g. "
             f"{layout.residue_layout_channels(G * s, G)} for pad 8)")
-    _check_bias(bias1, G, og, op, "bias1")
-    _check_bias(bias2, G, og, op, "bias2")
-    name = _backend(t, backend, op)
-    t, (weight1, weight2, bias1, bias2) = _cast_params(t, (weight1, weight2, bias1, bias2), op)
-    if name == "triton":
-        y = fused_ops.gpc_io_layout(_flatten(t), weight1, weight2, bias1, bias2)
-        return y.reshape(*t.shape[:-1], G * og)
-    run = width // (G * G)
-    return layout.gpc_io_in_layout(t, layout.first_weight_in_layout(weight1, run),
-                                   layout.second_weight_in_layout(weight2, run), bias1, bias2)
+    C.check_bias(bias1, G, og, op, "bias1")
+    C.check_bias(bias2, G, og, op, "bias2")
+    name = C.backend_for(t, backend, op)
+    t, (weight1, weight2, bias1, bias2) = C.cast_params(t, (weight1, weight2, bias1, bias2), op)
+    y = fused_ops.gpc_io_layout(C.flatten(t), weight1, weight2, bias1, bias2, backend=name)
+    return y.reshape(*t.shape[:-1], G * og)
 
 
 def silu_mul_gpc_io(gate_up: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
@@ -147,112 +120,29 @@ def silu_mul_gpc_io(gate_up: torch.Tensor, weight1: torch.Tensor, weight2: torch
     ``gate_up`` ``[..., 2*G*s]``, weights ``[G, s, og]`` (G > 1 or 1), biases ``[G, og]``;
     returns ``[..., G*og]``. ``residual`` (``[..., G*og]``, like the result): returns
     ``residual + gpc_io(...)``, added to the fp32 accumulator in the epilogue, in the promoted
-    dtype of the two (the decoder's residual add after the MLP). ``"torch"`` runs the op-level
-    composition in PyTorch.
+    dtype of the two (the decoder's residual add after the MLP). ``"torch"`` runs the same
+    operator in PyTorch (one rounding of the sum too).
     """
     op = "silu_mul_gpc_io"
-    G, s, og = _check_io_weights(weight1, weight2, op)
-    _check_floating(gate_up, "gate_up", op)
+    G, s, og = C.check_io_weights(weight1, weight2, op)
+    C.check_floating(gate_up, "gate_up", op)
     if gate_up.shape[-1] != 2 * G * s:
         raise ValueError(
             f"{op}: gate_up's last dimension is {gate_up.shape[-1]}, but the weights "
             f"{tuple(weight1.shape)} take {G * s} channels: gate_up must be [..., 2*{G * s}]")
-    _check_bias(bias1, G, og, op, "bias1")
-    _check_bias(bias2, G, og, op, "bias2")
+    C.check_bias(bias1, G, og, op, "bias1")
+    C.check_bias(bias2, G, og, op, "bias2")
     pad = as_int(pad, f"{op}: pad")
     if pad < 1:
         raise ValueError(f"{op}: pad must be positive, got {pad}")
-    _check_residual(residual, gate_up, op, result_shape=(*gate_up.shape[:-1], G * og))
-    name = _backend(gate_up, backend, op)
-    gate_up, (weight1, weight2, bias1, bias2) = _cast_params(
+    C.check_residual(residual, gate_up, op, result_shape=(*gate_up.shape[:-1], G * og))
+    name = C.backend_for(gate_up, backend, op)
+    gate_up, (weight1, weight2, bias1, bias2) = C.cast_params(
         gate_up, (weight1, weight2, bias1, bias2), op)
-    if name == "triton":
-        run = layout.residue_run_length(G * s, G, pad)
-        y = fused_ops.mlp_tail(_flatten(gate_up), weight1, weight2, bias1, bias2, run,
-                               _flatten(residual) if residual is not None else None)
-        return y.reshape(*gate_up.shape[:-1], G * og)
-    gate, up = gate_up.chunk(2, dim=-1)
-    y = gpc_io(up * F_torch.silu(gate), weight1, weight2, bias1, bias2, backend="torch")
-    return y if residual is None else residual + y
-
-
-def _check_rms_weight(norm_weight, channels: int, op: str) -> None:
-    _check_param(norm_weight, "norm_weight", op)
-    if tuple(norm_weight.shape) != (channels,):
-        raise ValueError(f"{op}: norm_weight must have shape ({channels},), got "
-                         f"{tuple(norm_weight.shape)}")
-
-
-def _check_device(t: torch.Tensor, like: torch.Tensor, op: str, name: str) -> None:
-    if t.device != like.device:
-        raise ValueError(f"{op}: {name} is on {t.device}, the input on {like.device}")
-
-
-def _check_residual(residual, like: torch.Tensor, op: str, result_shape=None,
-                    required: bool = False) -> None:
-    """A residual (None: none, unless ``required``) must be a floating tensor on ``like``'s
-    device, of ``like``'s shape (added to the input ``x``) or of ``result_shape`` (added to the
-    result)."""
-    if residual is None and not required:
-        return
-    _check_floating(residual, "residual", op)
-    if result_shape is None and residual.shape != like.shape:
-        raise ValueError(f"{op}: residual and x must have one shape, got "
-                         f"{tuple(residual.shape)} and {tuple(like.shape)}")
-    if result_shape is not None and tuple(residual.shape) != tuple(result_shape):
-        raise ValueError(f"{op}: residual must have the result's shape {tuple(result_shape)}, "
-                         f"got {tuple(residual.shape)}")
-    _check_device(residual, like, op, "residual")
-
-
-def _check_norm_args(x, weight, eps, op: str) -> None:
-    _check_floating(x, "x", op)
-    _check_rms_weight(weight, x.shape[-1], op)
-    _check_device(weight, x, op, "weight")
-    # Any real scalar (a Python or NumPy float or int), as torch's own norms take it.
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
-
-
-def _stream_dtype(residual: Optional[torch.Tensor], x: torch.Tensor) -> torch.dtype:
-    """The dtype of ``h = residual + x``: torch's promotion, as ``+`` computes it."""
-    return x.dtype if residual is None else torch.promote_types(residual.dtype, x.dtype)
-
-
-def _head_autocast_dtype(x, residual) -> Optional[torch.dtype]:
-    """The dtype a norm head's block runs in under autocast (None outside it). As autocast
-    does, a float64 ``h`` is never cast down."""
-    if _autocast_on(x.device.type) and _stream_dtype(residual, x) != torch.float64:
-        return torch.get_autocast_dtype(x.device.type)
-    return None
-
-
-def _check_head_params(x, residual, params, op: str) -> None:
-    """One dtype rule for a norm head on both backends: outside autocast, the normalized input
-    (of ``h = residual + x``, in the promoted dtype) and the parameters (norm weight, block
-    weights and biases) share one dtype, as the op-level ``gpc_io(rms_norm(h))`` needs. Under
-    autocast the norm reads ``h`` and its weight as they are and the block runs in the autocast
-    dtype. Every parameter is on ``x``'s device."""
-    for p in params:
-        if p is not None:
-            _check_device(p, x, op, "a parameter")
-    if _head_autocast_dtype(x, residual) is not None:
-        return
-    dtype = _stream_dtype(residual, x)
-    for p in params:
-        if p is not None and p.dtype != dtype:
-            source = ("x" if residual is None else
-                      f"h = residual + x ({residual.dtype} + {x.dtype})")
-            raise TypeError(f"{op}: the normalized input's dtype {dtype} (of {source}) does not "
-                            f"match parameter dtype {p.dtype}; cast one of them, or run under "
-                            "torch.autocast")
-
-
-def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x32 = x.to(torch.float32) if dtype != torch.float64 else x
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    run = layout.residue_run_length(G * s, G, pad)
+    y = fused_ops.mlp_tail(C.flatten(gate_up), weight1, weight2, bias1, bias2, run,
+                           C.flatten(residual) if residual is not None else None, backend=name)
+    return y.reshape(*gate_up.shape[:-1], G * og)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
@@ -260,15 +150,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
     """Phi-3's RMSNorm of ``x`` ``[..., C]`` with ``weight`` ``[C]``: fp32 statistics (float64 for
     float64), the normalized input scaled by the weight, in their promoted dtype.
 
-    ``"torch"`` is Phi-3's module exactly (the normalized input rounded to x's
-    dtype before the scale); ``"triton"`` / ``"auto"`` one launch that rounds once, and whose
-    backward is one launch too (``docs/numerics.md``).
+    ``"torch"`` computes Phi-3's module's values exactly (the normalized input rounded to x's
+    dtype before the scale); ``"triton"`` is one launch that rounds once, and whose backward is
+    one launch too (``docs/numerics.md``). Both backends share the backward's formula, computed
+    in fp32 and rounded once.
     """
     op = "rms_norm"
-    _check_norm_args(x, weight, eps, op)
-    if _backend(x, backend, op) != "triton":
-        return _rms_norm_torch(x, weight, eps)
-    n = fused_ops.rms_norm(_flatten(x), weight, float(eps))
+    C.check_norm_args(x, weight, eps, op)
+    name = C.backend_for(x, backend, op)
+    n = fused_ops.rms_norm(C.flatten(x), weight, float(eps), backend=name)
     return n.reshape(x.shape)
 
 
@@ -279,15 +169,15 @@ def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
 
     ``"triton"`` runs both in one launch; its backward, given the gradients of both ``h`` (the
     residual stream, used again later) and ``n``, computes the input gradient, the sum of the
-    two at the branch point, in one launch. ``"torch"`` runs ``+`` and ``rms_norm``.
+    two at the branch point, in one launch. ``"torch"`` computes ``+`` and ``rms_norm``'s values
+    in the same operator.
     """
     op = "add_rms_norm"
-    _check_norm_args(x, weight, eps, op)
-    _check_residual(residual, x, op, required=True)
-    if _backend(x, backend, op) != "triton":
-        h = residual + x
-        return h, _rms_norm_torch(h, weight, eps)
-    h, n = fused_ops.add_rms_norm(_flatten(residual), _flatten(x), weight, float(eps))
+    C.check_norm_args(x, weight, eps, op)
+    C.check_residual(residual, x, op, required=True)
+    name = C.backend_for(x, backend, op)
+    h, n = fused_ops.add_rms_norm(C.flatten(residual), C.flatten(x), weight, float(eps),
+                                  backend=name)
     return h.reshape(x.shape), n.reshape(x.shape)
 
 
@@ -304,7 +194,7 @@ def rms_norm_gpc_io(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
 
     ``x`` ``[..., G*s]``, ``norm_weight`` ``[G*s]``, weights ``[G, s, og]``. Under autocast the
     norm reads ``x`` and its weight as they are (fp32) and the block runs in the autocast dtype,
-    as RMSNorm followed by an autocast projection does. ``"torch"`` runs that composition.
+    as RMSNorm followed by an autocast projection does, on both backends.
 
     ``residual`` (``x``'s shape): the norm is of ``h = residual + x`` (the attention's residual
     add before post_attention_layernorm), and the result is ``(h, y)``; the backward takes the
@@ -315,43 +205,38 @@ def rms_norm_gpc_io(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     copy, no padding; ``"auto"``: the layout where it adds no channel, else split.
     """
     op = "rms_norm_gpc_io"
-    G, s, og = _check_io_weights(weight1, weight2, op)
-    _check_floating(x, "x", op)
+    G, s, og = C.check_io_weights(weight1, weight2, op)
+    C.check_floating(x, "x", op)
     if x.shape[-1] != G * s:
         raise ValueError(f"{op}: x's last dimension is {x.shape[-1]}, but the weights "
                          f"{tuple(weight1.shape)} take {G * s} channels")
-    _check_norm_args(x, norm_weight, eps, op)
-    _check_bias(bias1, G, og, op, "bias1")
-    _check_bias(bias2, G, og, op, "bias2")
-    _check_residual(residual, x, op)
-    _check_head_params(x, residual, (norm_weight, weight1, weight2, bias1, bias2), op)
+    C.check_norm_args(x, norm_weight, eps, op)
+    C.check_bias(bias1, G, og, op, "bias1")
+    C.check_bias(bias2, G, og, op, "bias2")
+    C.check_residual(residual, x, op)
+    C.check_head_params(x, residual, (norm_weight, weight1, weight2, bias1, bias2), op)
     if layout not in NORM_HEAD_LAYOUTS:
         raise ValueError(f"{op}: layout must be one of {', '.join(NORM_HEAD_LAYOUTS)}, got "
                          f"{layout!r}")
     pad = as_int(pad, f"{op}: pad")
     if pad < 1:
         raise ValueError(f"{op}: pad must be positive, got {pad}")
-    name = _backend(x, backend, op)
-    if name != "triton":
-        h = x if residual is None else residual + x
-        y = gpc_io(_rms_norm_torch(h, norm_weight, eps), weight1, weight2, bias1, bias2,
-                   backend="torch")
-        return y if residual is None else (h, y)
+    name = C.backend_for(x, backend, op)
     # Under autocast the block's operands take the autocast dtype; the norm's (x, the residual
     # and the norm weight) stay as they are. Without it, one dtype for all (checked above).
-    block_dtype = _head_autocast_dtype(x, residual)
+    block_dtype = C.head_autocast_dtype(x, residual)
     if block_dtype is not None:
         weight1, weight2, bias1, bias2 = (None if p is None else p.to(block_dtype)
                                           for p in (weight1, weight2, bias1, bias2))
     if layout == "auto":
         layout = "block-residue" if layout_padding(G, s, pad) == 0 else "split"
-    flat_residual = _flatten(residual) if residual is not None else None
+    flat_residual = C.flatten(residual) if residual is not None else None
     if layout == "split":
-        out = fused_ops.norm_io_split(_flatten(x), norm_weight, float(eps), weight1, weight2,
-                                      bias1, bias2, flat_residual)
+        out = fused_ops.norm_io_split(C.flatten(x), norm_weight, float(eps), weight1, weight2,
+                                      bias1, bias2, flat_residual, backend=name)
     else:
-        out = fused_ops.norm_io(_flatten(x), norm_weight, float(eps), weight1, weight2, bias1,
-                                bias2, _run_length(G, s, pad), flat_residual)
+        out = fused_ops.norm_io(C.flatten(x), norm_weight, float(eps), weight1, weight2, bias1,
+                                bias2, _run_length(G, s, pad), flat_residual, backend=name)
     h, y = out if residual is not None else (None, out)
     y = y.reshape(*x.shape[:-1], G * og)
     return y if residual is None else (h.reshape(x.shape), y)

@@ -73,14 +73,15 @@ class KPhi3Config(PreTrainedConfig):
             layer of the model: `"auto"` (Triton on CUDA tensors, PyTorch otherwise), `"triton"` or
             `"torch"`. Change it on a built model with `model.set_kernel_backend(...)`.
         fused_decoder (`bool`, defaults to `False`):
-            Fuse the layer across its projections where the Triton kernels run: the MLP's
+            Fuse the layer across its projections, on either kernel backend: the MLP's
             `silu(gate) * up` writes `down_proj`'s input in the block-residue layout that both of
             the IO block's GEMMs read, and `down_proj`'s backward computes the activation's
             gradient in its epilogue; each RMSNorm writes its projection's input as both GEMMs
             read it; the residual adds run in the norm after the attention and in `down_proj`'s
             epilogue (not while residual dropout is active). Same parameters, state dict and
-            results (within rounding); on the torch backend, and where a projection is not a
-            grouped IO block or `hidden_act` is not `"silu"`, that part runs the op-level path.
+            results (within rounding). On the torch backend the same fused operators run in
+            PyTorch; where a projection is not a grouped IO block or `hidden_act` is not
+            `"silu"`, that part runs the op-level path.
             `model.model.explain_fused_decoder(device)` says which path runs.
         rope_theta / rope_scaling (legacy keys):
             Accepted as in the original config (`rope_scaling` may be a longrope dict with

@@ -145,10 +145,16 @@ def fused_block_path(owner: nn.Module, name: str, device, fused_text: str) -> tu
         problem = f"{name} has an activation, which the fused operator would skip"
     if problem is not None:
         return False, f"fused_decoder=True, but {problem}: the op-level path"
-    backend, reason = resolve_backend(device, block.backend, with_reason=True)
-    if backend != "triton":
-        return False, f"fused_decoder=True, but the kernel backend is {reason}; so the op-level path"
-    return True, f"fused_decoder=True on the Triton kernels: {fused_text}"
+    return True, f"{fused_on(device, block.backend)}: {fused_text}"
+
+
+def fused_on(device, backend) -> str:
+    """The start of a fused part's reason: the backend its operators run on (``device`` and the
+    module's ``backend``, as the call resolves it). Every fused operator has both backends, so
+    a plan does not depend on it; the text says which one runs."""
+    name = resolve_backend(device, backend)
+    return "fused_decoder=True on the " + ("Triton kernels" if name == "triton" else
+                                             "torch backend")
 
 
 def remember_built(owner: nn.Module) -> None:
@@ -208,7 +214,7 @@ def norm_then_block(norm: nn.Module, block: nn.Module, x: torch.Tensor,
     ``residual``, ``(h, block(norm(h)))`` for ``h = residual + x``."""
     first, second = block.first_pointwise_conv, block.second_pointwise_conv
     return rms_norm_gpc_io(x, norm.weight, norm.variance_epsilon, first.weight, second.weight,
-                           first.bias, second.bias, residual=residual, backend="triton")
+                           first.bias, second.bias, residual=residual, backend=block.backend)
 
 
 def norm_head_text(norm: str, block: nn.Module, name: str) -> str:
@@ -284,7 +290,7 @@ class KPhi3MLP(nn.Module):
             down = self.down_proj
             first, second = down.first_pointwise_conv, down.second_pointwise_conv
             return silu_mul_gpc_io(up_states, first.weight, second.weight, first.bias,
-                                   second.bias, residual=residual, backend="triton")
+                                   second.bias, residual=residual, backend=down.backend)
         gate, up_states = up_states.chunk(2, dim=-1)  # the gate is the first half
         up_states = up_states * self.activation_fn(gate)
         out = self.down_proj(up_states)
@@ -605,7 +611,7 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
     def stream_path(self, device: torch.Tensor | torch.device | str) -> tuple[bool, str]:
         """``(fused, reason)``: whether the residual stream's fusions can run on ``device``: the
         norms and the residual dropouts as built (the fused operators skip their forwards), no
-        active dropout on the branches, the Triton kernels."""
+        active dropout on the branches; on either backend."""
         if not self.config.fused_decoder:
             return False, "fused_decoder=False: the op-level path"
         problem = not_as_built(self, "input_layernorm", "post_attention_layernorm",
@@ -616,10 +622,7 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
             return False, ("fused_decoder=True, but residual dropout is active (training with "
                            "resid_pdrop > 0), and it sits between the branch and the add: the "
                            "op-level path")
-        backend, reason = resolve_backend(device, self.config.kernel_backend, with_reason=True)
-        if backend != "triton":
-            return False, f"fused_decoder=True, but the kernel backend is {reason}; so the op-level path"
-        return True, "fused_decoder=True on the Triton kernels"
+        return True, fused_on(device, self.config.kernel_backend)
 
     def fusions(self, device: torch.Tensor | torch.device | str) -> dict[str, tuple[bool, str]]:
         """Each fusion of ``config.fused_decoder`` in this layer on ``device``: ``(fused, reason)``."""
@@ -731,7 +734,7 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
         elif plan.input_norm:
             norm = self.input_layernorm
             hidden_states = rms_norm(hidden_states, norm.weight, norm.variance_epsilon,
-                                     backend="triton")
+                                     backend=self.config.kernel_backend)
         else:
             hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
@@ -754,7 +757,8 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
         mlp_norm = None
         if plan.attn_add:
             residual, mlp_in = add_rms_norm(residual, hidden_states, norm.weight,
-                                            norm.variance_epsilon, backend="triton")
+                                            norm.variance_epsilon,
+                                            backend=self.config.kernel_backend)
         else:
             residual = residual + self.resid_attn_dropout(hidden_states)
             mlp_in, mlp_norm = (residual, norm) if plan.gate_up_head else (norm(residual), None)
@@ -912,17 +916,16 @@ class KPhi3Model(KPhi3PreTrainedModel):
 
 
     def warn_unfused_once(self, device: torch.device) -> None:
-        """With ``fused_decoder=True`` on the Triton kernels, one logged warning (logger
-        ``"kphi3_model"``) per model, device type and training mode, naming each part of the
-        decoder that runs op-level instead and why (``explain_fused_decoder`` in one line per
-        part). Nothing where the kernel backend is not Triton: the backend says so itself."""
+        """With ``fused_decoder=True``, one logged warning (logger ``"kphi3_model"``) per model,
+        device type and training mode, naming each part of the decoder that runs op-level
+        instead and why (``explain_fused_decoder`` in one line per part). The same rule on
+        both backends: every fused operator runs on either, so the backend leaves nothing
+        unfused."""
         key = (torch.device(device).type, self.training)
         warned = self.__dict__.setdefault("_unfused_warned", set())
         if key in warned:
             return
         warned.add(key)
-        if resolve_backend(device, self.config.kernel_backend) != "triton":
-            return
         unfused: dict[tuple[str, str], list[int]] = {}
         for index, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             for where, (fused, reason) in layer.fusions(device).items():

@@ -1,6 +1,8 @@
-"""The registered operators (``torch.ops.kphi3``): ``torch.library.opcheck`` on every forward and
-backward operator of both backends (Triton through its interpreter on CPU), ``torch.compile`` of
-every module with ``fullgraph=True`` against eager, and ``torch.export`` of a module."""
+"""The registered operators (``torch.ops.kphi3``): the operator table (``registry.OPERATORS``,
+op-level and fused alike) has every part on both backends; ``torch.library.opcheck`` on every
+forward and backward operator, op-level and fused, of both backends (Triton through its
+interpreter on CPU); ``torch.compile`` of every module with ``fullgraph=True`` against eager,
+and ``torch.export`` of a module."""
 import pytest
 import torch
 from torch.library import opcheck
@@ -9,22 +11,52 @@ from kphi3_kernels import (GroupedLinear, GroupedLinearFast, GroupedPointwiseCon
                            GroupedPointwiseConvolutionBlockIO, InterleaveChannelsFast,
                            SignedSquareRoot1)
 from kphi3_kernels.functional import _flatten
+from kphi3_kernels import layout
 from kphi3_kernels import reference as R
-from kphi3_kernels.ops import custom_ops
+from kphi3_kernels.ops import custom_ops, registry
 
 from _utils import DEVICE, FP32_TOL, rel_error
 
 BACKENDS = ["torch", "triton"]
 OPS = ["grouped_linear", "grouped_linear_bwd", "gpc_io", "gpc_io_bwd", "gpc_block",
        "gpc_block_bwd", "interleave"]
+FUSED_OPS = ["silu_mul_layout", "silu_mul_layout_bwd", "gpc_io_layout", "gpc_io_layout_bwd",
+             "mlp_tail", "mlp_tail_bwd", "rms_norm", "add_rms_norm", "rms_norm_bwd", "norm_io",
+             "norm_io_bwd", "norm_io_split", "norm_io_split_bwd"]
 CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor",
           "test_aot_dispatch_static", "test_aot_dispatch_dynamic")
 M = 5
 
 
+def test_the_operator_table_holds_every_operator_with_every_part():
+    """One table for op-level and fused operators: each on both backends, with a fake, an
+    autograd formula (on the eager fast path too), a FLOP formula; the fused family's
+    second derivatives are refused (their backward operators' formula raises)."""
+    from kphi3_kernels.ops import flops
+
+    assert set(registry.OPERATORS) == set(OPS) | set(FUSED_OPS)
+    flop_registry = torch.utils.flop_counter.flop_registry
+    for name, spec in registry.OPERATORS.items():
+        assert spec.backends == tuple(BACKENDS)
+        assert spec.family == ("op-level" if name in OPS else "fused")
+        assert spec.any_order == (name in OPS)
+        assert spec.flops is (flops.FORMULAS if name in OPS else flops.FUSED_FORMULAS)[name]
+        for backend in BACKENDS:
+            assert (name, backend) in registry._EAGER and registry._EAGER[(name, backend)][1]
+            assert callable(spec.fake(backend))
+            assert registry.op(name, backend) in flop_registry
+
+
+def test_a_family_missing_a_part_is_refused():
+    with pytest.raises(TypeError, match="FLOP formula missing for \\['x'\\]"):
+        registry.register_family("test", lambda b: {"x": None}, lambda b: {"x": None},
+                                 lambda b: {"x": (None, None)}, {})
+    assert "x" not in registry.OPERATORS
+
+
 def test_every_operator_is_registered_without_mutation_or_aliasing():
     for backend in BACKENDS:
-        for name in OPS:
+        for name in registry.OPERATORS:
             schema = custom_ops.op(name, backend).default._schema
             assert schema.name == f"kphi3::{name}_{backend}"
             assert not schema.is_mutable
@@ -103,15 +135,101 @@ OPCHECK_CASES = [
 ]
 
 
+# The fused decoder's operators: G = 3 groups of s = 4 (a layout run R = 2 with pad 2, or 8 with
+# the default pad 8), og = 5. Their backward operators refuse a second derivative, so their
+# operands require no grad (AOT dispatch would differentiate them).
+FG, FS, FOG = 3, 4, 5
+EPS = 1e-5
+
+
+def _run_length(pad=8):
+    return layout.residue_run_length(FG * FS, FG, pad)
+
+
+def _layout_t(rows, pad=8, grad=False):
+    return layout.to_residue_layout(torch.randn(rows, FG * FS, device=DEVICE), FG,
+                                    pad).requires_grad_(grad)
+
+
+def _w(grad=False):
+    return _t(FG, FS, FOG, grad=grad)
+
+
+def _rstd(x):
+    return torch.rsqrt(x.float().pow(2).mean(-1) + EPS)
+
+
+def _norm_saved(split):
+    """``(dy, dh, x, norm_weight, rstd, <the block's saved input>, w1, w2)`` of a norm head."""
+    x = _t(M, FG * FS)
+    saved = ((_t(M, FG * FS), _xi(_t(M, FG * FS), FG)) if split else (_layout_t(M),))
+    return (_t(M, FG * FOG), _t(M, FG * FS), x, _t(FG * FS), _rstd(x), *saved, _w(), _w())
+
+
+FUSED_OPCHECK_CASES = [
+    ("all-grad", "silu_mul_layout", lambda b: (_t(M, 2 * FG * FS, grad=True), FG, _run_length())),
+    ("strided-pad2", "silu_mul_layout", lambda b: (_strided_3d((1, M), 2 * FG * FS), FG, _run_length(2))),
+    ("plain", "silu_mul_layout_bwd", lambda b: (_layout_t(M), _t(M, 2 * FG * FS), FG)),
+    ("all-grad", "gpc_io_layout", lambda b: (_layout_t(M, grad=True), _w(True), _w(True),
+                                             _t(FG, FOG, grad=True), None)),
+    ("pad2-w-grad", "gpc_io_layout", lambda b: (_layout_t(M, 2), _weight_t(FG, FS, FOG, True),
+                                                _w(), None, _t(FG, FOG))),
+    ("all-needs", "gpc_io_layout_bwd", lambda b: (_t(M, FG * FOG), _layout_t(M), _w(), _w(),
+                                                  True, True, True, True, True)),
+    ("dw2-only", "gpc_io_layout_bwd", lambda b: (_t(M, FG * FOG), _layout_t(M, 2), _w(), _w(),
+                                                 False, False, True, False, False)),
+    ("residual-all-grad", "mlp_tail",
+     lambda b: (_t(M, 2 * FG * FS, grad=True), _w(True), _w(True), _t(FG, FOG, grad=True), None,
+                _t(M, FG * FOG, grad=True), _run_length())),
+    ("no-residual-w1-grad", "mlp_tail", lambda b: (_strided_3d((1, M), 2 * FG * FS), _w(True),
+                                                   _w(), None, None, None, _run_length(2))),
+    ("all-needs", "mlp_tail_bwd", lambda b: (_t(M, FG * FOG), _t(M, 2 * FG * FS),
+                                             _layout_t(M), _w(), _w(), True, True, True, True,
+                                             True)),
+    ("dgu-only", "mlp_tail_bwd", lambda b: (_t(M, FG * FOG), _t(M, 2 * FG * FS), _layout_t(M),
+                                            _w(), _w(), True, False, False, False, False)),
+    ("all-grad", "rms_norm", lambda b: (_t(M, 40, grad=True), _t(40, grad=True), EPS)),
+    ("strided", "rms_norm", lambda b: (_strided_3d((1, M), 40), _t(40), EPS)),
+    ("all-grad", "add_rms_norm",
+     lambda b: (_t(M, 40, grad=True), _t(M, 40, grad=True), _t(40, grad=True), EPS)),
+    ("fp16-x-w-grad", "add_rms_norm",
+     lambda b: (_t(M, 40), _t(M, 40).half(), _t(40, grad=True), EPS)),
+    ("with-dh", "rms_norm_bwd",
+     lambda b: (lambda x: (_t(M, 40), _t(M, 40), x, _t(40), _rstd(x), True, True))(_t(M, 40))),
+    ("dw-only", "rms_norm_bwd",
+     lambda b: (lambda x: (_t(M, 40), None, x, _t(40), _rstd(x), False, True))(_t(M, 40))),
+    ("residual-all-grad", "norm_io",
+     lambda b: (_t(M, FG * FS, grad=True), _t(FG * FS, grad=True), EPS, _w(True), _w(True),
+                _t(FG, FOG, grad=True), _t(FG, FOG, grad=True), _t(M, FG * FS, grad=True),
+                _run_length())),
+    ("x-grad", "norm_io", lambda b: (_strided_3d((1, M), FG * FS, grad=True), _t(FG * FS), EPS,
+                                     _w(), _w(), None, None, None, _run_length(2))),
+    ("all-needs", "norm_io_bwd", lambda b: (*_norm_saved(False), True, True, True, True, True,
+                                            True)),
+    ("no-dh-dnorm", "norm_io_bwd", lambda b: (lambda a: (a[0], None, *a[2:], False, True, False,
+                                                         True, False, False))(_norm_saved(False))),
+    ("residual-all-grad", "norm_io_split",
+     lambda b: (_t(M, FG * FS, grad=True), _t(FG * FS, grad=True), EPS, _w(True), _w(True),
+                _t(FG, FOG, grad=True), None, _t(M, FG * FS, grad=True))),
+    ("w-grad", "norm_io_split", lambda b: (_t(M, FG * FS), _t(FG * FS), EPS, _w(True), _w(),
+                                           None, _t(FG, FOG), None)),
+    ("all-needs", "norm_io_split_bwd",
+     lambda b: (*_norm_saved(True), True, True, True, True, True, True)),
+    ("no-dh-dx", "norm_io_split_bwd", lambda b: (lambda a: (a[0], None, *a[2:], True, False,
+                                                            True, False, True, False))(
+        _norm_saved(True))),
+]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,make", [pytest.param(n, m, id=f"{n}-{i}")
-                                       for i, n, m in OPCHECK_CASES])
+                                       for i, n, m in OPCHECK_CASES + FUSED_OPCHECK_CASES])
 def test_opcheck(name, make, backend):
     opcheck(custom_ops.op(name, backend).default, make(backend), test_utils=CHECKS)
 
 
 def test_opcheck_cases_cover_every_operator():
-    assert {n for _, n, _ in OPCHECK_CASES} == set(OPS)
+    assert {n for _, n, _ in OPCHECK_CASES + FUSED_OPCHECK_CASES} == set(registry.OPERATORS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kphi3_kernels import fused
+from kphi3_kernels import fused, layout, reference
 
 from _utils import DEVICE, FP32_TOL, rel_error
 from test_fused_decoder import BACKENDS, _batch, _model, requires_triton
@@ -98,9 +98,7 @@ def test_a_replaced_module_runs_the_op_level_path(kind, training, backend):
     _replace(model.model.layers[0], path, make)
     text = model.model.explain_fused_decoder(DEVICE)
     line = next(l for l in text.splitlines() if l.startswith("layers.0") and f"({fusion})" in l)
-    assert "op-level" in line, line
-    if backend == "triton":
-        assert path.rpartition(".")[2] in line or "kernel backend" in line, line
+    assert "op-level" in line and path.rpartition(".")[2] in line, line
     batch = _batch()
     got = _logits(model, batch)
     want = _op_level_logits(model, batch)
@@ -210,6 +208,31 @@ def test_a_residual_that_promotes_to_the_weights_dtype_is_added_as_plus_adds(bac
     assert rel_error(y, y_torch) < FP32_TOL
 
 
+def _norm(x, nw):
+    """Phi-3's RMSNorm, plainly."""
+    return nw * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS))
+
+
+def _silu_mul(gu):
+    gate, up = gu.chunk(2, dim=-1)
+    return up * F.silu(gate)
+
+
+# The plain composition of each fused function (torch ops, the layout's and the reference's
+# functions), whose outputs' requires_grad every backend must give.
+PLAIN = {
+    "rms_norm": lambda a: (_norm(a[0], a[1]),),
+    "add_rms_norm": lambda a: (a[0] + a[1], _norm(a[0] + a[1], a[2])),
+    "rms_norm_gpc_io": lambda a: (reference.gpc_io(_norm(a[0], a[1]), a[2], a[3]),),
+    "rms_norm_gpc_io-residual": lambda a: (a[4] + a[0], reference.gpc_io(
+        _norm(a[4] + a[0], a[1]), a[2], a[3])),
+    "silu_mul_to_layout": lambda a: (layout.to_residue_layout(_silu_mul(a[0]), G),),
+    "gpc_io_from_layout": lambda a: (reference.gpc_io(
+        layout.from_residue_layout(a[0], G, G * S), a[1], a[2]),),
+    "silu_mul_gpc_io-residual": lambda a: (a[3] + reference.gpc_io(_silu_mul(a[0]), a[1], a[2]),),
+}
+
+
 def _public_calls():
     """(name, call(backend, inputs) -> outputs, differentiable inputs) of each fused function."""
     C = G * S
@@ -235,17 +258,18 @@ def _public_calls():
     ]
 
 
-@requires_triton
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("index", range(7), ids=[c[0] for c in _public_calls()])
-def test_every_output_requires_grad_as_on_the_torch_backend(index):
+def test_every_output_requires_grad_as_the_plain_composition_gives(index, backend):
     """For every subset of differentiable inputs that require grad, each output's
-    ``requires_grad`` is the one the torch backend's plain composition gives."""
+    ``requires_grad`` is the one the plain composition of torch ops gives, on both backends."""
     name, call, inputs = _public_calls()[index]
+    assert set(PLAIN) == {c[0] for c in _public_calls()}
     for mask in range(1 << len(inputs)):
         args = [t.detach().requires_grad_(bool(mask >> i & 1)) for i, t in enumerate(inputs)]
-        got = [o.requires_grad for o in call("triton", args)]
-        want = [o.requires_grad for o in call("torch", args)]
-        assert got == want, f"{name}, inputs requiring grad {mask:b}: triton {got}, torch {want}"
+        got = [o.requires_grad for o in call(backend, args)]
+        want = [o.requires_grad for o in PLAIN[name](args)]
+        assert got == want, f"{name}, inputs requiring grad {mask:b}: {backend} {got}, plain {want}"
 
 
 # ---- arguments checked before anything launches, naming the function called -----------------
@@ -311,9 +335,10 @@ def _warnings(caplog):
     return [r.getMessage() for r in caplog.records if r.name == "kphi3_model"]
 
 
-@requires_triton
-def test_an_unfused_part_is_named_once_per_model(caplog):
-    model = _model(kernel_backend="triton", fused_decoder=True, hidden_act="gelu")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_unfused_part_is_named_once_per_model(caplog, backend):
+    """The same rule on both backends: each fuses what it can, and says what it leaves."""
+    model = _model(kernel_backend=backend, fused_decoder=True, hidden_act="gelu")
     batch = _batch()
     with caplog.at_level(logging.WARNING, logger="kphi3_model"):
         model(**batch)
@@ -322,7 +347,7 @@ def test_an_unfused_part_is_named_once_per_model(caplog):
     assert "silu(gate) * up + down_proj in layers 0, 1" in message, message
     assert "hidden_act is 'gelu'" in message and "down_proj + residual add" in message, message
     caplog.clear()
-    other = _model(kernel_backend="triton", fused_decoder=True, hidden_act="gelu")
+    other = _model(kernel_backend=backend, fused_decoder=True, hidden_act="gelu")
     with caplog.at_level(logging.WARNING, logger="kphi3_model"):
         other(**batch)
     assert len(_warnings(caplog)) == 1  # per model, not per process
@@ -380,9 +405,12 @@ def test_the_plan_is_decided_once_per_state_and_again_when_it_changes(monkeypatc
     assert not layer.fusion_plan(DEVICE).tail
     model.train(not model.training)
     assert decisions(lambda: _logits(model, batch)) == layers  # the training mode
+    plan = layer.fusion_plan(DEVICE)
     model.set_kernel_backend("torch")                           # the backend
     assert decisions(lambda: _logits(model, batch)) == layers
-    assert layer.fusion_plan(DEVICE) == type(layer.fusion_plan(DEVICE))()  # all op-level
+    # decided again (its reasons name the backend), to the same plan: every fused operator
+    # runs on both backends
+    assert layer.fusion_plan(DEVICE) == plan and plan.gate_up_head
 
 
 @pytest.mark.parametrize("fused_decoder", [False, True])
@@ -400,18 +428,19 @@ def test_a_foreign_mlp_gets_the_plain_call(fused_decoder):
     assert torch.isfinite(out.loss)
 
 
-@requires_triton
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("call", ["silu_mul_gpc_io", "rms_norm_gpc_io", "add_rms_norm"])
-def test_a_second_derivative_names_the_op_level_path(call):
+def test_a_second_derivative_names_the_op_level_path(call, backend):
     x, r, nw, w1, w2 = _head_operands(torch.float32, torch.float32, torch.float32)
     gu = torch.randn(5, 2 * G * S, device=DEVICE)
     leaf = {"silu_mul_gpc_io": gu, "rms_norm_gpc_io": x, "add_rms_norm": x}[call].requires_grad_()
-    out = {"silu_mul_gpc_io": lambda: fused.silu_mul_gpc_io(leaf, w1, w2, backend="triton"),
+    out = {"silu_mul_gpc_io": lambda: fused.silu_mul_gpc_io(leaf, w1, w2, backend=backend),
            "rms_norm_gpc_io": lambda: fused.rms_norm_gpc_io(leaf, nw, EPS, w1, w2,
-                                                            backend="triton"),
-           "add_rms_norm": lambda: fused.add_rms_norm(r, leaf, nw, EPS, backend="triton")[1],
+                                                            backend=backend),
+           "add_rms_norm": lambda: fused.add_rms_norm(r, leaf, nw, EPS, backend=backend)[1],
            }[call]()
     (grad,) = torch.autograd.grad((out * out).sum(), leaf, create_graph=True)
-    with pytest.raises(RuntimeError, match="second derivative through the fused decoder.*"
-                                           "op-level path supports gradients of any order"):
+    with pytest.raises(RuntimeError, match=f"_{backend}: a second derivative through the fused "
+                                           "decoder.*op-level path supports gradients of any "
+                                           "order"):
         grad.sum().backward()

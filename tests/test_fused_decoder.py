@@ -25,6 +25,11 @@ BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]
 DTYPES = [torch.float32, torch.float16]
 
 
+def on_backend(backend: str) -> str:
+    """How ``explain_fused_decoder`` names the backend a fused part runs on."""
+    return "on the Triton kernels" if backend == "triton" else "on the torch backend"
+
+
 @dataclasses.dataclass
 class MlpCase:
     G: int
@@ -292,8 +297,8 @@ def check_norm_fused(case: MlpCase, backend: str, dtype: torch.dtype,
     assert all(g.dtype == dtype for g in got.values())
 
 
-# The torch backend has one composition for both layouts: it runs once, under the default.
-NORM_BACKEND_LAYOUTS = [("torch", "block-residue"),
+# Both backends have both heads (the torch one composes the same operators in PyTorch).
+NORM_BACKEND_LAYOUTS = [("torch", "block-residue"), ("torch", "split"),
                         pytest.param("triton", "block-residue", marks=requires_triton),
                         pytest.param("triton", "split", marks=requires_triton)]
 
@@ -305,11 +310,11 @@ def test_fused_norm_and_io_block_match_the_float64_oracle(case, dtype, backend, 
     check_norm_fused(case, backend, dtype, layout)
 
 
-@requires_triton
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["block-residue", "split"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", NORM_CASES[:4], ids=str)
-def test_norm_head_with_the_residual_add_matches_the_float64_oracle(case, dtype, layout):
+def test_norm_head_with_the_residual_add_matches_the_float64_oracle(case, dtype, layout, backend):
     """``(h, y) = rms_norm_gpc_io(x, ..., residual=r)``: ``h = r + x`` as ``+`` rounds it, ``y``
     the block of RMSNorm(h); gradients reach both from both outputs (h is the residual stream,
     used again later)."""
@@ -343,12 +348,14 @@ def test_norm_head_with_the_residual_add_matches_the_float64_oracle(case, dtype,
 
     dh, dy = torch.randn_like(x), torch.randn(*x.shape[:-1], w1.shape[0] * w1.shape[2],
                                               device=DEVICE).to(dtype)
-    got = check_parity(f"{case}/{dtype}/{layout}/residual", run("triton"), oracle, run("torch"),
-                       inputs, [dh, dy], names, {n: dtype for n in names}, rounded_dn)
+    triton = backend == "triton"
+    got = check_parity(f"{case}/{dtype}/{layout}/{backend}/residual", run(backend), oracle,
+                       run("torch") if triton else oracle, inputs, [dh, dy], names,
+                       {n: dtype for n in names}, rounded_dn if triton else None)
     assert torch.equal(got["h"], r + x) and got["h"].dtype == dtype == got["y"].dtype
     assert torch.equal(got["x"], got["residual"])  # one gradient for both addends
     # Only h used: its gradient alone, no norm or block launch needed.
-    h, _ = run("triton")(*inputs)
+    h, _ = run(backend)(*inputs)
     gx, gr = torch.autograd.grad(h, [x, r], dh)
     assert torch.equal(gx, dh) and torch.equal(gr, dh)
 
@@ -374,8 +381,8 @@ def test_every_gpu_config_of_the_norm_head_interpreted(config, layout, monkeypat
     assert set(forced) == gemms | {"norm_io_bwd_dxi", "norm_io_bwd_dxn"}
 
 
-@requires_triton
-def test_fused_norm_under_autocast_keeps_the_norm_in_fp32():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_norm_under_autocast_keeps_the_norm_in_fp32(backend):
     """Under autocast the norm reads fp32 x and weight; the block computes in the autocast
     dtype; gradients come back in each parameter's dtype, as with RMSNorm + autocast block."""
     G, s, og = 5, 12, 7
@@ -404,9 +411,17 @@ def test_fused_norm_under_autocast_keeps_the_norm_in_fp32():
         return {n: rounded_intermediate_bound(half, want[n], term)
                 for n, term in zip(("x", "norm_weight"), only2)}
 
+    def plain(x, nw, w1, w2):
+        # RMSNorm (Phi-3's module) followed by the plain block, under the same autocast.
+        with torch.autocast(device_type, dtype=half):
+            n = nw * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+            return reference.gpc_io(n.to(half), w1.to(half), w2.to(half))
+
     dy = torch.randn(9, G * og, device=DEVICE)
-    got = check_parity("rms_norm_gpc_io under autocast", run("triton"), oracle, run("torch"),
-                       inputs, [dy], names, {n: half for n in names}, rounded_dn)
+    triton = backend == "triton"
+    got = check_parity(f"rms_norm_gpc_io under autocast/{backend}", run(backend), oracle,
+                       run("torch") if triton else plain, inputs, [dy], names,
+                       {n: half for n in names}, rounded_dn if triton else None)
     assert got["y"].dtype == half
     assert [got[n].dtype for n in names[1:]] == [torch.float32] * 4
 
@@ -492,11 +507,13 @@ def _batch(left_padded: bool = True):
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-@requires_triton
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("widths", WIDTHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
-def test_fused_model_matches_the_op_level_model_and_the_float64_oracle(dtype, widths):
-    check_fused_model(dtype, widths)
+def test_fused_model_matches_the_op_level_model_and_the_float64_oracle(dtype, widths, backend):
+    """The fused plan on either backend (on torch, the fused operators composed in PyTorch)
+    against the op-level model and the float64 oracle."""
+    check_fused_model(dtype, widths, backend)
 
 
 # bf16: only on CUDA (the interpreter's bf16 tl.dot is wrong, docs/numerics.md).
@@ -520,10 +537,10 @@ def test_fused_norm_head_bf16_cuda(case, layout):
     check_norm_fused(case, "triton", torch.bfloat16, layout)
 
 
-def check_fused_model(dtype: torch.dtype, widths: str):
-    model = _model(dtype, widths, kernel_backend="triton", fused_decoder=True)
+def check_fused_model(dtype: torch.dtype, widths: str, backend: str = "triton"):
+    model = _model(dtype, widths, kernel_backend=backend, fused_decoder=True)
     text = model.model.explain_fused_decoder(DEVICE)
-    assert text.count("on the Triton kernels") == FUSED_COUNT[widths], text
+    assert text.count(on_backend(backend)) == FUSED_COUNT[widths], text
     batch = _batch()
     fused_run = _loss_and_grads(model, batch, True)
     unfused_run = _loss_and_grads(model, batch, False)
@@ -550,10 +567,10 @@ def _model_errors(run, oracle_run):
     return errs
 
 
-@requires_triton
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("widths", WIDTHS)
-def test_fused_model_with_gradient_checkpointing_and_padding(widths):
-    model = _model(widths=widths, kernel_backend="triton")
+def test_fused_model_with_gradient_checkpointing_and_padding(widths, backend):
+    model = _model(widths=widths, kernel_backend=backend)
     model.gradient_checkpointing_enable()
     model.train()
     batch = _batch()
@@ -563,10 +580,10 @@ def test_fused_model_with_gradient_checkpointing_and_padding(widths):
     assert all(rel_error(grads_f[n], grads_u[n]) < FP32_TOL for n in grads_u)
 
 
-@requires_triton
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("widths", WIDTHS)
-def test_fused_model_under_torch_compile(widths):
-    model = _model(widths=widths, kernel_backend="triton", fused_decoder=True)
+def test_fused_model_under_torch_compile(widths, backend):
+    model = _model(widths=widths, kernel_backend=backend, fused_decoder=True)
     batch = _batch()
     eager = model(**batch)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
@@ -576,10 +593,10 @@ def test_fused_model_under_torch_compile(widths):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@requires_triton
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("widths", WIDTHS)
-def test_fused_model_generates_like_the_op_level_model(widths):
-    model = _model(widths=widths, kernel_backend="triton").eval()
+def test_fused_model_generates_like_the_op_level_model(widths, backend):
+    model = _model(widths=widths, kernel_backend=backend).eval()
     ids = torch.randint(3, 97, (2, 5), device=DEVICE)
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     model.config.fused_decoder = False
@@ -612,7 +629,6 @@ def test_fused_decoder_flag_is_validated_saved_and_keeps_the_state_dict(tmp_path
 
 @pytest.mark.parametrize("over,why", [
     (dict(fused_decoder=False), "fused_decoder=False"),
-    (dict(fused_decoder=True, kernel_backend="torch"), "'torch'"),
     (dict(fused_decoder=True, min_channels_per_group=-1), "not a grouped IO block"),
     (dict(fused_decoder=True, min_channels_per_group=200), "not a grouped IO block"),
     (dict(fused_decoder=True, hidden_act="gelu_new"), "hidden_act"),
@@ -621,21 +637,45 @@ def test_the_op_level_path_runs_where_the_fused_one_cannot(over, why):
     model = _model(**over)
     text = model.model.explain_fused_decoder(DEVICE)
     # Six fusions per layer (two norms with their projections, the MLP tail, the residual
-    # stream's three), two layers; the default backend is the torch one here.
-    assert text.count("op-level path") == 12 and why in text, text
+    # stream's three), two layers; the default backend is the torch one here, which fuses what
+    # the reason does not stop (the residual stream's norms around a projection that is no
+    # grouped block, say).
+    lines = text.splitlines()
+    assert len(lines) == 12 and why in text, text
+    assert all("op-level" in line or on_backend("torch") in line or "runs as part of" in line
+               for line in lines), text
+    assert sum("op-level" in line for line in lines) >= 4, text
     batch = _batch(left_padded=False)
     out = model(**batch)
     assert torch.isfinite(out.loss)
 
 
-@requires_triton
-def test_explain_names_the_fused_path():
-    text = _model(widths="unpadded", kernel_backend="triton",
+def test_the_plan_does_not_depend_on_the_backend():
+    """Every fused operator has both backends: one plan on either, and the text names the
+    backend that runs it."""
+    model = _model(widths="unpadded", kernel_backend="torch", fused_decoder=True)
+    layer = model.model.layers[0]
+    torch_plan = layer.fusion_plan(DEVICE)
+    text = model.model.explain_fused_decoder(DEVICE)
+    assert text.count(on_backend("torch")) == 10 and "op-level" not in text, text
+    from kphi3_model.modeling_kphi3 import FusionPlan
+
+    # input_layernorm runs inside its head (qkv_proj's), not as a launch of its own
+    assert torch_plan == FusionPlan(qkv_head=True, gate_up_head=True, tail=True,
+                                    input_norm=False, attn_add=True, down_add=True)
+    if INTERPRETING or DEVICE == "cuda":
+        model.set_kernel_backend("triton")
+        assert layer.fusion_plan(DEVICE) == torch_plan
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_explain_names_the_fused_path(backend):
+    text = _model(widths="unpadded", kernel_backend=backend,
                   fused_decoder=True).model.explain_fused_decoder(DEVICE)
     assert text.count("block-residue layout") == 6 and "op-level" not in text, text
     assert "layers.1.self_attn (input_layernorm + qkv_proj)" in text
     # Where the layout would pad, the norm heads write channel order and its de-interleaved copy.
-    text = _model(kernel_backend="triton", fused_decoder=True).model.explain_fused_decoder(DEVICE)
+    text = _model(kernel_backend=backend, fused_decoder=True).model.explain_fused_decoder(DEVICE)
     assert text.count("de-interleaved (the block-residue layout would pad each group's 12 "
                       "channels to 32)") == 4 and "op-level" not in text, text
 
@@ -657,13 +697,13 @@ def test_no_rows_give_empty_results_and_zero_weight_gradients(backend):
         assert all(torch.equal(g, torch.zeros_like(g)) for g in grads[1:])
 
 
-@requires_triton
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["down_proj", "post_attention_layernorm", "activation_fn"])
-def test_a_hooked_module_keeps_its_own_forward(where):
+def test_a_hooked_module_keeps_its_own_forward(where, backend):
     """The fused operators read parameters without calling the modules' forward: a module with
     a hook (an adapter, a probe) makes its fusion fall back to the op-level path, and the hook
     runs."""
-    model = _model(widths="unpadded", kernel_backend="triton", fused_decoder=True)
+    model = _model(widths="unpadded", kernel_backend=backend, fused_decoder=True)
     layer = model.model.layers[0]
     owner = layer if where == "post_attention_layernorm" else layer.mlp
     module = owner.get_submodule(where)
@@ -675,51 +715,51 @@ def test_a_hooked_module_keeps_its_own_forward(where):
         # down_proj's residual add needs the MLP tail; the stream's fusions need the norms as
         # built (a hooked norm leaves its layer the other norm head and the tail).
         left = {"down_proj": 8, "post_attention_layernorm": 7, "activation_fn": 8}[where]
-        assert "hooks" in text and text.count("on the Triton kernels") == left, text
+        assert "hooks" in text and text.count(on_backend(backend)) == left, text
         model(**_batch(left_padded=False))
         assert calls
     finally:
         handle.remove()
-    assert model.model.explain_fused_decoder(DEVICE).count("on the Triton kernels") == 10
+    assert model.model.explain_fused_decoder(DEVICE).count(on_backend(backend)) == 10
 
 
-@requires_triton
-def test_active_residual_dropout_keeps_the_adds_apart():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_active_residual_dropout_keeps_the_adds_apart(backend):
     """Dropout sits between a branch and its residual add: while it is active (training with
     resid_pdrop > 0) the adds run op-level; in eval mode, or with resid_pdrop = 0, fused."""
-    model = _model(kernel_backend="triton", fused_decoder=True, resid_pdrop=0.1)
+    model = _model(kernel_backend=backend, fused_decoder=True, resid_pdrop=0.1)
     model.train()
     text = model.model.explain_fused_decoder(DEVICE)
     assert text.count("residual dropout is active") == 6, text
-    assert text.count("on the Triton kernels") == 6, text  # the two norm heads and the tail
+    assert text.count(on_backend(backend)) == 6, text  # the two norm heads and the tail
     torch.manual_seed(1)
     out = model(**_batch(left_padded=False))
     out.loss.backward()
     assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all()
                                             for p in model.parameters() if p.grad is not None)
     model.eval()
-    assert model.model.explain_fused_decoder(DEVICE).count("on the Triton kernels") == 10
+    assert model.model.explain_fused_decoder(DEVICE).count(on_backend(backend)) == 10
 
 
-@requires_triton
-def test_explain_at_the_released_widths_names_the_split_heads():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_explain_at_the_released_widths_names_the_split_heads(backend):
     from kphi3_model import KPhi3Config, KPhi3ForCausalLM
 
     config = KPhi3Config(num_hidden_layers=1, hidden_size=1280, intermediate_size=5120,
                          num_attention_heads=20, num_key_value_heads=20,
-                         min_channels_per_group=256, kernel_backend="triton", fused_decoder=True)
+                         min_channels_per_group=256, kernel_backend=backend, fused_decoder=True)
     with torch.device("meta"):
         model = KPhi3ForCausalLM(config)
     text = model.model.explain_fused_decoder(DEVICE)
     assert text.count("would pad each group's 256 channels to 280") == 2, text
-    assert text.count("on the Triton kernels") == 5 and "op-level" not in text, text
+    assert text.count(on_backend(backend)) == 5 and "op-level" not in text, text
 
 
-@requires_triton
-def test_fused_model_under_autocast_matches_the_op_level_model():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_model_under_autocast_matches_the_op_level_model(backend):
     """fp32 weights under autocast: the residual stream stays fp32 through the fused norms and
     down_proj's epilogue (fp32 + half addends give fp32, as the unfused adds do)."""
-    model = _model(kernel_backend="triton", fused_decoder=True)
+    model = _model(kernel_backend=backend, fused_decoder=True)
     batch = _batch()
     half = torch.float16 if DEVICE == "cpu" else torch.bfloat16
     runs = []
@@ -739,16 +779,17 @@ def test_fused_model_under_autocast_matches_the_op_level_model():
     assert not failures, failures
 
 
-@requires_triton
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("min_channels", [-1, 200], ids=["dense", "G=1"])
-def test_the_stream_fuses_around_projections_that_are_no_grouped_blocks(min_channels):
+def test_the_stream_fuses_around_projections_that_are_no_grouped_blocks(min_channels, backend):
     """Dense (or G = 1) projections have no norm heads and no fused MLP tail; the residual
     stream's norms still run as one launch each, the attention's add inside the second."""
-    model = _model(kernel_backend="triton", fused_decoder=True, min_channels_per_group=min_channels)
+    model = _model(kernel_backend=backend, fused_decoder=True,
+                   min_channels_per_group=min_channels)
     text = model.model.explain_fused_decoder(DEVICE)
     assert text.count("one RMSNorm launch") == 2 and \
         text.count("post_attention_layernorm's launch") == 2, text
-    assert text.count("on the Triton kernels") == 4, text
+    assert text.count(on_backend(backend)) == 4, text
     batch = _batch()
     logits_f, loss_f, grads_f = _loss_and_grads(model, batch, True)
     logits_u, loss_u, grads_u = _loss_and_grads(model, batch, False)

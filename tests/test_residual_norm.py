@@ -448,7 +448,10 @@ def test_no_rows_give_empty_results_and_zero_weight_gradients(backend):
 
 
 def _forbid_every_launch(monkeypatch):
-    """forbid_launch, plus the fused operators and the launchers of the norm and layout GEMMs."""
+    """forbid_launch (every launcher of ``torch_impl``, the fused ones included), plus the fused
+    operators and the Triton launchers of the fused decoder (``triton_fused``)."""
+    from kphi3_kernels.ops import triton_fused
+
     forbid_launch(monkeypatch)
 
     def boom(*args, **kwargs):
@@ -456,8 +459,8 @@ def _forbid_every_launch(monkeypatch):
 
     for name in ("rms_norm", "add_rms_norm", "mlp_tail"):
         monkeypatch.setattr(fused_ops, name, boom)
-    monkeypatch.setattr(layout_norm, "_launch", boom)
-    monkeypatch.setattr(layout_gemm, "_run", boom)
+    for name in triton_fused.__all__:
+        monkeypatch.setattr(triton_fused, name, boom)
 
 
 def _f(*shape, dtype=F32, device=DEVICE):
@@ -617,13 +620,13 @@ OPCHECK_CASES = [
     ("fp16-stream32-no-grad", "mlp_tail",
      lambda: _tail_args(3, 2, 36, 20, dtype=F16, residual_dtype=F32, grad=False)),
 ]
-@requires_triton
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,make", [pytest.param(n, m, id=f"{n}-{i}")
                                        for i, n, m in OPCHECK_CASES])
-def test_opcheck_the_new_operators(name, make):
+def test_opcheck_the_new_operators(name, make, backend):
     from torch.library import opcheck
 
-    opcheck(custom_ops.op(name, "triton").default, make(), test_utils=CHECKS)
+    opcheck(custom_ops.op(name, backend).default, make(), test_utils=CHECKS)
 
 
 def _decoder_tail(backend):
@@ -645,11 +648,11 @@ def _decoder_inputs():
             _t(G, og, grad=True), _norm_weight(H, F32)]
 
 
-@requires_triton
-def test_torch_compile_of_the_residual_stream_matches_eager():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_of_the_residual_stream_matches_eager(backend):
     inputs = _decoder_inputs()
     douts = [torch.randn(2, 9, 35, device=DEVICE), torch.randn(2, 9, 35, device=DEVICE)]
-    eager = run_with_grads(_decoder_tail("triton"), inputs, douts)
+    eager = run_with_grads(_decoder_tail(backend), inputs, douts)
     torch._dynamo.reset()
     seen = []
 
@@ -658,9 +661,9 @@ def test_torch_compile_of_the_residual_stream_matches_eager():
         from torch._dynamo.backends.registry import lookup_backend
         return lookup_backend("aot_eager")(gm, example_inputs)
 
-    compiled = torch.compile(_decoder_tail("triton"), fullgraph=True, backend=record)
+    compiled = torch.compile(_decoder_tail(backend), fullgraph=True, backend=record)
     got = run_with_grads(compiled, inputs, douts)  # fullgraph: a graph break would raise here
-    for op in ("add_rms_norm_triton", "mlp_tail_triton", "rms_norm_triton"):
+    for op in (f"add_rms_norm_{backend}", f"mlp_tail_{backend}", f"rms_norm_{backend}"):
         assert any(op in s for s in seen), (op, seen)
     errs = [rel_error(a, b) for a, b in zip(got[0] + got[1], eager[0] + eager[1])]
     assert max(errs) < FP32_TOL, errs

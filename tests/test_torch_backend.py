@@ -382,3 +382,42 @@ def test_acc_dtype():
     assert torch_impl.acc_dtype(torch.bfloat16) == torch.float32
     assert torch_impl.acc_dtype(torch.float32) == torch.float32
     assert torch_impl.acc_dtype(torch.float64) == torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# The fused decoder's launchers (their parity with the float64 oracle is in
+# test_fused_decoder.py, test_residual_norm.py and test_fused_fuzz.py, on both backends)
+# --------------------------------------------------------------------------------------------
+
+
+def test_fused_launchers_have_the_triton_launchers_names_and_signatures():
+    """``fused_ops.py``'s bodies call one launcher module per backend by name: the torch one
+    must offer every name the Triton one does, with the same parameters."""
+    import inspect
+
+    from kphi3_kernels.ops import triton_fused
+
+    for name in triton_fused.__all__:
+        assert name in torch_impl.__all__, name
+        want = inspect.signature(getattr(triton_fused, name)).parameters
+        got = inspect.signature(getattr(torch_impl, name)).parameters
+        assert [(p.name, p.kind, p.default) for p in got.values()] == \
+            [(p.name, p.kind, p.default) for p in want.values()], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_mlp_tail_input_grad_stays_fp32_into_the_activation(dtype):
+    """The block's input gradient ``dh`` (both terms) is not rounded before the activation's
+    backward: with terms of 40000 each, ``dh = 80000`` overflows fp16, but ``d(gate) = dh * up *
+    silu'(0) = 80000 * 0.5 * 0.5 = 20000`` does not, and is what comes back (rounded once)."""
+    G, s, og = 2, 2, 1
+    gate = torch.zeros(3, G * s, dtype=dtype)
+    up = torch.full((3, G * s), 0.5, dtype=dtype)
+    gu = torch.cat([gate, up], 1)
+    w = torch.full((G, s, og), 200.0, dtype=dtype)
+    dy = torch.full((3, G * og), 200.0, dtype=dtype)
+    t = torch_impl.silu_mul_layout_fwd(gu, G, 8)
+    dgu, _, _ = torch_impl.mlp_tail_bwd(dy, gu, t, w, w, True, False, False)
+    assert dgu.dtype == dtype
+    assert torch.equal(dgu[:, :G * s], torch.full((3, G * s), 20000.0, dtype=dtype))
+    assert torch.equal(dgu[:, G * s:], torch.zeros(3, G * s, dtype=dtype))  # silu(0) = 0

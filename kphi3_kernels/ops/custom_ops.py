@@ -1,5 +1,8 @@
-"""The package's operators: every launcher of both backends, registered with ``torch.library``
-in one namespace, ``kphi3``, with a fake (shape) implementation and an autograd formula.
+"""The op-level family of the package's operators: every op-level launcher of both backends,
+registered with ``torch.library`` in one namespace, ``kphi3``, with a fake (shape)
+implementation, an autograd formula and a FLOP formula, through the operator table's one
+registration helper (``registry.register_family``; the fused decoder's family is
+``fused_ops.py``).
 
 For each backend ``b`` in ``torch`` and ``triton`` there are seven operators on 2-D ``[M, C]``
 operands (``functional.py`` validates, flattens and applies autocast before calling them):
@@ -51,9 +54,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .registry import (BACKENDS, NAMESPACE, _call, _EAGER, _fresh, _needed, _no_autocast,  # noqa: F401
-                       _unpack, define, define_autograd, launchers as _impl, op,
-                       traceable_triton as _traceable_triton)
+from .registry import (BACKENDS, NAMESPACE, OPERATORS, _call, _EAGER, _fresh,  # noqa: F401
+                       _needed, _no_autocast, _unpack, launchers as _impl, op, register_family)
 from . import flops
 
 # --------------------------------------------------------------------------------------------
@@ -174,6 +176,10 @@ _FAKES = dict(grouped_linear=_fake_grouped_linear, grouped_linear_bwd=_fake_grou
               gpc_block_bwd=_fake_gpc_block_bwd, interleave=_fake_interleave)
 
 
+def _fakes(backend: str):
+    return dict(_FAKES, gpc_io=_fake_gpc_io(backend))
+
+
 # --------------------------------------------------------------------------------------------
 # Calling the operators
 # --------------------------------------------------------------------------------------------
@@ -270,9 +276,12 @@ def _grouped_linear_bwd_vjp(dy, x, weight, gdx, gdw, gdb, needs, backend):
     return g_dy, g_x, g_w
 
 
-def _register_autograd(backend: str, bodies) -> None:
+def _formulas(backend: str):
+    """Each operator's ``(backward, setup_context)`` on ``backend``."""
+    formulas = {}
+
     def register(name, backward, setup_context):
-        define_autograd(name, backend, bodies[name], backward, setup_context)
+        formulas[name] = (backward, setup_context)
 
     # ---- grouped_linear ----------------------------------------------------------------------
     def gl_setup(ctx, inputs, output):
@@ -437,22 +446,11 @@ def _register_autograd(backend: str, bodies) -> None:
         return interleave(dy, ctx.inverse_step, backend=backend), None
 
     register("interleave", il_backward, il_setup)
+    return formulas
 
 
 # --------------------------------------------------------------------------------------------
-# Registration
+# Registration: one family of the operator table (registry.OPERATORS)
 # --------------------------------------------------------------------------------------------
 
-
-def _register() -> None:
-    for backend in BACKENDS:
-        traceable = backend == "triton" and _traceable_triton()
-        bodies = _bodies(backend)
-        for name, body in bodies.items():
-            fake = _fake_gpc_io(backend) if name == "gpc_io" else _FAKES[name]
-            define(name, backend, body, fake, traceable)
-        _register_autograd(backend, bodies)
-    flops.register(op, BACKENDS)
-
-
-_register()
+register_family("op-level", _bodies, _fakes, _formulas, flops.FORMULAS)

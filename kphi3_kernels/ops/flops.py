@@ -3,11 +3,11 @@
 Without them ``FlopCounterMode`` counts nothing for a grouped layer (an opaque custom op), so a
 model's count would hold only its attention and dense layers. Each formula is the op's own
 arithmetic, 2 FLOPs per multiply-add of its grouped GEMMs, whatever the backend or tile sizes:
-``[G, s, og]`` weights over M rows are ``2 * M * G * s * og``.
+``[G, s, og]`` weights over M rows are ``2 * M * G * s * og``. ``FORMULAS`` (op-level) and
+``FUSED_FORMULAS`` (the fused decoder's) are the operator table's FLOP part:
+``registry.register_family`` registers each for both backends' operators.
 """
 from __future__ import annotations
-
-from torch.utils.flop_counter import register_flop_formula
 
 
 def _gemm(rows: int, weight_shape) -> int:
@@ -117,9 +117,3 @@ FUSED_FORMULAS = dict(gpc_io_layout=gpc_io_layout, gpc_io_layout_bwd=gpc_io_layo
                       silu_mul_layout_bwd=elementwise, rms_norm=elementwise,
                       add_rms_norm=elementwise, rms_norm_bwd=elementwise)
 
-
-def register(op, backends, formulas=FORMULAS) -> None:
-    """Register every formula of ``formulas`` for ``op(name, backend)``'s operators of each of
-    ``backends``."""
-    for name, formula in formulas.items():
-        register_flop_formula([op(name, backend) for backend in backends])(formula)

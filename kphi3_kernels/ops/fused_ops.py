@@ -1,9 +1,12 @@
 """The fused decoder's operators: producer and consumer of the block-residue layout.
 
-Registered like ``custom_ops.py``'s (namespace ``kphi3``, a ``triton_op`` with a GPU, an opaque
-``custom_op`` under the interpreter, shape-only fakes, autograd formulas, the same eager fast
-path), for the triton backend only: the torch backend runs the unfused path, and the reference
-of these operators is ``kphi3_kernels.layout``'s plain-PyTorch conversions.
+One family of the operator table (``registry.register_family``), registered like
+``custom_ops.py``'s for both backends (namespace ``kphi3``; on ``triton`` a ``triton_op`` with a
+GPU, an opaque ``custom_op`` under the interpreter; on ``torch`` a ``custom_op``), with
+shape-only fakes, autograd formulas, FLOP formulas (``flops.FUSED_FORMULAS``) and the same eager
+fast path. The bodies call ``registry.fused_launchers(backend)``: the Triton kernels'
+launchers (``triton_fused.py``) or their PyTorch counterparts (``torch_impl.py``), same names
+and signatures. The table below names the triton operators; each has a ``_torch`` twin.
 
 ==================================================================  ===========================
 operator                                                            returns
@@ -47,9 +50,10 @@ need_db2)``                                                         db2]``
 weight1, weight2, need_dx, ...)``
 ==================================================================  ===========================
 
-The backward operators' autograd formula refuses a second derivative through the fused path
-with an error that names the op-level path (which the model runs with ``fused_decoder=False``,
-and which supports gradients of any order).
+The backward operators' autograd formula (``registry.refuse_double_backward``) refuses a
+second derivative through the fused path, on both backends, with an error that names the
+op-level path (which the model runs with ``fused_decoder=False``, and which supports gradients
+of any order).
 """
 from typing import List, Optional, Tuple
 
@@ -59,44 +63,35 @@ from torch import Tensor
 from . import flops
 from . import registry as co
 
-BACKEND = "triton"
-_LOADED = {}
-
-
-def _launchers():
-    if not _LOADED:
-        from . import layout_act, layout_gemm, layout_norm, mlp_tail, norm_head
-        from .torch_impl import bias_grad
-        _LOADED.update(act=layout_act, gemm=layout_gemm, norm=layout_norm, tail=mlp_tail,
-                       head=norm_head, bias_grad=bias_grad)
-    return _LOADED
-
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty((0,))
 
 
-def _with_bias_grads(grads, dy, groups: int, need_db1: bool, need_db2: bool):
+def _with_bias_grads(impl, grads, dy, groups: int, need_db1: bool, need_db2: bool):
     """``grads`` followed by the two bias gradients (one column sum of dy, asked-for only)."""
-    db = _launchers()["bias_grad"](dy, groups) if need_db1 or need_db2 else None
+    db = impl.bias_grad(dy, groups) if need_db1 or need_db2 else None
     return (*grads, db if need_db1 else None, db if need_db2 else None)
 
 
-def _bodies():
+def _bodies(backend: str):
+    def impl():
+        return co.fused_launchers(backend)
+
     def silu_mul_layout(gu: Tensor, groups: int, run: int) -> Tensor:
         with co._no_autocast(gu):
-            t = _launchers()["act"].silu_mul_layout_fwd(gu, groups, run)
+            t = impl().silu_mul_layout_fwd(gu, groups, run)
         return co._fresh([t], [gu])[0]
 
     def silu_mul_layout_bwd(dt: Tensor, gu: Tensor, groups: int) -> Tensor:
         with co._no_autocast(dt):
-            dgu = _launchers()["act"].silu_mul_layout_bwd(dt, gu, groups)
+            dgu = impl().silu_mul_layout_bwd(dt, gu, groups)
         return co._fresh([dgu], [dt, gu])[0]
 
     def gpc_io_layout(t: Tensor, weight1: Tensor, weight2: Tensor, bias1: Optional[Tensor],
                       bias2: Optional[Tensor]) -> Tensor:
         with co._no_autocast(t):
-            y = _launchers()["gemm"].gpc_io_layout_fwd(t.contiguous(), weight1, weight2, bias1,
+            y = impl().gpc_io_layout_fwd(t.contiguous(), weight1, weight2, bias1,
                                                        bias2)
         return co._fresh([y], [t, weight1, weight2, bias1, bias2])[0]
 
@@ -105,37 +100,37 @@ def _bodies():
                           ) -> List[Tensor]:
         needs = (need_dt, need_dw1, need_dw2, need_db1, need_db2)
         with co._no_autocast(dy):
-            dt, dw1, dw2 = _launchers()["gemm"].gpc_io_layout_bwd(
+            dt, dw1, dw2 = impl().gpc_io_layout_bwd(
                 dy, t.contiguous(), weight1, weight2, need_dt, need_dw1, need_dw2)
-            grads = _with_bias_grads((dt, dw1, dw2), dy, weight1.shape[0], need_db1, need_db2)
+            grads = _with_bias_grads(impl(), (dt, dw1, dw2), dy, weight1.shape[0], need_db1, need_db2)
         return co._fresh(co._needed(grads, needs), [dy, t, weight1, weight2])
 
     def mlp_tail(gu: Tensor, weight1: Tensor, weight2: Tensor, bias1: Optional[Tensor],
                  bias2: Optional[Tensor], residual: Optional[Tensor], run: int
                  ) -> Tuple[Tensor, Tensor]:
         with co._no_autocast(gu):
-            y, t = _launchers()["tail"].mlp_tail_fwd(gu, weight1, weight2, bias1, bias2, run,
+            y, t = impl().mlp_tail_fwd(gu, weight1, weight2, bias1, bias2, run,
                                                      residual)
         y, t = co._fresh([y, t], [gu, weight1, weight2, bias1, bias2, residual])
         return y, t
 
     def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
         with co._no_autocast(x):
-            _, n, rstd, _ = _launchers()["norm"].rms_norm_fwd(x, weight, eps)
+            _, n, rstd, _ = impl().rms_norm_fwd(x, weight, eps)
         n, rstd = co._fresh([n, rstd], [x, weight])
         return n, rstd
 
     def add_rms_norm(residual: Tensor, x: Tensor, weight: Tensor, eps: float
                      ) -> Tuple[Tensor, Tensor, Tensor]:
         with co._no_autocast(x):
-            h, n, rstd, _ = _launchers()["norm"].rms_norm_fwd(x, weight, eps, residual)
+            h, n, rstd, _ = impl().rms_norm_fwd(x, weight, eps, residual)
         h, n, rstd = co._fresh([h, n, rstd], [residual, x, weight])
         return h, n, rstd
 
     def rms_norm_bwd(dn: Tensor, dh: Optional[Tensor], x: Tensor, weight: Tensor, rstd: Tensor,
                      need_dx: bool, need_dw: bool) -> List[Tensor]:
         with co._no_autocast(dn):
-            dx, dw = _launchers()["norm"].rms_norm_bwd(dn, x, weight, rstd, need_dx, need_dw, dh)
+            dx, dw = impl().rms_norm_bwd(dn, x, weight, rstd, need_dx, need_dw, dh)
         return co._fresh(co._needed((dx, dw), (need_dx, need_dw)), [dn, dh, x, weight, rstd])
 
     def mlp_tail_bwd(dy: Tensor, gu: Tensor, t: Tensor, weight1: Tensor, weight2: Tensor,
@@ -143,16 +138,16 @@ def _bodies():
                      need_db2: bool) -> List[Tensor]:
         needs = (need_dgu, need_dw1, need_dw2, need_db1, need_db2)
         with co._no_autocast(dy):
-            dgu, dw1, dw2 = _launchers()["tail"].mlp_tail_bwd(
+            dgu, dw1, dw2 = impl().mlp_tail_bwd(
                 dy, gu, t.contiguous(), weight1, weight2, need_dgu, need_dw1, need_dw2)
-            grads = _with_bias_grads((dgu, dw1, dw2), dy, weight1.shape[0], need_db1, need_db2)
+            grads = _with_bias_grads(impl(), (dgu, dw1, dw2), dy, weight1.shape[0], need_db1, need_db2)
         return co._fresh(co._needed(grads, needs), [dy, gu, t, weight1, weight2])
 
     def norm_io(x: Tensor, norm_weight: Tensor, eps: float, weight1: Tensor, weight2: Tensor,
                 bias1: Optional[Tensor], bias2: Optional[Tensor], residual: Optional[Tensor],
                 run: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         with co._no_autocast(x):
-            y, h, t, rstd = _launchers()["head"].norm_io_fwd(
+            y, h, t, rstd = impl().norm_io_fwd(
                 x, norm_weight, eps, weight1, weight2, bias1, bias2, run, residual)
         return tuple(co._fresh([y, _or_empty(h, x), t, rstd],
                                [x, norm_weight, weight1, weight2, bias1, bias2, residual]))
@@ -161,7 +156,7 @@ def _bodies():
                       weight2: Tensor, bias1: Optional[Tensor], bias2: Optional[Tensor],
                       residual: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         with co._no_autocast(x):
-            y, h, n, xi, rstd = _launchers()["head"].norm_io_split_fwd(
+            y, h, n, xi, rstd = impl().norm_io_split_fwd(
                 x, norm_weight, eps, weight1, weight2, bias1, bias2, residual)
         return tuple(co._fresh([y, _or_empty(h, x), n, xi, rstd],
                                [x, norm_weight, weight1, weight2, bias1, bias2, residual]))
@@ -172,10 +167,10 @@ def _bodies():
                     need_db2: bool) -> List[Tensor]:
         needs = (need_dx, need_dnorm, need_dw1, need_dw2, need_db1, need_db2)
         with co._no_autocast(dy):
-            grads = _launchers()["head"].norm_io_bwd(
+            grads = impl().norm_io_bwd(
                 dy, x, norm_weight, rstd, t.contiguous(), weight1, weight2, need_dx, need_dnorm,
                 need_dw1, need_dw2, dh)
-            grads = _with_bias_grads(grads, dy, weight1.shape[0], need_db1, need_db2)
+            grads = _with_bias_grads(impl(), grads, dy, weight1.shape[0], need_db1, need_db2)
         return co._fresh(co._needed(grads, needs),
                          [dy, dh, x, norm_weight, rstd, t, weight1, weight2])
 
@@ -185,10 +180,10 @@ def _bodies():
                           need_db1: bool, need_db2: bool) -> List[Tensor]:
         needs = (need_dx, need_dnorm, need_dw1, need_dw2, need_db1, need_db2)
         with co._no_autocast(dy):
-            grads = _launchers()["head"].norm_io_split_bwd(
+            grads = impl().norm_io_split_bwd(
                 dy, x, norm_weight, rstd, n.contiguous(), xi.contiguous(), weight1, weight2,
                 need_dx, need_dnorm, need_dw1, need_dw2, dh)
-            grads = _with_bias_grads(grads, dy, weight1.shape[0], need_db1, need_db2)
+            grads = _with_bias_grads(impl(), grads, dy, weight1.shape[0], need_db1, need_db2)
         return co._fresh(co._needed(grads, needs),
                          [dy, dh, x, norm_weight, rstd, n, xi, weight1, weight2])
 
@@ -310,47 +305,47 @@ _FAKES = dict(norm_io=_fake_norm_io, norm_io_bwd=_fake_norm_io_bwd,
               gpc_io_layout=_fake_gpc_io_layout, gpc_io_layout_bwd=_fake_gpc_io_layout_bwd)
 
 
-def silu_mul_layout(gu: Tensor, groups: int, run: int) -> Tensor:
-    return co._call("silu_mul_layout", BACKEND, gu, groups, run)
+def silu_mul_layout(gu: Tensor, groups: int, run: int, *, backend: str) -> Tensor:
+    return co._call("silu_mul_layout", backend, gu, groups, run)
 
 
-def gpc_io_layout(t, weight1, weight2, bias1=None, bias2=None) -> Tensor:
-    return co._call("gpc_io_layout", BACKEND, t, weight1, weight2, bias1, bias2)
+def gpc_io_layout(t, weight1, weight2, bias1=None, bias2=None, *, backend: str) -> Tensor:
+    return co._call("gpc_io_layout", backend, t, weight1, weight2, bias1, bias2)
 
 
 def gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt=True, need_dw1=True, need_dw2=True,
-                      need_db1=False, need_db2=False):
+                      need_db1=False, need_db2=False, *, backend: str):
     needs = (need_dt, need_dw1, need_dw2, need_db1, need_db2)
-    return co._unpack(co._call("gpc_io_layout_bwd", BACKEND, dy, t, weight1, weight2, *needs),
+    return co._unpack(co._call("gpc_io_layout_bwd", backend, dy, t, weight1, weight2, *needs),
                       needs)
 
 
-def mlp_tail(gu, weight1, weight2, bias1=None, bias2=None, run: int = 8, residual=None
-             ) -> Tensor:
-    return co._call("mlp_tail", BACKEND, gu, weight1, weight2, bias1, bias2, residual, run)[0]
+def mlp_tail(gu, weight1, weight2, bias1=None, bias2=None, run: int = 8, residual=None, *,
+             backend: str) -> Tensor:
+    return co._call("mlp_tail", backend, gu, weight1, weight2, bias1, bias2, residual, run)[0]
 
 
-def rms_norm(x, weight, eps: float) -> Tensor:
-    return co._call("rms_norm", BACKEND, x, weight, float(eps))[0]
+def rms_norm(x, weight, eps: float, *, backend: str) -> Tensor:
+    return co._call("rms_norm", backend, x, weight, float(eps))[0]
 
 
-def add_rms_norm(residual, x, weight, eps: float) -> Tuple[Tensor, Tensor]:
-    h, n, _ = co._call("add_rms_norm", BACKEND, residual, x, weight, float(eps))
+def add_rms_norm(residual, x, weight, eps: float, *, backend: str) -> Tuple[Tensor, Tensor]:
+    h, n, _ = co._call("add_rms_norm", backend, residual, x, weight, float(eps))
     return h, n
 
 
 def norm_io(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
-            run: int = 8, residual=None):
+            run: int = 8, residual=None, *, backend: str):
     """``y``, or ``(h, y)`` with a residual: the layout norm head."""
-    y, h, _, _ = co._call("norm_io", BACKEND, x, norm_weight, float(eps), weight1, weight2,
+    y, h, _, _ = co._call("norm_io", backend, x, norm_weight, float(eps), weight1, weight2,
                           bias1, bias2, residual, run)
     return y if residual is None else (h, y)
 
 
 def norm_io_split(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
-                  residual=None):
+                  residual=None, *, backend: str):
     """``y``, or ``(h, y)`` with a residual: the split norm head."""
-    y, h = co._call("norm_io_split", BACKEND, x, norm_weight, float(eps), weight1, weight2,
+    y, h = co._call("norm_io_split", backend, x, norm_weight, float(eps), weight1, weight2,
                     bias1, bias2, residual)[:2]
     return y if residual is None else (h, y)
 
@@ -361,17 +356,23 @@ def _no_grad_to_saved(name: str, grad) -> None:
                            "not differentiable")
 
 
-def _stream_only_from(ctx, h: Tensor, stream_inputs) -> None:
-    """``h = residual + x`` depends on those two inputs alone: where neither needs a gradient,
-    it is not differentiable, as the unfused ``+`` would give it (the weights' gradients do not
-    flow through it)."""
+def _mark_non_differentiable(ctx, saved, h: Tensor, stream_inputs) -> None:
+    """The ``saved`` outputs are never differentiable; ``h = residual + x`` depends on those two
+    inputs alone: where neither needs a gradient, it is not differentiable either, as the
+    unfused ``+`` would give it (the weights' gradients do not flow through it). One call:
+    ``ctx.mark_non_differentiable`` replaces what an earlier call marked."""
     if not any(ctx.needs_input_grad[i] for i in stream_inputs):
-        ctx.mark_non_differentiable(h)
+        saved = (*saved, h)
+    ctx.mark_non_differentiable(*saved)
 
 
-def _register_autograd(bodies) -> None:
+def _formulas(backend: str):
+    """Each forward operator's ``(backward, setup_context)`` on ``backend`` (the backward
+    operators' formula is ``registry.refuse_double_backward``, see ``_register``)."""
+    formulas = {}
+
     def register(name, backward, setup_context):
-        co.define_autograd(name, BACKEND, bodies[name], backward, setup_context)
+        formulas[name] = (backward, setup_context)
 
     def act_setup(ctx, inputs, output):
         gu, groups, _ = inputs
@@ -382,7 +383,7 @@ def _register_autograd(bodies) -> None:
         (gu,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        return co._call("silu_mul_layout_bwd", BACKEND, dt, gu, ctx.groups), None, None
+        return co._call("silu_mul_layout_bwd", backend, dt, gu, ctx.groups), None, None
 
     register("silu_mul_layout", act_backward, act_setup)
 
@@ -395,7 +396,8 @@ def _register_autograd(bodies) -> None:
         t, weight1, weight2 = ctx.saved_tensors
         need = ctx.needs_input_grad
         return gpc_io_layout_bwd(dy, t, weight1, weight2, need[0], need[1], need[2],
-                                 ctx.has_bias[0] and need[3], ctx.has_bias[1] and need[4])
+                                 ctx.has_bias[0] and need[3], ctx.has_bias[1] and need[4],
+                                 backend=backend)
 
     register("gpc_io_layout", io_backward, io_setup)
 
@@ -419,10 +421,10 @@ def _register_autograd(bodies) -> None:
         dy = dy.to(gu.dtype)
         needs = (need[0], need[1], need[2], ctx.has_bias[0] and need[3],
                  ctx.has_bias[1] and need[4])
-        grads = co._unpack(co._call("mlp_tail_bwd", BACKEND, dy, gu, t, weight1, weight2,
+        grads = co._unpack(co._call("mlp_tail_bwd", backend, dy, gu, t, weight1, weight2,
                                     *needs), needs)
         if dt is not None and need[0]:
-            grads = (grads[0] + co._call("silu_mul_layout_bwd", BACKEND, dt, gu,
+            grads = (grads[0] + co._call("silu_mul_layout_bwd", backend, dt, gu,
                                          weight1.shape[0]), *grads[1:])
         return (*grads, dresidual, None)
 
@@ -433,8 +435,8 @@ def _register_autograd(bodies) -> None:
         # The norm's input is h (an output) with a residual, else x; then the block's operands.
         source = output[1] if residual is not None else x
         ctx.save_for_backward(source, norm_weight, output[-1], *output[2:-1], weight1, weight2)
-        ctx.mark_non_differentiable(*output[2:])  # the block's saved input and rstd
-        _stream_only_from(ctx, output[1], stream_inputs=(0, 7))
+        # the block's saved input and rstd; h where it depends on no input that needs a grad
+        _mark_non_differentiable(ctx, output[2:], output[1], stream_inputs=(0, 7))
         ctx.has_bias = (bias1 is not None, bias2 is not None)
         ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
         ctx.set_materialize_grads(False)
@@ -455,7 +457,7 @@ def _register_autograd(bodies) -> None:
                 needs = (need_d, need[1], need[3], need[4], ctx.has_bias[0] and need[5],
                          ctx.has_bias[1] and need[6])
                 d, dnorm, dw1, dw2, db1, db2 = co._unpack(co._call(
-                    f"{name}_bwd", BACKEND, dy, dh, source, norm_weight, rstd, *operands,
+                    f"{name}_bwd", backend, dy, dh, source, norm_weight, rstd, *operands,
                     *needs), needs)
             elif dh is not None:  # only h is used: the residual add's gradient alone
                 d = dh
@@ -479,7 +481,7 @@ def _register_autograd(bodies) -> None:
         _no_grad_to_saved("rms_norm", drstd)
         if dn is None or not (need[0] or need[1]):
             return None, None, None
-        dx, dw = co._unpack(co._call("rms_norm_bwd", BACKEND, dn, None, x, weight, rstd,
+        dx, dw = co._unpack(co._call("rms_norm_bwd", backend, dn, None, x, weight, rstd,
                                      need[0], need[1]), need[:2])
         return dx, dw, None
 
@@ -488,8 +490,7 @@ def _register_autograd(bodies) -> None:
     def add_norm_setup(ctx, inputs, output):
         residual, x, weight, _ = inputs
         ctx.save_for_backward(output[0], weight, output[2])
-        ctx.mark_non_differentiable(output[2])
-        _stream_only_from(ctx, output[0], stream_inputs=(0, 1))
+        _mark_non_differentiable(ctx, output[2:], output[0], stream_inputs=(0, 1))
         ctx.dtypes = (residual.dtype, x.dtype)
         ctx.set_materialize_grads(False)
 
@@ -501,7 +502,7 @@ def _register_autograd(bodies) -> None:
         if dn is None:  # only h is used: the add's gradient alone
             d, dw = dh, None
         elif need_dh or need[2]:
-            d, dw = co._unpack(co._call("rms_norm_bwd", BACKEND, dn, dh, h, weight, rstd,
+            d, dw = co._unpack(co._call("rms_norm_bwd", backend, dn, dh, h, weight, rstd,
                                         need_dh, need[2]), (need_dh, need[2]))
         else:
             d = dw = None
@@ -511,35 +512,16 @@ def _register_autograd(bodies) -> None:
                 d.to(ctx.dtypes[1]) if need[1] else None, dw, None)
 
     register("add_rms_norm", add_norm_backward, add_norm_setup)
-
-    # The backward operators' own formula refuses a second derivative, naming the path that
-    # has one; a first derivative never calls it.
-    for name in ("silu_mul_layout_bwd", "gpc_io_layout_bwd", "mlp_tail_bwd", "norm_io_bwd",
-                 "norm_io_split_bwd", "rms_norm_bwd"):
-        register(name, _refuse_double_backward(name), _nothing_to_save)
+    return formulas
 
 
-def _nothing_to_save(ctx, inputs, output) -> None:
-    pass
+def _fakes(backend: str):
+    return _FAKES  # the shapes and dtypes are the same on both backends
 
 
-def _refuse_double_backward(name: str):
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"kphi3::{name}_{BACKEND}: a second derivative through the fused decoder's "
-            "operators is not supported; the op-level path supports gradients of any order "
-            "(KPhi3Config(fused_decoder=False), or kphi3_kernels.gpc_io / rms_norm of the "
-            "unfused modules)")
-    return backward
+# The backward operators' own formula refuses a second derivative, naming the path that has
+# one (registry.refuse_double_backward); a first derivative never calls it.
+REFUSED = ("silu_mul_layout_bwd", "gpc_io_layout_bwd", "mlp_tail_bwd", "norm_io_bwd",
+           "norm_io_split_bwd", "rms_norm_bwd")
 
-
-def _register() -> None:
-    traceable = co.traceable_triton()
-    bodies = _bodies()
-    for name, body in bodies.items():
-        co.define(name, BACKEND, body, _FAKES[name], traceable)
-    _register_autograd(bodies)
-    flops.register(co.op, (BACKEND,), flops.FUSED_FORMULAS)
-
-
-_register()
+co.register_family("fused", _bodies, _fakes, _formulas, flops.FUSED_FORMULAS, refused=REFUSED)

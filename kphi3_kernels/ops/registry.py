@@ -1,22 +1,32 @@
-"""How the package's operators are registered and called: the one registration helper of the
-op-level operators (``custom_ops.py``) and the fused decoder's (``fused_ops.py``).
+"""How the package's operators are registered and called: the one operator table
+(``OPERATORS``) and the one registration helper (``register_family``) of the op-level operators
+(``custom_ops.py``) and the fused decoder's (``fused_ops.py``).
 
 A leaf module: it imports nothing else of ``kphi3_kernels.ops`` at import time (the launcher
-modules, ``triton_impl`` / ``torch_impl``, on first use), so the operator modules and the FLOP
-formulas build on it without import cycles.
+modules, ``triton_impl`` / ``triton_fused`` / ``torch_impl``, on first use), so the operator
+modules build on it without import cycles.
 
-- ``define`` registers a body as ``kphi3::<name>_<backend>`` (a ``triton_op`` where Triton
-  compiles, else a ``custom_op``) with its fake; ``define_autograd`` adds its autograd formula.
+- ``register_family`` declares a family of operators, each with the same parts: a body per
+  backend (``torch`` and ``triton``), a fake, an autograd formula per backend, a FLOP formula,
+  and whether its formula is differentiable again (else the formula refuses a second derivative
+  and names the op-level path). It registers every one as ``kphi3::<name>_<backend>`` for every
+  backend and records it in ``OPERATORS``; a family missing a part is refused at import.
+- ``define`` registers a body (a ``triton_op`` where Triton compiles, else a ``custom_op``) with
+  its fake; ``define_autograd`` adds its autograd formula.
+- ``launchers(backend)``: the op-level launchers (``triton_impl`` / ``torch_impl``);
+  ``fused_launchers(backend)``: the fused decoder's (``triton_fused`` / ``torch_impl``).
 - ``_call`` calls an operator, directly in eager mode (see ``_eager``).
 - ``_fresh``, ``_needed``, ``_unpack``, ``_no_autocast``: what every operator body uses.
 """
 import contextlib
+import dataclasses
 import importlib
 from types import ModuleType
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from ..backend import triton_available, triton_interpreting
 
@@ -41,6 +51,22 @@ def launchers(backend: str) -> ModuleType:
     module = _IMPLS.get(backend)
     if module is None:
         module = _IMPLS[backend] = get_impl(backend)
+    return module
+
+
+# The fused decoder's launchers: the Triton ones live beside their kernels (gathered in
+# ``triton_fused``), the PyTorch ones in ``torch_impl`` with the op-level launchers.
+_FUSED_IMPLS = {"torch": "torch_impl", "triton": "triton_fused"}
+
+
+def fused_launchers(backend: str) -> ModuleType:
+    """The module of the fused decoder's launchers of ``backend`` (same names on both)."""
+    if backend not in _FUSED_IMPLS:
+        raise ValueError(f"no implementation for backend {backend!r}")
+    key = f"fused-{backend}"
+    module = _IMPLS.get(key)
+    if module is None:
+        module = _IMPLS[key] = importlib.import_module(f".{_FUSED_IMPLS[backend]}", __package__)
     return module
 
 
@@ -164,3 +190,83 @@ def traceable_triton() -> bool:
     """Whether the triton backend's operators are ``triton_op``s (else opaque ``custom_op``s)."""
     return (triton_available() and not triton_interpreting()
             and hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"))
+
+
+# --------------------------------------------------------------------------------------------
+# The operator table
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """One operator of the table, registered as ``kphi3::<name>_<backend>`` for each backend."""
+
+    name: str
+    family: str                  # "op-level" or "fused"
+    backends: Tuple[str, ...]
+    fake: Callable[[str], Callable]   # backend -> shape-only implementation
+    flops: Callable              # torch.utils.flop_counter formula
+    any_order: bool              # gradients of any order; False: a second derivative through
+                                 # it is refused, naming the op-level path
+
+
+OPERATORS: Dict[str, OpSpec] = {}
+
+
+def refuse_double_backward(name: str, backend: str):
+    """The autograd formula of a backward operator that has no differentiable one: it raises,
+    naming the op-level path (which supports gradients of any order). A first derivative never
+    calls it."""
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"kphi3::{name}_{backend}: a second derivative through the fused decoder's "
+            "operators is not supported; the op-level path supports gradients of any order "
+            "(KPhi3Config(fused_decoder=False), or kphi3_kernels.gpc_io / rms_norm of the "
+            "unfused modules)")
+    return backward
+
+
+def _nothing_to_save(ctx, inputs, output) -> None:
+    pass
+
+
+def register_family(family: str, bodies: Callable[[str], Dict[str, Callable]],
+                    fakes: Callable[[str], Dict[str, Callable]],
+                    formulas: Callable[[str], Dict[str, Tuple[Callable, Callable]]],
+                    flop_formulas: Dict[str, Callable], refused: Sequence[str] = ()
+                    ) -> None:
+    """Register a family of operators for every backend: ``bodies(backend)``,
+    ``fakes(backend)`` and ``formulas(backend)`` (``(backward, setup_context)`` per operator)
+    map each operator name to its part; ``flop_formulas`` holds its FLOP formula; the operators
+    named in ``refused`` (backward operators) get ``refuse_double_backward`` as their formula
+instead, and then no operator of the family has gradients of any order. Every operator
+    needs every part, on every backend: one missing is a ``TypeError`` here, at import."""
+    names = set(bodies(BACKENDS[0]))
+    for backend in BACKENDS:
+        parts = {"body": set(bodies(backend)), "fake": set(fakes(backend)),
+                 "autograd formula": set(formulas(backend)) | set(refused),
+                 "FLOP formula": set(flop_formulas)}
+        for part, have in parts.items():
+            if have != names:
+                raise TypeError(f"kphi3 operators of the {family} family on {backend}: "
+                                f"{part} missing for {sorted(names - have)}, or extra "
+                                f"{sorted(have - names)}")
+    for backend in BACKENDS:
+        traceable = backend == "triton" and traceable_triton()
+        family_bodies, family_fakes, family_formulas = (bodies(backend), fakes(backend),
+                                                        formulas(backend))
+        for name, body in family_bodies.items():
+            define(name, backend, body, family_fakes[name], traceable)
+            if name in refused:
+                define_autograd(name, backend, body, refuse_double_backward(name, backend),
+                                _nothing_to_save)
+            else:
+                define_autograd(name, backend, body, *family_formulas[name])
+    for name in sorted(names):
+        register_flop_formula([op(name, backend) for backend in BACKENDS])(flop_formulas[name])
+        if name in OPERATORS:
+            raise TypeError(f"kphi3::{name} is declared twice")
+        OPERATORS[name] = OpSpec(name=name, family=family, backends=BACKENDS,
+                                 fake=lambda backend, _n=name: fakes(backend)[_n],
+                                 flops=flop_formulas[name],
+                                 any_order=not refused)

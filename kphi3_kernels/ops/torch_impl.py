@@ -33,6 +33,14 @@ second GEMM's input gradient) is never rounded. Bias gradients are sums in the a
 too: float32 sums for float16 / bfloat16, float64 sums for float64.
 
 Every output is allocated through ``outputs.new_output`` (tests poison them with NaN).
+
+The fused decoder's launchers (the end of this file) have the names and signatures of the
+Triton ones (``triton_fused.py``) and compose the functions above with ``kphi3_kernels.layout``'s
+slots, under the same rule: the activation, the norms and the block's input gradient in the
+accumulation dtype, each returned tensor rounded once. One exception keeps Phi-3's module: the
+RMSNorm's forward rounds the normalized input to its input's dtype before the weight scales it
+(``weight * xhat.to(dtype)``), as ``KPhi3RMSNorm`` does, so the torch backend's fused norms give
+the op-level model's values.
 """
 from __future__ import annotations
 
@@ -41,10 +49,15 @@ from typing import Optional, Tuple
 import torch
 
 from . import outputs
+from ..layout import residue_slots
 
 __all__ = [
     "grouped_linear_fwd", "grouped_linear_bwd", "gpc_io_fwd", "gpc_io_bwd",
     "gpc_block_fwd", "gpc_block_bwd", "interleave_fwd",
+    # the fused decoder's launchers (``fused_ops.py``), as ``triton_fused.py`` names them
+    "silu_mul_layout_fwd", "silu_mul_layout_bwd", "gpc_io_layout_fwd", "gpc_io_layout_bwd",
+    "mlp_tail_fwd", "mlp_tail_bwd", "rms_norm_fwd", "rms_norm_bwd", "norm_io_fwd",
+    "norm_io_split_fwd", "norm_io_bwd", "norm_io_split_bwd", "bias_grad",
 ]
 
 Grads = Tuple[Optional[torch.Tensor], ...]
@@ -421,3 +434,207 @@ def _linear_bwd_acc(dh, x, weight1, dtype, need_dx, need_dw1, need_db1) -> Grads
         db1.copy_(dh.sum(0))
         db1 = db1.view(G, og)
     return dx, dw1, db1
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused decoder's launchers (``ops/fused_ops.py``): the Triton launchers' names and signatures
+# ------------------------------------------------------------------------------------------------
+
+
+def _slots(channels: int, groups: int, run: int, device) -> torch.Tensor:
+    # pad = run gives R = run for every run >= ceil(s / G), the only runs a layout has
+    return residue_slots(channels, groups, run, device=device)
+
+
+def _to_layout(x: torch.Tensor, groups: int, run: int, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` ``[M, C]`` in the block-residue layout ``[M, G*G*R]`` (padding zero), in ``dtype``."""
+    M, C = x.shape
+    t = _new((M, groups * groups * run), dtype, x)
+    t.zero_()
+    t.index_copy_(1, _slots(C, groups, run, x.device), x.to(dtype))
+    return t
+
+
+def _from_layout(t: torch.Tensor, groups: int, channels: int) -> torch.Tensor:
+    """The channels of a layout ``[M, G*G*R]`` (the padding is never read)."""
+    run = t.shape[1] // (groups * groups)
+    return t.index_select(1, _slots(channels, groups, run, t.device))
+
+
+def _io_input_grad(dy: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor) -> torch.Tensor:
+    """The IO block's input gradient in channel order, in the accumulation dtype (not rounded):
+    ``dy_b W1[b]^T`` at block ``b``'s channels plus ``dy_n W2[n]^T`` at channels ``n::G``."""
+    G, s, og = weight1.shape
+    M = dy.shape[0]
+    acc = acc_dtype(dy.dtype)
+    dy_groups = _groups(_acc(dy, acc), G)
+    dx = _input_grad(dy_groups, _acc(weight1, acc)).transpose(0, 1).reshape(M, G * s)
+    dx.view(M, s, G).add_(_input_grad(dy_groups, _acc(weight2, acc)).permute(1, 2, 0))
+    return dx
+
+
+def silu_mul_layout_fwd(gu: torch.Tensor, groups: int, run: int) -> torch.Tensor:
+    """``up * silu(gate)`` of ``gu = [gate | up]`` in the layout, computed in the accumulation
+    dtype in torch's order (``silu`` first, then the product) and rounded once."""
+    acc = acc_dtype(gu.dtype)
+    gate, up = _acc(gu, acc).chunk(2, dim=1)
+    return _to_layout(up * torch.nn.functional.silu(gate), groups, run, gu.dtype)
+
+
+def _silu_mul_grads(dh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
+    """``[d gate | d up]`` (rounded once to gu's dtype) from ``dh`` in the accumulation dtype,
+    as autograd forms them: ``d up = dh * silu(gate)``, ``d gate = silu'(gate) of (dh * up)``."""
+    acc = dh.dtype
+    gate, up = _acc(gu, acc).chunk(2, dim=1)
+    M, C = dh.shape
+    dgu = _new((M, 2 * C), gu.dtype, gu)
+    dgu[:, :C].copy_(torch.ops.aten.silu_backward(dh * up, gate))
+    dgu[:, C:].copy_(dh * torch.nn.functional.silu(gate))
+    return dgu
+
+
+def silu_mul_layout_bwd(dt: torch.Tensor, gu: torch.Tensor, groups: int) -> torch.Tensor:
+    """``dgu = [dgate | dup]`` from the layout's gradient ``dt`` (its padding is never read)."""
+    dh = _acc(_from_layout(dt, groups, gu.shape[1] // 2), acc_dtype(gu.dtype))
+    return _silu_mul_grads(dh, gu)
+
+
+def _io_layout_acc(t, weight1, weight2, bias1, bias2) -> torch.Tensor:
+    """The IO block of a layout, ``[M, G*og]`` in the accumulation dtype (not rounded)."""
+    G, s, _ = weight1.shape
+    acc = acc_dtype(t.dtype)
+    x = _acc(_from_layout(t, G, G * s), acc)
+    y, _ = gpc_io_fwd(x, _acc(weight1, acc), _acc(weight2, acc), _acc(bias1, acc),
+                      _acc(bias2, acc))
+    return y
+
+
+def gpc_io_layout_fwd(t, weight1, weight2, bias1=None, bias2=None, residual=None
+                      ) -> torch.Tensor:
+    """``y`` ``[M, G*og]`` of the IO block from its input ``t`` in the layout, plus ``residual``
+    where given (added before the one rounding; ``y`` then in the promoted dtype of the two)."""
+    out_dtype = t.dtype if residual is None else torch.promote_types(t.dtype, residual.dtype)
+    y = _io_layout_acc(t, weight1, weight2, bias1, bias2)
+    if residual is not None:
+        y = y + residual  # in the accumulation dtype (or the residual's, if wider)
+    return _finish(y, out_dtype)
+
+
+def gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt=True, need_dw1=True, need_dw2=True):
+    """``(dt, dW1, dW2)`` (None where not asked): ``dt`` in the layout (padding zero), in dy's
+    dtype, both of its terms summed before the one rounding."""
+    G, s, _ = weight1.shape
+    dt = dw1 = dw2 = None
+    if need_dt:
+        dt = _to_layout(_io_input_grad(dy, weight1, weight2), G, t.shape[1] // (G * G), dy.dtype)
+    if need_dw1 or need_dw2:
+        x = _from_layout(t, G, G * s)
+        _, dw1, dw2, _, _ = gpc_io_bwd(dy, x, x.new_empty(0), weight1, weight2, False, need_dw1,
+                                       need_dw2)
+    return dt, dw1, dw2
+
+
+def mlp_tail_fwd(gate_up, weight1, weight2, bias1=None, bias2=None, run: int = 8,
+                 residual=None):
+    """``(y, t)``: down_proj's output (plus ``residual`` where given) and its input
+    ``up * silu(gate)`` in the layout."""
+    t = silu_mul_layout_fwd(gate_up, weight1.shape[0], run)
+    return gpc_io_layout_fwd(t, weight1, weight2, bias1, bias2, residual), t
+
+
+def mlp_tail_bwd(dy, gate_up, t, weight1, weight2, need_dgu=True, need_dw1=True, need_dw2=True):
+    """``(d gate_up, dW1, dW2)``, None where not asked: the block's input gradient stays in the
+    accumulation dtype into the activation's backward (never rounded)."""
+    dgu = _silu_mul_grads(_io_input_grad(dy, weight1, weight2), gate_up) if need_dgu else None
+    _, dw1, dw2 = gpc_io_layout_bwd(dy, t, weight1, weight2, False, need_dw1, need_dw2)
+    return dgu, dw1, dw2
+
+
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: Optional[torch.Tensor] = None, *, split_groups: int = 0,
+                 layout: Optional[Tuple[int, int]] = None, out_dtype=None):
+    """``(h, n, rstd, extra)`` as ``layout_norm.rms_norm_fwd``: ``h = residual + x`` as ``+``
+    rounds it (None without a residual), ``n = weight * (x * rstd).to(dtype)`` (Phi-3's
+    RMSNorm of ``h`` or ``x``, then in ``out_dtype``; None where ``layout`` is given), ``rstd``
+    ``[M]`` in fp32 (float64 for float64), ``extra`` the de-interleaved copy of ``n``
+    (``split_groups``) or ``n`` in the block-residue layout (``layout = (G, R)``)."""
+    M, channels = x.shape
+    h = None
+    if residual is not None:
+        h = _new((M, channels), torch.promote_types(residual.dtype, x.dtype), x)
+        torch.add(residual, x, out=h)
+    source = h if h is not None else x
+    stat = torch.float64 if source.dtype == torch.float64 else torch.float32
+    s32 = source.to(stat)
+    rstd = _new((M,), stat, x)
+    torch.rsqrt(s32.pow(2).mean(-1) + eps, out=rstd)
+    normal = weight * (s32 * rstd.unsqueeze(1)).to(source.dtype)
+    out_dtype = out_dtype or normal.dtype
+    n = extra = None
+    if layout is not None:
+        extra = _to_layout(normal, layout[0], layout[1], out_dtype)
+    else:
+        n = _finish(normal, out_dtype)
+        if split_groups:
+            extra = interleave_fwd(n, channels // split_groups)
+    return h, n, rstd, extra
+
+
+def rms_norm_bwd(dn: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                 need_dx: bool = True, need_dw: bool = True, dh: Optional[torch.Tensor] = None):
+    """``(dx, dweight)`` (None where not asked) from ``dn``, the gradient of the normalized
+    input, in the accumulation dtype of ``x``: ``dx = rstd * (g - xhat * mean(g * xhat)) (+ dh)``
+    with ``g = dn * weight``, ``dweight = sum over rows of dn * xhat``; each rounded once."""
+    acc = acc_dtype(x.dtype)
+    xhat = _acc(x, acc) * _acc(rstd, acc).unsqueeze(1)
+    dna = _acc(dn, acc)
+    dx = dw = None
+    if need_dx:
+        g = dna * _acc(weight, acc)
+        work = _acc(rstd, acc).unsqueeze(1) * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        if dh is not None:
+            work = work + _acc(dh, acc)
+        dx = _finish(work, x.dtype)
+    if need_dw:
+        dw = _finish((dna * xhat).sum(0), weight.dtype)
+    return dx, dw
+
+
+def norm_io_fwd(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
+                run: int = 8, residual=None):
+    """``(y, h, t, rstd)``: the IO block of the norm, the norm written in the layout."""
+    h, _, rstd, t = rms_norm_fwd(x, norm_weight, eps, residual, layout=(weight1.shape[0], run),
+                                 out_dtype=weight1.dtype)
+    return gpc_io_layout_fwd(t, weight1, weight2, bias1, bias2), h, t, rstd
+
+
+def norm_io_split_fwd(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
+                      residual=None):
+    """``(y, h, n, xi, rstd)``: the IO block of the norm ``n`` and its de-interleaved copy."""
+    h, n, rstd, xi = rms_norm_fwd(x, norm_weight, eps, residual, split_groups=weight1.shape[0],
+                                  out_dtype=weight1.dtype)
+    y, _ = gpc_io_fwd(n, weight1, weight2, bias1, bias2)
+    return y, h, n, xi, rstd
+
+
+def _norm_grads(dy, x, norm_weight, rstd, weight1, weight2, need_dx, need_dnorm, dh):
+    if not (need_dx or need_dnorm):
+        return None, None
+    return rms_norm_bwd(_io_input_grad(dy, weight1, weight2), x, norm_weight, rstd, need_dx,
+                        need_dnorm, dh)
+
+
+def norm_io_bwd(dy, x, norm_weight, rstd, t, weight1, weight2, need_dx=True, need_dnorm=True,
+                need_dw1=True, need_dw2=True, dh=None):
+    """``(dx, d norm_weight, dW1, dW2)``, None where not asked; ``x`` is the norm's input."""
+    dx, dnorm = _norm_grads(dy, x, norm_weight, rstd, weight1, weight2, need_dx, need_dnorm, dh)
+    _, dw1, dw2 = gpc_io_layout_bwd(dy, t, weight1, weight2, False, need_dw1, need_dw2)
+    return dx, dnorm, dw1, dw2
+
+
+def norm_io_split_bwd(dy, x, norm_weight, rstd, n, xi, weight1, weight2, need_dx=True,
+                      need_dnorm=True, need_dw1=True, need_dw2=True, dh=None):
+    """``norm_io_bwd`` of the split head: the weight gradients from ``n`` and ``xi``."""
+    dx, dnorm = _norm_grads(dy, x, norm_weight, rstd, weight1, weight2, need_dx, need_dnorm, dh)
+    _, dw1, dw2, _, _ = gpc_io_bwd(dy, n, xi, weight1, weight2, False, need_dw1, need_dw2)
+    return dx, dnorm, dw1, dw2
