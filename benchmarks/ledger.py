@@ -17,8 +17,11 @@ former name of ``--model``.
 Nothing is timed and nothing runs on a GPU: every number is arithmetic on what each launch reads,
 writes and computes (``kphi3_bench.ledger_costs`` says what is counted and how; every name of it
 is importable from here), **a prediction from FLOP and byte counts, not a measurement**. Each
-launch costs ``max(FLOPs / 790 TFLOP/s, bytes / 4.3 TB/s) + 2 us`` (``h200_model``); a path
-costs the sum of its launches.
+launch has two costs: speed of light, ``max(FLOPs / 790 TFLOP/s, bytes / 4.3 TB/s) + 2 us``
+(``h200_model``), and realistic (``CostModel.realistic_us``: GEMM waves on 132 SMs, per-tile
+overhead, gathered bytes at a derated bandwidth, flash attention at its published TFLOP/s); a
+path costs the sum of its launches in each. Every output carries both; the JSON files record the
+command that wrote them.
 
 A row of the launch ledger (``LedgerRow``, ``build_ledger``) is one op, shape, M, mode and dtype
 with its four paths (triton, reference, dense, floor). The model-level ledger (``build_model``)
@@ -33,7 +36,9 @@ Python API: the costs (``triton_launches``, ``reference_launches``, ``dense_laun
 ``floor``, ``triton_launch_cost``, ``AtenRecorder``, ``train_layer``, ``decode_layer``,
 ``fused_launches``...), ``build_ledger``, ``budget_from_rows``, ``check_budget``,
 ``format_table``, ``markdown``, ``build_model``, ``format_layer_table``, ``layer_markdown``,
-``measured_over_predicted``, ``main``.
+``measured_over_predicted``, ``main``; the realistic column's ``PROFILES``, ``cost_model`` and
+factors (``TILE_OVERHEAD_STEPS``, ``GATHER_BANDWIDTH_FRACTION``, ``CUBLAS_BLOCK_K``,
+``ATTENTION_TFLOPS``...).
 """
 from __future__ import annotations
 
@@ -48,8 +53,11 @@ from .cli import LEDGER_DEFAULT_SHAPES as DEFAULT_SHAPES, LEDGER_MODES, LEDGER_O
 from .cli import MODEL_LEDGER_BATCH, MODEL_LEDGER_CACHE, MODEL_LEDGER_DECODE_BATCHES
 from .cli import MODEL_LEDGER_FAMILIES, MODEL_LEDGER_TOKENS
 from .ledger_costs import (  # noqa: F401  (re-exported: the ledger's one import for its callers)
-    COMPONENTS, CONFIGS, ELEMENT_SIZE, PATHS, PROJECTIONS, REST, CostModel, LaunchCost,
-    LayerConfig, PathCost, Problem, activation, aten_op_cost, cache_update, decode_attention,
+    ATTENTION_TFLOPS, COMPONENTS, CONFIGS, CUBLAS_BLOCK_K, ELEMENT_SIZE,
+    GATHER_BANDWIDTH_FRACTION, MAX_CTAS_PER_SM, PATHS, PROFILES, PROJECTIONS, REST,
+    TILE_OVERHEAD_STEPS, CostModel, DeviceProfile, LaunchCost, LayerConfig, PathCost, Problem,
+    activation, attention_tflops, aten_op_cost, cache_update, cost_model, decode_attention,
+    profile_for,
     decode_layer, dense_launches, distinct_bytes, family_shapes, flash_attention, floor,
     fused_launches, h200_model, norm_heads_delta_us, outside_layer, path_costs, projection_launches,
     projections, record_aten, record_costs, reference_launches, residual_add, rest_of_layer,
@@ -98,11 +106,22 @@ class LedgerRow:
             "floor": model.time_us(self.floor.flops, self.floor.bytes),
         }
 
+    def realistic_times(self, model: CostModel) -> Dict[str, Optional[float]]:
+        """The realistic column of each path (the floor's is its speed of light: one ideal
+        launch)."""
+        return {
+            "triton": self.triton.realistic_us(model),
+            "reference": self.reference.realistic_us(model) if self.reference else None,
+            "dense": self.dense.realistic_us(model) if self.dense else None,
+            "floor": model.realistic_us(self.floor),
+        }
+
     def to_dict(self, model: CostModel) -> Dict[str, Any]:
         t = self.times(model)
+        real = self.realistic_times(model)
 
-        def ratio(other):
-            return None if t[other] is None else round(t["triton"] / t[other], 4)
+        def ratio(other, times=t):
+            return None if times[other] is None else round(times["triton"] / times[other], 4)
 
         sh = self.shape
         return {
@@ -115,6 +134,8 @@ class LedgerRow:
             "floor": self.floor.to_dict(model),
             "triton_over_reference": ratio("reference"), "triton_over_dense": ratio("dense"),
             "triton_over_floor": ratio("floor"),
+            "realistic_triton_over_reference": ratio("reference", real),
+            "realistic_triton_over_dense": ratio("dense", real),
         }
 
 
@@ -173,7 +194,8 @@ def build_model(families: Sequence[str] = MODEL_LEDGER_FAMILIES, tokens: int = M
 # Output: JSON, tables and markdown of both ledgers
 # ----------------------------------------------------------------------------------------------
 
-_TIME = "sum over launches of max(flops / peak_tflops, bytes / peak_gbps) + overhead"
+_TIME = ("speed of light (time_us): sum over launches of max(flops / peak_tflops, bytes / "
+         "peak_gbps) + overhead; realistic (realistic_us): see realistic")
 # What a ledger's JSON says its numbers are, per level (the op ledger's "op", --model's "layer").
 _COUNTED = {
     "op": {
@@ -208,7 +230,7 @@ def model_dict(model: CostModel, io_forward: str, level: str = "op") -> Dict[str
     """The cost model and what is counted, as the ``model`` entry of a ledger's JSON."""
     return {"peak_tflops": model.peak_tflops, "peak_gbps": model.peak_gbps,
             "launch_overhead_us": model.overhead_us, "time": _TIME, **_COUNTED[level],
-            "io_forward": io_forward,
+            "realistic": model.describe_realistic(), "io_forward": io_forward,
             "note": "a prediction from FLOP and byte counts, not a measurement"}
 
 
@@ -256,8 +278,11 @@ def _markdown_head(title: str, tool: str, intro: str) -> List[str]:
 
 def cost_lines(model: CostModel) -> List[str]:
     """What both ledgers print first: the cost model, and that it predicts."""
-    return [f"Cost model: max(FLOPs / {model.peak_tflops:g} TFLOP/s, bytes / "
-            f"{model.peak_gbps:g} GB/s) + {model.overhead_us:g} us per launch:",
+    return [f"Cost model, speed of light: max(FLOPs / {model.peak_tflops:g} TFLOP/s, bytes / "
+            f"{model.peak_gbps:g} GB/s) + {model.overhead_us:g} us per launch;",
+            f"realistic ({model.profile.name}, {model.profile.sms} SMs): GEMM waves, "
+            f"{TILE_OVERHEAD_STEPS:g} K-steps per tile, gathers at "
+            f"{GATHER_BANDWIDTH_FRACTION:.0%}, {model.attention.upper()} attention:",
             "a prediction, not a measurement."]
 
 
@@ -265,19 +290,21 @@ def cost_lines(model: CostModel) -> List[str]:
 
 TABLE_HEADERS = ("op", "shape", "G", "M", "mode", "dtype", "triton launches", "triton MB",
                  "triton us", "reference launches", "reference us", "dense us", "floor us",
-                 "triton/reference", "triton/dense", "triton/floor")
+                 "triton/reference", "triton/dense", "triton/floor", "triton real us",
+                 "reference real us", "dense real us", "real triton/dense")
 
 
 def table_body(rows: Sequence[LedgerRow], model: CostModel) -> List[List[str]]:
     body = []
     for r in rows:
-        t = r.times(model)
+        t, real = r.times(model), r.realistic_times(model)
         body.append([
             r.op, r.shape.name, str(r.shape.groups), str(r.m), r.mode, r.dtype,
             str(r.triton.count), f"{r.triton.bytes / 1e6:.2f}", _us(t["triton"]),
             str(r.reference.count) if r.reference else "-", _us(t["reference"]), _us(t["dense"]),
             _us(t["floor"]), _ratio(t["triton"], t["reference"]), _ratio(t["triton"], t["dense"]),
-            _ratio(t["triton"], t["floor"]),
+            _ratio(t["triton"], t["floor"]), _us(real["triton"]), _us(real["reference"]),
+            _us(real["dense"]), _ratio(real["triton"], real["dense"]),
         ])
     return body
 
@@ -289,8 +316,16 @@ def format_table(rows: Sequence[LedgerRow], model: CostModel) -> str:
 
 MARKDOWN_INTRO = """\
 Predicted with `python -m kphi3_bench.ledger` on an H200 cost model: **a prediction from FLOP and
-byte counts, not a measurement.** Each launch costs `max(FLOPs / {tflops:g} TFLOP/s, bytes /
-{gbps:g} GB/s) + {overhead:g} us`; a path costs the sum of its launches.
+byte counts, not a measurement.** Two columns per launch; a path costs the sum of its launches.
+
+- **speed of light** (`us`): `max(FLOPs / {tflops:g} TFLOP/s, bytes / {gbps:g} GB/s) +
+  {overhead:g} us`.
+- **realistic** (`real us`, profile {profile}, {sms} SMs): the same ceilings, with a Triton
+  GEMM's programs (first-choice config) in waves of `SMs x CTAs per SM` (2 where two
+  pipelines fit 227 KiB of shared memory, else 1), each tile's K loop plus {tile:g} K-steps of
+  prologue and epilogue; cuBLAS GEMMs (reference, dense) with no wave loss and the same
+  per-tile overhead on K / {cublas_k}; bytes read by a gather at {gather:.0%} of the copy
+  bandwidth. docs/performance.md gives each factor's source.
 
 - **triton**: the launches of `kphi3_kernels.ops.triton_impl` (IO forward design `{io}`),
   recorded through `ops.launch.RECORDER` on meta tensors, never run. FLOPs are those of the
@@ -304,8 +339,9 @@ byte counts, not a measurement.** Each launch costs `max(FLOPs / {tflops:g} TFLO
 - **bwd** is the backward alone (every input and weight gradient, given dy). Ratios are
   triton time over the other path's time (below 1: the Triton path is predicted faster).
 
-A kernel can only be slower than its line here: the model ignores L2 re-reads, load widths,
-occupancy and wave tails.
+A kernel can only be slower than its speed-of-light line: that model ignores L2 re-reads, load
+widths, occupancy and wave tails. The realistic line adds the wave tails, the tile overheads and
+the gathers, not L2 or load widths; a GPU run's measured / predicted calibrates both.
 """
 
 
@@ -324,14 +360,16 @@ def _summary(rows: Sequence[LedgerRow], model: CostModel, dtype: str) -> Optiona
         for mode in LEDGER_MODES:
             r = by.get((name, mode))
             if r is None:
-                cells += ["-"] * 4
+                cells += ["-"] * 6
                 continue
             cells[1] = str(r.shape.groups)
-            t = r.times(model)
-            cells += [_us(t["triton"]), _us(t["reference"]), _us(t["dense"]), _us(t["floor"])]
+            t, real = r.times(model), r.realistic_times(model)
+            cells += [_us(t["triton"]), _us(t["reference"]), _us(t["dense"]), _us(t["floor"]),
+                      _us(real["triton"]), _us(real["dense"])]
         body.append(cells)
-    headers = ["shape", "G"] + [f"{mode} {path} us" for mode in LEDGER_MODES
-                                for path in ("triton", "reference", "dense", "floor")]
+    headers = ["shape", "G"] + [f"{mode} {path}" for mode in LEDGER_MODES
+                                for path in ("triton us", "reference us", "dense us", "floor us",
+                                             "triton real us", "dense real us")]
     return (f"### gpc_io at M = {m} ({dtype})\n\n"
             + markdown_table(headers, body, right=range(1, len(headers))) + "\n"
             + "".join(f"\n{line}\n" for line in layer_totals(io, model, m)))
@@ -347,22 +385,31 @@ def layer_totals(rows: Sequence[LedgerRow], model: CostModel, m: int) -> List[st
             continue
         sums = {path: sum(r.times(model)[path] or 0.0 for r in chosen)
                 for path in ("triton", "reference", "dense", "floor")}
+        real = {path: sum(r.realistic_times(model)[path] or 0.0 for r in chosen)
+                for path in ("triton", "reference", "dense")}
         lines.append(
             f"{family}, its {len(chosen) // len(LEDGER_MODES)} projections' fwd + bwd: triton "
             f"{_us(sums['triton'])} us, reference {_us(sums['reference'])} us "
             f"({_ratio(sums['triton'], sums['reference'])}x), dense {_us(sums['dense'])} us "
-            f"({_ratio(sums['triton'], sums['dense'])}x), floor {_us(sums['floor'])} us.")
+            f"({_ratio(sums['triton'], sums['dense'])}x), floor {_us(sums['floor'])} us; "
+            f"realistic: triton {_us(real['triton'])} us, reference {_us(real['reference'])} us "
+            f"({_ratio(real['triton'], real['reference'])}x), dense {_us(real['dense'])} us "
+            f"({_ratio(real['triton'], real['dense'])}x).")
     return lines
 
 
 def markdown(rows: Sequence[LedgerRow], model: CostModel, io_forward: str,
-             dtypes: Sequence[str] = ("bf16",)) -> str:
+             dtypes: Sequence[str] = ("bf16",), command: Optional[str] = None) -> str:
     """The generated section: the model in a few lines, a gpc_io summary at the largest M, then
     one table per op (rows of ``dtypes``)."""
     from .report import markdown_table
 
     parts = _markdown_head("Launch ledger", "kphi3_bench.ledger", MARKDOWN_INTRO.format(
-        tflops=model.peak_tflops, gbps=model.peak_gbps, overhead=model.overhead_us, io=io_forward))
+        tflops=model.peak_tflops, gbps=model.peak_gbps, overhead=model.overhead_us, io=io_forward,
+        profile=model.profile.name, sms=model.profile.sms, tile=TILE_OVERHEAD_STEPS,
+        cublas_k=CUBLAS_BLOCK_K, gather=GATHER_BANDWIDTH_FRACTION))
+    if command:
+        parts += ["", f"Command: `{command}`", ""]
     for dtype in dtypes:
         summary = _summary(rows, model, dtype)
         if summary:
@@ -384,7 +431,9 @@ def markdown(rows: Sequence[LedgerRow], model: CostModel, io_forward: str,
 
 LAYER_TABLE_HEADERS = ("family", "task", "tokens", "path", "launches", "total us", "tokens/s",
                        "projections us", "attention us", "norms us", "rope us", "activation us",
-                       "residuals us", "/dense", "/reference")
+                       "residuals us", "/dense", "/reference", "real us", "real tokens/s",
+                       "real projections us", "real attention us", "real /dense",
+                       "real FA3 us", "real FA3 /dense")
 
 
 def layer_table_body(data: Dict[str, Any]) -> List[List[str]]:
@@ -393,13 +442,20 @@ def layer_table_body(data: Dict[str, Any]) -> List[List[str]]:
         task = ("train fwd+bwd" if row["task"] == "train"
                 else f"decode b={row['batch']} S={row['cache']}")
         t = {name: p["time_us"] for name, p in row["paths"].items()}
+        real = {name: p["realistic_us"] for name, p in row["paths"].items()}
+        fa3 = {name: p["realistic_fa3_us"] for name, p in row["paths"].items()}
         for path in PATHS:
             p = row["paths"][path]
             c = p["components"]
             body.append([row["family"], task, str(row["tokens"]), path, str(p["launches"]),
                          _us(p["time_us"]), f"{p['tokens_per_s']:,.0f}"]
                         + [_us(c[name]["time_us"]) for name in COMPONENTS]
-                        + [_ratio(p["time_us"], t["dense"]), _ratio(p["time_us"], t["reference"])])
+                        + [_ratio(p["time_us"], t["dense"]), _ratio(p["time_us"], t["reference"]),
+                           _us(p["realistic_us"]), f"{p['realistic_tokens_per_s']:,.0f}",
+                           _us(c["projections"]["realistic_us"]),
+                           _us(c["attention"]["realistic_us"]),
+                           _ratio(p["realistic_us"], real["dense"]),
+                           _us(p["realistic_fa3_us"]), _ratio(p["realistic_fa3_us"], fa3["dense"])])
     return body
 
 
@@ -419,7 +475,17 @@ def layer_summary_lines(data: Dict[str, Any]) -> List[str]:
             f"triton / dense {r['triton_over_dense']:.2f}, triton / reference "
             f"{r['triton_over_reference']:.2f}; fused / dense {r['fused_over_dense']:.2f} "
             f"({1 / r['fused_over_dense']:.2f}x dense's tokens/s), fused / reference "
-            f"{r['fused_over_reference']:.2f} ({1 / r['fused_over_reference']:.2f}x) (predicted).")
+            f"{r['fused_over_reference']:.2f} ({1 / r['fused_over_reference']:.2f}x) (predicted, "
+            "speed of light).")
+        for key, what in (("realistic", "realistic, FA2 attention"),
+                          ("realistic_fa3", "realistic, FA3 attention")):
+            q = row[f"{key}_ratios"]
+            lines.append(
+                f"{row['family']}, the same step, {what}: dense "
+                f"{_us(p['dense'][f'{key}_us'])} us, triton {_us(p['triton'][f'{key}_us'])} us "
+                f"({1 / q['triton_over_dense']:.2f}x dense's tokens/s), fused "
+                f"{_us(p['fused'][f'{key}_us'])} us ({1 / q['fused_over_dense']:.2f}x), "
+                f"reference {_us(p['reference'][f'{key}_us'])} us (predicted).")
         delta = row.get("layout_norm_heads_delta_us")
         if delta is not None:
             lines.append(
@@ -435,9 +501,17 @@ def layer_summary_lines(data: Dict[str, Any]) -> List[str]:
 
 LAYER_MARKDOWN_INTRO = """\
 Predicted with `python -m kphi3_bench.model_ledger` on the H200 cost model of
-`kphi3_bench.ledger`: **a prediction from FLOP and byte counts, not a measurement.** Each launch
-costs `max(FLOPs / {tflops:g} TFLOP/s, bytes / {gbps:g} GB/s) + {overhead:g} us`; a layer costs
-the sum of its launches.
+`kphi3_bench.ledger`: **a prediction from FLOP and byte counts, not a measurement.** Two columns;
+a layer costs the sum of its launches in each:
+
+- **speed of light** (`total us`): each launch `max(FLOPs / {tflops:g} TFLOP/s, bytes /
+  {gbps:g} GB/s) + {overhead:g} us`.
+- **realistic** (`real us`, profile {profile}, {sms} SMs): Triton GEMMs in waves of their
+  first-choice config's programs, {tile:g} K-steps of prologue and epilogue per tile, cuBLAS
+  GEMMs (dense, reference) with no wave loss and the same per-tile overhead, gathered bytes at
+  {gather:.0%} of the copy bandwidth, causal flash attention at FlashAttention-2's published
+  TFLOP/s for its head dim (`real FA3`: FlashAttention-3's), for every path alike.
+  docs/performance.md gives each factor's source.
 
 - One decoder layer, training step = forward + backward (every input and weight gradient), at
   {tokens} tokens (batch {batch} x {seq}), {dtype}. Decode: the forward of one new token per
@@ -448,8 +522,8 @@ the sum of its launches.
   projections. **fused** (`KPhi3Config(fused_decoder=True)`) is triton with the MLP's tail
   fused: `silu(gate) * up` writes down_proj's input in the block-residue layout, down_proj's
   GEMMs read it, and its input gradient turns into d(gate_up) in its epilogue, so the
-  activation's backward has no launch (`ops/mlp_tail.py`); each RMSNorm writes its IO block's
-  input (`ops/norm_head.py`): in the layout where it adds no padding, else in channel order
+  activation's backward has no launch (`ops/triton_fused.py`); each RMSNorm writes its IO block's
+  input (`ops/triton_fused.py`): in the layout where it adds no padding, else in channel order
   and its de-interleaved copy (at these widths: G*R = 280 for s = 256 would be more matrix
   work than the pass it saves); the attention's residual add runs in gate_up_proj's norm
   head, whose backward sums the branch point's gradients in its pass, and the MLP's in
@@ -458,8 +532,8 @@ the sum of its launches.
   (`4*B*H*T^2*D` halved by the mask), reading q, k, v and writing o and the fp32 logsumexp;
   backward 2.5x the forward's FLOPs in three launches (preprocess, main kernel with an fp32 dq
   accumulator, dq conversion). Decode attention is one read of the KV cache (`4*b*H*S*D`
-  FLOPs) plus the cache update. The compute ceiling is the GEMM peak, which flash attention
-  does not reach in practice.
+  FLOPs) plus the cache update. The speed-of-light ceiling is the GEMM peak, which flash
+  attention does not reach in practice; the realistic column charges the published figures.
 - The rest (two RMSNorms, RoPE of q and k, `silu(gate) * up`, two residual adds) is costed by
   explicit formulas: one fused launch each that reads and writes every tensor once, 0 FLOPs
   (the fused path: RoPE and the layer input's branch-point add).
@@ -476,10 +550,15 @@ def layer_markdown(data: Dict[str, Any]) -> str:
     m = data["model"]
     parts = _markdown_head("Model-level ledger", "kphi3_bench.model_ledger",
                            LAYER_MARKDOWN_INTRO.format(
+                               profile=m["realistic"]["profile"], sms=m["realistic"]["sms"],
+                               tile=m["realistic"]["tile_overhead_steps"],
+                               gather=m["realistic"]["gather_bandwidth_fraction"],
                                tflops=m["peak_tflops"], gbps=m["peak_gbps"],
                                overhead=m["launch_overhead_us"], tokens=train["tokens"],
                                batch=train["batch"], seq=train["seq"], dtype=train["dtype"],
                                io=m["io_forward"]))
+    if data.get("command"):
+        parts += ["", f"Command: `{data['command']}`", ""]
     parts += ["### Configurations", ""]
     heads = ["family", "hidden", "intermediate", "heads", "kv heads", "head_dim", "vocab", "min"]
     parts += [markdown_table(heads, [[c["family"], str(c["hidden"]), str(c["intermediate"]),
@@ -598,25 +677,31 @@ def dedupe(rows: Sequence[LedgerRow], model: CostModel) -> List[tuple]:
     return out
 
 
-SUMMARY_HEADERS = ("family", "M", "op", "dtype", "triton", "reference", "dense", "floor",
-                   "triton/dense", "triton/floor")
+# "real": the Triton path's realistic column; "real/dense": over dense's realistic column.
+SUMMARY_HEADERS = ("family", "M", "op", "dtype", "triton", "reference", "dense", "floor", "/dense",
+                   "/floor", "real", "real/dense")
 
 
 def summary_body(rows: Sequence[LedgerRow], model: CostModel) -> List[List[str]]:
     """Per family, M, op and dtype: the family's projections summed, forward + backward (what
-    one decoder layer's grouped layers cost), for each path and the floor."""
+    one decoder layer's grouped layers cost), for each path and the floor (speed of light), then
+    the Triton path's realistic column and its ratio to dense's."""
     sums: Dict[tuple, Dict[str, float]] = {}
     for label, r in dedupe(rows, model):
         key = (r.shape.family, r.m, r.op, label)
         total = sums.setdefault(key, {"triton": 0.0, "reference": 0.0, "dense": 0.0,
-                                      "floor": 0.0})
-        for path, value in r.times(model).items():
+                                      "floor": 0.0, "triton real": 0.0, "dense real": 0.0})
+        real = r.realistic_times(model)
+        values = dict(r.times(model), **{"triton real": real["triton"],
+                                         "dense real": real["dense"]})
+        for path, value in values.items():
             total[path] = None if value is None or total[path] is None else total[path] + value
     body = []
     for (family, m, op, label), t in sums.items():
         body.append([family, str(m), op, label, _us(t["triton"]), _us(t["reference"] or None),
                      _us(t["dense"] or None), _us(t["floor"]),
-                     _ratio(t["triton"], t["dense"]), _ratio(t["triton"], t["floor"])])
+                     _ratio(t["triton"], t["dense"]), _ratio(t["triton"], t["floor"]),
+                     _us(t["triton real"]), _ratio(t["triton real"], t["dense real"])])
     return body
 
 
@@ -632,9 +717,11 @@ def summary_text(rows: Sequence[LedgerRow], model: CostModel) -> str:
         body = [b[:3] + b[4:] for b in body]
         del headers[3]
     lines = wrap_lines([
-        "Predicted H200 time in us per family, M and op: the family's four projections summed, "
-        "forward + backward" + (f" ({labels.pop()}: the same prediction)" if one_label else
-                                " (dtypes that predict the same share a line)") + ":"])
+        "Predicted H200 time in us per family, M and op, the family's four projections summed, "
+        "forward + backward: speed of light per path, the Triton path's over dense's and the "
+        "floor's, then its realistic column ('real') and that over dense's realistic"
+        + (f" ({labels.pop()}: the same prediction)" if one_label
+           else " (dtypes that predict the same share a line)") + ":"])
     lines.append(render(headers, body, right=range(3 if one_label else 4, len(headers))))
     io = [r for label, r in dedupe(rows, model) if r.op == "gpc_io"]
     layer = layer_totals(io, model, max(r.m for r in io)) if io else []
@@ -653,13 +740,19 @@ def detail_text(rows: Sequence[LedgerRow], model: CostModel) -> str:
     for cells, (label, _) in zip(body, shown):
         cells[5] = label
     lines = ["Every row:", render(TABLE_HEADERS, body, right=range(6, len(TABLE_HEADERS))), "",
-             "Every launch of the Triton path (MB moved, predicted us):"]
+             "Every launch of the Triton path (MB moved, predicted us: speed of light / "
+             "realistic; a GEMM's programs with its first-choice config):"]
     for label, r in shown:
         lines.append(row_key(r.op, r.shape.name, r.m, r.mode, label))
         for launch in r.triton.launches:
             config = f" [{launch.config}]" if launch.config else ""
-            lines.append(f"  {launch.name}: {launch.bytes / 1e6:.2f} MB, "
-                         f"{_us(model.time_us(launch.flops, launch.bytes))} us{config}")
+            programs = (f", {launch.programs} programs ({launch.ctas_per_sm} per SM)"
+                        if launch.kind == "tile" else "")
+            gathered = (f", {launch.gathered_bytes / 1e6:.2f} MB gathered"
+                        if launch.gathered_bytes else "")
+            lines.append(f"  {launch.name}: {launch.bytes / 1e6:.2f} MB{gathered}, "
+                         f"{_us(model.time_us(launch.flops, launch.bytes))} / "
+                         f"{_us(model.realistic_us(launch))} us{programs}{config}")
     return "\n".join(lines)
 
 
@@ -679,13 +772,15 @@ class ThrottledWriter:
     that an interrupted run keeps what it counted without rewriting the file per row."""
 
     def __init__(self, path: str, model: CostModel, io_forward: str,
-                 interval_s: Optional[float] = None):
-        self.path, self.model, self.io_forward = path, model, io_forward
+                 interval_s: Optional[float] = None, command: Optional[str] = None):
+        self.path, self.model, self.io_forward, self.command = path, model, io_forward, command
         self.interval_s = WRITE_INTERVAL_S if interval_s is None else interval_s
         self.last = 0.0
 
     def text(self, rows: Sequence[LedgerRow], complete: bool) -> str:
         data = to_json(rows, self.model, self.io_forward)
+        if self.command:
+            data["command"] = self.command
         data["complete"] = complete
         return dump_json(data)
 
@@ -747,9 +842,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m kphi3_benc
     except (UsageError, ValueError) as err:
         return usage_error(parser, err)
     costs = _cost_model(args)
+    command = " ".join([prog] + argv)
     if model:
         data = build_model(_csv(args.families), args.tokens, args.batch, batches, args.cache,
                            args.dtype, costs, args.io_forward)
+        data["command"] = command
         if not args.quiet:
             from .report import wrap_lines
 
@@ -773,7 +870,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m kphi3_benc
         if not (args.json or args.markdown or args.write_budget):
             return status
 
-    writer = ThrottledWriter(args.json, costs, args.io_forward) if args.json else None
+    writer = ThrottledWriter(args.json, costs, args.io_forward, command=command) \
+        if args.json else None
     try:
         rows = build_ledger(chosen, ms, _csv(args.modes), _csv(args.dtypes), _csv(args.ops),
                             args.io_forward, baselines=not args.triton_only, on_row=writer)
@@ -783,8 +881,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m kphi3_benc
         return 130
     dtypes = _csv(args.dtypes)
     if not args.quiet:
-        head, predicts = cost_lines(costs)
-        print(head)
+        *head, predicts = cost_lines(costs)
+        print("\n".join(head))
         print(f"{predicts} {len(rows)} rows ({', '.join(dtypes)}); --detail prints each, "
               "launch by launch.")
         print(summary_text(rows, costs))
@@ -793,7 +891,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m kphi3_benc
             print(detail_text(rows, costs))
     shown = ["bf16"] if "bf16" in dtypes else dtypes[:1]
     _write_outputs(args, lambda: writer.text(rows, True),
-                   lambda: markdown(rows, costs, args.io_forward, shown))
+                   lambda: markdown(rows, costs, args.io_forward, shown, command))
     if args.write_budget:
         from .report import write_text
 
@@ -815,11 +913,13 @@ def measured_over_predicted(rows: Sequence[Any], model: Optional[CostModel] = No
                             ) -> List[Dict[str, Any]]:
     """Each timed sweep row (``report.Row``) of a provider the ledger models, its measured median
     beside the ledger's prediction for the same op, shape, M, mode and dtype (``fwd+bwd`` is the
-    sum of the two). The ratio measured / predicted is what a GPU run calibrates the model with."""
+    sum of the two), in both columns: ``predicted_us`` / ``measured_over_predicted`` (speed of
+    light) and ``realistic_us`` / ``measured_over_realistic``. The ratios are what a GPU run
+    calibrates the model with."""
     from . import shapes as shape_table
 
     model = model or h200_model()
-    cache: Dict[tuple, Dict[str, Optional[float]]] = {}
+    cache: Dict[tuple, tuple] = {}
     out = []
     for r in rows:
         path = PROVIDER_PATHS.get(r.provider)
@@ -829,21 +929,24 @@ def measured_over_predicted(rows: Sequence[Any], model: Optional[CostModel] = No
         # table (gpu_check's dry-run shapes) is rebuilt from the row, min = in / G giving G.
         shape = shape_table.SHAPES.get(r.shape) or shape_table.Shape(
             r.shape, r.family, r.op, r.in_features, r.out_features, r.in_features // r.groups)
-        predicted = 0.0
+        predicted, realistic = 0.0, 0.0
         for mode in (LEDGER_MODES if r.mode == "fwd+bwd" else (r.mode,)):
             key = (r.shape, r.M, mode, r.dtype)
             if key not in cache:
                 (row,) = build_ledger([shape], [r.M], [mode], [r.dtype], ["gpc_io"])
-                cache[key] = row.times(model)
-            t = cache[key][path]
+                cache[key] = (row.times(model), row.realistic_times(model))
+            t, real = cache[key][0][path], cache[key][1][path]
             predicted = None if t is None or predicted is None else predicted + t
-        if predicted is None:
+            realistic = None if real is None or realistic is None else realistic + real
+        if predicted is None or realistic is None:
             continue
         measured_us = r.median_ms * 1e3
         out.append({"provider": r.provider, "op": "gpc_io", "shape": r.shape, "M": r.M,
                     "mode": r.mode, "dtype": r.dtype, "measured_us": round(measured_us, 3),
                     "predicted_us": round(predicted, 3),
-                    "measured_over_predicted": round(measured_us / predicted, 3)})
+                    "measured_over_predicted": round(measured_us / predicted, 3),
+                    "realistic_us": round(realistic, 3),
+                    "measured_over_realistic": round(measured_us / realistic, 3)})
     return out
 
 
@@ -851,10 +954,12 @@ def format_measured(pairs: Sequence[Dict[str, Any]]) -> str:
     from .report import render
 
     head = ["provider", "shape", "M", "mode", "dtype", "measured us", "predicted us",
-            "measured/predicted"]
+            "measured/predicted", "realistic us", "measured/realistic"]
     body = [[p["provider"], p["shape"], str(p["M"]), p["mode"], p["dtype"],
              _us(p["measured_us"]), _us(p["predicted_us"]),
-             f"{p['measured_over_predicted']:.2f}"] for p in pairs]
+             f"{p['measured_over_predicted']:.2f}", _us(p.get("realistic_us")),
+             f"{p['measured_over_realistic']:.2f}" if "measured_over_realistic" in p else "-"]
+            for p in pairs]
     return render(head, body, right=range(5, len(head)))
 
 

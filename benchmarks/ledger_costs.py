@@ -37,6 +37,27 @@ launch. These are predictions, not measurements: a kernel can only be slower tha
 (it ignores L2 re-reads, load widths, occupancy and tails), so the ledger says what a design can
 at best achieve and where its bytes go, not how fast it runs.
 
+**The realistic column** (``CostModel.realistic_us``) sits beside that speed-of-light one, on the
+same ceilings and a ``DeviceProfile`` (``PROFILES``: H100 80GB SXM and H200, 132 SMs each; a GPU
+run's measured ceilings replace the profile's defaults). Per launch, ``max(compute, memory) +
+overhead`` with:
+
+* **waves**: a Triton GEMM's programs (its grid with ``configs[0]``) run in waves of ``SMs x
+  ctas_per_sm`` (2 where two pipelines fit 227 KiB of shared memory, else 1); a program takes
+  its K loop plus ``TILE_OVERHEAD_STEPS`` K-steps, at ``peak / SMs`` per SM
+  (``CostModel.realistic_compute_s`` gives the formula);
+* **gathers**: the bytes a launch reads by a gather (``_gathered_args``: the dx launches' ``dxi``,
+  the fused IO forward's strided ``x``, the activation's and the norm heads' gathered reads) at
+  ``GATHER_BANDWIDTH_FRACTION`` of the copy bandwidth;
+* **cuBLAS** (the dense and reference paths' aten matmuls): no wave loss, the same per-tile
+  overhead on ``ceil(K / CUBLAS_BLOCK_K)`` steps;
+* **attention**: causal flash attention at the published TFLOP/s for its head dim
+  (``ATTENTION_TFLOPS``: FlashAttention-2, or ``attention="fa3"``).
+
+Data passes (interleave, norms, RoPE, activation, adds, the split-K sum) and the aten copies run
+at the copy bandwidth, their gathered bytes derated. docs/performance.md gives each factor's
+source.
+
 **A decoder layer** (``LayerConfig``, ``CONFIGS``): its training step (forward, then the backward
 alone given the upstream gradient: every input and weight gradient) at ``tokens = batch * seq``
 tokens (``train_layer``), and its decode step (``decode_layer``), for four paths that differ
@@ -78,8 +99,9 @@ intermediate ``i``, ``H`` query heads and ``Hkv`` key/value heads of ``D``, elem
   FA2's three launches: the preprocess (reads o, do, writes the fp32 ``rowsum(do * o)``), the
   main kernel (reads q, k, v, do, the logsumexp and that rowsum, writes dk, dv and the fp32 dq
   accumulator, counted once) and the conversion of dq to ``e`` (reads fp32, writes ``e``).
-  Key/value heads are read once (no repeat_kv copy). The compute ceiling is the GEMMs' 790
-  TFLOP/s, which flash attention does not reach in practice.
+  Key/value heads are read once (no repeat_kv copy). The speed-of-light compute ceiling is the
+  GEMMs' 790 TFLOP/s, which flash attention does not reach in practice; the realistic column
+  charges ``ATTENTION_TFLOPS``.
 
 Dropout is 0 in the released config and costs nothing; the RoPE table (cos, sin) is built once
 per model, not per layer. The embedding and ``lm_head`` (an ``F.linear(h, vocab)``, the same for
@@ -103,17 +125,94 @@ FP32 = 4
 
 
 # ----------------------------------------------------------------------------------------------
-# The cost model
+# The cost model: speed of light, and the realistic column's device profiles and factors
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
+class DeviceProfile:
+    """What the realistic column knows of a GPU. ``default_tflops`` / ``default_gbps`` are the
+    profile's ceilings until a GPU run measures them: ``gpu_check`` writes this GPU's bf16
+    matmul TFLOP/s and copy GB/s to ``ceilings.json``, and a ``CostModel`` built from those
+    replaces them (the SMs, L2 and shared memory stay the profile's)."""
+
+    name: str
+    sms: int
+    l2_mb: float
+    smem_per_block: int          # bytes one CTA may use (227 KiB on Hopper)
+    default_tflops: float
+    default_gbps: float
+    source: str
+
+
+# Shared memory one CTA may use on Hopper: 227 KiB (grouped_gemm.SMEM_LIMIT_BYTES).
+HOPPER_SMEM_PER_BLOCK = 232448
+PROFILES: Dict[str, DeviceProfile] = {
+    "h100": DeviceProfile(
+        "H100 80GB SXM", 132, 50.0, HOPPER_SMEM_PER_BLOCK, 798.0, 3000.0,
+        "132 SMs, 50 MB L2 (the datasheet); ~798 TFLOP/s bf16 dense GEMM and ~3.0 TB/s device "
+        "copy are typical measured figures on this part (the datasheet's 989 TFLOP/s and "
+        "3.35 TB/s are not reached), not measured by this project"),
+    "h200": DeviceProfile(
+        "H200", 132, 60.0, HOPPER_SMEM_PER_BLOCK, 790.0, 4300.0,
+        "132 SMs, 60 MB L2; ~790 TFLOP/s bf16 dense GEMM and ~4.3 TB/s device copy measured on "
+        "an H200 (kphi3_bench.roofline)"),
+}
+
+# Every factor of the realistic column; docs/performance.md ("The realistic column") gives each
+# one's source.
+#: A tile's prologue (the pipeline fill: num_stages - 1 loads before the first MMA) and epilogue
+#: (fp32 accumulator to the output dtype, the store), in K-steps of the tile's own loop.
+TILE_OVERHEAD_STEPS = 2.5
+#: A launch's GEMM tiles run 2 CTAs per SM where two configs' pipelines fit the 227 KiB of
+#: shared memory (registers and the epilogue's shared memory are not counted), else 1.
+MAX_CTAS_PER_SM = 2
+#: Bytes read by a gather (scalar or short-run loads at computed addresses) move at this
+#: fraction of the copy bandwidth.
+GATHER_BANDWIDTH_FRACTION = 0.55
+#: Dense GEMMs (cuBLAS, for the dense and reference paths): no wave loss (cuBLAS picks its tile
+#: and splits K itself), the same per-tile overhead on a K loop of this block.
+CUBLAS_BLOCK_K = 64
+#: Causal flash attention, forward and backward TFLOP/s by head dim, H100 SXM (the H200 has
+#: the same SMs and clocks; at 8192 tokens attention is compute-bound). A head dim without a
+#: published figure takes the largest one below it (throughput grows with head dim).
+ATTENTION_TFLOPS: Dict[str, Dict[int, tuple]] = {
+    "fa2": {64: (262.0, 264.0)},
+    "fa3": {64: (371.0, 422.0)},
+}
+ATTENTION_SOURCES = {
+    "fa2": "FlashAttention-2, causal, head dim 64, H100 SXM: 262 fwd / 264 bwd TFLOP/s "
+           "(published benchmark figures)",
+    "fa3": "FlashAttention-3, causal, head dim 64, H100 SXM: 371 fwd / 422 bwd TFLOP/s "
+           "(published benchmark figures)",
+}
+
+
+def attention_tflops(kind: str, head_dim: int, mode: str) -> float:
+    """The published causal attention TFLOP/s of ``kind`` (``fa2`` / ``fa3``) for ``head_dim``
+    (the largest published head dim not above it, else the smallest), ``fwd`` or ``bwd``."""
+    table = ATTENTION_TFLOPS[kind]
+    dims = sorted(table)
+    below = [d for d in dims if d <= head_dim]
+    fwd, bwd = table[below[-1] if below else dims[0]]
+    return fwd if mode == "fwd" else bwd
+
+
+@dataclass(frozen=True)
 class CostModel:
-    """``time = max(flops / peak_flops, bytes / peak_bytes_per_s) + overhead_s`` per launch."""
+    """Two columns per launch.
+
+    * speed of light (``time_us``): ``max(flops / peak_flops, bytes / peak_bytes_per_s) +
+      overhead_s``.
+    * realistic (``realistic_us``): the same ceilings with the profile's SMs and the factors
+      above (``realistic_compute_s``, ``realistic_memory_s``); attention at ``attention``'s
+      published figures."""
 
     peak_tflops: float
     peak_gbps: float
     overhead_us: float = LAUNCH_OVERHEAD_US
+    profile: DeviceProfile = PROFILES["h200"]
+    attention: str = "fa2"
 
     def time_us(self, flops: float, nbytes: float) -> float:
         return (max(flops / (self.peak_tflops * 1e12), nbytes / (self.peak_gbps * 1e9)) * 1e6
@@ -124,27 +223,117 @@ class CostModel:
         memory = nbytes / (self.peak_gbps * 1e9)
         return "compute" if compute >= memory else "memory"
 
+    # --- the realistic column ---------------------------------------------------------------
+
+    def realistic_memory_s(self, launch: "LaunchCost") -> float:
+        """Bytes at the copy bandwidth, the gathered ones at ``GATHER_BANDWIDTH_FRACTION`` of it."""
+        bw = self.peak_gbps * 1e9
+        plain = launch.bytes - launch.gathered_bytes
+        return plain / bw + launch.gathered_bytes / (bw * GATHER_BANDWIDTH_FRACTION)
+
+    def realistic_compute_s(self, launch: "LaunchCost") -> float:
+        """The launch's matrix work, by kind:
+
+        * ``tile`` (a Triton GEMM): waves of ``SMs * ctas_per_sm`` programs. One program's
+          K-step takes ``2 * BLOCK_P * BLOCK_Q * BLOCK_K / (peak / SMs)``; a full wave takes
+          ``ctas_per_sm * steps + TILE_OVERHEAD_STEPS`` K-steps (co-resident programs share
+          the SM and hide each other's prologue and epilogue but one), the last, partial wave
+          ``ceil(rest / SMs) * steps + TILE_OVERHEAD_STEPS``. With one CTA per SM that is
+          ``ceil(programs / SMs) * (steps + TILE_OVERHEAD_STEPS)`` K-steps.
+        * ``cublas`` (an aten matmul): no wave loss, ``flops / peak * (steps +
+          TILE_OVERHEAD_STEPS) / steps`` with ``steps = ceil(K / CUBLAS_BLOCK_K)``.
+        * ``attention_fwd`` / ``attention_bwd``: ``flops`` at ``attention_tflops``.
+        * anything else: ``flops / peak`` (0 for the data passes)."""
+        peak = self.peak_tflops * 1e12
+        if launch.kind == "tile" and launch.programs and launch.steps:
+            bp, bq, bk = launch.tile
+            step_s = 2 * bp * bq * bk * self.profile.sms / peak
+            per_wave = self.profile.sms * launch.ctas_per_sm
+            full, rest = divmod(launch.programs, per_wave)
+            steps = full * (launch.ctas_per_sm * launch.steps + TILE_OVERHEAD_STEPS)
+            if rest:
+                steps += _cdiv(rest, self.profile.sms) * launch.steps + TILE_OVERHEAD_STEPS
+            return steps * step_s
+        if launch.kind == "cublas" and launch.steps:
+            return launch.flops / peak * (launch.steps + TILE_OVERHEAD_STEPS) / launch.steps
+        if launch.kind in ("attention_fwd", "attention_bwd"):
+            mode = launch.kind.split("_")[1]
+            return launch.flops / (attention_tflops(self.attention, launch.head_dim, mode) * 1e12)
+        return launch.flops / peak
+
+    def realistic_us(self, launch: "LaunchCost") -> float:
+        return (max(self.realistic_compute_s(launch), self.realistic_memory_s(launch)) * 1e6
+                + self.overhead_us)
+
+    def describe_realistic(self) -> Dict[str, Any]:
+        """The realistic column's profile and factors, for a ledger's JSON."""
+        return {
+            "profile": self.profile.name, "sms": self.profile.sms, "l2_mb": self.profile.l2_mb,
+            "smem_per_block": self.profile.smem_per_block,
+            "profile_source": self.profile.source,
+            "tile_overhead_steps": TILE_OVERHEAD_STEPS, "max_ctas_per_sm": MAX_CTAS_PER_SM,
+            "gather_bandwidth_fraction": GATHER_BANDWIDTH_FRACTION,
+            "cublas_block_k": CUBLAS_BLOCK_K, "attention": self.attention,
+            "attention_source": ATTENTION_SOURCES[self.attention],
+            "time": ("per launch max(compute, memory) + overhead: Triton GEMM tiles in waves of "
+                     "SMs * ctas_per_sm programs, each K loop plus tile_overhead_steps; "
+                     "cuBLAS GEMMs without wave loss, the same overhead on K / cublas_block_k "
+                     "steps; gathered bytes at gather_bandwidth_fraction of the copy bandwidth; "
+                     "flash attention at the published figures"),
+        }
+
+
+def cost_model(profile: str = "h200", overhead_us: float = LAUNCH_OVERHEAD_US,
+               attention: str = "fa2") -> CostModel:
+    """The cost model of a device profile (``h100``, ``h200``) at its default ceilings."""
+    p = PROFILES[profile]
+    return CostModel(p.default_tflops, p.default_gbps, overhead_us, p, attention)
+
+
+def profile_for(device_name: str) -> DeviceProfile:
+    """The profile of a GPU by its name (``torch.cuda.get_device_name``): H100's for a name
+    with "H100", else H200's (the ledger's default)."""
+    return PROFILES["h100" if "H100" in (device_name or "").upper() else "h200"]
+
 
 def h200_model(overhead_us: float = LAUNCH_OVERHEAD_US) -> CostModel:
     """The H200 ceilings of ``kphi3_bench.roofline`` (bf16; fp16 assumed the same)."""
     from .roofline import H200_BF16_TFLOPS, H200_COPY_GBPS
 
-    return CostModel(H200_BF16_TFLOPS, H200_COPY_GBPS, overhead_us)
+    return CostModel(H200_BF16_TFLOPS, H200_COPY_GBPS, overhead_us, PROFILES["h200"])
 
 
 @dataclass
 class LaunchCost:
-    """One launch: what it is, what it computes and what it moves."""
+    """One launch: what it is, what it computes and what it moves, and what the realistic
+    column needs to know of it: its ``kind`` (``tile``: a Triton GEMM; ``cublas``: an aten
+    matmul; ``attention_fwd`` / ``attention_bwd``; empty: a data pass), a tile launch's
+    ``programs``, ``tile`` (BLOCK_P, BLOCK_Q, BLOCK_K), K-``steps`` per program and
+    ``ctas_per_sm``, a matmul's K-steps, the bytes it reads by a gather, an attention's head
+    dim."""
 
     name: str
     flops: int
     bytes: int
     config: str = ""
+    kind: str = ""
+    programs: int = 0
+    tile: tuple = ()
+    steps: int = 0
+    ctas_per_sm: int = 1
+    gathered_bytes: int = 0
+    head_dim: int = 0
 
     def to_dict(self, model: CostModel) -> Dict[str, Any]:
         out = {"name": self.name, "flops": self.flops, "bytes": self.bytes,
                "time_us": round(model.time_us(self.flops, self.bytes), 4),
-               "bound": model.bound(self.flops, self.bytes)}
+               "bound": model.bound(self.flops, self.bytes),
+               "realistic_us": round(model.realistic_us(self), 4)}
+        if self.kind == "tile":
+            out.update(programs=self.programs, ctas_per_sm=self.ctas_per_sm,
+                       waves=round(self.programs / (model.profile.sms * self.ctas_per_sm), 3))
+        if self.gathered_bytes:
+            out["gathered_bytes"] = self.gathered_bytes
         if self.config:
             out["config"] = self.config
         return out
@@ -171,9 +360,13 @@ class PathCost:
     def time_us(self, model: CostModel) -> float:
         return sum(model.time_us(l.flops, l.bytes) for l in self.launches)
 
+    def realistic_us(self, model: CostModel) -> float:
+        return sum(model.realistic_us(l) for l in self.launches)
+
     def summary(self, model: CostModel) -> Dict[str, Any]:
         return {"launches": self.count, "flops": self.flops, "bytes": self.bytes,
-                "time_us": round(self.time_us(model), 4)}
+                "time_us": round(self.time_us(model), 4),
+                "realistic_us": round(self.realistic_us(model), 4)}
 
     def to_dict(self, model: CostModel) -> Dict[str, Any]:
         return dict(self.summary(model), kernels=[l.to_dict(model) for l in self.launches])
@@ -237,7 +430,7 @@ def _config_text(config) -> str:
     return f"{kw}, num_warps={config.num_warps}, num_stages={config.num_stages}"
 
 
-# A pass over rows x columns with no matmul (the fused activation of ``ops/layout_act.py``), or
+# A pass over rows x columns with no matmul (the fused activation of ``ops/rowwise.py``), or
 # over a flat range (the split-K sum of ``ops/grouped_gemm.py``).
 _ELEMENTWISE_BLOCKS = {"BLOCK_M", "BLOCK_C"}
 _FLAT_BLOCKS = {"BLOCK_N"}
@@ -255,12 +448,46 @@ def _k_steps(spec, bk: int) -> int:
     return _cdiv(a["K"], bk) + _cdiv(a.get("K2", 0), bk)
 
 
-def triton_launch_cost(spec) -> LaunchCost:
-    """FLOPs (first-choice config, tile padding included) and bytes of one ``KernelLaunch``."""
+def _ctas_per_sm(config, itemsize: int, smem_per_block: int) -> int:
+    """GEMM programs one SM holds: ``MAX_CTAS_PER_SM`` where that many pipelines
+    (``num_stages`` buffers of an A and a B tile) fit ``smem_per_block``, else 1."""
+    kw = config.kwargs
+    smem = config.num_stages * (kw["BLOCK_P"] + kw["BLOCK_Q"]) * kw["BLOCK_K"] * itemsize
+    return MAX_CTAS_PER_SM if MAX_CTAS_PER_SM * smem <= smem_per_block else 1
+
+
+def _gathered_args(args: Dict[str, Any]) -> List[str]:
+    """The arguments a launch reads by a gather (scalar or short-run loads at computed
+    addresses), from the flags its launcher passes:
+
+    * a grouped GEMM with ``RESIDUAL_GATHER`` (``gpc_io_bwd_dx``, ``norm_io_bwd_dxn``,
+      ``mlp_tail_bwd_dgate_up``): the interleaved addend ``dxi`` (``r_ptr``);
+    * a grouped GEMM whose second operand has its own strides (``gpc_io_fwd_fused``: ``x``
+      read in place with K stride G): ``a2_ptr``;
+    * the activation into the layout (``silu_mul_layout``): ``gate_up``, read at each slot's
+      channel; its backward (``silu_mul_layout_bwd``): the layout's gradient ``dt``;
+    * a norm writing the de-interleaved copy or the layout (``rms_norm_split``,
+      ``rms_norm_layout``, ``add_`` before either): its input row(s), re-read gathered.
+    """
+    if args.get("RESIDUAL_GATHER"):
+        return ["r_ptr"]
+    if args.get("HAS_SECOND") and not args.get("SHARED_STRIDES", True):
+        return ["a2_ptr"]
+    if "gu_ptr" in args:
+        return ["dt_ptr"] if "dt_ptr" in args else ["gu_ptr"]
+    if args.get("XI_GROUPS") or args.get("LAYOUT_GROUPS"):
+        return ["x_ptr"] + (["r_ptr"] if args.get("HAS_RESIDUAL") else [])
+    return []
+
+
+def triton_launch_cost(spec, smem_per_block: int = HOPPER_SMEM_PER_BLOCK) -> LaunchCost:
+    """FLOPs (first-choice config, tile padding included) and bytes of one ``KernelLaunch``,
+    with what the realistic column needs (programs, K-steps, CTAs per SM, gathered bytes)."""
     import torch
 
     config = spec.configs[0]
     kw = dict(config.kwargs)
+    extra: Dict[str, Any] = {}
     if all(k in kw for k in _GEMM_BLOCKS):
         bp, bq, bk = (kw[k] for k in _GEMM_BLOCKS)
         programs = 1
@@ -268,6 +495,9 @@ def triton_launch_cost(spec) -> LaunchCost:
             programs *= n
         steps = _k_steps(spec, bk)
         flops = 2 * programs * bp * bq * bk * steps
+        itemsize = spec.args["a_ptr"].element_size() if "a_ptr" in spec.args else 2
+        extra = dict(kind="tile", programs=programs, tile=(bp, bq, bk), steps=steps,
+                     ctas_per_sm=_ctas_per_sm(config, itemsize, smem_per_block))
     elif set(kw) in (_MOVE_BLOCKS, _ELEMENTWISE_BLOCKS, _FLAT_BLOCKS):
         flops = 0
     else:
@@ -279,7 +509,9 @@ def triton_launch_cost(spec) -> LaunchCost:
     nbytes = distinct_bytes(tensors)
     # An output the kernel accumulates into is read and written.
     nbytes += distinct_bytes(spec.args[name] for name in spec.restore)
-    return LaunchCost(spec.name, int(flops), int(nbytes), _config_text(config))
+    gathered = distinct_bytes(spec.args[name] for name in _gathered_args(spec.args))
+    return LaunchCost(spec.name, int(flops), int(nbytes), _config_text(config),
+                      gathered_bytes=int(gathered), **extra)
 
 
 @dataclass(frozen=True)
@@ -414,7 +646,15 @@ def aten_op_cost(func, args, kwargs, out) -> Optional[LaunchCost]:
     flops = int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
     # Inputs once each, outputs once each: an in-place op's operand (add_) is read and written.
     nbytes = distinct_bytes(inputs) + distinct_bytes(outputs)
-    return LaunchCost(f"aten.{name}.{func._overloadname}", flops, int(nbytes))
+    extra: Dict[str, Any] = {}
+    if name in _MATMUL_K_ARG and flops:
+        k = args[_MATMUL_K_ARG[name]].shape[-1]
+        extra = dict(kind="cublas", steps=_cdiv(k, CUBLAS_BLOCK_K))
+    return LaunchCost(f"aten.{name}.{func._overloadname}", flops, int(nbytes), **extra)
+
+
+# The aten matmuls (cuBLAS) and the argument whose last dimension is their K.
+_MATMUL_K_ARG = {"mm": 0, "bmm": 0, "addmm": 1, "baddbmm": 1, "addbmm": 1}
 
 
 _RECORDER_CLASS = None
@@ -629,11 +869,13 @@ def flash_attention(batch: int, seq: int, heads: int, kv_heads: int, head_dim: i
     forward_flops = 2 * B * H * T * T * D    # 4 * B * H * T^2 * D, halved by the causal mask
     if mode == "fwd":
         return PathCost([LaunchCost("flash_attn_fwd", forward_flops,
-                                    (q + 2 * kv + o) * e + rows * FP32)])
+                                    (q + 2 * kv + o) * e + rows * FP32, kind="attention_fwd",
+                                    head_dim=D)])
     return PathCost([
         LaunchCost("flash_attn_bwd_preprocess", 0, 2 * o * e + rows * FP32),
         LaunchCost("flash_attn_bwd", forward_flops * 5 // 2,
-                   (q + 2 * kv + o) * e + 2 * rows * FP32 + 2 * kv * e + q * FP32),
+                   (q + 2 * kv + o) * e + 2 * rows * FP32 + 2 * kv * e + q * FP32,
+                   kind="attention_bwd", head_dim=D),
         LaunchCost("flash_attn_bwd_convert_dq", 0, q * FP32 + q * e),
     ])
 
@@ -705,7 +947,7 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str,
     tensors like ``triton_launches`` (none run): ``norms``, ``residuals``, ``qkv``,
     ``gate_up``, ``activation`` and ``down``.
 
-    * ``ops/norm_head.py`` for each RMSNorm and the IO block after it (qkv_proj, gate_up_proj):
+    * ``ops/triton_fused.py`` for each RMSNorm and the IO block after it (qkv_proj, gate_up_proj):
       forward, the norm writing the block-residue layout where it adds no channel
       (``kphi3_kernels.fused.layout_padding``), else channel order and its de-interleaved copy
       (not at the released widths: the split head), then the block reading it; backward, the
@@ -715,7 +957,7 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str,
       reads both addends and writes ``h``), and its backward adds the stream's gradient to the
       norm's in its pass, so that branch point has no add of its own; the layer input's branch
       point keeps its add (``residual_add`` formula).
-    * ``ops/mlp_tail.py`` for ``silu(gate) * up`` and down_proj: forward, the activation writing
+    * ``ops/triton_fused.py`` for ``silu(gate) * up`` and down_proj: forward, the activation writing
       the layout (``activation``), down_proj reading it and adding the residual stream in its
       epilogue; backward, down_proj's three launches, the activation's backward inside its
       input-gradient epilogue (no launch of its own).
@@ -727,7 +969,7 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str,
 
     from kphi3_kernels.fused import layout_padding
     from kphi3_kernels.layout import residue_run_length
-    from kphi3_kernels.ops import mlp_tail, norm_head
+    from kphi3_kernels.ops import triton_fused
 
     from .shapes import DTYPES
 
@@ -738,7 +980,7 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str,
         return torch.empty(*size, dtype=dtype, device="meta")
 
     def dweight_sum(channels: int) -> LaunchCost:
-        programs = -(-m // 16)  # layout_norm's 16-row programs: one fp32 partial each
+        programs = -(-m // 16)  # rowwise's 16-row RMSNorm programs: one fp32 partial each
         return LaunchCost("rms_norm_dweight_sum", 0, programs * channels * FP32 + channels * e)
 
     rstd, norm_weight = meta(m, dtype=torch.float32), meta(cfg.hidden)
@@ -759,15 +1001,15 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str,
                            else norm_heads == "layout")
             if layout_head:
                 costs = record_costs(
-                    (lambda: norm_head.norm_io_fwd(x, norm_weight, 1e-5, w1, w2, run=run,
+                    (lambda: triton_fused.norm_io_fwd(x, norm_weight, 1e-5, w1, w2, run=run,
                                                    residual=residual)) if mode == "fwd" else
-                    (lambda: norm_head.norm_io_bwd(dy, x, norm_weight, rstd, t, w1, w2, dh=dh)))
+                    (lambda: triton_fused.norm_io_bwd(dy, x, norm_weight, rstd, t, w1, w2, dh=dh)))
             else:
                 n, xi = meta(m, G * s), meta(m, G * s)
                 costs = record_costs(
-                    (lambda: norm_head.norm_io_split_fwd(x, norm_weight, 1e-5, w1, w2,
+                    (lambda: triton_fused.norm_io_split_fwd(x, norm_weight, 1e-5, w1, w2,
                                                          residual=residual)) if mode == "fwd" else
-                    (lambda: norm_head.norm_io_split_bwd(dy, x, norm_weight, rstd, n, xi, w1, w2,
+                    (lambda: triton_fused.norm_io_split_bwd(dy, x, norm_weight, rstd, n, xi, w1, w2,
                                                          dh=dh)))
             if mode == "bwd":
                 costs.append(dweight_sum(G * s))
@@ -776,9 +1018,9 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str,
             out[sh.op] = PathCost([c for c in costs if c not in norm])
         elif sh.op == "down":
             gu = meta(m, 2 * G * s)
-            costs = record_costs((lambda: mlp_tail.mlp_tail_fwd(gu, w1, w2, run=run, residual=dy))
+            costs = record_costs((lambda: triton_fused.mlp_tail_fwd(gu, w1, w2, run=run, residual=dy))
                                  if mode == "fwd" else
-                                 (lambda: mlp_tail.mlp_tail_bwd(dy, gu, t, w1, w2)))
+                                 (lambda: triton_fused.mlp_tail_bwd(dy, gu, t, w1, w2)))
             out["activation"] = PathCost([c for c in costs if c.name == "silu_mul_layout"])
             out["down"] = PathCost([c for c in costs if c.name != "silu_mul_layout"])
     if mode == "bwd":  # the layer input's branch point: the input norm's and the stream's
@@ -826,19 +1068,31 @@ def _merge(paths: Sequence[PathCost]) -> PathCost:
 def _layer_dict(components: Dict[str, Dict[str, PathCost]],
                 proj: Dict[str, Dict[str, PathCost]], tokens: int,
                 model: CostModel) -> Dict[str, Any]:
-    """Totals, tokens/s and the per-component (and per-projection) costs of one path."""
+    """Totals, tokens/s and the per-component (and per-projection) costs of one path, in both
+    columns: speed of light (``time_us``) and realistic (``realistic_us``; ``realistic_fa3_us``
+    with attention at FlashAttention-3's figures instead of FlashAttention-2's)."""
+    from dataclasses import replace
+
+    fa3 = replace(model, attention="fa3")
     out_components = {}
     for name in COMPONENTS:
         by_mode = components[name]
         entry = {mode: c.summary(model) for mode, c in by_mode.items()}
         entry["time_us"] = round(sum(c.time_us(model) for c in by_mode.values()), 4)
+        entry["realistic_us"] = round(sum(c.realistic_us(model) for c in by_mode.values()), 4)
         out_components[name] = entry
-    total = sum(c.time_us(model) for by_mode in components.values() for c in by_mode.values())
+    every = [c for by_mode in components.values() for c in by_mode.values()]
+    total = sum(c.time_us(model) for c in every)
+    realistic = sum(c.realistic_us(model) for c in every)
+    realistic_fa3 = sum(c.realistic_us(fa3) for c in every)
     rest = sum(c.time_us(model) for name in REST for c in components[name].values())
-    launches = sum(c.count for by_mode in components.values() for c in by_mode.values())
+    launches = sum(c.count for c in every)
     return {
         "time_us": round(total, 4),
         "tokens_per_s": round(tokens / (total * 1e-6), 1),
+        "realistic_us": round(realistic, 4),
+        "realistic_tokens_per_s": round(tokens / (realistic * 1e-6), 1),
+        "realistic_fa3_us": round(realistic_fa3, 4),
         "launches": launches,
         "rest_us": round(rest, 4),
         "components": out_components,
@@ -847,14 +1101,20 @@ def _layer_dict(components: Dict[str, Dict[str, PathCost]],
     }
 
 
-def _ratios(paths: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
-    t = {name: p["time_us"] for name, p in paths.items()}
+def _ratios(paths: Dict[str, Dict[str, Any]], column: str = "time_us") -> Dict[str, float]:
+    t = {name: p[column] for name, p in paths.items()}
     return {"triton_over_dense": round(t["triton"] / t["dense"], 4),
             "triton_over_reference": round(t["triton"] / t["reference"], 4),
             "reference_over_dense": round(t["reference"] / t["dense"], 4),
             "fused_over_dense": round(t["fused"] / t["dense"], 4),
             "fused_over_reference": round(t["fused"] / t["reference"], 4),
             "fused_over_triton": round(t["fused"] / t["triton"], 4)}
+
+
+def _all_ratios(paths: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """``ratios`` (speed of light), ``realistic_ratios`` and ``realistic_fa3_ratios``."""
+    return {"ratios": _ratios(paths), "realistic_ratios": _ratios(paths, "realistic_us"),
+            "realistic_fa3_ratios": _ratios(paths, "realistic_fa3_us")}
 
 
 def train_layer(cfg: LayerConfig, tokens: int, batch: int, dtype: str, model: CostModel,
@@ -878,7 +1138,7 @@ def train_layer(cfg: LayerConfig, tokens: int, batch: int, dtype: str, model: Co
         components.update(replaced)
         paths[path] = _layer_dict(components, proj, tokens, model)
     return {"family": cfg.family, "task": "train", "tokens": tokens, "batch": batch, "seq": seq,
-            "dtype": dtype, "paths": paths, "ratios": _ratios(paths),
+            "dtype": dtype, "paths": paths, **_all_ratios(paths),
             "layout_norm_heads_delta_us": round(norm_heads_delta_us(cfg, tokens, dtype, model),
                                                  4)}
 
@@ -899,7 +1159,7 @@ def decode_layer(cfg: LayerConfig, batch: int, cache: int, dtype: str, model: Co
         components.update(replaced)
         paths[path] = _layer_dict(components, proj, batch, model)
     return {"family": cfg.family, "task": "decode", "tokens": batch, "batch": batch,
-            "cache": cache, "dtype": dtype, "paths": paths, "ratios": _ratios(paths)}
+            "cache": cache, "dtype": dtype, "paths": paths, **_all_ratios(paths)}
 
 
 def outside_layer(cfg: LayerConfig, tokens: int, dtype: str, model: CostModel) -> Dict[str, Any]:

@@ -18,7 +18,7 @@ from kphi3_bench.shapes import SHAPES, Shape, min_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET = os.path.join(ROOT, "benchmarks", "results", "ledger-budget.json")
-LEDGER_JSON = os.path.join(ROOT, "benchmarks", "results", "ledger-2026-12-02.json")
+LEDGER_JSON = os.path.join(ROOT, "benchmarks", "results", "ledger-2026-12-07.json")
 H200 = ledger.CostModel(790.0, 4300.0, 2.0)
 
 # in 96 -> out 80 with G = 2 (96 // 48 = 2 divides both): s = 48, og = 40.
@@ -174,21 +174,209 @@ def test_floor_matches_the_shape_table():
 
 # --- The released shapes against figures computed before with this model ---------------------
 
-@pytest.mark.parametrize("name,triton_fwd,triton_bwd,ref_fwd,ref_bwd,dense_bwd", [
-    ("kphi3-qkv", 54.5, 92.0, 165, 141, 207.9),
-    ("kphi3-o", 28.7, 45.6, 76, 99.5, 72.0),
-    ("kphi3-gate_up", 122.5, 223.5, 404, 277, 547.6),
-    ("kphi3-down", 87.2, 118.8, 134, 290, 275.8),
+# Speed of light: triton fwd, bwd, reference fwd, bwd, dense bwd; then realistic: triton fwd,
+# bwd, dense bwd. The backward's weight gradients split K (kphi3_kernels.ops.grouped_gemm.
+# split_plan): qkv 2 splits, o 6, gate_up 3, down 3 (see test_split_k_before_and_after).
+@pytest.mark.parametrize("name,want", [
+    ("kphi3-qkv", [54.5, 98.6, 165, 141, 207.9, 72.6, 118.5, 214.1]),
+    ("kphi3-o", [28.7, 54.9, 76, 99.5, 72.0, 35.8, 62.7, 76.9]),
+    ("kphi3-gate_up", [122.5, 245.9, 404, 277, 547.6, 160.9, 286.7, 557.2]),
+    ("kphi3-down", [87.2, 124.4, 134, 290, 275.8, 87.2, 140.4, 295.5]),
 ])
-def test_released_gpc_io_at_8192(name, triton_fwd, triton_bwd, ref_fwd, ref_bwd, dense_bwd):
+def test_released_gpc_io_at_8192(name, want):
     p = ledger.Problem("gpc_io", SHAPES[name], 8192, "bf16")
-    got = [ledger.triton_launches(p, "fwd").time_us(H200),
-           ledger.triton_launches(p, "bwd").time_us(H200),
+    triton_fwd, triton_bwd = ledger.triton_launches(p, "fwd"), ledger.triton_launches(p, "bwd")
+    dense_bwd = ledger.dense_launches(p, "bwd")
+    got = [triton_fwd.time_us(H200), triton_bwd.time_us(H200),
            ledger.reference_launches(p, "fwd").time_us(H200),
-           ledger.reference_launches(p, "bwd").time_us(H200),
-           ledger.dense_launches(p, "bwd").time_us(H200)]
-    want = [triton_fwd, triton_bwd, ref_fwd, ref_bwd, dense_bwd]
+           ledger.reference_launches(p, "bwd").time_us(H200), dense_bwd.time_us(H200),
+           triton_fwd.realistic_us(H200), triton_bwd.realistic_us(H200),
+           dense_bwd.realistic_us(H200)]
     assert got == pytest.approx(want, rel=5e-3)
+
+
+@pytest.fixture
+def no_split():
+    from kphi3_kernels.ops import grouped_gemm
+
+    previous = grouped_gemm.FORCE_SPLITS
+    grouped_gemm.FORCE_SPLITS = 1
+    yield
+    grouped_gemm.FORCE_SPLITS = previous
+
+
+def _qkv_dw():
+    p = ledger.Problem("gpc_io", SHAPES["kphi3-qkv"], 8192, "bf16")
+    return [l for l in ledger.triton_launches(p, "bwd").launches if "_dw" in l.name]
+
+
+def test_split_k_before_and_after_by_hand(no_split):
+    """qkv_proj's weight gradients at 8192 tokens: 60 programs (2G = 10 groups x 2 x 3 tiles of
+    128 x 256) of 128 K-steps fill 60 of 132 SMs; split in 2 they are 120 programs of 64 steps,
+    plus the sum of the two fp32 slices."""
+    from kphi3_kernels.ops import grouped_gemm
+
+    (before,) = _qkv_dw()
+    grouped_gemm.FORCE_SPLITS = None
+    gemm, summed = _qkv_dw()
+    assert (before.programs, before.steps, before.ctas_per_sm) == (60, 128, 1)
+    assert (gemm.name, gemm.programs, gemm.steps) == ("gpc_io_bwd_dw", 120, 64)
+    assert summed.name == "gpc_io_bwd_dw_sum" and summed.flops == 0
+    # The workspace: 2 problems x 2 splits x 5 * 256 * 768 fp32; the GEMM writes it instead of
+    # the two bf16 gradients, the sum reads it and writes them.
+    numel = 5 * 256 * 768
+    ws, grads = 2 * 2 * numel * 4, 2 * numel * 2
+    assert gemm.bytes == before.bytes - grads + ws
+    assert summed.bytes == ws + grads
+    # Same FLOPs: speed of light sees only the workspace's bytes (42.8 -> 42.8 + 6.6 us)...
+    assert gemm.flops == before.flops
+    assert H200.time_us(gemm.flops, gemm.bytes) == pytest.approx(
+        H200.time_us(before.flops, before.bytes), rel=1e-6)
+    # ...the realistic column sees the waves: 1 wave of 128 + 2.5 steps, then 1 of 64 + 2.5.
+    step_us = 2 * 128 * 256 * 64 * 132 / 790e12 * 1e6
+    assert H200.realistic_us(before) == pytest.approx(2 + 130.5 * step_us)
+    assert H200.realistic_us(gemm) == pytest.approx(2 + 66.5 * step_us)
+
+
+# --- The realistic column, by hand ------------------------------------------------------------
+
+STEP_128x128x64_US = 2 * 128 * 128 * 64 * 132 / 790e12 * 1e6   # one K-step of one program
+
+
+def _tile(programs, steps, ctas=1, tile=(128, 128, 64)):
+    bp, bq, bk = tile
+    return ledger.LaunchCost("t", 2 * programs * bp * bq * bk * steps, 0, kind="tile",
+                             programs=programs, tile=tile, steps=steps, ctas_per_sm=ctas)
+
+
+def test_twenty_programs_on_132_sms():
+    # 20 programs of 8 K-steps: one (partial) wave, each program alone on its SM, so the launch
+    # takes one program's K loop plus its prologue / epilogue, not 20/132 of the work.
+    t = _tile(20, 8)
+    assert H200.realistic_us(t) == pytest.approx(2 + (8 + 2.5) * STEP_128x128x64_US)
+    assert H200.realistic_us(t) == pytest.approx(5.679, abs=1e-3)
+    assert H200.time_us(t.flops, t.bytes) == pytest.approx(2 + 20 * 8 * STEP_128x128x64_US / 132)
+    # Waves: 132 programs are one wave, 133 two; 2 CTAs per SM: 264 programs share one wave
+    # (2 x 8 steps, one exposed overhead), a 265th adds a partial wave of 8 + 2.5 steps.
+    assert H200.realistic_us(_tile(132, 8)) == pytest.approx(H200.realistic_us(t))
+    assert H200.realistic_us(_tile(133, 8)) == pytest.approx(2 + 2 * 10.5 * STEP_128x128x64_US)
+    assert H200.realistic_us(_tile(264, 8, 2)) == pytest.approx(2 + 18.5 * STEP_128x128x64_US)
+    assert H200.realistic_us(_tile(265, 8, 2)) == pytest.approx(2 + 29 * STEP_128x128x64_US)
+    assert H200.realistic_us(_tile(20, 8, 2)) == pytest.approx(H200.realistic_us(t))
+
+
+def test_a_released_launch_of_twenty_programs(no_split):
+    # o_proj's weight gradients unsplit at 8192 tokens: 2G = 10 groups x 2 tiles of 128 x 256
+    # (256 x 256 outputs) = 20 programs of K = 8192 / 64 = 128 steps, one CTA per SM (3 stages
+    # of 128x64 + 256x64 bf16 tiles = 144 KiB).
+    p = ledger.Problem("gpc_io", SHAPES["kphi3-o"], 8192, "bf16")
+    (dw,) = [l for l in ledger.triton_launches(p, "bwd").launches if l.name == "gpc_io_bwd_dw"]
+    assert (dw.programs, dw.tile, dw.steps, dw.ctas_per_sm) == (20, (128, 256, 64), 128, 1)
+    step_us = 2 * STEP_128x128x64_US
+    assert H200.realistic_us(dw) == pytest.approx(2 + 130.5 * step_us)   # 93.5 us
+    assert H200.time_us(dw.flops, dw.bytes) == pytest.approx(16.9, abs=0.05)
+
+
+def test_ctas_per_sm_from_shared_memory():
+    import triton
+
+    from kphi3_bench import ledger_costs
+
+    def cfg(p, q, k, stages):
+        return triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_K": k}, num_warps=4,
+                             num_stages=stages)
+
+    limit = 227 * 1024
+    assert ledger_costs._ctas_per_sm(cfg(128, 256, 64, 3), 2, limit) == 1   # 144 KiB
+    assert ledger_costs._ctas_per_sm(cfg(128, 128, 64, 3), 2, limit) == 2   # 96 KiB
+    assert ledger_costs._ctas_per_sm(cfg(128, 128, 64, 4), 2, limit) == 1   # 128 KiB
+    assert ledger_costs._ctas_per_sm(cfg(128, 64, 64, 4), 2, limit) == 2    # 96 KiB
+
+
+def test_gathered_launch_by_hand():
+    path = ledger.triton_launches(ledger.Problem("gpc_io", TINY, M, "bf16"), "bwd")
+    got = _by_name(path)
+    dx = got["gpc_io_bwd_dx"]
+    # dxi (100 x 96 bf16) is read gathered at its interleaved columns; dy, W1 and dx are not.
+    assert dx.gathered_bytes == 19_200
+    assert got["gpc_io_bwd_dxi"].gathered_bytes == 0 and got["gpc_io_bwd_dw"].gathered_bytes == 0
+    plain = dx.bytes - 19_200
+    assert H200.realistic_memory_s(dx) == pytest.approx(plain / 4.3e12 + 19_200 / (0.55 * 4.3e12))
+    # At this size the tile's own K loop (1 step + 2.5 of overhead) outweighs its bytes.
+    assert H200.realistic_us(dx) == pytest.approx(
+        2 + 3.5 * 2 * 128 * 64 * 64 * 132 / 790e12 * 1e6)
+    # At 8192 tokens down_proj's (84 MB of dxi gathered) is memory-bound: 46.0 -> 62.0 us.
+    p = ledger.Problem("gpc_io", SHAPES["kphi3-down"], 8192, "bf16")
+    big = _by_name(ledger.triton_launches(p, "bwd"))["gpc_io_bwd_dx"]
+    assert big.gathered_bytes == 8192 * 5120 * 2
+    assert H200.realistic_us(big) == pytest.approx(
+        2 + ((big.bytes - big.gathered_bytes) / 4.3e12
+             + big.gathered_bytes / (0.55 * 4.3e12)) * 1e6)
+    assert H200.realistic_us(big) == pytest.approx(62.0, abs=0.05)
+    assert ledger.GATHER_BANDWIDTH_FRACTION == 0.55
+    # The fused IO forward reads x in place with K stride G: x is its gathered operand.
+    (fused,) = ledger.triton_launches(ledger.Problem("gpc_io", TINY, 16, "bf16"), "fwd").launches
+    assert fused.gathered_bytes == 16 * 96 * 2
+
+
+def test_gathered_producers_of_the_fused_layer():
+    cfg = ledger.CONFIGS["kphi3"]
+    fwd = ledger.fused_launches(cfg, 64, "bf16", "fwd")
+    bwd = ledger.fused_launches(cfg, 64, "bf16", "bwd")
+    (act,) = fwd["activation"].launches
+    # silu_mul_layout gathers gate_up [64, 2 * 5120] (each slot's channel), writes the layout.
+    assert act.name == "silu_mul_layout" and act.gathered_bytes == 64 * 10240 * 2
+    norms = {l.name: l for l in fwd["norms"].launches}
+    # The split heads re-read their input row gathered for the de-interleaved copy: x, or
+    # residual and branch where the head adds them.
+    assert norms["rms_norm_split"].gathered_bytes == 64 * 1280 * 2
+    assert norms["add_rms_norm_split"].gathered_bytes == 2 * 64 * 1280 * 2
+    gathered = {l.name: l.gathered_bytes for c in bwd.values() for l in c.launches}
+    # The dx launches gather dxi ([64, 1280] or, for down_proj, [64, 5120]).
+    assert gathered["norm_io_bwd_dxn"] == 64 * 1280 * 2
+    assert gathered["mlp_tail_bwd_dgate_up"] == 64 * 5120 * 2
+    assert gathered["rms_norm_bwd"] == 0
+
+
+def test_dense_gemm_realistic_by_hand():
+    # F.linear at qkv's widths, 8192 tokens: one mm of K = 1280 (20 steps of 64), no wave loss,
+    # 2.5 steps of overhead per tile: compute / (20 / 22.5).
+    p = ledger.Problem("gpc_io", SHAPES["kphi3-qkv"], 8192, "bf16")
+    (mm,) = ledger.dense_launches(p, "fwd").launches
+    assert (mm.kind, mm.steps) == ("cublas", 20)
+    compute_us = 2 * 8192 * 1280 * 3840 / 790e12 * 1e6
+    assert H200.realistic_us(mm) == pytest.approx(2 + compute_us * 22.5 / 20)
+    assert H200.time_us(mm.flops, mm.bytes) == pytest.approx(2 + compute_us)
+
+
+def test_profiles_and_measured_ceilings():
+    h100, h200 = ledger.PROFILES["h100"], ledger.PROFILES["h200"]
+    assert (h100.sms, h100.l2_mb, h100.default_tflops, h100.default_gbps) == (132, 50, 798, 3000)
+    assert (h200.sms, h200.l2_mb, h200.default_tflops, h200.default_gbps) == (132, 60, 790, 4300)
+    assert ledger.profile_for("NVIDIA H100 80GB HBM3") == h100
+    assert ledger.profile_for("NVIDIA H200") == h200
+    m = ledger.cost_model("h100")
+    assert (m.peak_tflops, m.peak_gbps, m.profile) == (798, 3000, h100)
+    # Measured ceilings (gpu_check's ceilings.json) replace the profile's: both columns use them.
+    measured = ledger.CostModel(700.0, 3500.0, 2.0)
+    t = _tile(20, 8)
+    assert measured.realistic_us(t) == pytest.approx(2 + 10.5 * STEP_128x128x64_US * 790 / 700)
+
+
+def test_measured_over_predicted_has_both_columns():
+    from types import SimpleNamespace
+
+    row = SimpleNamespace(provider="triton", median_ms=0.1, shape="kphi3-o", M=8192, mode="fwd",
+                          dtype="bf16", family="kphi3", op="o", in_features=1280,
+                          out_features=1280, groups=5)
+    (pair,) = ledger.measured_over_predicted([row], H200)
+    p = ledger.Problem("gpc_io", SHAPES["kphi3-o"], 8192, "bf16")
+    path = ledger.triton_launches(p, "fwd")
+    assert pair["predicted_us"] == pytest.approx(path.time_us(H200), abs=1e-3)
+    assert pair["realistic_us"] == pytest.approx(path.realistic_us(H200), abs=1e-3)
+    assert pair["measured_over_realistic"] == pytest.approx(100 / path.realistic_us(H200),
+                                                            abs=1e-3)
+    assert "measured/realistic" in ledger.format_measured([pair])
 
 
 # --- The budget -------------------------------------------------------------------------------
@@ -276,7 +464,7 @@ def test_committed_ledger_matches_the_code():
     rows = ledger.build_ledger([SHAPES[n] for n in dict.fromkeys(r["shape"] for r in kept)],
                                [8192], dtypes=["bf16"], io_forward=data["model"]["io_forward"],
                                baselines=False)
-    fresh = {r.key: r.to_dict(H200) for r in rows}
+    fresh = {r.key: r.to_dict(ledger.h200_model()) for r in rows}
     for r in kept:
         now = fresh[ledger.row_key(r["op"], r["shape"], r["M"], r["mode"], r["dtype"])]
         assert (now["triton"], now["floor"]) == (r["triton"], r["floor"]), (

@@ -17,7 +17,7 @@ from kphi3_bench import model_ledger as ML
 from kphi3_bench.shapes import FAMILIES, SHAPES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMITTED = os.path.join(ROOT, "benchmarks", "results", "model-ledger-2026-12-03.json")
+COMMITTED = os.path.join(ROOT, "benchmarks", "results", "model-ledger-2026-12-07.json")
 H200 = ledger.CostModel(790.0, 4300.0, 2.0)
 
 
@@ -46,6 +46,50 @@ def test_flash_attention_by_hand():
     q = (2, 4, 8, 16)
     assert 2 * fwd.flops == sdpa_flop_count(q, q, q)
     assert 2 * main.flops == sdpa_backward_flop_count(q, q, q, q)
+
+
+def test_flash_attention_realistic_by_hand():
+    from dataclasses import replace
+
+    # The released layer's attention: 4 sequences of 2048, 20 heads of 64. Causal forward
+    # 2 * B * H * T^2 * D FLOPs at FlashAttention-2's 262 TFLOP/s (head dim 64, H100 SXM),
+    # the backward's main kernel 2.5x that at 264; the data passes at the copy bandwidth.
+    flops = 2 * 4 * 20 * 2048 * 2048 * 64
+    (fwd,) = ML.flash_attention(4, 2048, 20, 20, 64, "bf16", "fwd").launches
+    pre, main, convert = ML.flash_attention(4, 2048, 20, 20, 64, "bf16", "bwd").launches
+    assert fwd.flops == flops and main.flops == flops * 5 // 2
+    assert H200.realistic_us(fwd) == pytest.approx(2 + flops / 262e12 * 1e6)    # 166 us
+    assert H200.realistic_us(main) == pytest.approx(2 + 2.5 * flops / 264e12 * 1e6)   # 409 us
+    assert H200.realistic_us(pre) == pytest.approx(H200.time_us(pre.flops, pre.bytes))
+    # FlashAttention-3's figures, the second line: 371 forward, 422 backward.
+    fa3 = replace(H200, attention="fa3")
+    assert fa3.realistic_us(fwd) == pytest.approx(2 + flops / 371e12 * 1e6)
+    assert fa3.realistic_us(main) == pytest.approx(2 + 2.5 * flops / 422e12 * 1e6)
+    # Speed of light charges the GEMM peak: 790 TFLOP/s.
+    assert H200.time_us(fwd.flops, fwd.bytes) == pytest.approx(2 + flops / 790e12 * 1e6)
+    # Head dims without a published figure take the largest published one below (else the
+    # smallest): Phi-3-mini's 96 gets 64's.
+    assert ledger.attention_tflops("fa2", 96, "bwd") == 264.0
+    assert ledger.attention_tflops("fa3", 32, "fwd") == 371.0
+
+
+def test_layer_realistic_column(kphi3_train):
+    for path, p in kphi3_train["paths"].items():
+        parts = sum(c["realistic_us"] for c in p["components"].values())
+        assert p["realistic_us"] == pytest.approx(parts, abs=1e-3)
+        assert p["realistic_tokens_per_s"] == pytest.approx(8192 / (p["realistic_us"] * 1e-6),
+                                                            rel=1e-6)
+        # Attention in both columns, the same on every path: the forward at 262 TFLOP/s, the
+        # backward's main kernel at 264, its preprocess and dq conversion at the copy bandwidth.
+        flops = 2 * 4 * 20 * 2048 ** 2 * 64
+        pre, _, convert = ML.flash_attention(4, 2048, 20, 20, 64, "bf16", "bwd").launches
+        assert p["components"]["attention"]["realistic_us"] == pytest.approx(
+            2 + flops / 262e12 * 1e6 + 2 + 2.5 * flops / 264e12 * 1e6
+            + H200.time_us(0, pre.bytes) + H200.time_us(0, convert.bytes), abs=1e-3)
+    r, t = kphi3_train["realistic_ratios"], kphi3_train["paths"]
+    assert r["fused_over_dense"] == pytest.approx(
+        t["fused"]["realistic_us"] / t["dense"]["realistic_us"], abs=1e-4)
+    assert set(kphi3_train["realistic_fa3_ratios"]) == set(r)
 
 
 def test_decode_attention_by_hand():
@@ -93,7 +137,8 @@ def _summed(fn, mode, m=8192):
              for op in ML.PROJECTIONS]
     return {"launches": sum(p.count for p in paths), "flops": sum(p.flops for p in paths),
             "bytes": sum(p.bytes for p in paths),
-            "time_us": pytest.approx(sum(p.time_us(H200) for p in paths), abs=1e-3)}
+            "time_us": pytest.approx(sum(p.time_us(H200) for p in paths), abs=1e-3),
+            "realistic_us": pytest.approx(sum(p.realistic_us(H200) for p in paths), abs=1e-3)}
 
 
 @pytest.mark.parametrize("path,fn", [("dense", ledger.dense_launches),
@@ -108,7 +153,8 @@ def test_decode_projections_equal_the_op_level_ledger():
     row = ML.decode_layer(ML.CONFIGS["kphi3"], 16, 2048, "bf16", H200)
     assert row["paths"]["triton"]["components"]["projections"]["fwd"] == \
         _summed(ledger.triton_launches, "fwd", 16)
-    assert set(row["paths"]["dense"]["components"]["projections"]) == {"fwd", "time_us"}
+    assert set(row["paths"]["dense"]["components"]["projections"]) == \
+        {"fwd", "time_us", "realistic_us"}
 
 
 def test_layer_totals_add_up(kphi3_train):
@@ -164,7 +210,11 @@ def test_the_ledger_with_model_is_the_model_ledger(tmp_path, capsys):
             "--quiet", "--out"]
     assert ledger.main(["--model"] + argv + [str(tmp_path / "a.json")]) == 0
     assert ML.main(argv + [str(tmp_path / "b.json")]) == 0
-    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    # Each records the command that wrote it.
+    assert a.pop("command").startswith("python -m kphi3_bench.ledger --model --families kphi3")
+    assert b.pop("command").startswith("python -m kphi3_bench.model_ledger --families kphi3")
+    assert a == b
     assert ledger.main(["--model", "--families", "nope"]) == 2
     assert "unknown family 'nope'" in capsys.readouterr().err
 
@@ -172,7 +222,10 @@ def test_the_ledger_with_model_is_the_model_ledger(tmp_path, capsys):
 def test_committed_model_ledger_matches_the_code():
     with open(COMMITTED) as f:
         committed = json.load(f)
-    fresh = json.loads(ML.dump_json(ML.build(model=H200)))
+    fresh = json.loads(ML.dump_json(ML.build()))
+    assert committed.pop("command") == "python -m kphi3_bench.model_ledger --json " \
+        "benchmarks/results/model-ledger-2026-12-07.json --markdown " \
+        "benchmarks/results/model-ledger-2026-12-07.md"
     assert fresh == committed, (
         "the committed model ledger is stale: regenerate it with python -m "
         "kphi3_bench.model_ledger --json benchmarks/results/model-ledger-<date>.json "
