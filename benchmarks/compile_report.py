@@ -128,11 +128,7 @@ def compile_all(entries: List[Dict[str, Any]], jobs: int = 2, sass_dir: Optional
 def _op_calls(shape: "shape_table.Shape", m: int, dtype: torch.dtype) -> List[Tuple[str, Callable[[], Any]]]:
     """Every launcher of ``triton_impl`` with contiguous ``torch.empty`` operands of ``shape``."""
     from kphi3_kernels.layout import residue_run_length
-    from kphi3_kernels.ops import layout_act as LA
-    from kphi3_kernels.ops import layout_gemm as LG
-    from kphi3_kernels.ops import layout_norm as LN
-    from kphi3_kernels.ops import mlp_tail as MT
-    from kphi3_kernels.ops import norm_head as NH
+    from kphi3_kernels.ops import triton_fused as F
     from kphi3_kernels.ops import triton_impl as T
 
     G, s, og = shape.groups, shape.in_per_group, shape.out_per_group
@@ -157,29 +153,29 @@ def _op_calls(shape: "shape_table.Shape", m: int, dtype: torch.dtype) -> List[Tu
         ("interleave_fwd", lambda: T.interleave_fwd(x, G)),
         # The fused decoder's launches: the IO block on its input in the block-residue layout,
         # and the producer that writes that layout (the MLP activation, for down_proj).
-        ("gpc_io_layout_fwd", lambda: LG.gpc_io_layout_fwd(t, w1, w1b)),
-        ("gpc_io_layout_bwd", lambda: LG.gpc_io_layout_bwd(dy, t, w1, w1b)),
-        ("silu_mul_layout", lambda: LA.silu_mul_layout_fwd(gu, G, R)),
-        ("silu_mul_layout_bwd", lambda: LA.silu_mul_layout_bwd(t, gu, G)),
-        ("mlp_tail_bwd", lambda: MT.mlp_tail_bwd(dy, gu, t, w1, w1b)),
-        ("norm_io_fwd", lambda: NH.norm_io_fwd(x, x[0], 1e-5, w1, w1b, run=R)),
-        ("norm_io_bwd", lambda: NH.norm_io_bwd(dy, x, x[0], torch.empty(m), t, w1, w1b)),
+        ("gpc_io_layout_fwd", lambda: F.gpc_io_layout_fwd(t, w1, w1b)),
+        ("gpc_io_layout_bwd", lambda: F.gpc_io_layout_bwd(dy, t, w1, w1b)),
+        ("silu_mul_layout", lambda: F.silu_mul_layout_fwd(gu, G, R)),
+        ("silu_mul_layout_bwd", lambda: F.silu_mul_layout_bwd(t, gu, G)),
+        ("mlp_tail_bwd", lambda: F.mlp_tail_bwd(dy, gu, t, w1, w1b)),
+        ("norm_io_fwd", lambda: F.norm_io_fwd(x, x[0], 1e-5, w1, w1b, run=R)),
+        ("norm_io_bwd", lambda: F.norm_io_bwd(dy, x, x[0], torch.empty(m), t, w1, w1b)),
         # The residual stream: the residual adds in the norms and in down_proj's epilogue, the
         # norm heads that write channel order and its de-interleaved copy, the plain norms.
-        ("mlp_tail_fwd(residual)", lambda: MT.mlp_tail_fwd(gu, w1, w1b, run=R, residual=dy)),
-        ("norm_io_fwd(residual)", lambda: NH.norm_io_fwd(x, x[0], 1e-5, w1, w1b, run=R,
+        ("mlp_tail_fwd(residual)", lambda: F.mlp_tail_fwd(gu, w1, w1b, run=R, residual=dy)),
+        ("norm_io_fwd(residual)", lambda: F.norm_io_fwd(x, x[0], 1e-5, w1, w1b, run=R,
                                                           residual=empty(m, G * s))),
-        ("norm_io_bwd(residual)", lambda: NH.norm_io_bwd(dy, x, x[0], torch.empty(m), t, w1, w1b,
+        ("norm_io_bwd(residual)", lambda: F.norm_io_bwd(dy, x, x[0], torch.empty(m), t, w1, w1b,
                                                           dh=empty(m, G * s))),
-        ("norm_io_split_fwd", lambda: NH.norm_io_split_fwd(x, x[0], 1e-5, w1, w1b)),
-        ("norm_io_split_fwd(residual)", lambda: NH.norm_io_split_fwd(
+        ("norm_io_split_fwd", lambda: F.norm_io_split_fwd(x, x[0], 1e-5, w1, w1b)),
+        ("norm_io_split_fwd(residual)", lambda: F.norm_io_split_fwd(
             x, x[0], 1e-5, w1, w1b, residual=empty(m, G * s))),
-        ("norm_io_split_bwd(residual)", lambda: NH.norm_io_split_bwd(
+        ("norm_io_split_bwd(residual)", lambda: F.norm_io_split_bwd(
             dy, x, x[0], torch.empty(m), empty(m, G * s), empty(m, G * s), w1, w1b,
             dh=empty(m, G * s))),
-        ("rms_norm_fwd", lambda: LN.rms_norm_fwd(x, x[0], 1e-5)),
-        ("add_rms_norm_fwd", lambda: LN.rms_norm_fwd(x, x[0], 1e-5, empty(m, G * s))),
-        ("rms_norm_bwd(residual)", lambda: LN.rms_norm_bwd(empty(m, G * s), x, x[0],
+        ("rms_norm_fwd", lambda: F.rms_norm_fwd(x, x[0], 1e-5)),
+        ("add_rms_norm_fwd", lambda: F.rms_norm_fwd(x, x[0], 1e-5, empty(m, G * s))),
+        ("rms_norm_bwd(residual)", lambda: F.rms_norm_bwd(empty(m, G * s), x, x[0],
                                                            torch.empty(m), dh=empty(m, G * s))),
     ]
 

@@ -1,5 +1,5 @@
 """The fused decoder: the MLP activation writing down_proj's input in the block-residue layout,
-and the IO block reading it (``kphi3_kernels.fused``, ``ops/layout_gemm.py``, ``ops/layout_act.py``),
+and the IO block reading it (``kphi3_kernels.fused``, ``ops/triton_fused.py``, ``ops/rowwise.py``),
 op by op against the float64 oracle and in the model against the op-level path.
 
 The oracle of the fused pair is the op-level composition it replaces:

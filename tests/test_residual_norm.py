@@ -1,7 +1,7 @@
 """The decoder's residual stream, fused (``kphi3_kernels.fused``): ``rms_norm``, ``add_rms_norm``
 (``h = residual + x`` and ``n = RMSNorm(h)`` in one launch, one backward launch for the sum of
-both gradients at the branch point; ``ops/layout_norm.py``) and ``silu_mul_gpc_io(...,
-residual=h)`` (the residual added in down_proj's epilogue; ``ops/layout_gemm.py``), op by op
+both gradients at the branch point; ``ops/rowwise.py``) and ``silu_mul_gpc_io(...,
+residual=h)`` (the residual added in down_proj's epilogue; ``ops/triton_fused.py``), op by op
 against the float64 oracle, and their operators (``ops/fused_ops.py``).
 
 The oracles: ``weight * x * rsqrt(mean(x^2) + eps)`` for the norm (``h = residual + x`` before it),
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from kphi3_kernels import fused, layout
-from kphi3_kernels.ops import custom_ops, fused_ops, launch, layout_gemm, layout_norm, outputs
+from kphi3_kernels.ops import custom_ops, fused_ops, launch, outputs, rowwise, triton_fused
 from kphi3_kernels.ops.grouped_gemm import CUDA_CONFIGS
 
 from _utils import (DEVICE, FP32_TOL, INTERPRETING, as_float64, check_parity, forbid_launch,
@@ -71,7 +71,7 @@ class NormCase:
         return f"C{self.C}-M{'x'.join(map(str, self.lead))}-x{self.x_layout}-r{self.r_layout}"
 
 
-# Channel chunks of 256 (layout_norm._config); programs of 16 rows (fewer for small M).
+# Channel chunks of 256 (rowwise._config); programs of 16 rows (fewer for small M).
 NORM_CASES = [
     NormCase(72, (37,)),                               # one partial chunk, partial row block
     NormCase(300, (2, 9), "sliced", "transposed"),     # 3-D, two chunks, non-contiguous
@@ -350,7 +350,7 @@ def test_every_gpu_config_of_the_residual_epilogue_interpreted(config, monkeypat
 @pytest.mark.skipif(not INTERPRETING, reason="FORCE_CONFIG is consulted by the interpreter")
 def test_the_norm_kernels_have_one_config_the_interpreted_one(monkeypatch):
     """The norm launches have no autotuning: the one config a GPU runs is the one interpreted
-    here (layout_norm._config), at every shape of these tests' kinds."""
+    here (rowwise._config), at every shape of these tests' kinds."""
     seen = []
 
     def record(spec):
@@ -374,7 +374,7 @@ def test_the_norm_kernels_have_one_config_the_interpreted_one(monkeypatch):
                 == launch.config_kwargs(spec.interpreter_config))
         M, C = spec.args["M"], spec.args["CHANNELS"]
         assert launch.config_kwargs(spec.configs[0]) == launch.config_kwargs(
-            layout_norm._config(M, C))
+            rowwise._config(M, C))
 
 
 # --------------------------------------------------------------------------------------------

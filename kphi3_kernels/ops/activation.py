@@ -1,5 +1,5 @@
 """The MLP activation ``up * silu(gate)`` and its gradients, as Triton helpers shared by the
-activation producer (``layout_act.py``) and the grouped GEMM's activation-gradient epilogue.
+activation producer (``rowwise.py``) and the grouped GEMM's activation-gradient epilogue.
 
 Each is computed in the order torch computes the unfused ``up * F.silu(gate)`` and its autograd
 formulas (``silu(x) = x / (1 + exp(-x))``, ``silu'(x) = s (1 + x (1 - s))`` with

@@ -232,7 +232,7 @@ def _fake_mlp_tail(gu, weight1, weight2, bias1, bias2, residual, run):
 
 
 def _norm_dtypes(source, weight):
-    """``(n, rstd)`` dtypes of a norm of a ``source``-typed input (``layout_norm.rms_norm_fwd``)."""
+    """``(n, rstd)`` dtypes of a norm of a ``source``-typed input (``rowwise.rms_norm_fwd``)."""
     return (torch.promote_types(source, weight.dtype),
             torch.float64 if source == torch.float64 else torch.float32)
 

@@ -16,7 +16,7 @@ copies an operand into a grouped layout:
 * weight gradients:        A = x^T (row stride 1, reduction stride = the row stride of x), K = M.
 * residual:                R is read with the same (unit) column stride as C, e.g. the non-IO
   block's ``first(x)`` added to ``second(interleave(first(x)))``.
-* activation gradient:     the fused MLP tail's input gradient (``mlp_tail.py``): the result is
+* activation gradient:     the fused MLP tail's input gradient (``triton_fused.py``): the result is
   the gradient of ``up * silu(gate)``, turned into those of gate and up in the epilogue.
 
 The "fused" IO variant (``SHARED_STRIDES=False``) instead reads the interleaved operand

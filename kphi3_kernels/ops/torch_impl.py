@@ -553,7 +553,7 @@ def mlp_tail_bwd(dy, gate_up, t, weight1, weight2, need_dgu=True, need_dw1=True,
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: Optional[torch.Tensor] = None, *, split_groups: int = 0,
                  layout: Optional[Tuple[int, int]] = None, out_dtype=None):
-    """``(h, n, rstd, extra)`` as ``layout_norm.rms_norm_fwd``: ``h = residual + x`` as ``+``
+    """``(h, n, rstd, extra)`` as ``rowwise.rms_norm_fwd``: ``h = residual + x`` as ``+``
     rounds it (None without a residual), ``n = weight * (x * rstd).to(dtype)`` (Phi-3's
     RMSNorm of ``h`` or ``x``, then in ``out_dtype``; None where ``layout`` is given), ``rstd``
     ``[M]`` in fp32 (float64 for float64), ``extra`` the de-interleaved copy of ``n``

@@ -1,19 +1,260 @@
-"""The Triton launchers of the fused decoder's operators, under the names ``fused_ops.py``'s
-bodies call (``torch_impl.py`` has the same names and signatures in PyTorch): one module per
-backend, as ``triton_impl.py`` is for the op-level operators. Nothing of its own: it gathers the
-launchers of ``layout_act.py``, ``layout_gemm.py``, ``layout_norm.py``, ``mlp_tail.py`` and
-``norm_head.py``, and the bias gradient both backends share."""
+"""The Triton launchers of the fused decoder's operators, under the names ``fused_ops.py``'s bodies
+call (``torch_impl.py`` has the same names and signatures in PyTorch), as ``triton_impl.py`` is
+for the op-level operators. Every matrix product here is a launch of the one grouped GEMM
+(``grouped_gemm.py``), every elementwise producer one of ``rowwise.py``.
+
+**The IO block on the block-residue layout** (``gpc_io_layout_fwd`` / ``gpc_io_layout_bwd``):
+launches of the one grouped GEMM through its layout views.
+
+The input ``t`` is ``[M, G*G*R]``: channel ``c`` of ``x`` at slot ``(b, n, r)`` with ``b = c // s``,
+``n = c % G``, ``r = (c % s) // G``, every ``(b, n)`` run padded with zeros to ``R`` elements
+(``R`` a multiple of 8). Group ``g``'s operand of ``first`` is block ``g``, one span of ``G*R``
+elements; of ``second``, residue ``g``, G runs of ``R`` elements ``G*R`` apart. Both are read
+with unit-stride 16-byte accesses. The weights stay in their ``[G, s, og]`` parameter layout:
+the view maps a layout index ``j`` of group ``g`` to the weight row of its channel
+(``slots.operand_weight_row``) and masks the padding slots.
+
+The launches:
+
+* ``gpc_io_layout_fwd`` (K view): ``y_g = t[block g] @ W1[g] + t[residue g] @ W2[g] (+ biases)``,
+  one pipelined K loop of ``2*G*R`` steps on one fp32 accumulator; optionally ``+ residual`` in
+  the epilogue (the decoder's residual add after down_proj, no pass of its own).
+* ``gpc_io_layout_bwd_dt_second`` then ``gpc_io_layout_bwd_dt`` (Q view): the gradient of ``t``,
+  in the layout. The first writes every slot of every residue (``dy_n @ W2[n]^T``, zeros at
+  padding); the second adds ``dy_b @ W1[b]^T`` to every slot of every block in place. Each slot
+  is read and written by one program of each launch, with 16-byte accesses: what the plain-order
+  backward does with a gather of the interleaved term is here two contiguous passes of one tensor.
+* ``gpc_io_layout_bwd_dw`` (P view): ``dW1[b] = t[block b]^T dy_b`` and ``dW2[n] = t[residue n]^T
+  dy_n`` in one paired launch over 2G groups (each reads ``dy`` and ``t`` once), rows stored at
+  their channels' weight rows, padding rows skipped.
+
+**The MLP tail** (``mlp_tail_fwd`` / ``mlp_tail_bwd``): ``down_proj(up * silu(gate))`` from
+``gate_up``'s output.
+
+Forward, two launches: ``silu_mul_layout`` writes ``h = up * silu(gate)`` in the block-residue
+layout of down_proj's IO block (``rowwise.py``), ``gpc_io_layout_fwd`` reads it for both
+products and, where given, adds the decoder's residual stream in its epilogue (the residual add
+has no launch of its own). ``t`` (the layout) is returned for the backward's weight gradients,
+as the op-level IO block returns its de-interleaved input.
+
+Backward, three launches, no pass of the activation of its own:
+
+* ``mlp_tail_bwd_dxi``: ``dxi_n = dy_n @ W2[n]^T`` (in dy's dtype), group n contiguous.
+* ``mlp_tail_bwd_dgate_up``: ``dh = dy_b @ W1[b]^T`` plus ``dxi`` gathered at its interleaved
+  channels (the op-level ``gpc_io_bwd_dx``), then, in the same epilogue, ``d(gate)`` and
+  ``d(up)`` from ``dh`` and the saved ``gate_up``: ``dh`` is never written.
+* ``gpc_io_layout_bwd_dw``: ``dW1`` and ``dW2`` from the saved layout, one paired launch.
+
+**The norm heads** (``norm_io_*``): an IO block (qkv_proj, gate_up_proj) of ``RMSNorm(x)``, or
+of ``RMSNorm(h)`` with ``h = residual + x`` (the attention's residual add before
+post_attention_layernorm), the norm writing the block's input as its GEMMs read it.
+
+Two ways to write it, by the block-residue layout's padding (``kphi3_kernels.fused.layout_padding``):
+
+* **layout** (``norm_io_*``): the norm writes the block-residue layout ``t``, one tensor both
+  products read with 16-byte loads (``gpc_io_layout_fwd``). Best where it adds no channel.
+* **split** (``norm_io_split_*``): the norm writes ``n`` in channel order and its
+  de-interleaved copy ``xi`` (group g is ``n[:, g::G]``), the op-level IO GEMM reads both
+  (``triton_impl.gpc_io_fwd_split``): no padding, and no de-interleave pass of the block's own.
+
+Forward, two launches: the norm (``rms_norm_layout`` / ``rms_norm_split``, ``add_`` before the
+name with a residual, ``rowwise.py``), then the block. ``h``, the layout (or ``n`` and
+``xi``) and the fp32 ``rstd`` are returned for the backward.
+
+Backward, four launches (and the torch sum of the norm weight's partial gradients):
+
+* ``norm_io_bwd_dxi``: ``dxi_n = dy_n @ W2[n]^T`` (in dy's dtype), group n contiguous.
+* ``norm_io_bwd_dxn``: ``dn = dy_b @ W1[b]^T`` plus ``dxi`` gathered at its interleaved channels
+  (the op-level ``gpc_io_bwd_dx``): the gradient of the normalized input, in channel order.
+* the weight gradients, one paired launch (``gpc_io_layout_bwd_dw`` from the layout,
+  ``gpc_io_bwd_dw`` from ``n`` and ``xi``).
+* ``rms_norm_bwd``: ``dx`` and the norm weight's gradient from ``dn``; with a residual, the
+  residual stream's own gradient ``dh`` is added in the same pass.
+
+The norm's backward needs a sum over every channel of a row, which no GEMM tile holds, so it
+stays a pass of its own (the op-level path has the same pass).
+"""
 from __future__ import annotations
 
-from .layout_act import silu_mul_layout_bwd, silu_mul_layout_fwd
-from .layout_gemm import gpc_io_layout_bwd, gpc_io_layout_fwd
-from .layout_norm import rms_norm_bwd, rms_norm_fwd
-from .mlp_tail import mlp_tail_bwd, mlp_tail_fwd
-from .norm_head import norm_io_bwd, norm_io_fwd, norm_io_split_bwd, norm_io_split_fwd
+from typing import Optional, Tuple
+
+import torch
+
+from . import outputs
+from .grouped_gemm import VIEW_K, VIEW_P, VIEW_Q, LayoutView, Operand, grouped_gemm
+from .rowwise import rms_norm_bwd, rms_norm_fwd, silu_mul_layout_bwd, silu_mul_layout_fwd
 from .torch_impl import bias_grad
+from .triton_impl import gpc_io_bwd, gpc_io_fwd_split, io_input_grad
 
 __all__ = [
     "silu_mul_layout_fwd", "silu_mul_layout_bwd", "gpc_io_layout_fwd", "gpc_io_layout_bwd",
     "mlp_tail_fwd", "mlp_tail_bwd", "rms_norm_fwd", "rms_norm_bwd", "norm_io_fwd",
     "norm_io_split_fwd", "norm_io_bwd", "norm_io_split_bwd", "bias_grad",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# The IO block on the block-residue layout
+# --------------------------------------------------------------------------------------------
+
+
+def _geometry(t: torch.Tensor, weight1: torch.Tensor) -> Tuple[int, int, int, int]:
+    """``(G, s, og, R)`` of a layout input and its block's weights."""
+    G, s, og = weight1.shape
+    return G, s, og, t.shape[1] // (G * G)
+
+
+def _weight(w: torch.Tensor) -> Operand:
+    return Operand(w, *w.stride())
+
+
+def _channels_of(t: torch.Tensor, G: int, og: int) -> Operand:
+    """``t[:, g*og + q]`` as group ``g``'s ``[M, og]`` operand."""
+    return Operand(t, og * t.stride(1), t.stride(0), t.stride(1))
+
+
+def gpc_io_layout_fwd(t, weight1, weight2, bias1=None, bias2=None, residual=None
+                      ) -> torch.Tensor:
+    """``y`` ``[M, G*og]`` of the IO block from its input ``t`` in the layout (contiguous),
+    plus ``residual`` ``[M, G*og]`` where given (added to the fp32 accumulator; ``y`` then in
+    the promoted dtype of the two)."""
+    M = t.shape[0]
+    G, s, og, R = _geometry(t, weight1)
+    weight1, weight2 = weight1.contiguous(), weight2.contiguous()
+    out_dtype = t.dtype if residual is None else torch.promote_types(t.dtype, residual.dtype)
+    y = outputs.new_output((M, G * og), out_dtype, t.device)
+    # Both products read t (no group stride: the view's slot names the group) in one K loop.
+    layout = Operand(t, 0, t.stride(0), 1)
+    grouped_gemm(G, M, og, layout, _weight(weight1), G * R, _channels_of(y, G, og),
+                 a2=layout, b2=_weight(weight2), K2=G * R, bias=bias1, bias2=bias2,
+                 residual=_channels_of(residual, G, og) if residual is not None else None,
+                 view=LayoutView(VIEW_K, G, R, s), name="gpc_io_layout_fwd")
+    return y
+
+
+def _dt_launch(dy, weight, dt, R: int, second: bool, name: str) -> None:
+    M = dy.shape[0]
+    G, s, og = weight.shape
+    # B = W^T: its rows run over og (W's column stride), its columns over the weight rows.
+    w_t = Operand(weight, weight.stride(0), weight.stride(2), weight.stride(1))
+    out = Operand(dt, 0, dt.stride(0), 1)
+    grouped_gemm(G, M, G * R, _channels_of(dy, G, og), w_t, og, out,
+                 # The second launch adds its term to the first's: an fp32 sum, one rounding.
+                 residual=None if second else out,
+                 view=LayoutView(VIEW_Q, G, R, s, second), name=name)
+
+
+def gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt=True, need_dw1=True, need_dw2=True
+                      ) -> Tuple[Optional[torch.Tensor], ...]:
+    """``(dt, dW1, dW2)`` (None where not asked): ``dt`` in the layout (padding zero), in dy's
+    dtype; its second term is rounded to that dtype once before the first is added in fp32
+    (docs/numerics.md, "Rounded intermediates")."""
+    M = t.shape[0]
+    G, s, og, R = _geometry(t, weight1)
+    weight1, weight2 = weight1.contiguous(), weight2.contiguous()
+    dt = dw1 = dw2 = None
+    if need_dt:
+        dt = outputs.new_output((M, G * G * R), dy.dtype, dy.device)
+        if M and og:
+            _dt_launch(dy, weight2, dt, R, True, "gpc_io_layout_bwd_dt_second")
+            _dt_launch(dy, weight1, dt, R, False, "gpc_io_layout_bwd_dt")
+        elif M:
+            dt.zero_()
+    if need_dw1 or need_dw2:
+        dw1 = outputs.new_output((G, s, og), weight1.dtype, weight1.device) if need_dw1 else None
+        dw2 = outputs.new_output((G, s, og), weight2.dtype, weight2.device) if need_dw2 else None
+        # Rows of a weight no slot maps to do not exist (each row is one channel), so every
+        # row is written; with no rows of input the gradient is zero.
+        if M == 0:
+            for dw in (dw1, dw2):
+                if dw is not None:
+                    dw.zero_()
+        elif og:
+            t_cols = Operand(t, 0, 1, t.stride(0))  # A = t^T: rows are slots, K runs over M
+            rows_of_dy = _channels_of(dy, G, og)
+            first = _weight(dw1 if dw1 is not None else dw2)
+            both = dw1 is not None and dw2 is not None
+            grouped_gemm(G, G * R, og, t_cols, rows_of_dy, M, first,
+                         a2=t_cols if both else None, b2=rows_of_dy if both else None,
+                         K2=M if both else 0, c2=_weight(dw2) if both else None,
+                         view=LayoutView(VIEW_P, G, R, s, second=dw1 is None),
+                         weight_grad=True, name="gpc_io_layout_bwd_dw")
+    return dt, dw1, dw2
+
+
+# --------------------------------------------------------------------------------------------
+# The MLP tail
+# --------------------------------------------------------------------------------------------
+
+
+def mlp_tail_fwd(gate_up, weight1, weight2, bias1=None, bias2=None, run: int = 8,
+                 residual=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, t)``: down_proj's output (plus ``residual`` where given: the decoder's residual
+    add, in down_proj's epilogue) and its input ``up * silu(gate)`` in the layout."""
+    t = silu_mul_layout_fwd(gate_up, weight1.shape[0], run)
+    return gpc_io_layout_fwd(t, weight1, weight2, bias1, bias2, residual), t
+
+
+def mlp_tail_bwd(dy, gate_up, t, weight1, weight2, need_dgu=True, need_dw1=True,
+                 need_dw2=True) -> Tuple[Optional[torch.Tensor], ...]:
+    """``(d gate_up, dW1, dW2)``, None where not asked."""
+    dgu = None
+    if need_dgu:
+        G, s = weight1.shape[:2]
+        dgu = io_input_grad(dy, weight1, weight2, ("mlp_tail_bwd_dxi", "mlp_tail_bwd_dgate_up"),
+                            act_grad=(gate_up, G * s))
+    _, dw1, dw2 = gpc_io_layout_bwd(dy, t, weight1, weight2, False, need_dw1, need_dw2)
+    return dgu, dw1, dw2
+
+
+# --------------------------------------------------------------------------------------------
+# The norm heads
+# --------------------------------------------------------------------------------------------
+
+
+_DX_NAMES = ("norm_io_bwd_dxi", "norm_io_bwd_dxn")
+
+
+def norm_io_fwd(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
+                run: int = 8, residual=None) -> Tuple[torch.Tensor, ...]:
+    """``(y, h, t, rstd)``: the IO block's output, ``residual + x`` (None without a residual),
+    the normalized input in the layout, the norm's saved reciprocal RMS. ``x`` (and
+    ``residual``) and ``norm_weight`` may be wider than the block's weights (fp32 under
+    autocast): the norm reads them as they are and writes ``t`` in the weights' dtype."""
+    h, _, rstd, t = rms_norm_fwd(x, norm_weight, eps, residual,
+                                 layout=(weight1.shape[0], run), out_dtype=weight1.dtype)
+    return gpc_io_layout_fwd(t, weight1, weight2, bias1, bias2), h, t, rstd
+
+
+def norm_io_split_fwd(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
+                      residual=None) -> Tuple[torch.Tensor, ...]:
+    """``(y, h, n, xi, rstd)``: as ``norm_io_fwd``, the normalized input as ``n`` (channel
+    order) and ``xi`` (de-interleaved) instead of the layout."""
+    h, n, rstd, xi = rms_norm_fwd(x, norm_weight, eps, residual, split_groups=weight1.shape[0],
+                                  out_dtype=weight1.dtype)
+    return gpc_io_fwd_split(n, xi, weight1, weight2, bias1, bias2), h, n, xi, rstd
+
+
+def norm_io_bwd(dy, x, norm_weight, rstd, t, weight1, weight2, need_dx=True, need_dnorm=True,
+                need_dw1=True, need_dw2=True, dh=None) -> Tuple[Optional[torch.Tensor], ...]:
+    """``(dx, d norm_weight, dW1, dW2)``, None where not asked; ``x`` is the norm's input
+    (``h`` with a residual, whose gradient ``dh`` is then added to ``dx``)."""
+    dx, dnorm = _norm_grads(dy, x, norm_weight, rstd, weight1, weight2, need_dx, need_dnorm, dh)
+    _, dw1, dw2 = gpc_io_layout_bwd(dy, t, weight1, weight2, False, need_dw1, need_dw2)
+    return dx, dnorm, dw1, dw2
+
+
+def norm_io_split_bwd(dy, x, norm_weight, rstd, n, xi, weight1, weight2, need_dx=True,
+                      need_dnorm=True, need_dw1=True, need_dw2=True, dh=None
+                      ) -> Tuple[Optional[torch.Tensor], ...]:
+    """``norm_io_bwd`` of the split head: the weight gradients from ``n`` and ``xi``."""
+    dx, dnorm = _norm_grads(dy, x, norm_weight, rstd, weight1, weight2, need_dx, need_dnorm, dh)
+    _, dw1, dw2, _, _ = gpc_io_bwd(dy, n, xi, weight1, weight2, False, need_dw1, need_dw2)
+    return dx, dnorm, dw1, dw2
+
+
+def _norm_grads(dy, x, norm_weight, rstd, weight1, weight2, need_dx, need_dnorm, dh):
+    if not (need_dx or need_dnorm):
+        return None, None
+    dn = io_input_grad(dy, weight1, weight2, _DX_NAMES)
+    return rms_norm_bwd(dn, x, norm_weight, rstd, need_dx, need_dnorm, dh)
