@@ -2,6 +2,7 @@
 depth of the file, function-level ones included) form a graph without a cycle, so any module
 can be read, imported and tested on its own terms."""
 import ast
+import os
 import pathlib
 from typing import Dict, List, Set
 
@@ -82,3 +83,21 @@ def test_no_import_cycles(folder):
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_stack_diagram_names_every_module_and_only_modules_that_exist():
+    """docs/layers.md's "How the package is built" diagram matches the package's files."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "layers.md")) as f:
+        text = f.read()
+    section = text.split("## How the package is built", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"((?:ops/)?[a-z_]+\.py)", section))
+    package = os.path.join(root, "kphi3_kernels")
+    files = {name for name in os.listdir(package) if name.endswith(".py")}
+    files |= {f"ops/{name}" for name in os.listdir(os.path.join(package, "ops"))
+              if name.endswith(".py")}
+    files -= {"__init__.py", "ops/__init__.py"}
+    assert named - {"modeling_kphi3.py"} <= files, f"named but missing: {named - files}"
+    assert files <= named, f"modules the diagram does not name: {files - named}"
