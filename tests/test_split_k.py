@@ -73,10 +73,10 @@ def _launch_names(monkeypatch):
     return names
 
 
-SPLIT_CASES = [  # K = M rows; 2049 rows give up to 17 ranges of 128
+SPLIT_CASES = [  # K = M rows; 2049 rows give up to 17 ranges of 128, 515 rows 5
     ("grouped_linear", Case(1, 48, 80, (2049,), "contig", True)),
     ("gpc_io", Case(2, 7, 5, (3, 431), "sliced", True)),
-    ("gpc_io", Case(20, 5, 3, (2049,), "contig", False)),
+    ("gpc_io", Case(20, 5, 3, (515,), "contig", False)),
     ("gpc_block", Case(5, 12, 7, (701,), "transposed", True)),
     ("gpc_block", Case(3, 7, 12, (257,), "contig", True, second=False)),
 ]
