@@ -23,12 +23,7 @@ def type_name(t) -> str:
 
 
 def check_input(x, channels: int, op: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: expected a torch.Tensor input, got {type_name(x)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{op}: expected a floating-point input, got dtype {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError(f"{op}: expected an input with a channel dimension, got a 0-d tensor")
+    check_floating(x, "the input", op)
     if x.shape[-1] != channels:
         raise ValueError(
             f"{op}: input's last dimension is {x.shape[-1]} but the layer expects {channels} "
