@@ -37,11 +37,12 @@ from typing import Any, Callable, Dict, FrozenSet, Iterator, Optional, Sequence
 # Seconds to compile one Triton kernel (one kernel, constexpr specialization and config) the
 # first time it is launched on the GPU machine. Rationale: the compile report of 2026-12-07
 # (benchmarks/results/compile-report-2026-12-07.json, each record's ``compile_s``: the
-# ``triton.compile`` call that the runtime makes on a first launch) took 1.09 s a kernel on average
-# over its 318 bf16 / fp16 sm_90a kernels (median 0.3 s, the first-choice configs 0.63 s, fp16's
-# slowest 4 s), on 2 shared CPU cores; the GPU hosts' cores are no slower. A kernel already in
-# Triton's on-disk cache (a machine that ran gpu_check before) costs far less: then this
-# over-estimates.
+# ``triton.compile`` call that the runtime makes on a first launch) took 0.39 s a kernel on average
+# over its 430 bf16 / fp16 sm_90a kernels (median 0.38 s), on 2 shared CPU cores; its first
+# version, before the layout GEMMs became views of the one GEMM kernel, took 1.09 s (median
+# 0.3 s, the slowest 4 s). 1 s keeps a margin for the slow ones and for ptxas on a busy host; a
+# kernel already in Triton's on-disk cache (a machine that ran gpu_check before) costs far
+# less: then this over-estimates.
 COMPILE_S_PER_KERNEL = 1.0
 
 # A step still running this long after the time limit is interrupted (with ``hard_stop``).
