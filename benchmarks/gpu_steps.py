@@ -40,10 +40,11 @@ from typing import Any, Callable, Dict, FrozenSet, Iterator, Optional, Sequence
 # ``triton.compile`` call that the runtime makes on a first launch) took 0.39 s a kernel on average
 # over its 430 bf16 / fp16 sm_90a kernels (median 0.38 s), on 2 shared CPU cores; its first
 # version, before the layout GEMMs became views of the one GEMM kernel, took 1.09 s (median
-# 0.3 s, the slowest 4 s). 1 s keeps a margin for the slow ones and for ptxas on a busy host; a
-# kernel already in Triton's on-disk cache (a machine that ran gpu_check before) costs far
-# less: then this over-estimates.
-COMPILE_S_PER_KERNEL = 1.0
+# 0.3 s, the slowest 4 s). 0.6 s, half again the measured mean, keeps a margin for the slow ones
+# and for ptxas on a busy host; a kernel already in Triton's on-disk cache (a machine that ran
+# gpu_check before) costs far less: then this over-estimates. The first GPU run's summary
+# (estimate beside time taken per step) calibrates it.
+COMPILE_S_PER_KERNEL = 0.6
 
 # A step still running this long after the time limit is interrupted (with ``hard_stop``).
 GRACE_S = 5.0
