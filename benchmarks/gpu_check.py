@@ -533,7 +533,9 @@ def run_ledger(out_dir: str, timing_json: Optional[str], ceilings: Optional[dict
     h200 = ledger.h200_model()
     payload = {"model_h200": ledger.model_dict(h200, "auto")}
     if ceilings and ceilings.get("tflops") and ceilings.get("gbps"):
-        measured = ledger.CostModel(ceilings["tflops"], ceilings["gbps"], h200.overhead_us)
+        # This GPU's ceilings, on its own profile (SMs, L2, shared memory) by its name.
+        measured = ledger.CostModel(ceilings["tflops"], ceilings["gbps"], h200.overhead_us,
+                                    ledger.profile_for(ceilings.get("device_name", "")))
         payload["model"] = dict(ledger.model_dict(measured, "auto"),
                                 source="the ceilings step of this run (ceilings.json)")
         pairs = ledger.measured_over_predicted(rows, measured)
