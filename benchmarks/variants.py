@@ -26,6 +26,7 @@ import torch
 
 from kphi3_kernels import reference
 
+from . import parity
 from . import shapes as shape_table
 from .shapes import Shape
 from .timing import bench_many
@@ -228,7 +229,8 @@ def time_mlp_tail(device: torch.device, dtype: torch.dtype, shapes_: Sequence[Sh
             for name, fn in designs.items():
                 got = fn(*leaves)
                 got.backward(dy)
-                errors[name] = max(_rel(got, want), _rel(leaves[0].grad, oracle[0].grad))
+                errors[name] = max(parity.rel_err(got, want),
+                                   parity.rel_err(leaves[0].grad, oracle[0].grad))
                 for t in leaves:
                     t.grad = None
 
@@ -253,8 +255,3 @@ def time_mlp_tail(device: torch.device, dtype: torch.dtype, shapes_: Sequence[Sh
 def _float64_tail(gate_up, w1, w2):
     gate, up = gate_up.chunk(2, dim=-1)
     return reference.gpc_io(up * torch.nn.functional.silu(gate), w1, w2)
-
-
-def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    want = want.detach()
-    return float((got.detach().double() - want).norm() / want.norm().clamp_min(1e-300))

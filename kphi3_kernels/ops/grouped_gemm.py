@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ..backend import triton_interpreting
+from . import outputs
 from .activation import silu_mul_grads
 from .launch import KernelLaunch, launch
 from .slots import operand_slot, operand_weight_row
@@ -420,6 +421,12 @@ def accumulator_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of partial results that are summed again (a split's share of a weight
+    gradient, a norm's statistics): ``accumulator_dtype``'s, so they are rounded once."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     # fp32 stays IEEE (relative error far under 1e-5) unless the user opted into TF32 for matmuls.
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not triton_interpreting():
@@ -579,14 +586,15 @@ def grouped_gemm(
         if not all(t is None or t.is_contiguous() for t in outs) or \
                 (paired and c2.tensor.shape != c.tensor.shape):
             raise ValueError("split K writes contiguous outputs of one shape")
-        # Each split writes C's elements, at C's strides, into its own fp32 slice.
+        # Each split writes C's elements, at C's strides, into its own fp32 slice (poisoned in
+        # tests like an output: an element no split wrote would reach the sum).
         numel = c.tensor.numel()
-        ws = torch.empty((len(outs) if paired else 1, splits, numel),
-                         dtype=torch.float64 if c.tensor.dtype == torch.float64 else torch.float32,
-                         device=c.tensor.device)
-        args.update(c_ptr=ws, c2_ptr=ws[-1], r_ptr=ws, act_ptr=ws, s_split=numel)
-        if bias is None:
-            args.update(bias_ptr=ws, bias2_ptr=ws)
+        ws = outputs.new_output((2 if paired else 1, splits, numel),
+                                intermediate_dtype(c.tensor.dtype), c.tensor.device)
+        # Every pointer the launch does not use points at the workspace too, so the launch
+        # names no tensor it does not touch (the ledger counts the tensors it is given).
+        args.update(c_ptr=ws, c2_ptr=ws[-1], r_ptr=ws, act_ptr=ws, bias_ptr=ws, bias2_ptr=ws,
+                    s_split=numel)
     args.update(SPLIT_K=splits, k_per_split=k_per_split)
     launch(KernelLaunch(
         name=name, kernel=_grouped_gemm_kernel, grid=grid, args=args,

@@ -55,7 +55,7 @@ import triton.language as tl
 
 from . import outputs
 from .activation import silu_mul, silu_mul_grads
-from .grouped_gemm import accumulator_dtype
+from .grouped_gemm import accumulator_dtype, intermediate_dtype
 from .launch import KernelLaunch, launch
 from .slots import channel_of_slot, slot_of_channel
 
@@ -229,8 +229,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float,
         extra = outputs.new_output((M, channels), out_dtype, x.device)
     elif layout is not None:
         extra = outputs.new_output((M, layout[0] * layout[0] * layout[1]), out_dtype, x.device)
-    rstd = outputs.new_output((M,), torch.float64 if source == torch.float64 else torch.float32,
-                              x.device)
+    rstd = outputs.new_output((M,), intermediate_dtype(source), x.device)
     if M == 0:
         return h, n, rstd, extra
     weight = weight.contiguous()
@@ -262,8 +261,8 @@ def rms_norm_bwd(dn: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     dx = outputs.new_output((M, channels), x.dtype, x.device) if need_dx else None
     config = _config(M, channels)
     programs = triton.cdiv(M, config.kwargs["BLOCK_M"]) if M else 0
-    partial = (torch.empty((programs, channels), dtype=torch.float64 if x.dtype == torch.float64
-                           else torch.float32, device=x.device) if need_dw else None)
+    partial = (torch.empty((programs, channels), dtype=intermediate_dtype(x.dtype),
+                           device=x.device) if need_dw else None)
     if M and (need_dx or need_dw):
         _launch("rms_norm_bwd", _rms_norm_bwd_kernel, M, channels, dict(
             dn_ptr=dn, dh_ptr=dh if dh is not None else dn, x_ptr=x, w_ptr=weight,

@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import outputs
-from .grouped_gemm import Operand, grouped_gemm
+from .grouped_gemm import Operand, grouped_gemm, intermediate_dtype
 from .interleave import interleave_fwd
 # A column sum runs at bandwidth in torch already: both backends share it.
 from .torch_impl import bias_grad
@@ -97,11 +97,6 @@ def grouped_linear_fwd(x, weight, bias=None):
     grouped_gemm(G, M, og, _groups_of(x, s), _weight(weight), s, _groups_of(y, og), bias=bias,
                  name="grouped_linear_fwd")
     return y
-
-
-def _intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Partial results that are summed again stay in fp32 (float64 for float64): one rounding."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _grouped_input_grad(dy, weight, name: str, dtype: Optional[torch.dtype] = None
@@ -267,7 +262,7 @@ def gpc_block_bwd(dy, x, h, weight1, weight2=None, need_dx=True, need_dw1=True, 
             db2 = bias_grad(dy, G)
         # d first(x) = dy (the residual) + the inverse interleave of dy_n @ W2[n]^T, the product
         # kept in fp32 until that sum.
-        d_h = _grouped_input_grad(dy, weight2, "gpc_block_bwd_dh", _intermediate_dtype(dy.dtype))
+        d_h = _grouped_input_grad(dy, weight2, "gpc_block_bwd_dh", intermediate_dtype(dy.dtype))
         dh = interleave_fwd(d_h, G, addend=dy, out_dtype=dy.dtype,
                             name="gpc_block_bwd_interleave")
     dx, dw1, db1 = grouped_linear_bwd(dh, x, weight1, need_dx, need_dw1, need_db1)
