@@ -13,7 +13,7 @@ decoder's launchers) on CPU tensors of the real shapes (``torch.empty``: nothing
 ``kphi3_kernels.ops.launch.RECORDER`` set, keeping each ``KernelLaunch`` instead of running it;
 ``plan`` specializes each launch in each config the autotuner may pick, once per distinct
 binary. ``kphi3_bench.sass`` compiles and reads them (see there how); ``check_properties`` here
-is its check with the scalar 16-bit loads ``NARROW_LOADS`` allows by design.
+is its check with the scalar 16-bit accesses ``NARROW_ACCESSES`` allows by design.
 
 Python API: ``record_launches``, ``plan``, ``compile_launch``, ``compile_all``,
 ``check_properties``, and (from ``kphi3_bench.sass``) ``parse_sass``, ``parse_ptxas_log``,
@@ -48,75 +48,79 @@ DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 
 @dataclasses.dataclass(frozen=True)
-class NarrowLoads:
-    """A launch whose design reads one operand with scalar 16-bit loads, and how many it may
-    make: one per element of that operand's tile per thread (``tile``: the two block sizes of
-    the tile), so that a second strided operand, e.g. in the K loop, still fails the gate."""
+class NarrowAccesses:
+    """A launch whose design reads (or writes) one operand with scalar 16-bit accesses, and how
+    many it may make: ``loads`` (``stores``) per element of that operand's tile per thread
+    (``tile``: the two block sizes of the tile), so that a second strided operand, e.g. in the
+    K loop, still fails the gate."""
 
     reason: str
     tile: Tuple[str, str]
     max_m: Optional[int] = None   # the allowance holds only where every use has M <= max_m
+    loads: int = 1
+    stores: int = 0
 
-    def most(self, kwargs: Dict[str, Any]) -> int:
-        threads = 32 * kwargs["num_warps"]
-        return kwargs[self.tile[0]] * kwargs[self.tile[1]] // threads
+    def per_thread(self, kwargs: Dict[str, Any]) -> int:
+        return kwargs[self.tile[0]] * kwargs[self.tile[1]] // (32 * kwargs["num_warps"])
 
 
-# Launch name -> the narrow loads its design makes. Every other matrix kernel: none.
-NARROW_LOADS = {
-    "gpc_io_fwd_fused": NarrowLoads(
+# Launch name -> the narrow accesses its design makes. Every other matrix kernel: none.
+NARROW_ACCESSES = {
+    "gpc_io_fwd_fused": NarrowAccesses(
         "the IO block's decode forward reads x[:, n::G] in place (stride G: no wide load "
         "fits); at M <= 64 those are a few activation rows next to the weights it streams "
         "with LDGSTS.128: 1-11% of the launch's bytes at M = 16 at the released shapes "
         "(python -m kphi3_bench.ledger), about a third at M = 64 for down_proj",
         ("BLOCK_P", "BLOCK_K"), max_m=64),
-    "gpc_io_bwd_dx": NarrowLoads(
+    "gpc_io_bwd_dx": NarrowAccesses(
         "the IO block's dx adds dxi gathered at its interleaved columns (no unit stride), "
         "once per output tile before the K loop; the K loop's operands are LDGSTS.128. The "
         "gathered bytes are 10-44% of the launch's at the released shapes (down_proj the most), "
         "read once, in runs of about BLOCK_Q / G contiguous elements",
         ("BLOCK_P", "BLOCK_Q")),
-    "norm_io_bwd_dxn": NarrowLoads(
+    "norm_io_bwd_dxn": NarrowAccesses(
         "the fused norm head's input gradient (in channel order, for the norm's backward): "
         "gpc_io_bwd_dx's gathered dxi, the same design and share of bytes",
         ("BLOCK_P", "BLOCK_Q")),
-    "mlp_tail_bwd_dgate_up": NarrowLoads(
-        "the fused MLP tail's input gradient: gpc_io_bwd_dx's gathered dxi (same design, same "
-        "share of bytes), then the activation's backward in the epilogue with unit-stride "
-        "gate / up loads and stores",
-        ("BLOCK_P", "BLOCK_Q")),
+    "mlp_tail_bwd_dgate_up": NarrowAccesses(
+        "the fused MLP tail's input gradient walks a block's slots (D view) and holds channels "
+        "G apart in runs of BLOCK_Q / R: its epilogue reads gate and up and writes their "
+        "gradients there, once per element (the K loop's dy and weights are LDGSTS.128). "
+        "That replaces dxi's write and gathered re-read (python -m kphi3_bench.model_ledger)",
+        ("BLOCK_P", "BLOCK_Q"), loads=2, stores=2),
 }
 
 
-def narrow_allowance(record: Dict[str, Any]) -> Tuple[int, str]:
-    """How many scalar 16-bit loads ``record``'s design allows (0: none), and why."""
+def narrow_allowance(record: Dict[str, Any]) -> Tuple[int, int, str]:
+    """How many scalar 16-bit loads and stores ``record``'s design allows (0: none), and why."""
     name = str(record.get("launch", "")).rsplit(":", 1)[-1]
-    rule = NARROW_LOADS.get(name)
+    rule = NARROW_ACCESSES.get(name)
     kwargs = record.get("config_kwargs")
     if rule is None or not kwargs:
-        return 0, ""
+        return 0, 0, ""
     uses = record.get("uses") or [record]
     if rule.max_m is not None and any(u.get("m", 0) > rule.max_m for u in uses):
-        return 0, ""
-    return rule.most(kwargs), rule.reason
+        return 0, 0, ""
+    per_thread = rule.per_thread(kwargs)
+    return rule.loads * per_thread, rule.stores * per_thread, rule.reason
 
 
 def check_properties(record: Dict[str, Any]) -> List[str]:
-    """``sass.check_properties`` with the loads ``NARROW_LOADS`` allows: one compiled kernel's
+    """``sass.check_properties`` with the accesses ``NARROW_ACCESSES`` allows: one compiled kernel's
     violations (an empty list when it is clean)."""
     return sass.check_properties(record, narrow_allowance)
 
 
 def compile_launch(launch, config=None, target=90, sass_path: Optional[str] = None
                    ) -> Dict[str, Any]:
-    """``sass.compile_launch`` checked against ``NARROW_LOADS``."""
+    """``sass.compile_launch`` checked against ``NARROW_ACCESSES``."""
     return sass.compile_launch(launch, config, target, sass_path, narrow_allowance)
 
 
 def compile_all(entries: List[Dict[str, Any]], jobs: int = 2, sass_dir: Optional[str] = None,
                 progress: bool = True, records: Optional[List[Dict[str, Any]]] = None
                 ) -> List[Dict[str, Any]]:
-    """``sass.compile_all`` of ``plan``'s entries, checked against ``NARROW_LOADS``."""
+    """``sass.compile_all`` of ``plan``'s entries, checked against ``NARROW_ACCESSES``."""
     return sass.compile_all(entries, jobs, sass_dir, progress, records, narrow_allowance)
 
 

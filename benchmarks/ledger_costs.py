@@ -443,6 +443,13 @@ def _k_steps(spec, bk: int) -> int:
     a = spec.args
     if "K" not in a:
         raise ValueError(f"launch {spec.name!r}: no reduction length known; teach the ledger")
+    from kphi3_kernels.ops.grouped_gemm import VIEW_D, view_d_parts
+
+    if a.get("VIEW") == VIEW_D:
+        # K steps for each product a program sums: the block's and one per residue its tile
+        # meets (their mean over the column tiles).
+        bq = spec.configs[0].kwargs["BLOCK_Q"]
+        return _cdiv(a["K"], bk) * view_d_parts(bq, a["GROUPS"], a["RUN"])
     if a.get("SPLIT_K", 1) > 1:
         return _cdiv(a["k_per_split"], bk)
     return _cdiv(a["K"], bk) + _cdiv(a.get("K2", 0), bk)
@@ -460,8 +467,10 @@ def _gathered_args(args: Dict[str, Any]) -> List[str]:
     """The arguments a launch reads by a gather (scalar or short-run loads at computed
     addresses), from the flags its launcher passes:
 
-    * a grouped GEMM with ``RESIDUAL_GATHER`` (``gpc_io_bwd_dx``, ``norm_io_bwd_dxn``,
-      ``mlp_tail_bwd_dgate_up``): the interleaved addend ``dxi`` (``r_ptr``);
+    * a grouped GEMM with ``RESIDUAL_GATHER`` (``gpc_io_bwd_dx``, ``norm_io_bwd_dxn``): the
+      interleaved addend ``dxi`` (``r_ptr``);
+    * a D-view GEMM (``mlp_tail_bwd_dgate_up``): ``gate_up`` read and its gradient written at
+      the channels of a tile's slots (``act_ptr``, ``c_ptr``);
     * a grouped GEMM whose second operand has its own strides (``gpc_io_fwd_fused``: ``x``
       read in place with K stride G): ``a2_ptr``;
     * the activation into the layout (``silu_mul_layout``): ``gate_up``, read at each slot's
@@ -469,8 +478,12 @@ def _gathered_args(args: Dict[str, Any]) -> List[str]:
     * a norm writing the de-interleaved copy or the layout (``rms_norm_split``,
       ``rms_norm_layout``, ``add_`` before either): its input row(s), re-read gathered.
     """
+    from kphi3_kernels.ops.grouped_gemm import VIEW_D
+
     if args.get("RESIDUAL_GATHER"):
         return ["r_ptr"]
+    if args.get("VIEW") == VIEW_D:
+        return ["act_ptr", "c_ptr"]
     if args.get("HAS_SECOND") and not args.get("SHARED_STRIDES", True):
         return ["a2_ptr"]
     if "gu_ptr" in args:

@@ -22,7 +22,7 @@ wheel.
    instruction class and global / local memory instruction kinds).
 4. **Check** (``check_properties``): a bf16 / fp16 kernel with a ``tl.dot`` that does not use
    HGMMA on sm_90, any spill, shared memory above the target's limit, and scalar 16-bit global
-   loads / stores in a kernel that does matrix work (beyond the loads an ``allowance`` grants a
+   loads / stores in a kernel that does matrix work (beyond those an ``allowance`` grants a
    launch by design).
 
 Checked with Triton 3.6 and 3.9 (both have the binder, ``JITFunction._pack_args`` and the
@@ -59,12 +59,13 @@ SCALAR_16BIT = ("LDG.E.U16", "LDG.E.S16", "STG.E.U16", "STG.E.S16")
 SCALAR_16BIT_LOADS = ("LDG.E.U16", "LDG.E.S16")
 
 
-# A record -> how many scalar 16-bit global loads its design allows, and why (see check_properties).
-Allowance = Callable[[Dict[str, Any]], Tuple[int, str]]
+# A record -> how many scalar 16-bit global loads and stores its design allows, and why (see
+# check_properties).
+Allowance = Callable[[Dict[str, Any]], Tuple[int, int, str]]
 
 
-def no_allowance(record: Dict[str, Any]) -> Tuple[int, str]:
-    return 0, ""
+def no_allowance(record: Dict[str, Any]) -> Tuple[int, int, str]:
+    return 0, 0, ""
 
 
 class InterpreterError(RuntimeError):
@@ -526,8 +527,8 @@ def check_properties(record: Dict[str, Any], allowance: Allowance = no_allowance
     * no spills (0 spill store / load bytes, no local memory traffic);
     * shared memory within the target's limit;
     * no scalar 16-bit global loads / stores (``LDG.E.U16``/``S16``, ``STG.E.U16``) in a kernel
-      that does matrix work, except as many loads as ``allowance(record)`` grants the launch's
-      design (no stores).
+      that does matrix work, except as many loads and stores as ``allowance(record)`` grants
+      the launch's design.
     """
     where = f"{record.get('launch')} [{record.get('shape')} {record.get('dtype')} " \
             f"{record.get('target')} {record.get('config')}]"
@@ -550,10 +551,9 @@ def check_properties(record: Dict[str, Any], allowance: Allowance = no_allowance
         out.append(f"{where}: shared memory {record['smem_bytes']} B > {limit} B limit")
     if dot:
         scalar = {k: memory[k] for k in SCALAR_16BIT if memory.get(k)}
-        allowed, _ = allowance(record)
+        allowed_loads, allowed_stores, _ = allowance(record)
         loads = sum(n for k, n in scalar.items() if k in SCALAR_16BIT_LOADS)
-        if scalar and len(scalar) == sum(k in SCALAR_16BIT_LOADS for k in scalar) \
-                and loads <= allowed:
+        if scalar and loads <= allowed_loads and sum(scalar.values()) - loads <= allowed_stores:
             scalar = {}
         if scalar:
             kinds = ", ".join(f"{n} {k}" for k, n in scalar.items())

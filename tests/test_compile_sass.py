@@ -2,7 +2,7 @@
 first-choice config, compiled for sm_90a on the CPU (ptxas and cuobjdump ship with the Triton
 wheel) must use HGMMA where it does a dot, not spill, fit in shared memory and make no scalar
 16-bit global loads or stores in a matrix kernel beyond those a launch's design makes
-(``NARROW_LOADS``: the decode forward's strided activation rows, dx's gathered addend), at a
+(``NARROW_ACCESSES``: the decode forward's strided activation rows, dx's gathered addend), at a
 training and a decode size (``kphi3_bench.compile_report.check_properties``).
 
 The compile runs in a subprocess without ``TRITON_INTERPRET``: this file's conftest turns the
@@ -117,9 +117,14 @@ def test_narrow_loads_only_where_the_design_makes_them():
     decode = (64, 64, 64, 4)
     assert cr.check_properties(_narrow("gpc_io_fwd_fused", 32, m=16, config=decode)) == []
     assert cr.check_properties(_narrow("gpc_io_fwd_fused", 32, m=8192, config=decode))
+    # The MLP tail's d(gate_up): gate and up read, their gradients written, per element.
+    tile = (64, 64, 64, 4)
+    assert cr.check_properties(_narrow("mlp_tail_bwd_dgate_up", 64, stores=64, config=tile)) == []
+    assert cr.check_properties(_narrow("mlp_tail_bwd_dgate_up", 64, stores=65, config=tile))
+    assert cr.check_properties(_narrow("mlp_tail_bwd_dgate_up", 65, stores=64, config=tile))
     # Any other matrix kernel: none at all.
     assert cr.check_properties(_narrow("gpc_io_fwd", 1))
-    assert all(rule.reason for rule in cr.NARROW_LOADS.values())
+    assert all(rule.reason for rule in cr.NARROW_ACCESSES.values())
 
 
 def test_sass_reading_knows_no_kphi3_launch():
@@ -136,7 +141,7 @@ def test_sass_reading_knows_no_kphi3_launch():
                  for a in n.names}
     assert not {m for m in imported if m.startswith("kphi3") or m in
                 ("shapes", "compile_report", "ledger", "ledger_costs")}
-    assert "NARROW_LOADS" not in source and "gpc_io" not in source
+    assert "NARROW_ACCESSES" not in source and "gpc_io" not in source
     # Without an allowance every scalar 16-bit load in a matrix kernel is a violation.
     record = _narrow("gpc_io_bwd_dx", 64)
     assert cr.check_properties(record) == [] and sass.check_properties(record)

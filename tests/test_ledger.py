@@ -332,10 +332,27 @@ def test_gathered_producers_of_the_fused_layer():
     assert norms["rms_norm_split"].gathered_bytes == 64 * 1280 * 2
     assert norms["add_rms_norm_split"].gathered_bytes == 2 * 64 * 1280 * 2
     gathered = {l.name: l.gathered_bytes for c in bwd.values() for l in c.launches}
-    # The dx launches gather dxi ([64, 1280] or, for down_proj, [64, 5120]).
+    # The norm head's dx gathers dxi [64, 1280]; the MLP tail's d(gate_up) reads gate_up and
+    # writes its gradient ([64, 10240] each) at the channels of its tiles' slots.
     assert gathered["norm_io_bwd_dxn"] == 64 * 1280 * 2
-    assert gathered["mlp_tail_bwd_dgate_up"] == 64 * 5120 * 2
+    assert gathered["mlp_tail_bwd_dgate_up"] == 2 * 64 * 10240 * 2
     assert gathered["rms_norm_bwd"] == 0
+
+
+def test_the_mlp_tail_backward_charges_each_product_its_tile_meets():
+    """d(gate_up) at down_proj (G = 20, s = 256, og = 64, R = 16), 8192 tokens, first-choice
+    64x64x64: 128 row tiles x 5 slot tiles x 20 blocks = 12800 programs; each of the 320 slots'
+    64-wide tiles meets 4 residues, so a program sums 5 products of one K step: 2 * 64^3 * 5
+    FLOPs. It moves dy [8192, 1280], gate_up and its gradient [8192, 10240] (and the weights),
+    and no dxi."""
+    bwd = ledger.fused_launches(ledger.CONFIGS["kphi3"], 8192, "bf16", "bwd")
+    names = [l.name for l in bwd["down"].launches]
+    assert names == ["mlp_tail_bwd_dgate_up", "gpc_io_layout_bwd_dw"]
+    dgu = bwd["down"].launches[0]
+    assert dgu.programs == 128 * 5 * 20 and dgu.steps == 5
+    assert dgu.flops == 12800 * 2 * 64 ** 3 * 5
+    weights = 2 * 20 * 256 * 64 * 2
+    assert dgu.bytes == 8192 * 1280 * 2 + 2 * 8192 * 10240 * 2 + weights
 
 
 def test_dense_gemm_realistic_by_hand():

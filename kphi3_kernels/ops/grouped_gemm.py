@@ -120,8 +120,19 @@ VIEW_NONE = 0  # plain strided operands
 VIEW_K = 1     # forward from the layout: A's columns are slots, B's rows weight rows (masked)
 VIEW_Q = 2     # input gradient into the layout: B's columns weight rows (masked), C's slots
 VIEW_P = 3     # weight gradient from the layout: A's rows (t^T) are slots, C's weight rows
+VIEW_D = 4     # input gradient of both products per block: Q walks block g's slots, C's channels
 # The same, as the kernels see them (a jitted function reads only constexpr globals).
 _VIEW_K, _VIEW_Q, _VIEW_P = tl.constexpr(VIEW_K), tl.constexpr(VIEW_Q), tl.constexpr(VIEW_P)
+_VIEW_D = tl.constexpr(VIEW_D)
+
+
+def view_d_parts(block_q: int, groups: int, run: int) -> float:
+    """The products one program of a ``VIEW_D`` launch sums, on average over its column tiles:
+    the block's (W1) and one per residue its ``block_q`` slots meet (W2, masked to that
+    residue's slots). The kernel loops over them; the ledger charges them."""
+    width = groups * run
+    starts = range(0, width, block_q)
+    return sum(2 + (min(q0 + block_q, width) - 1) // run - q0 // run for q0 in starts) / len(starts)
 
 
 @triton.jit
@@ -168,12 +179,12 @@ def _plus_residual(acc, residual, out_ty: tl.constexpr, ACC_DTYPE: tl.constexpr)
 
 
 @triton.jit
-def _act_grad_epilogue(acc, act_ptr, c, mask, offs_p, offs_q, g, Q, s_actp, s_actq, act_half,
-                       s_cq, ACC_DTYPE: tl.constexpr):
-    """The accumulator is dh, the gradient of ``h = up * silu(gate)`` at channel g*Q + q; the
+def _act_grad_epilogue(acc, act_ptr, c, mask, offs_p, chan, s_actp, s_actq, act_half, s_cq,
+                       ACC_DTYPE: tl.constexpr):
+    """The accumulator is dh, the gradient of ``h = up * silu(gate)`` at channels ``chan``; the
     saved gate_up [gate | up] (``act_half`` channels each) gives d(gate), returned, and d(up),
     stored at the same channel of C's second half: the activation's backward, fused."""
-    act = act_ptr + offs_p[:, None] * s_actp + (g * Q + offs_q)[None, :] * s_actq
+    act = act_ptr + offs_p[:, None] * s_actp + chan[None, :] * s_actq
     gate = tl.load(act, mask=mask, other=0.0).to(ACC_DTYPE)
     up = tl.load(act + act_half * s_actq, mask=mask, other=0.0).to(ACC_DTYPE)
     dgate, dup = silu_mul_grads(acc, gate, up)
@@ -243,6 +254,8 @@ def _grouped_gemm_kernel(
         K2 = GROUPS * RUN
         s_ap = GROUPS * GROUPS * RUN
         s_ak = 1
+    if VIEW == _VIEW_D:
+        Q = GROUPS * RUN
     pid_p, pid_q = tile_ids(pid, P, Q, BLOCK_P, BLOCK_Q, GROUP_P)
 
     rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -254,10 +267,16 @@ def _grouped_gemm_kernel(
     a_p, c_p, mask_cp = _layout_index(rows, g32, second, mask_p, per_group, VIEW == _VIEW_P,
                                       GROUPS, RUN)
     # A Q view: B's columns are weight rows (padding masked), C's the slots of the layout.
-    c_q, b_q, mask_bq = _layout_index(cols, g32, second, mask_q, per_group, VIEW == _VIEW_Q,
-                                      GROUPS, RUN)
+    # A D view: the same columns, C's the channels they hold.
+    c_q, b_q, mask_bq = _layout_index(cols, g32, second, mask_q, per_group,
+                                      (VIEW == _VIEW_Q) or (VIEW == _VIEW_D), GROUPS, RUN)
     offs_p = rows.to(tl.int64)
     offs_q = cols.to(tl.int64)
+    mask_cq = mask_q
+    if VIEW == _VIEW_D:
+        chan = g32 * per_group + b_q  # b_q: the slot's index in block g
+        c_q = chan.to(tl.int64)
+        mask_cq = mask_bq
 
     # Every tl.dot names the accumulator's dtype: Triton 3.6 defaults out_dtype to fp32 and
     # rejects the float64 accumulator otherwise (3.9 infers it); for fp32/fp16/bf16 it is fp32.
@@ -272,7 +291,30 @@ def _grouped_gemm_kernel(
     a_rows = a_p[:, None] * s_ap
     b_cols = b_q[None, :] * s_bq
     steps1 = tl.cdiv(K, BLOCK_K)
-    if HAS_SECOND and SHARED_STRIDES:
+    if VIEW == _VIEW_D:
+        # Slot j = n*R + r of block g holds channel c = g*s + i: dh[:, c] = dy_g @ W1[g][i]^T
+        # + dy_n @ W2[n][c // G]^T. One loop over the products the tile's slots need: the block's
+        # (part 0), then one per residue n its slots meet, W2's columns masked to n's slots.
+        first_n = (pid_q * BLOCK_Q) // RUN
+        last_n = tl.minimum((pid_q * BLOCK_Q + BLOCK_Q - 1) // RUN, GROUPS - 1)
+        w2_rows = chan // GROUPS
+        slot_n = cols // RUN
+        steps = tl.cdiv(K, BLOCK_K)
+        for i in range(0, (last_n - first_n + 2) * steps):
+            part = i // steps
+            n = first_n + part - 1
+            k = (i % steps) * BLOCK_K + offs_k
+            mask_k = k < K
+            a_group = tl.where(part == 0, g32, n).to(tl.int64)
+            a = tl.load(a_ptr + a_group * s_ag + a_rows + k[None, :] * s_ak,
+                        mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+            b_src = tl.where(part == 0, b_base, b2_ptr + n.to(tl.int64) * s_b2g)
+            w_rows = tl.where(part == 0, b_q, w2_rows)
+            mask_w = tl.where(part == 0, mask_bq, mask_bq & (slot_n == n))
+            b = tl.load(b_src + k[:, None] * s_bk + w_rows[None, :] * s_bq,
+                        mask=mask_k[:, None] & mask_w[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    elif HAS_SECOND and SHARED_STRIDES:
         # One pipelined loop over K + K2: step i reads (A, B) for i < steps1, else (A2, B2). The
         # pairs share their strides, so only the base pointers and the K bound switch.
         for i in range(0, steps1 + tl.cdiv(K2, BLOCK_K)):
@@ -330,14 +372,18 @@ def _grouped_gemm_kernel(
     if HAS_BIAS2:
         bias2 = tl.load(bias2_ptr + g * s_bias2g + offs_q, mask=mask_q, other=0.0)
         acc += bias2.to(ACC_DTYPE)[None, :]
-    mask = mask_cp[:, None] & mask_q[None, :]
+    mask = mask_cp[:, None] & mask_cq[None, :]
     c = c_base + c_p[:, None] * s_cp + c_q[None, :] * s_cq
     if HAS_RESIDUAL and not RESIDUAL_GATHER:
         residual = tl.load(r_ptr + g * s_rg + c_p[:, None] * s_rp + c_q[None, :] * s_rq,
                            mask=mask, other=0.0)
         acc = _plus_residual(acc, residual, c_ptr.dtype.element_ty, ACC_DTYPE)
     if ACT_GRAD:
-        acc = _act_grad_epilogue(acc, act_ptr, c, mask, offs_p, offs_q, g, Q, s_actp, s_actq,
+        if VIEW == _VIEW_D:
+            act_chan = c_q
+        else:
+            act_chan = g * Q + offs_q
+        acc = _act_grad_epilogue(acc, act_ptr, c, mask, offs_p, act_chan, s_actp, s_actq,
                                  act_half, s_cq, ACC_DTYPE)
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
@@ -497,11 +543,15 @@ def grouped_gemm(
     epilogue: the accumulator (with any residual) is ``dh`` at channel ``c = g*Q + q``, and the
     launch stores ``d(gate)`` at column ``c`` and ``d(up)`` at column ``c + half`` of ``c``'s
     tensor (``[P, 2*half]``), reading the saved ``gate_up`` (same layout) at those columns.
-    ``view`` reads or writes the block-residue layout in place (``LayoutView``): a K view's
-    A is the layout ``t`` (column stride 1, no group stride) and B a ``[G, s, og]`` weight, whose
-    rows the layout index maps to; a Q view's B is a weight with its inner strides swapped and C
-    the layout; a P view's A is ``t`` transposed (row stride 1) and C a ``[G, s, og]`` weight
-    gradient. The view's extent (``G*R``) replaces K, Q or P respectively.
+    ``view`` reads or writes the block-residue layout in place (``LayoutView``), or walks its
+    slots: a D view's Q runs over block g's slots and C is stored at the channels they hold
+    (``c`` with no group stride); it sums ``a[g] @ b[g]`` and, per residue n its tile meets,
+    ``a[n] @ b2[n]`` masked to n's slots (``a2`` is ``a``; the MLP tail's d(gate_up) with
+    ``act_grad``). A K view's A is the layout ``t`` (column stride 1, no group stride) and B a
+    ``[G, s, og]`` weight, whose rows the layout index maps to; a Q view's B is a weight with
+    its inner strides swapped and C the layout; a P view's A is ``t`` transposed (row stride 1)
+    and C a ``[G, s, og]`` weight gradient. The view's extent (``G*R``) replaces K, Q or P
+    respectively (Q for a D view).
     ``weight_grad`` says the launch is a weight gradient (K is the token count; ``c`` and ``c2``
     contiguous and written whole): where its programs do not fill the GPU, K is split
     (``split_plan``) and the splits are summed by a second, fixed-order pass.
@@ -575,6 +625,11 @@ def grouped_gemm(
         # 64 elements per thread it spilled on sm_90a (Triton 3.6, 8 to 144 B); 32 compile clean.
         configs = tuple(c for c in configs if c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"]
                         <= 32 * 32 * c.num_warps) or configs
+    if view is not None and view.kind == VIEW_D:
+        # Each step of a D view loads one of several B tiles (W1's, then W2's per residue): a
+        # 128x64 one spilled on sm_90a (Triton 3.6, 76-96 B); 64x64 and 128x32 compile clean.
+        configs = tuple(c for c in configs if c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_Q"]
+                        <= 64 * 64) or configs
     splits, k_per_split = (split_plan(P, Q, K, grid_groups, configs[0], c.tensor.device)
                            if weight_grad else (1, K))
     outs = (c.tensor, c2.tensor if paired else None)

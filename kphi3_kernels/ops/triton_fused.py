@@ -37,12 +37,16 @@ products and, where given, adds the decoder's residual stream in its epilogue (t
 has no launch of its own). ``t`` (the layout) is returned for the backward's weight gradients,
 as the op-level IO block returns its de-interleaved input.
 
-Backward, three launches, no pass of the activation of its own:
+Backward, two launches, no pass of the activation of its own:
 
-* ``mlp_tail_bwd_dxi``: ``dxi_n = dy_n @ W2[n]^T`` (in dy's dtype), group n contiguous.
-* ``mlp_tail_bwd_dgate_up``: ``dh = dy_b @ W1[b]^T`` plus ``dxi`` gathered at its interleaved
-  channels (the op-level ``gpc_io_bwd_dx``), then, in the same epilogue, ``d(gate)`` and
-  ``d(up)`` from ``dh`` and the saved ``gate_up``: ``dh`` is never written.
+* ``mlp_tail_bwd_dgate_up`` (D view): a program takes a tile of block b's slots, as the Q view
+  does, and sums both products of each slot's channel ``c`` in one fp32 accumulator:
+  ``dy_b @ W1[b]^T`` (one product) and ``dy_n @ W2[n]^T`` for each residue n the tile meets
+  (about ``BLOCK_Q / R`` of them, W2's columns masked to n's slots: that term's MMA work is
+  that many times its FLOPs, small beside the bytes at down_proj's ``og``). Its epilogue turns
+  ``dh`` into ``d(gate)`` and ``d(up)`` with the saved ``gate_up``, read and written at the
+  slots' channels. Neither ``dh`` nor the W2 term is ever written: the op-level path's ``dxi``
+  round trip (written, then read gathered) is gone.
 * ``gpc_io_layout_bwd_dw``: ``dW1`` and ``dW2`` from the saved layout, one paired launch.
 
 **The norm heads** (``norm_io_*``): an IO block (qkv_proj, gate_up_proj) of ``RMSNorm(x)``, or
@@ -81,10 +85,10 @@ from typing import Optional, Tuple
 import torch
 
 from . import outputs
-from .grouped_gemm import VIEW_K, VIEW_P, VIEW_Q, LayoutView, Operand, grouped_gemm
+from .grouped_gemm import VIEW_D, VIEW_K, VIEW_P, VIEW_Q, LayoutView, Operand, grouped_gemm
 from .rowwise import rms_norm_bwd, rms_norm_fwd, silu_mul_layout_bwd, silu_mul_layout_fwd
 from .torch_impl import bias_grad
-from .triton_impl import gpc_io_bwd, gpc_io_fwd_split, io_input_grad
+from .triton_impl import _weight, _weight_t, gpc_io_bwd, gpc_io_fwd_split, io_input_grad
 
 __all__ = [
     "silu_mul_layout_fwd", "silu_mul_layout_bwd", "gpc_io_layout_fwd", "gpc_io_layout_bwd",
@@ -102,10 +106,6 @@ def _geometry(t: torch.Tensor, weight1: torch.Tensor) -> Tuple[int, int, int, in
     """``(G, s, og, R)`` of a layout input and its block's weights."""
     G, s, og = weight1.shape
     return G, s, og, t.shape[1] // (G * G)
-
-
-def _weight(w: torch.Tensor) -> Operand:
-    return Operand(w, *w.stride())
 
 
 def _channels_of(t: torch.Tensor, G: int, og: int) -> Operand:
@@ -135,10 +135,9 @@ def gpc_io_layout_fwd(t, weight1, weight2, bias1=None, bias2=None, residual=None
 def _dt_launch(dy, weight, dt, R: int, second: bool, name: str) -> None:
     M = dy.shape[0]
     G, s, og = weight.shape
-    # B = W^T: its rows run over og (W's column stride), its columns over the weight rows.
-    w_t = Operand(weight, weight.stride(0), weight.stride(2), weight.stride(1))
     out = Operand(dt, 0, dt.stride(0), 1)
-    grouped_gemm(G, M, G * R, _channels_of(dy, G, og), w_t, og, out,
+    # B = W^T: its rows run over og (W's column stride), its columns over the weight rows.
+    grouped_gemm(G, M, G * R, _channels_of(dy, G, og), _weight_t(weight), og, out,
                  # The second launch adds its term to the first's: an fp32 sum, one rounding.
                  residual=None if second else out,
                  view=LayoutView(VIEW_Q, G, R, s, second), name=name)
@@ -195,14 +194,26 @@ def mlp_tail_fwd(gate_up, weight1, weight2, bias1=None, bias2=None, run: int = 8
     return gpc_io_layout_fwd(t, weight1, weight2, bias1, bias2, residual), t
 
 
+def _dgate_up(dy, gate_up, weight1, weight2, R: int) -> torch.Tensor:
+    """``d gate_up`` ``[M, 2*G*s]`` in dy's dtype: one D-view launch over block b's slots sums
+    ``dy_b @ W1[b]^T`` and, per residue its tile meets, ``dy_n @ W2[n]^T``, and turns that
+    ``dh`` into d(gate) and d(up) at the slots' channels in its epilogue."""
+    M = dy.shape[0]
+    G, s, og = weight1.shape
+    dgu = outputs.new_output((M, 2 * G * s), dy.dtype, dy.device)
+    w1_t, w2_t = (_weight_t(w.contiguous()) for w in (weight1, weight2))
+    rows_of_dy = _channels_of(dy, G, og)
+    grouped_gemm(G, M, G * R, rows_of_dy, w1_t, og, Operand(dgu, 0, dgu.stride(0), dgu.stride(1)),
+                 a2=rows_of_dy, b2=w2_t, act_grad=(gate_up, G * s),
+                 view=LayoutView(VIEW_D, G, R, s), name="mlp_tail_bwd_dgate_up")
+    return dgu
+
+
 def mlp_tail_bwd(dy, gate_up, t, weight1, weight2, need_dgu=True, need_dw1=True,
                  need_dw2=True) -> Tuple[Optional[torch.Tensor], ...]:
     """``(d gate_up, dW1, dW2)``, None where not asked."""
-    dgu = None
-    if need_dgu:
-        G, s = weight1.shape[:2]
-        dgu = io_input_grad(dy, weight1, weight2, ("mlp_tail_bwd_dxi", "mlp_tail_bwd_dgate_up"),
-                            act_grad=(gate_up, G * s))
+    G, s, og, R = _geometry(t, weight1)
+    dgu = _dgate_up(dy, gate_up, weight1, weight2, R) if need_dgu else None
     _, dw1, dw2 = gpc_io_layout_bwd(dy, t, weight1, weight2, False, need_dw1, need_dw2)
     return dgu, dw1, dw2
 
