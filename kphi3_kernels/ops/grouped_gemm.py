@@ -18,6 +18,9 @@ copies an operand into a grouped layout:
   block's ``first(x)`` added to ``second(interleave(first(x)))``.
 * activation gradient:     the fused MLP tail's input gradient (``triton_fused.py``): the result is
   the gradient of ``up * silu(gate)``, turned into those of gate and up in the epilogue.
+* layout views:            the IO block's GEMMs on the block-residue layout (``VIEW_K`` / ``Q`` /
+  ``P``: forward, input gradient, weight gradient), and ``VIEW_D``, which sums both products'
+  input gradient per slot and stores it at the slot's channel (the MLP tail's d(gate_up)).
 
 The "fused" IO variant (``SHARED_STRIDES=False``) instead reads the interleaved operand
 ``x[..., n::G]`` in place with K stride G, in a second K loop. It saves the pre-pass but its
