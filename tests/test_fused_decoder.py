@@ -799,3 +799,22 @@ def test_the_stream_fuses_around_projections_that_are_no_grouped_blocks(min_chan
     assert rel_error(logits_f, logits_u) < FP32_TOL and rel_error(loss_f, loss_u) < FP32_TOL
     assert all(rel_error(grads_f[n], grads_u[n]) < FP32_TOL for n in grads_u), \
         {n: rel_error(grads_f[n], grads_u[n]) for n in grads_u}
+
+
+def test_d_view_charges_each_residue_a_tile_meets_and_orders_its_configs_by_that_work():
+    from kphi3_kernels.ops.grouped_gemm import CUDA_CONFIGS, view_d_order, view_d_parts
+
+    # down_proj at kphi3 (G = 20, R = 16: 320 slots): a 64-wide tile meets 4 residues, plus
+    # the block's product; at phi3-mini (G = 32, R = 8) it meets 8.
+    assert view_d_parts(64, 20, 16) == 5 and view_d_parts(64, 32, 8) == 9
+    # R = 24, G = 8 (192 slots), 64-wide tiles: residues 0-2, 2-5, 5-7 -> 4, 5, 4 products.
+    assert view_d_parts(64, 8, 24) == (4 + 5 + 4) / 3
+    # G = 3 (72 slots), 32-wide tiles: residues 0-1, 1-2, and the cut last tile only 2.
+    assert view_d_parts(32, 3, 24) == (3 + 3 + 2) / 3
+
+    def first(K, G, R):
+        kw = view_d_order(CUDA_CONFIGS, K, G, R)[0].kwargs
+        return kw["BLOCK_Q"], kw["BLOCK_K"]
+
+    assert first(64, 20, 16) == (64, 64)      # og = 64: 5 one-step products of 64
+    assert first(96, 32, 8) == (32, 128)      # og = 96: 5 of 128, not 9 x 2 of 64

@@ -483,6 +483,20 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def view_d_order(configs, K: int, groups: int, run: int):
+    """A D view's configs, least MMA work per output element first (stable): a tile of
+    ``BLOCK_Q`` slots sums ``view_d_parts`` products of ``ceil(K / BLOCK_K)`` steps, each
+    ``BLOCK_K`` deep. Wider tiles meet more residues, deeper steps pad a short K (down_proj's
+    ``og``): at og = 64, R = 16 a 64-wide tile of 64-deep steps does the least; at og = 96,
+    R = 8, a 32-wide one of 128-deep steps (5 products of one step against 9 of two)."""
+    def work(config):
+        kw = config.kwargs
+        return view_d_parts(kw["BLOCK_Q"], groups, run) * triton.cdiv(K, kw["BLOCK_K"]) \
+            * kw["BLOCK_K"]
+
+    return tuple(sorted(configs, key=work))
+
+
 class LayoutView(NamedTuple):
     """An operand view of the block-residue layout (``VIEW_K`` / ``VIEW_Q`` / ``VIEW_P``): the
     layout's ``groups`` (G), run length ``run`` (R) and channels per block ``per_group`` (s);
@@ -633,6 +647,7 @@ def grouped_gemm(
         # 128x64 one spilled on sm_90a (Triton 3.6, 76-96 B); 64x64 and 128x32 compile clean.
         configs = tuple(c for c in configs if c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_Q"]
                         <= 64 * 64) or configs
+        configs = view_d_order(configs, K, view.groups, view.run)
     splits, k_per_split = (split_plan(P, Q, K, grid_groups, configs[0], c.tensor.device)
                            if weight_grad else (1, K))
     outs = (c.tensor, c2.tensor if paired else None)
