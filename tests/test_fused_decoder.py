@@ -818,3 +818,24 @@ def test_d_view_charges_each_residue_a_tile_meets_and_orders_its_configs_by_that
 
     assert first(64, 20, 16) == (64, 64)      # og = 64: 5 one-step products of 64
     assert first(96, 32, 8) == (32, 128)      # og = 96: 5 of 128, not 9 x 2 of 64
+
+
+@requires_triton
+@pytest.mark.parametrize("rows", [0, 1, 37])
+def test_mlp_tail_backward_launchers_agree_on_strided_dy_and_empty_batches(rows):
+    """The Triton launcher's d(gate_up) (one D-view launch) and weight gradients against the
+    torch launcher's, with dy and gate_up column-strided views (stride 2) and with no rows."""
+    from kphi3_kernels.ops import torch_impl, triton_fused
+
+    G, s, og = 6, 22, 10
+    R = layout.residue_run_length(G * s, G, 8)
+    gate_up = torch.randn(rows, 4 * G * s, device=DEVICE)[:, ::2]
+    dy = torch.randn(rows, 2 * G * og, device=DEVICE)[:, 1::2]
+    w1 = torch.randn(G, s, og, device=DEVICE) * 0.3
+    w2 = torch.randn(G, s, og, device=DEVICE) * 0.3
+    t = torch_impl.silu_mul_layout_fwd(gate_up, G, R)
+    got = triton_fused.mlp_tail_bwd(dy, gate_up, t, w1, w2)
+    want = torch_impl.mlp_tail_bwd(dy, gate_up, t, w1, w2)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.isfinite(a).all()
+        assert rel_error(a, b) < FP32_TOL
