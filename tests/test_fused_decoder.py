@@ -839,3 +839,13 @@ def test_mlp_tail_backward_launchers_agree_on_strided_dy_and_empty_batches(rows)
     for a, b in zip(got, want):
         assert a.shape == b.shape and torch.isfinite(a).all()
         assert rel_error(a, b) < FP32_TOL
+
+
+def test_the_activation_gradient_epilogue_is_refused_outside_a_d_view():
+    from kphi3_kernels.ops.grouped_gemm import Operand, grouped_gemm
+
+    dy, w = torch.randn(4, 6), torch.randn(2, 5, 3)
+    out = torch.empty(4, 20)
+    with pytest.raises(ValueError, match="act_grad needs a D view"):
+        grouped_gemm(2, 4, 5, Operand(dy, 3, 6, 1), Operand(w, 15, 1, 3), 3,
+                     Operand(out, 5, 20, 1), act_grad=(torch.randn(4, 20), 10))

@@ -302,11 +302,10 @@ def _grouped_gemm_kernel(
         last_n = tl.minimum((pid_q * BLOCK_Q + BLOCK_Q - 1) // RUN, GROUPS - 1)
         w2_rows = chan // GROUPS
         slot_n = cols // RUN
-        steps = tl.cdiv(K, BLOCK_K)
-        for i in range(0, (last_n - first_n + 2) * steps):
-            part = i // steps
+        for i in range(0, (last_n - first_n + 2) * steps1):
+            part = i // steps1
             n = first_n + part - 1
-            k = (i % steps) * BLOCK_K + offs_k
+            k = (i % steps1) * BLOCK_K + offs_k
             mask_k = k < K
             a_group = tl.where(part == 0, g32, n).to(tl.int64)
             a = tl.load(a_ptr + a_group * s_ag + a_rows + k[None, :] * s_ak,
@@ -381,13 +380,9 @@ def _grouped_gemm_kernel(
         residual = tl.load(r_ptr + g * s_rg + c_p[:, None] * s_rp + c_q[None, :] * s_rq,
                            mask=mask, other=0.0)
         acc = _plus_residual(acc, residual, c_ptr.dtype.element_ty, ACC_DTYPE)
-    if ACT_GRAD:
-        if VIEW == _VIEW_D:
-            act_chan = c_q
-        else:
-            act_chan = g * Q + offs_q
-        acc = _act_grad_epilogue(acc, act_ptr, c, mask, offs_p, act_chan, s_actp, s_actq,
-                                 act_half, s_cq, ACC_DTYPE)
+    if ACT_GRAD:  # a D view's: c_q holds the channels
+        acc = _act_grad_epilogue(acc, act_ptr, c, mask, offs_p, c_q, s_actp, s_actq, act_half,
+                                 s_cq, ACC_DTYPE)
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -556,10 +551,10 @@ def grouped_gemm(
     ``residual_gather=(r_groups, r_width)`` reads the residual (one ``P x groups*Q`` matrix, no
     group stride) at column ``(c % r_groups) * r_width + c // r_groups`` for output channel
     ``c = g*Q + q``: an interleaved addend, added in the fp32 epilogue.
-    ``act_grad=(gate_up, half)`` fuses the backward of ``h = up * silu(gate)`` into the
-    epilogue: the accumulator (with any residual) is ``dh`` at channel ``c = g*Q + q``, and the
-    launch stores ``d(gate)`` at column ``c`` and ``d(up)`` at column ``c + half`` of ``c``'s
-    tensor (``[P, 2*half]``), reading the saved ``gate_up`` (same layout) at those columns.
+    ``act_grad=(gate_up, half)`` (a D view's only) fuses the backward of ``h = up * silu(gate)``
+    into the epilogue: the accumulator is ``dh`` at the slots' channels ``c``, and the launch
+    stores ``d(gate)`` at column ``c`` and ``d(up)`` at column ``c + half`` of ``c``'s tensor
+    (``[P, 2*half]``), reading the saved ``gate_up`` (same layout) at those columns.
     ``view`` reads or writes the block-residue layout in place (``LayoutView``), or walks its
     slots: a D view's Q runs over block g's slots and C is stored at the channels they hold
     (``c`` with no group stride); it sums ``a[g] @ b[g]`` and, per residue n its tile meets,
@@ -584,6 +579,9 @@ def grouped_gemm(
     if paired and (a2.strides()[1:] != a.strides()[1:] or b2.strides()[1:] != b.strides()[1:]
                    or c2.strides() != c.strides()):
         raise ValueError("a paired launch's two problems must share their row and column strides")
+    if act_grad is not None and (view is None or view.kind != VIEW_D):
+        raise ValueError("act_grad needs a D view: its epilogue reads the channels the view's "
+                         "slots hold")
     has_second = a2 is not None and not paired
     # Biases are tiny; a contiguous copy keeps the kernel's bias addressing to one stride.
     bias = bias.contiguous() if bias is not None else None

@@ -88,7 +88,8 @@ from . import outputs
 from .grouped_gemm import VIEW_D, VIEW_K, VIEW_P, VIEW_Q, LayoutView, Operand, grouped_gemm
 from .rowwise import rms_norm_bwd, rms_norm_fwd, silu_mul_layout_bwd, silu_mul_layout_fwd
 from .torch_impl import bias_grad
-from .triton_impl import _weight, _weight_t, gpc_io_bwd, gpc_io_fwd_split, io_input_grad
+from .triton_impl import (_groups_of, _weight, _weight_t, gpc_io_bwd, gpc_io_fwd_split,
+                          io_input_grad)
 
 __all__ = [
     "silu_mul_layout_fwd", "silu_mul_layout_bwd", "gpc_io_layout_fwd", "gpc_io_layout_bwd",
@@ -108,11 +109,6 @@ def _geometry(t: torch.Tensor, weight1: torch.Tensor) -> Tuple[int, int, int, in
     return G, s, og, t.shape[1] // (G * G)
 
 
-def _channels_of(t: torch.Tensor, G: int, og: int) -> Operand:
-    """``t[:, g*og + q]`` as group ``g``'s ``[M, og]`` operand."""
-    return Operand(t, og * t.stride(1), t.stride(0), t.stride(1))
-
-
 def gpc_io_layout_fwd(t, weight1, weight2, bias1=None, bias2=None, residual=None
                       ) -> torch.Tensor:
     """``y`` ``[M, G*og]`` of the IO block from its input ``t`` in the layout (contiguous),
@@ -125,9 +121,9 @@ def gpc_io_layout_fwd(t, weight1, weight2, bias1=None, bias2=None, residual=None
     y = outputs.new_output((M, G * og), out_dtype, t.device)
     # Both products read t (no group stride: the view's slot names the group) in one K loop.
     layout = Operand(t, 0, t.stride(0), 1)
-    grouped_gemm(G, M, og, layout, _weight(weight1), G * R, _channels_of(y, G, og),
+    grouped_gemm(G, M, og, layout, _weight(weight1), G * R, _groups_of(y, og),
                  a2=layout, b2=_weight(weight2), K2=G * R, bias=bias1, bias2=bias2,
-                 residual=_channels_of(residual, G, og) if residual is not None else None,
+                 residual=_groups_of(residual, og) if residual is not None else None,
                  view=LayoutView(VIEW_K, G, R, s), name="gpc_io_layout_fwd")
     return y
 
@@ -137,7 +133,7 @@ def _dt_launch(dy, weight, dt, R: int, second: bool, name: str) -> None:
     G, s, og = weight.shape
     out = Operand(dt, 0, dt.stride(0), 1)
     # B = W^T: its rows run over og (W's column stride), its columns over the weight rows.
-    grouped_gemm(G, M, G * R, _channels_of(dy, G, og), _weight_t(weight), og, out,
+    grouped_gemm(G, M, G * R, _groups_of(dy, og), _weight_t(weight), og, out,
                  # The second launch adds its term to the first's: an fp32 sum, one rounding.
                  residual=None if second else out,
                  view=LayoutView(VIEW_Q, G, R, s, second), name=name)
@@ -170,7 +166,7 @@ def gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt=True, need_dw1=True, need
                     dw.zero_()
         elif og:
             t_cols = Operand(t, 0, 1, t.stride(0))  # A = t^T: rows are slots, K runs over M
-            rows_of_dy = _channels_of(dy, G, og)
+            rows_of_dy = _groups_of(dy, og)
             first = _weight(dw1 if dw1 is not None else dw2)
             both = dw1 is not None and dw2 is not None
             grouped_gemm(G, G * R, og, t_cols, rows_of_dy, M, first,
@@ -202,7 +198,7 @@ def _dgate_up(dy, gate_up, weight1, weight2, R: int) -> torch.Tensor:
     G, s, og = weight1.shape
     dgu = outputs.new_output((M, 2 * G * s), dy.dtype, dy.device)
     w1_t, w2_t = (_weight_t(w.contiguous()) for w in (weight1, weight2))
-    rows_of_dy = _channels_of(dy, G, og)
+    rows_of_dy = _groups_of(dy, og)
     grouped_gemm(G, M, G * R, rows_of_dy, w1_t, og, Operand(dgu, 0, dgu.stride(0), dgu.stride(1)),
                  a2=rows_of_dy, b2=w2_t, act_grad=(gate_up, G * s),
                  view=LayoutView(VIEW_D, G, R, s), name="mlp_tail_bwd_dgate_up")

@@ -177,20 +177,18 @@ def gpc_io_fwd_split(x, xi, weight1, weight2, bias1=None, bias2=None, name="gpc_
     return y
 
 
-def io_input_grad(dy, weight1, weight2, names=("gpc_io_bwd_dxi", "gpc_io_bwd_dx"),
-                  act_grad: Optional[Tuple[torch.Tensor, int]] = None) -> torch.Tensor:
+def io_input_grad(dy, weight1, weight2, names=("gpc_io_bwd_dxi", "gpc_io_bwd_dx")
+                  ) -> torch.Tensor:
     """The IO block's input gradient in channel order, in dy's dtype: ``dxi = dy_n W2[n]^T``
     (launch ``names[0]``), then ``dy_n W1[n]^T`` with ``dxi`` gathered at the interleaved
-    columns in the epilogue (``names[1]``). With ``act_grad=(gate_up, C)`` that epilogue also
-    turns the result into the gradients of ``gate_up = [gate | up]`` of ``up * silu(gate)``
-    (``grouped_gemm``'s ``act_grad``): a new ``[M, 2C]`` tensor instead of ``[M, C]``."""
+    columns in the epilogue (``names[1]``)."""
     M = dy.shape[0]
     G, s, og = weight1.shape
     dxi = _grouped_input_grad(dy, weight2, names[0])
-    dx = _empty(M, G * s * (2 if act_grad is not None else 1), dy)
+    dx = _empty(M, G * s, dy)
     grouped_gemm(G, M, s, _groups_of(dy, og), _weight_t(weight1), og, _groups_of(dx, s),
                  residual=Operand(dxi, 0, dxi.stride(0), dxi.stride(1)),
-                 residual_gather=(G, s), act_grad=act_grad, name=names[1])
+                 residual_gather=(G, s), name=names[1])
     return dx
 
 
