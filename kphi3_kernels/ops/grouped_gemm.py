@@ -18,6 +18,9 @@ copies an operand into a grouped layout:
   block's ``first(x)`` added to ``second(interleave(first(x)))``.
 * activation gradient:     the fused MLP tail's input gradient (``triton_fused.py``): the result is
   the gradient of ``up * silu(gate)``, turned into those of gate and up in the epilogue.
+* activation layout:       gate_up_proj's forward (``ActivationLayout``): each program computes a
+  gate tile and the up tile of the same channels (a second K loop, another group) and stores
+  ``up * silu(gate)`` of both at the slots of down_proj's block-residue layout.
 * layout views:            the IO block's GEMMs on the block-residue layout (``VIEW_K`` / ``Q`` /
   ``P``: forward, input gradient, weight gradient), and ``VIEW_D``, which sums both products'
   input gradient per slot and stores it at the slot's channel (the MLP tail's d(gate_up)).
@@ -39,9 +42,9 @@ import triton.language as tl
 
 from ..backend import triton_interpreting
 from . import outputs
-from .activation import silu_mul_grads
+from .activation import silu_mul, silu_mul_grads
 from .launch import KernelLaunch, launch
-from .slots import operand_slot, operand_weight_row
+from .slots import operand_slot, operand_weight_row, slot_of_channel
 
 # Tile configs, chosen for an H200 (measured there: ~790 TFLOP/s bf16 dense, ~4.3 TB/s copy). The
 # released shapes have K = s = 256 per operand (K = 512 for the IO block) and og = out/G in
@@ -196,6 +199,75 @@ def _act_grad_epilogue(acc, act_ptr, c, mask, offs_p, chan, s_actp, s_actq, act_
 
 
 @triton.jit
+def _shared_k_loop(acc, a_base, b_base, a2_base, b2_base, a_rows, b_cols, mask_p, mask_bq, K, K2,
+                   s_ak, s_bk, g32, per_group, VIEW: tl.constexpr, GROUPS: tl.constexpr,
+                   RUN: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """``acc + A @ B + A2 @ B2`` for pairs that share their strides: one pipelined loop over
+    K + K2, step i reading (A, B) for i < steps1, else (A2, B2); only the base pointers and
+    the K bound switch. A K view's A columns are slots of t, B's rows the weight rows of
+    group ``g32`` (padding masked)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    steps1 = tl.cdiv(K, BLOCK_K)
+    for i in range(0, steps1 + tl.cdiv(K2, BLOCK_K)):
+        phase2 = i >= steps1
+        k = tl.where(phase2, i - steps1, i) * BLOCK_K + offs_k
+        mask_k = k < tl.where(phase2, K2, K)
+        a_k, b_k, mask_bk = _layout_index(k, g32, phase2, mask_k, per_group, VIEW == _VIEW_K,
+                                          GROUPS, RUN)
+        a_src = tl.where(phase2, a2_base, a_base)
+        b_src = tl.where(phase2, b2_base, b_base)
+        a = tl.load(a_src + a_rows + a_k[None, :] * s_ak,
+                    mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_src + b_k[:, None] * s_bk + b_cols,
+                    mask=mask_bk[:, None] & mask_bq[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return acc
+
+
+@triton.jit
+def _plus_biases(acc, bias_ptr, bias2_ptr, g, s_biasg, s_bias2g, offs_q, mask_q,
+                 HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``acc`` plus group ``g``'s biases at columns ``offs_q`` (those given)."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + g * s_biasg + offs_q, mask=mask_q, other=0.0)
+        acc += bias.to(ACC_DTYPE)[None, :]
+    if HAS_BIAS2:
+        bias2 = tl.load(bias2_ptr + g * s_bias2g + offs_q, mask=mask_q, other=0.0)
+        acc += bias2.to(ACC_DTYPE)[None, :]
+    return acc
+
+
+@triton.jit
+def _silu_mul_into_layout(gate, up, t_tile, tile_rows, mask_rows, first_chan, s_tp,
+                          act_per_group, ACT_GROUPS: tl.constexpr, ACT_RUN: tl.constexpr,
+                          ACT_PAD: tl.constexpr, LAST: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Store ``up * silu(gate)`` (both as the output stores them) of the tile's channels
+    ``first_chan + [0, BLOCK_Q)`` at their slots of the layout (``t_tile``: the tile's first
+    row; ``ACT_GROUPS`` blocks of ``act_per_group`` channels, runs of ``ACT_RUN``), and zeros
+    at the padding slots: every slot of the tile's rows is written by exactly one program."""
+    chan = first_chan + tl.arange(0, BLOCK_Q)
+    slot = slot_of_channel(chan, act_per_group, ACT_GROUPS, ACT_RUN)
+    # Offsets within the tile stay int32 (fewer live registers than int64 pointers' worth).
+    tl.store(t_tile + (tile_rows[:, None] * s_tp + slot[None, :]),
+             silu_mul(gate, up).to(t_tile.dtype.element_ty), mask=mask_rows[:, None])
+    # A run's padding follows its last channel (``i >= s - G`` in its block): the tile writes
+    # the padding after the last channels it holds, at most ACT_PAD slots each, per block it
+    # meets, on a narrow [rows, LAST] tile of those channels only.
+    j = tl.arange(0, LAST)
+    zero = tl.zeros((tile_rows.shape[0], LAST), dtype=t_tile.dtype.element_ty)
+    for b in range(first_chan // act_per_group, (first_chan + BLOCK_Q - 1) // act_per_group + 1):
+        i = act_per_group - ACT_GROUPS + j
+        last = b * act_per_group + i
+        held = (j < ACT_GROUPS) & (last >= first_chan) & (last < first_chan + BLOCK_Q)
+        pad = t_tile + (tile_rows[:, None] * s_tp
+                        + slot_of_channel(last, act_per_group, ACT_GROUPS, ACT_RUN)[None, :])
+        for d in tl.static_range(1, ACT_PAD + 1):
+            tl.store(pad + d, zero,
+                     mask=mask_rows[:, None] & (held & (i // ACT_GROUPS + d < ACT_RUN))[None, :])
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, c2_ptr, r_ptr, bias_ptr, bias2_ptr, act_ptr,
     P, Q, K, K2,
@@ -208,12 +280,15 @@ def _grouped_gemm_kernel(
     s_biasg, s_bias2g,
     r_groups, r_width,
     s_actp, s_actq, act_half,
+    t_ptr, s_tp, act_per_group,  # the activation layout's output (ACT_LAYOUT only)
     per_group,  # the layout's channels per block (views only)
     k_per_split, s_split,  # split K: each split's share of K (a multiple of 128), its C offset
     p_bucket, k_bucket,  # autotune keys only
     HAS_SECOND: tl.constexpr, SHARED_STRIDES: tl.constexpr, PAIRED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RESIDUAL_GATHER: tl.constexpr, ACT_GRAD: tl.constexpr,
+    RESIDUAL_GATHER: tl.constexpr, ACT_GRAD: tl.constexpr, ACT_LAYOUT: tl.constexpr,
+    ACT_GROUPS: tl.constexpr, ACT_RUN: tl.constexpr, ACT_PAD: tl.constexpr,
+    ACT_LAST: tl.constexpr,
     VIEW: tl.constexpr, GROUPS: tl.constexpr, RUN: tl.constexpr, VIEW_SECOND: tl.constexpr,
     SPLIT_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -221,6 +296,13 @@ def _grouped_gemm_kernel(
 ):
     pid = tl.program_id(0)
     g32 = tl.program_id(1)
+    if ACT_LAYOUT:
+        # The programs walk the gate half's column tiles (``act_half`` channels; BLOCK_Q
+        # divides it and Q): each computes the gate tile, then the up tile of the same
+        # channels (``act_half`` columns on, in another group) and the activation of both.
+        gate_tiles = act_half // BLOCK_Q
+        gate_col = (pid % gate_tiles) * BLOCK_Q
+        g32 = gate_col // Q
     # A view's operand: residue g (``second``) or block g. G and R are constexprs, so a view's
     # extent is one too: the compiler proves its runs contiguous and 16-byte aligned.
     second = VIEW_SECOND
@@ -260,6 +342,9 @@ def _grouped_gemm_kernel(
     if VIEW == _VIEW_D:
         Q = GROUPS * RUN
     pid_p, pid_q = tile_ids(pid, P, Q, BLOCK_P, BLOCK_Q, GROUP_P)
+    if ACT_LAYOUT:
+        pid_p = pid // gate_tiles
+        pid_q = (gate_col % Q) // BLOCK_Q
 
     rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     cols = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -293,8 +378,8 @@ def _grouped_gemm_kernel(
         acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC_DTYPE)
     a_rows = a_p[:, None] * s_ap
     b_cols = b_q[None, :] * s_bq
-    steps1 = tl.cdiv(K, BLOCK_K)
     if VIEW == _VIEW_D:
+        steps1 = tl.cdiv(K, BLOCK_K)
         # Slot j = n*R + r of block g holds channel c = g*s + i: dh[:, c] = dy_g @ W1[g][i]^T
         # + dy_n @ W2[n][c // G]^T. One loop over the products the tile's slots need: the block's
         # (part 0), then one per residue n its slots meet, W2's columns masked to n's slots.
@@ -317,22 +402,9 @@ def _grouped_gemm_kernel(
                         mask=mask_k[:, None] & mask_w[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     elif HAS_SECOND and SHARED_STRIDES:
-        # One pipelined loop over K + K2: step i reads (A, B) for i < steps1, else (A2, B2). The
-        # pairs share their strides, so only the base pointers and the K bound switch.
-        for i in range(0, steps1 + tl.cdiv(K2, BLOCK_K)):
-            phase2 = i >= steps1
-            k = tl.where(phase2, i - steps1, i) * BLOCK_K + offs_k
-            mask_k = k < tl.where(phase2, K2, K)
-            # A K view: A's columns are slots of t, B's rows the weight rows (padding masked).
-            a_k, b_k, mask_bk = _layout_index(k, g32, phase2, mask_k, per_group, VIEW == _VIEW_K,
-                                              GROUPS, RUN)
-            a_src = tl.where(phase2, a2_ptr + g * s_a2g, a_base)
-            b_src = tl.where(phase2, b2_ptr + g * s_b2g, b_base)
-            a = tl.load(a_src + a_rows + a_k[None, :] * s_ak,
-                        mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(b_src + b_k[:, None] * s_bk + b_cols,
-                        mask=mask_bk[:, None] & mask_bq[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = _shared_k_loop(acc, a_base, b_base, a2_ptr + g * s_a2g, b2_ptr + g * s_b2g, a_rows,
+                             b_cols, mask_p, mask_bq, K, K2, s_ak, s_bk, g32, per_group, VIEW,
+                             GROUPS, RUN, INPUT_PRECISION, ACC_DTYPE, BLOCK_K)
     else:
         k_lo = 0
         k_hi = K
@@ -368,12 +440,8 @@ def _grouped_gemm_kernel(
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     # Epilogue: biases and residual in the fp32 accumulator, one rounding at the store.
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + g * s_biasg + offs_q, mask=mask_q, other=0.0)
-        acc += bias.to(ACC_DTYPE)[None, :]
-    if HAS_BIAS2:
-        bias2 = tl.load(bias2_ptr + g * s_bias2g + offs_q, mask=mask_q, other=0.0)
-        acc += bias2.to(ACC_DTYPE)[None, :]
+    acc = _plus_biases(acc, bias_ptr, bias2_ptr, g, s_biasg, s_bias2g, offs_q, mask_q, HAS_BIAS,
+                       HAS_BIAS2, ACC_DTYPE)
     mask = mask_cp[:, None] & mask_cq[None, :]
     c = c_base + c_p[:, None] * s_cp + c_q[None, :] * s_cq
     if HAS_RESIDUAL and not RESIDUAL_GATHER:
@@ -384,6 +452,36 @@ def _grouped_gemm_kernel(
         acc = _act_grad_epilogue(acc, act_ptr, c, mask, offs_p, c_q, s_actp, s_actq, act_half,
                                  s_cq, ACC_DTYPE)
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    if ACT_LAYOUT:
+        # The up tile: its own loop on a fresh accumulator. The gate's values wait in gate_up,
+        # just stored (read back from L2 after the loop, their registers free for it), rounded
+        # as stored: the activation reads what the unfused one would read back.
+        up_col = g32 * Q + pid_q * BLOCK_Q + act_half
+        g_up32 = up_col // Q
+        g_up = g_up32.to(tl.int64)
+        # A tile index times BLOCK_Q: the compiler sees the columns 16-byte aligned.
+        offs_up = ((up_col % Q) // BLOCK_Q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        acc = _shared_k_loop(tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC_DTYPE), a_ptr + g_up * s_ag,
+                             b_ptr + g_up * s_bg, a2_ptr + g_up * s_a2g, b2_ptr + g_up * s_b2g,
+                             a_rows, offs_up[None, :] * s_bq, mask_p, mask_q, K, K2, s_ak, s_bk,
+                             g_up32, per_group, VIEW, GROUPS, RUN, INPUT_PRECISION, ACC_DTYPE,
+                             BLOCK_K)
+        acc = _plus_biases(acc, bias_ptr, bias2_ptr, g_up, s_biasg, s_bias2g, offs_up, mask_q,
+                           HAS_BIAS, HAS_BIAS2, ACC_DTYPE)
+        up = acc.to(c_ptr.dtype.element_ty)
+        # The tile's first row in int64, offsets within it int32 (fewer live registers).
+        row0 = (pid_p * BLOCK_P).to(tl.int64)
+        tile_rows = tl.arange(0, BLOCK_P)
+        tl.store(c_ptr + g_up * s_cg + row0 * s_cp
+                 + (tile_rows[:, None] * s_cp + offs_up[None, :] * s_cq), up, mask=mask)
+        # Other threads of this program stored some of the gate's elements: the barrier makes
+        # their stores visible before the read.
+        tl.debug_barrier()
+        gate = tl.load(c_ptr + g * s_cg + row0 * s_cp
+                       + (tile_rows[:, None] * s_cp + cols[None, :] * s_cq), mask=mask, other=0.0)
+        _silu_mul_into_layout(gate.to(ACC_DTYPE), up.to(ACC_DTYPE), t_ptr + row0 * s_tp,
+                              tile_rows, mask_p, g32 * Q + pid_q * BLOCK_Q, s_tp, act_per_group,
+                              ACT_GROUPS, ACT_RUN, ACT_PAD, ACT_LAST, BLOCK_Q)
 
 
 @triton.jit
@@ -492,6 +590,46 @@ def view_d_order(configs, K: int, groups: int, run: int):
     return tuple(sorted(configs, key=work))
 
 
+class ActivationLayout(NamedTuple):
+    """A forward launch's second output (``ACT_LAYOUT``): ``up * silu(gate)`` of its result
+    ``[gate | up]`` (``Q * groups`` channels, gate the first half) in the block-residue layout
+    of the block it feeds: ``t`` ``[P, G*G*R]`` with ``groups`` (G) and ``run`` (R)."""
+
+    t: torch.Tensor
+    groups: int
+    run: int
+
+
+# The activation-layout launch runs two K loops per program: at 64 accumulator elements per
+# thread (128x128 on 8 warps, 128x64 / 64x128 on 4) it compiles clean on sm_90a (Triton 3.6)
+# because the gate's values wait in gate_up, not in registers (holding them there spilled
+# 24-192 B); 128 per thread (128x256 on 8 warps) is not offered.
+_ACT_LAYOUT_ELEMENTS_PER_THREAD = 64
+
+
+def _act_layout_configs(configs, Q: int, channels: int):
+    """The configs whose column tile fits the activation-layout launch: ``BLOCK_Q`` divides the
+    group width ``Q`` and the gate half's ``channels`` (a tile's gate and up columns each lie in
+    one group), and two accumulators' worth of registers stay in bounds."""
+    return tuple(c for c in configs
+                 if Q % c.kwargs["BLOCK_Q"] == 0 and channels % c.kwargs["BLOCK_Q"] == 0
+                 and c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"]
+                 <= _ACT_LAYOUT_ELEMENTS_PER_THREAD * 32 * c.num_warps)
+
+
+def activation_layout_fits(groups: int, Q: int, act_groups: int, act_run: int) -> bool:
+    """Whether a forward launch of ``groups`` groups of ``Q`` columns can write the activation
+    layout (``ActivationLayout``) of ``act_groups`` groups in its epilogue: the smallest tile
+    (and the interpreter's) fits the column split, and every run of the layout holds a channel
+    (``s >= G``), whose last channel writes the run's padding."""
+    channels, rem = divmod(groups * Q, 2)
+    if rem or channels % act_groups:
+        return False
+    per_group = channels // act_groups
+    return (per_group >= act_groups and act_run * act_groups >= per_group
+            and bool(_act_layout_configs(CUDA_CONFIGS, Q, channels)))
+
+
 class LayoutView(NamedTuple):
     """An operand view of the block-residue layout (``VIEW_K`` / ``VIEW_Q`` / ``VIEW_P``): the
     layout's ``groups`` (G), run length ``run`` (R) and channels per block ``per_group`` (s);
@@ -534,6 +672,7 @@ def grouped_gemm(
     residual_gather: Optional[Tuple[int, int]] = None,
     c2: Optional[Operand] = None,
     act_grad: Optional[Tuple[torch.Tensor, int]] = None,
+    act_layout: Optional[ActivationLayout] = None,
     view: Optional[LayoutView] = None,
     weight_grad: bool = False,
     name: str = "grouped_gemm",
@@ -555,6 +694,11 @@ def grouped_gemm(
     into the epilogue: the accumulator is ``dh`` at the slots' channels ``c``, and the launch
     stores ``d(gate)`` at column ``c`` and ``d(up)`` at column ``c + half`` of ``c``'s tensor
     (``[P, 2*half]``), reading the saved ``gate_up`` (same layout) at those columns.
+    ``act_layout`` (a forward with a shared-strides second pair: the split IO block, or a K
+    view) also writes ``up * silu(gate)`` of the result ``[gate | up]`` into the block-residue
+    layout of the block it feeds (``ActivationLayout``): the programs walk the gate half's
+    tiles, each computing the up tile of the same channels too (``activation_layout_fits``
+    says where it can).
     ``view`` reads or writes the block-residue layout in place (``LayoutView``), or walks its
     slots: a D view's Q runs over block g's slots and C is stored at the channels they hold
     (``c`` with no group stride); it sums ``a[g] @ b[g]`` and, per residue n its tile meets,
@@ -583,6 +727,12 @@ def grouped_gemm(
         raise ValueError("act_grad needs a D view: its epilogue reads the channels the view's "
                          "slots hold")
     has_second = a2 is not None and not paired
+    if act_layout is not None and (
+            not has_second or a2.strides()[1:] != a.strides()[1:]
+            or b2.strides()[1:] != b.strides()[1:] or residual is not None or weight_grad
+            or not activation_layout_fits(groups, Q, act_layout.groups, act_layout.run)):
+        raise ValueError("act_layout needs a forward launch with a second pair of shared strides, "
+                         "no residual, and a shape activation_layout_fits accepts")
     # Biases are tiny; a contiguous copy keeps the kernel's bias addressing to one stride.
     bias = bias.contiguous() if bias is not None else None
     bias2 = bias2.contiguous() if bias2 is not None else None
@@ -608,7 +758,15 @@ def grouped_gemm(
         act_ptr=act_grad[0] if act_grad else dummy,
         s_actp=act_grad[0].stride(0) if act_grad else 0,
         s_actq=act_grad[0].stride(1) if act_grad else 0,
-        act_half=act_grad[1] if act_grad else 0,
+        act_half=act_grad[1] if act_grad else (groups * Q // 2 if act_layout else 0),
+        t_ptr=act_layout.t if act_layout else dummy,
+        s_tp=act_layout.t.stride(0) if act_layout else 0,
+        act_per_group=groups * Q // 2 // act_layout.groups if act_layout else 1,
+        ACT_LAYOUT=act_layout is not None,
+        ACT_GROUPS=act_layout.groups if act_layout else 1,
+        ACT_RUN=act_layout.run if act_layout else 1,
+        ACT_PAD=_act_pad(groups * Q // 2, act_layout) if act_layout else 0,
+        ACT_LAST=triton.next_power_of_2(act_layout.groups) if act_layout else 1,
         p_bucket=triton.next_power_of_2(P), k_bucket=triton.next_power_of_2(max(K, K2)),
         HAS_SECOND=has_second, SHARED_STRIDES=shared, PAIRED=paired, HAS_BIAS=bias is not None,
         HAS_BIAS2=bias2 is not None, HAS_RESIDUAL=residual is not None,
@@ -625,6 +783,9 @@ def grouped_gemm(
     grid_groups = 2 * groups if paired else groups
 
     def grid(meta):
+        if act_layout is not None:  # the gate half's tiles, one program each
+            return (triton.cdiv(P, meta["BLOCK_P"]) * (groups * Q // 2 // meta["BLOCK_Q"]), 1,
+                    meta["SPLIT_K"])
         return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Q, meta["BLOCK_Q"]), grid_groups,
                 meta["SPLIT_K"])
 
@@ -640,6 +801,13 @@ def grouped_gemm(
         # 64 elements per thread it spilled on sm_90a (Triton 3.6, 8 to 144 B); 32 compile clean.
         configs = tuple(c for c in configs if c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_Q"]
                         <= 32 * 32 * c.num_warps) or configs
+    interpreter_config = _interpreter_config(P, Q, max(K, K2))
+    if act_layout is not None:
+        configs = _act_layout_configs(configs, Q, groups * Q // 2) \
+            or _act_layout_configs(CUDA_CONFIGS, Q, groups * Q // 2)[-1:]
+        interpreter_config = _act_layout_configs([interpreter_config] + [
+            triton.Config(dict(interpreter_config.kwargs, BLOCK_Q=bq), num_warps=4)
+            for bq in (64, 32)], Q, groups * Q // 2)[0]
     if view is not None and view.kind == VIEW_D:
         # Each step of a D view loads one of several B tiles (W1's, then W2's per residue): a
         # 128x64 one spilled on sm_90a (Triton 3.6, 76-96 B); 64x64 and 128x32 compile clean.
@@ -664,22 +832,29 @@ def grouped_gemm(
                                 intermediate_dtype(c.tensor.dtype), c.tensor.device)
         # Every pointer the launch does not use points at the workspace too, so the launch
         # names no tensor it does not touch (the ledger counts the tensors it is given).
-        args.update(c_ptr=ws, c2_ptr=ws[-1], r_ptr=ws, act_ptr=ws, bias_ptr=ws, bias2_ptr=ws,
-                    s_split=numel)
+        args.update(c_ptr=ws, c2_ptr=ws[-1], r_ptr=ws, act_ptr=ws, t_ptr=ws, bias_ptr=ws,
+                    bias2_ptr=ws, s_split=numel)
     args.update(SPLIT_K=splits, k_per_split=k_per_split)
     launch(KernelLaunch(
         name=name, kernel=_grouped_gemm_kernel, grid=grid, args=args,
         configs=configs,
-        interpreter_config=_interpreter_config(P, Q, max(K, K2)),
+        interpreter_config=interpreter_config,
         tune_key=("p_bucket", "Q", "k_bucket", "K2", "HAS_SECOND", "SHARED_STRIDES", "PAIRED",
-                  "HAS_RESIDUAL", "RESIDUAL_GATHER", "ACT_GRAD", "VIEW", "GROUPS", "RUN",
-                  "VIEW_SECOND", "SPLIT_K"),
+                  "HAS_RESIDUAL", "RESIDUAL_GATHER", "ACT_GRAD", "ACT_LAYOUT", "VIEW", "GROUPS",
+                  "RUN", "VIEW_SECOND", "SPLIT_K"),
         # An output that is also the residual is accumulated into: restore it between trials.
         restore=("c_ptr",) if residual is not None and residual.tensor is c.tensor else (),
         device=c.tensor.device,
     ))
     if splits > 1:
         _sum_splits(ws, outs, splits, name)
+
+
+def _act_pad(channels: int, act_layout: ActivationLayout) -> int:
+    """The most padding slots that follow a run's last channel: ``R - 1 - (s - G) // G``."""
+    G = act_layout.groups
+    per_group = channels // G
+    return act_layout.run - 1 - (per_group - G) // G
 
 
 def _sum_splits(ws: torch.Tensor, outs, splits: int, name: str) -> None:
