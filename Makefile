@@ -31,7 +31,7 @@ FAST_TESTS := tests/test_reference.py tests/test_bad_input.py tests/test_modules
 # launch, out-of-bounds accesses, and results that depend on the programs' order. The subset
 # marked `sanitize` launches every kernel of the package, in every GPU config.
 SANITIZE_TESTS := tests/test_ops_parity.py tests/test_fused_decoder.py tests/test_residual_norm.py \
-	tests/test_split_k.py
+	tests/test_split_k.py tests/test_activation_layout.py
 
 .PHONY: help install test test-fast sanitize bench bench-full clean
 

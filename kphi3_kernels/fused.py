@@ -17,6 +17,10 @@ read, and the layout's gradient returns to the activation's backward: no pass in
     h, n = add_rms_norm(residual, x, norm_weight, eps)      # h = residual + x, n = RMSNorm(h)
     y = silu_mul_gpc_io(gate_up, weight1, weight2, residual=h)  # h + down_proj(...)
 
+    # gate_up_proj's head writing down_proj's input from its own launch (no activation pass):
+    gate_up, act = rms_norm_gpc_io(x, norm_weight, eps, wg1, wg2, activation_groups=G)
+    y = silu_mul_gpc_io(gate_up, weight1, weight2, activation=act)
+
 ``silu_mul_gpc_io`` is what a KPhi-3 MLP runs with ``fused_decoder=True``: one operator whose backward
 never writes the layout's gradient. It computes ``h``'s gradient in plain channel order (the IO
 block's input gradient, its interleaved half gathered in the epilogue) and turns it into those
@@ -113,6 +117,7 @@ def gpc_io_from_layout(t: torch.Tensor, weight1: torch.Tensor, weight2: torch.Te
 def silu_mul_gpc_io(gate_up: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
                     bias1: Optional[torch.Tensor] = None, bias2: Optional[torch.Tensor] = None,
                     pad: int = 8, *, residual: Optional[torch.Tensor] = None,
+                    activation: Optional[torch.Tensor] = None,
                     backend: Optional[str] = None) -> torch.Tensor:
     """``gpc_io(up * silu(gate), weight1, weight2, bias1, bias2)`` for ``gate_up = [gate | up]``:
     a KPhi-3 MLP's activation and down_proj as one fused operator (see the module docstring).
@@ -122,6 +127,12 @@ def silu_mul_gpc_io(gate_up: torch.Tensor, weight1: torch.Tensor, weight2: torch
     ``residual + gpc_io(...)``, added to the fp32 accumulator in the epilogue, in the promoted
     dtype of the two (the decoder's residual add after the MLP). ``"torch"`` runs the same
     operator in PyTorch (one rounding of the sum too).
+
+    ``activation``: ``silu_mul_to_layout(gate_up, G, pad)`` where it is already written (what
+    ``rms_norm_gpc_io(..., activation_groups=G)`` returns beside ``gate_up``, from the same
+    launch): the activation pass is skipped. It is read as it is (it must be that function's
+    value of this ``gate_up``; its shape and dtype are checked) and gets no gradient: the
+    backward's gradient of ``gate_up`` includes the path through it.
     """
     op = "silu_mul_gpc_io"
     G, s, og = C.check_io_weights(weight1, weight2, op)
@@ -139,10 +150,32 @@ def silu_mul_gpc_io(gate_up: torch.Tensor, weight1: torch.Tensor, weight2: torch
     name = C.backend_for(gate_up, backend, op)
     gate_up, (weight1, weight2, bias1, bias2) = C.cast_params(
         gate_up, (weight1, weight2, bias1, bias2), op)
-    run = layout.residue_run_length(G * s, G, pad)
+    run = _run_length(G, s, pad)
+    given = _check_activation(activation, gate_up, G * G * run, op)
     y = fused_ops.mlp_tail(C.flatten(gate_up), weight1, weight2, bias1, bias2, run,
-                           C.flatten(residual) if residual is not None else None, backend=name)
+                           C.flatten(residual) if residual is not None else None, given,
+                           backend=name)
     return y.reshape(*gate_up.shape[:-1], G * og)
+
+
+def _check_activation(t: Optional[torch.Tensor], gate_up: torch.Tensor, width: int,
+                      op: str) -> Optional[torch.Tensor]:
+    """``t`` flattened to ``[M, width]`` after checking it is ``gate_up``'s activation layout
+    in shape, dtype and device (None stays None)."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: activation must be a tensor or None, got {type(t).__name__}")
+    want = (*gate_up.shape[:-1], width)
+    if tuple(t.shape) != want or t.dtype != gate_up.dtype or t.device != gate_up.device:
+        raise ValueError(
+            f"{op}: activation is {tuple(t.shape)} {t.dtype} on {t.device}, but gate_up's "
+            f"activation layout is {want} {gate_up.dtype} on {gate_up.device} "
+            "(silu_mul_to_layout(gate_up, G, pad))")
+    if t.requires_grad:
+        raise ValueError(f"{op}: activation requires grad, but it gets none (gate_up's "
+                         "gradient covers it): pass the one a norm head returned, or detach it")
+    return C.flatten(t)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
@@ -188,7 +221,8 @@ def rms_norm_gpc_io(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                     weight1: torch.Tensor, weight2: torch.Tensor,
                     bias1: Optional[torch.Tensor] = None, bias2: Optional[torch.Tensor] = None,
                     pad: int = 8, *, residual: Optional[torch.Tensor] = None,
-                    layout: str = "auto", backend: Optional[str] = None):
+                    layout: str = "auto", activation_groups: Optional[int] = None,
+                    backend: Optional[str] = None):
     """``gpc_io(RMSNorm(x), weight1, weight2, bias1, bias2)``: a KPhi-3 layer's RMSNorm and the
     IO block after it (qkv_proj, gate_up_proj) as one fused operator (module docstring).
 
@@ -203,6 +237,12 @@ def rms_norm_gpc_io(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     ``layout``: how the norm writes the block's input. ``"block-residue"``: the padded layout
     both GEMMs read (``layout_padding``); ``"split"``: channel order plus its de-interleaved
     copy, no padding; ``"auto"``: the layout where it adds no channel, else split.
+
+    ``activation_groups`` (gate_up_proj's head, with ``y = [gate | up]``): the result also
+    ends with ``silu_mul_to_layout(y, activation_groups, pad)``, the input of the MLP's
+    down_proj (``activation_groups`` groups), written by the block's own launch where the
+    tile fits (else by the activation pass after it); pass it to ``silu_mul_gpc_io``'s
+    ``activation``. It carries no gradient of its own.
     """
     op = "rms_norm_gpc_io"
     G, s, og = C.check_io_weights(weight1, weight2, op)
@@ -230,16 +270,35 @@ def rms_norm_gpc_io(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                                           for p in (weight1, weight2, bias1, bias2))
     if layout == "auto":
         layout = "block-residue" if layout_padding(G, s, pad) == 0 else "split"
+    act = _activation_geometry(activation_groups, G * og, pad, op)
     flat_residual = C.flatten(residual) if residual is not None else None
     if layout == "split":
         out = fused_ops.norm_io_split(C.flatten(x), norm_weight, float(eps), weight1, weight2,
-                                      bias1, bias2, flat_residual, backend=name)
+                                      bias1, bias2, flat_residual, act, backend=name)
     else:
         out = fused_ops.norm_io(C.flatten(x), norm_weight, float(eps), weight1, weight2, bias1,
-                                bias2, _run_length(G, s, pad), flat_residual, backend=name)
-    h, y = out if residual is not None else (None, out)
-    y = y.reshape(*x.shape[:-1], G * og)
-    return y if residual is None else (h.reshape(x.shape), y)
+                                bias2, _run_length(G, s, pad), flat_residual, act, backend=name)
+    out = out if isinstance(out, tuple) else (out,)
+    h, out = (out[0], out[1:]) if residual is not None else (None, out)
+    rows = x.shape[:-1]
+    result = (out[0].reshape(*rows, G * og),) + tuple(a.reshape(*rows, a.shape[-1])
+                                                      for a in out[1:])
+    result = result if residual is None else (h.reshape(x.shape), *result)
+    return result if len(result) > 1 else result[0]
+
+
+def _activation_geometry(groups, width: int, pad: int, op: str):
+    """``(groups, run)`` of the activation layout a norm head writes, after checking that its
+    ``width`` output channels are a ``[gate | up]`` pair divisible into ``groups`` (None: none)."""
+    if groups is None:
+        return None
+    groups = as_int(groups, f"{op}: activation_groups")
+    channels, odd = divmod(width, 2)
+    if groups < 1 or odd or channels % groups:
+        raise ValueError(
+            f"{op}: activation_groups={groups} needs the block's {width} output channels to be "
+            f"[gate | up] halves of a multiple of {groups} channels each")
+    return groups, _run_length(groups, channels // groups, pad)
 
 
 def _run_length(groups: int, per_group: int, pad: int) -> int:

@@ -209,12 +209,14 @@ def _has_submodule(owner: nn.Module, path: str) -> bool:
 
 
 def norm_then_block(norm: nn.Module, block: nn.Module, x: torch.Tensor,
-                    residual: torch.Tensor | None = None):
+                    residual: torch.Tensor | None = None, activation_groups: int | None = None):
     """``block(norm(x))`` as the fused norm head (``kphi3_kernels.fused.rms_norm_gpc_io``); with
-    ``residual``, ``(h, block(norm(h)))`` for ``h = residual + x``."""
+    ``residual``, ``(h, block(norm(h)))`` for ``h = residual + x``; with ``activation_groups``,
+    then the activation of the result in the layout of a block of that many groups."""
     first, second = block.first_pointwise_conv, block.second_pointwise_conv
     return rms_norm_gpc_io(x, norm.weight, norm.variance_epsilon, first.weight, second.weight,
-                           first.bias, second.bias, residual=residual, backend=block.backend)
+                           first.bias, second.bias, residual=residual,
+                           activation_groups=activation_groups, backend=block.backend)
 
 
 def norm_head_text(norm: str, block: nn.Module, name: str) -> str:
@@ -274,23 +276,33 @@ class KPhi3MLP(nn.Module):
         ``residual``: returns ``residual + mlp(hidden_states)``, the add in down_proj's
         epilogue where the MLP tail is fused. ``fused_tail``: the decoder layer's plan for the
         tail (None: decided here, ``fused_path``)."""
-        if input_norm is not None:
-            up_states = norm_then_block(input_norm, self.gate_up_proj, hidden_states)
-        else:
-            up_states = self.gate_up_proj(hidden_states)
-        return self.tail(up_states, residual, fused_tail)
+        if input_norm is None:
+            return self.tail(self.gate_up_proj(hidden_states), residual, fused_tail)
+        if fused_tail is None:
+            fused_tail = self.config.fused_decoder and self.fused_path(hidden_states)[0]
+        # A fused tail takes its input, silu(gate) * up in down_proj's layout, from the head.
+        out = norm_then_block(input_norm, self.gate_up_proj, hidden_states,
+                              activation_groups=self.tail_groups() if fused_tail else None)
+        up_states, activation = out if fused_tail else (out, None)
+        return self.tail(up_states, residual, fused_tail, activation)
+
+    def tail_groups(self) -> int:
+        """down_proj's group count: the layout of its input a norm head writes for the tail."""
+        return self.down_proj.num_groups
 
     def tail(self, up_states: torch.Tensor, residual: torch.Tensor | None = None,
-             fused: bool | None = None) -> torch.Tensor:
+             fused: bool | None = None, activation: torch.Tensor | None = None) -> torch.Tensor:
         """``(residual +) down_proj(up * act(gate))`` from gate_up_proj's output; ``fused`` as
-        ``forward``'s ``fused_tail``."""
+        ``forward``'s ``fused_tail``; ``activation``: ``up * act(gate)`` in down_proj's layout,
+        where a norm head wrote it (fused tail only)."""
         if fused is None:
             fused = self.config.fused_decoder and self.fused_path(up_states)[0]
         if fused:
             down = self.down_proj
             first, second = down.first_pointwise_conv, down.second_pointwise_conv
             return silu_mul_gpc_io(up_states, first.weight, second.weight, first.bias,
-                                   second.bias, residual=residual, backend=down.backend)
+                                   second.bias, residual=residual, activation=activation,
+                                   backend=down.backend)
         gate, up_states = up_states.chunk(2, dim=-1)  # the gate is the first half
         up_states = up_states * self.activation_fn(gate)
         out = self.down_proj(up_states)
@@ -750,9 +762,11 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
         norm = self.post_attention_layernorm
         if plan.attn_add and plan.gate_up_head:
             # The add, the norm and gate_up_proj in one operator; then the MLP's tail.
-            residual, up_states = norm_then_block(norm, self.mlp.gate_up_proj, hidden_states,
-                                                  residual=residual)
-            out = self.mlp.tail(up_states, residual if plan.down_add else None, plan.tail)
+            out = norm_then_block(norm, self.mlp.gate_up_proj, hidden_states, residual=residual,
+                                  activation_groups=self.mlp.tail_groups() if plan.tail else None)
+            residual, up_states, activation = out if plan.tail else (*out, None)
+            out = self.mlp.tail(up_states, residual if plan.down_add else None, plan.tail,
+                                activation)
             return out if plan.down_add else residual + out
         mlp_norm = None
         if plan.attn_add:

@@ -159,6 +159,14 @@ def _rstd(x):
     return torch.rsqrt(x.float().pow(2).mean(-1) + EPS)
 
 
+def _w_gate_up():
+    """A gate_up_proj weight: 12 outputs, [gate | up] of 6 channels each."""
+    return torch.randn(FG, FS, 4, device=DEVICE, requires_grad=True)
+
+
+_ACT = (2, layout.residue_run_length(6, 2))  # the activation's layout: 6 channels in 2 groups
+
+
 def _norm_saved(split):
     """``(dy, dh, x, norm_weight, rstd, <the block's saved input>, w1, w2)`` of a norm head."""
     x = _t(M, FG * FS)
@@ -180,9 +188,13 @@ FUSED_OPCHECK_CASES = [
                                                  False, False, True, False, False)),
     ("residual-all-grad", "mlp_tail",
      lambda b: (_t(M, 2 * FG * FS, grad=True), _w(True), _w(True), _t(FG, FOG, grad=True), None,
-                _t(M, FG * FOG, grad=True), _run_length())),
+                _t(M, FG * FOG, grad=True), _run_length(), None)),
     ("no-residual-w1-grad", "mlp_tail", lambda b: (_strided_3d((1, M), 2 * FG * FS), _w(True),
-                                                   _w(), None, None, None, _run_length(2))),
+                                                   _w(), None, None, None, _run_length(2), None)),
+    # The activation given (what a norm head wrote): returned empty, saved for the backward.
+    ("given-activation", "mlp_tail", lambda b: (_t(M, 2 * FG * FS, grad=True), _w(True), _w(),
+                                                None, None, _t(M, FG * FOG), _run_length(),
+                                                _layout_t(M))),
     ("all-needs", "mlp_tail_bwd", lambda b: (_t(M, FG * FOG), _t(M, 2 * FG * FS),
                                              _layout_t(M), _w(), _w(), True, True, True, True,
                                              True)),
@@ -201,18 +213,25 @@ FUSED_OPCHECK_CASES = [
     ("residual-all-grad", "norm_io",
      lambda b: (_t(M, FG * FS, grad=True), _t(FG * FS, grad=True), EPS, _w(True), _w(True),
                 _t(FG, FOG, grad=True), _t(FG, FOG, grad=True), _t(M, FG * FS, grad=True),
-                _run_length())),
+                _run_length(), 0, 0)),
     ("x-grad", "norm_io", lambda b: (_strided_3d((1, M), FG * FS, grad=True), _t(FG * FS), EPS,
-                                     _w(), _w(), None, None, None, _run_length(2))),
+                                     _w(), _w(), None, None, None, _run_length(2), 0, 0)),
+    # gate_up_proj's head: [gate | up] of 6 channels each, their activation in 2 groups.
+    ("activation", "norm_io", lambda b: (_t(M, FG * FS, grad=True), _t(FG * FS), EPS,
+                                         _w_gate_up(), _w_gate_up(), None, None, None,
+                                         _run_length(), *_ACT)),
     ("all-needs", "norm_io_bwd", lambda b: (*_norm_saved(False), True, True, True, True, True,
                                             True)),
     ("no-dh-dnorm", "norm_io_bwd", lambda b: (lambda a: (a[0], None, *a[2:], False, True, False,
                                                          True, False, False))(_norm_saved(False))),
     ("residual-all-grad", "norm_io_split",
      lambda b: (_t(M, FG * FS, grad=True), _t(FG * FS, grad=True), EPS, _w(True), _w(True),
-                _t(FG, FOG, grad=True), None, _t(M, FG * FS, grad=True))),
+                _t(FG, FOG, grad=True), None, _t(M, FG * FS, grad=True), 0, 0)),
     ("w-grad", "norm_io_split", lambda b: (_t(M, FG * FS), _t(FG * FS), EPS, _w(True), _w(),
-                                           None, _t(FG, FOG), None)),
+                                           None, _t(FG, FOG), None, 0, 0)),
+    ("activation", "norm_io_split", lambda b: (_t(M, FG * FS), _t(FG * FS, grad=True), EPS,
+                                               _w_gate_up(), _w_gate_up(), None, None,
+                                               _t(M, FG * FS, grad=True), *_ACT)),
     ("all-needs", "norm_io_split_bwd",
      lambda b: (*_norm_saved(True), True, True, True, True, True, True)),
     ("no-dh-dx", "norm_io_split_bwd", lambda b: (lambda a: (a[0], None, *a[2:], True, False,

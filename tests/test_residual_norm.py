@@ -583,18 +583,19 @@ def _strided(M, C, grad=False):
 
 
 def _tail_args(M, G, s, og, dtype=F32, residual_dtype=F32, grad=True):
-    """``mlp_tail``'s arguments: gate_up, weights, bias1 (no bias2), the residual, the run."""
+    """``mlp_tail``'s arguments: gate_up, weights, bias1 (no bias2), the residual, the run, no
+    activation given."""
     run = layout.residue_run_length(G * s, G)
     block = [_t(*shape, grad=grad, dtype=dtype) for shape in
              ((M, 2 * G * s), (G, s, og), (G, s, og), (G, og))]
-    return (*block, None, _t(M, G * og, grad=grad, dtype=residual_dtype), run)
+    return (*block, None, _t(M, G * og, grad=grad, dtype=residual_dtype), run, None)
 
 
 @requires_triton
 def test_a_float64_residual_is_added_in_float64():
     """An fp32 block with a float64 residual: the epilogue adds in float64 (the output's
     dtype), so the result is the fp32 block's output plus the residual, exactly."""
-    gu, w1, w2, b1, _, r, _ = _tail_args(9, 5, 12, 7, grad=False)
+    gu, w1, w2, b1, _, r, _, _ = _tail_args(9, 5, 12, 7, grad=False)
     r = (r.double() * 1e3)
     y = fused.silu_mul_gpc_io(gu, w1, w2, b1, residual=r, backend="triton")
     block = fused.silu_mul_gpc_io(gu, w1, w2, b1, backend="triton")

@@ -19,9 +19,11 @@ operator                                                            returns
 ``gpc_io_layout_bwd_triton(dy, t, weight1, weight2, need_dt,        the needed ones of
 need_dw1, need_dw2, need_db1, need_db2)``                           ``[dt, dw1, dw2, db1, db2]``
 ``mlp_tail_triton(gu, weight1, weight2, bias1?, bias2?,             ``(y, t)``: down_proj of
-residual?, run)``                                                   ``up * silu(gate)`` (plus
+residual?, run, t?)``                                               ``up * silu(gate)`` (plus
                                                                     the residual), and the
-                                                                    layout it read (saved)
+                                                                    layout it read (saved;
+                                                                    empty where ``t`` was
+                                                                    given: a norm head's)
 ``mlp_tail_bwd_triton(dy, gu, t, weight1, weight2, need_dgu,        the needed ones of
 need_dw1, need_dw2, need_db1, need_db2)``                           ``[dgu, dw1, dw2, db1, db2]``
 ``rms_norm_triton(x, weight, eps)``                                 ``(n, rstd)``: RMSNorm in
@@ -33,16 +35,21 @@ need_dw1, need_dw2, need_db1, need_db2)``                           ``[dgu, dw1,
 ``rms_norm_bwd_triton(dn, dh?, x, weight, rstd, need_dx,            the needed ones of ``[dx,
 need_dw)``                                                          dweight]``; ``dx``
                                                                     includes ``dh``
-``norm_io_triton(x, norm_weight, eps, weight1, weight2, bias1?,      ``(y, h, t, rstd)``: the
-bias2?, residual?, run)``                                           IO block of ``RMSNorm(h)``,
+``norm_io_triton(x, norm_weight, eps, weight1, weight2, bias1?,      ``(y, h, t, rstd, a)``: the
+bias2?, residual?, run, act_groups, act_run)``                      IO block of ``RMSNorm(h)``,
                                                                     ``h = residual + x`` (empty
                                                                     without one; else ``x``),
                                                                     the layout it read and the
-                                                                    reciprocal RMS (saved)
-``norm_io_split_triton(x, norm_weight, eps, weight1, weight2,        ``(y, h, n, xi, rstd)``: the
-bias1?, bias2?, residual?)``                                        same, the block's input as
-                                                                    ``n`` and its de-interleaved
-                                                                    copy ``xi`` (saved)
+                                                                    reciprocal RMS (saved), and
+                                                                    ``up * silu(gate)`` of ``y``
+                                                                    in the layout of
+                                                                    ``act_groups`` groups, runs
+                                                                    of ``act_run`` (empty for
+                                                                    0; never differentiable)
+``norm_io_split_triton(x, norm_weight, eps, weight1, weight2,        ``(y, h, n, xi, rstd, a)``:
+bias1?, bias2?, residual?, act_groups, act_run)``                   the same, the block's input
+                                                                    as ``n`` and its
+                                                                    de-interleaved copy ``xi``
 ``norm_io_bwd_triton(dy, dh?, x, norm_weight, rstd, t, weight1,      the needed ones of ``[dx,
 weight2, need_dx, need_dnorm, need_dw1, need_dw2, need_db1,         dnorm, dw1, dw2, db1,
 need_db2)``                                                         db2]``
@@ -66,6 +73,11 @@ from . import registry as co
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty((0,))
+
+
+def _act(groups: int, run: int) -> Optional[Tuple[int, int]]:
+    """A norm head's ``act`` argument: the layout of the activation it writes (0: none)."""
+    return (groups, run) if groups else None
 
 
 def _with_bias_grads(impl, grads, dy, groups: int, need_db1: bool, need_db2: bool):
@@ -106,13 +118,15 @@ def _bodies(backend: str):
         return co._fresh(co._needed(grads, needs), [dy, t, weight1, weight2])
 
     def mlp_tail(gu: Tensor, weight1: Tensor, weight2: Tensor, bias1: Optional[Tensor],
-                 bias2: Optional[Tensor], residual: Optional[Tensor], run: int
-                 ) -> Tuple[Tensor, Tensor]:
+                 bias2: Optional[Tensor], residual: Optional[Tensor], run: int,
+                 t: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         with co._no_autocast(gu):
-            y, t = impl().mlp_tail_fwd(gu, weight1, weight2, bias1, bias2, run,
-                                                     residual)
-        y, t = co._fresh([y, t], [gu, weight1, weight2, bias1, bias2, residual])
-        return y, t
+            y, t_out = impl().mlp_tail_fwd(gu, weight1, weight2, bias1, bias2, run, residual,
+                                           None if t is None else t.contiguous())
+        # A given layout is the caller's: returned empty (an output may not alias an input).
+        y, t_out = co._fresh([y, t_out if t is None else _or_empty(None, gu)],
+                             [gu, weight1, weight2, bias1, bias2, residual, t])
+        return y, t_out
 
     def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
         with co._no_autocast(x):
@@ -145,20 +159,24 @@ def _bodies(backend: str):
 
     def norm_io(x: Tensor, norm_weight: Tensor, eps: float, weight1: Tensor, weight2: Tensor,
                 bias1: Optional[Tensor], bias2: Optional[Tensor], residual: Optional[Tensor],
-                run: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                run: int, act_groups: int, act_run: int
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         with co._no_autocast(x):
-            y, h, t, rstd = impl().norm_io_fwd(
-                x, norm_weight, eps, weight1, weight2, bias1, bias2, run, residual)
-        return tuple(co._fresh([y, _or_empty(h, x), t, rstd],
+            y, h, t, rstd, a = impl().norm_io_fwd(
+                x, norm_weight, eps, weight1, weight2, bias1, bias2, run, residual,
+                _act(act_groups, act_run))
+        return tuple(co._fresh([y, _or_empty(h, x), t, rstd, _or_empty(a, x)],
                                [x, norm_weight, weight1, weight2, bias1, bias2, residual]))
 
     def norm_io_split(x: Tensor, norm_weight: Tensor, eps: float, weight1: Tensor,
                       weight2: Tensor, bias1: Optional[Tensor], bias2: Optional[Tensor],
-                      residual: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      residual: Optional[Tensor], act_groups: int, act_run: int
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         with co._no_autocast(x):
-            y, h, n, xi, rstd = impl().norm_io_split_fwd(
-                x, norm_weight, eps, weight1, weight2, bias1, bias2, residual)
-        return tuple(co._fresh([y, _or_empty(h, x), n, xi, rstd],
+            y, h, n, xi, rstd, a = impl().norm_io_split_fwd(
+                x, norm_weight, eps, weight1, weight2, bias1, bias2, residual,
+                _act(act_groups, act_run))
+        return tuple(co._fresh([y, _or_empty(h, x), n, xi, rstd, _or_empty(a, x)],
                                [x, norm_weight, weight1, weight2, bias1, bias2, residual]))
 
     def norm_io_bwd(dy: Tensor, dh: Optional[Tensor], x: Tensor, norm_weight: Tensor,
@@ -224,11 +242,11 @@ def _fake_gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt, need_dw1, need_dw2
                           (need_dt, need_dw1, need_dw2, need_db1, need_db2))
 
 
-def _fake_mlp_tail(gu, weight1, weight2, bias1, bias2, residual, run):
+def _fake_mlp_tail(gu, weight1, weight2, bias1, bias2, residual, run, t):
     G, og = weight1.shape[0], weight1.shape[2]
     y_dtype = gu.dtype if residual is None else torch.promote_types(gu.dtype, residual.dtype)
     return [gu.new_empty((gu.shape[0], G * og), dtype=y_dtype),
-            gu.new_empty((gu.shape[0], G * G * run))]
+            gu.new_empty((gu.shape[0], G * G * run) if t is None else (0,))]
 
 
 def _norm_dtypes(source, weight):
@@ -268,20 +286,31 @@ def _fake_norm_input(x, norm_weight, residual):
     return h, _norm_dtypes(h.dtype, norm_weight)[1]
 
 
-def _fake_norm_io(x, norm_weight, eps, weight1, weight2, bias1, bias2, residual, run):
+def _fake_activation(x, weight1, act_groups, act_run):
+    """A norm head's activation output: the layout, or empty (x's dtype) where not asked."""
+    if not act_groups:
+        return x.new_empty((0,))
+    return x.new_empty((x.shape[0], act_groups * act_groups * act_run), dtype=weight1.dtype)
+
+
+def _fake_norm_io(x, norm_weight, eps, weight1, weight2, bias1, bias2, residual, run,
+                  act_groups, act_run):
     G, og = weight1.shape[0], weight1.shape[2]
     h, rstd_dtype = _fake_norm_input(x, norm_weight, residual)
     return (x.new_empty((x.shape[0], G * og), dtype=weight1.dtype), h,
             x.new_empty((x.shape[0], G * G * run), dtype=weight1.dtype),
-            x.new_empty((x.shape[0],), dtype=rstd_dtype))
+            x.new_empty((x.shape[0],), dtype=rstd_dtype),
+            _fake_activation(x, weight1, act_groups, act_run))
 
 
-def _fake_norm_io_split(x, norm_weight, eps, weight1, weight2, bias1, bias2, residual):
+def _fake_norm_io_split(x, norm_weight, eps, weight1, weight2, bias1, bias2, residual,
+                        act_groups, act_run):
     G, og = weight1.shape[0], weight1.shape[2]
     h, rstd_dtype = _fake_norm_input(x, norm_weight, residual)
     return (x.new_empty((x.shape[0], G * og), dtype=weight1.dtype), h,
             x.new_empty(x.shape, dtype=weight1.dtype), x.new_empty(x.shape, dtype=weight1.dtype),
-            x.new_empty((x.shape[0],), dtype=rstd_dtype))
+            x.new_empty((x.shape[0],), dtype=rstd_dtype),
+            _fake_activation(x, weight1, act_groups, act_run))
 
 
 def _fake_norm_io_bwd(dy, dh, x, norm_weight, rstd, t, weight1, weight2, need_dx, need_dnorm,
@@ -320,9 +349,10 @@ def gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt=True, need_dw1=True, need
                       needs)
 
 
-def mlp_tail(gu, weight1, weight2, bias1=None, bias2=None, run: int = 8, residual=None, *,
-             backend: str) -> Tensor:
-    return co._call("mlp_tail", backend, gu, weight1, weight2, bias1, bias2, residual, run)[0]
+def mlp_tail(gu, weight1, weight2, bias1=None, bias2=None, run: int = 8, residual=None, t=None,
+             *, backend: str) -> Tensor:
+    """``y``: ``t`` given (the activation a norm head wrote with ``act``), no activation pass."""
+    return co._call("mlp_tail", backend, gu, weight1, weight2, bias1, bias2, residual, run, t)[0]
 
 
 def rms_norm(x, weight, eps: float, *, backend: str) -> Tensor:
@@ -334,20 +364,30 @@ def add_rms_norm(residual, x, weight, eps: float, *, backend: str) -> Tuple[Tens
     return h, n
 
 
+def _head_result(y, h, a, residual, act):
+    """A norm head's public result: ``y``, ``(h, y)`` with a residual, then ``a`` with ``act``."""
+    out = (y,) if residual is None else (h, y)
+    out = out + (a,) if act is not None else out
+    return out if len(out) > 1 else y
+
+
 def norm_io(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
-            run: int = 8, residual=None, *, backend: str):
-    """``y``, or ``(h, y)`` with a residual: the layout norm head."""
-    y, h, _, _ = co._call("norm_io", backend, x, norm_weight, float(eps), weight1, weight2,
-                          bias1, bias2, residual, run)
-    return y if residual is None else (h, y)
+            run: int = 8, residual=None, act: Optional[Tuple[int, int]] = None, *, backend: str):
+    """``y``, or ``(h, y)`` with a residual: the layout norm head; ``act = (groups, run)``:
+    then the activation ``up * silu(gate)`` of ``y`` in that layout, written by its launch."""
+    groups, act_run = act or (0, 0)
+    y, h, _, _, a = co._call("norm_io", backend, x, norm_weight, float(eps), weight1, weight2,
+                             bias1, bias2, residual, run, groups, act_run)
+    return _head_result(y, h, a, residual, act)
 
 
 def norm_io_split(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
-                  residual=None, *, backend: str):
-    """``y``, or ``(h, y)`` with a residual: the split norm head."""
-    y, h = co._call("norm_io_split", backend, x, norm_weight, float(eps), weight1, weight2,
-                    bias1, bias2, residual)[:2]
-    return y if residual is None else (h, y)
+                  residual=None, act: Optional[Tuple[int, int]] = None, *, backend: str):
+    """``y``, or ``(h, y)`` with a residual: the split norm head; ``act`` as ``norm_io``'s."""
+    groups, act_run = act or (0, 0)
+    out = co._call("norm_io_split", backend, x, norm_weight, float(eps), weight1, weight2,
+                   bias1, bias2, residual, groups, act_run)
+    return _head_result(out[0], out[1], out[-1], residual, act)
 
 
 def _no_grad_to_saved(name: str, grad) -> None:
@@ -402,8 +442,9 @@ def _formulas(backend: str):
     register("gpc_io_layout", io_backward, io_setup)
 
     def tail_setup(ctx, inputs, output):
-        gu, weight1, weight2, bias1, bias2, residual, _ = inputs
-        ctx.save_for_backward(gu, output[1], weight1, weight2)
+        gu, weight1, weight2, bias1, bias2, residual, _, t = inputs
+        # The layout the weight gradients read: the one given (a norm head's), else written.
+        ctx.save_for_backward(gu, output[1] if t is None else t, weight1, weight2)
         ctx.has_bias = (bias1 is not None, bias2 is not None)
         ctx.residual_dtype = residual.dtype if residual is not None else None
         ctx.set_materialize_grads(False)
@@ -412,7 +453,7 @@ def _formulas(backend: str):
         gu, t, weight1, weight2 = ctx.saved_tensors
         need = ctx.needs_input_grad
         if dy is None and dt is None:
-            return (None,) * 7
+            return (None,) * 8
         if dy is None:  # a gradient reaches only t (never from the public functions)
             dy = gu.new_zeros((gu.shape[0], weight1.shape[0] * weight1.shape[2]))
         # The residual add's gradient is dy itself, for both addends; the block's in its dtype.
@@ -423,10 +464,11 @@ def _formulas(backend: str):
                  ctx.has_bias[1] and need[4])
         grads = co._unpack(co._call("mlp_tail_bwd", backend, dy, gu, t, weight1, weight2,
                                     *needs), needs)
-        if dt is not None and need[0]:
+        if dt is not None and dt.numel() and need[0]:
             grads = (grads[0] + co._call("silu_mul_layout_bwd", backend, dt, gu,
                                          weight1.shape[0]), *grads[1:])
-        return (*grads, dresidual, None)
+        # A given layout gets no gradient: it is a function of gu, whose gradient covers it.
+        return (*grads, dresidual, None, None)
 
     register("mlp_tail", tail_backward, tail_setup)
 
@@ -434,8 +476,10 @@ def _formulas(backend: str):
         x, norm_weight, _, weight1, weight2, bias1, bias2, residual = inputs[:8]
         # The norm's input is h (an output) with a residual, else x; then the block's operands.
         source = output[1] if residual is not None else x
-        ctx.save_for_backward(source, norm_weight, output[-1], *output[2:-1], weight1, weight2)
-        # the block's saved input and rstd; h where it depends on no input that needs a grad
+        # outputs: y, h, the block's operands, rstd, the activation (empty unless asked)
+        ctx.save_for_backward(source, norm_weight, output[-2], *output[2:-2], weight1, weight2)
+        # the block's saved input, rstd and the activation (its gradient reaches y through the
+        # MLP tail's backward); h where it depends on no input that needs a grad
         _mark_non_differentiable(ctx, output[2:], output[1], stream_inputs=(0, 7))
         ctx.has_bias = (bias1 is not None, bias2 is not None)
         ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None)
@@ -447,8 +491,8 @@ def _formulas(backend: str):
             need = ctx.needs_input_grad
             if any(g is not None for g in saved_grads):
                 raise RuntimeError(
-                    f"kphi3::{name}: a gradient reached a saved output (the block's input or "
-                    "rstd); only the IO block's result and h are differentiable")
+                    f"kphi3::{name}: a gradient reached a saved output (the block's input, rstd "
+                    "or the activation); only the IO block's result and h are differentiable")
             has_residual = ctx.dtypes[1] is not None
             dh = dh if has_residual else None
             need_d = need[0] or (has_residual and need[7])

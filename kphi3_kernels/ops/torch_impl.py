@@ -535,10 +535,11 @@ def gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt=True, need_dw1=True, need
 
 
 def mlp_tail_fwd(gate_up, weight1, weight2, bias1=None, bias2=None, run: int = 8,
-                 residual=None):
+                 residual=None, t=None):
     """``(y, t)``: down_proj's output (plus ``residual`` where given) and its input
-    ``up * silu(gate)`` in the layout."""
-    t = silu_mul_layout_fwd(gate_up, weight1.shape[0], run)
+    ``up * silu(gate)`` in the layout (``t`` given: that one)."""
+    if t is None:
+        t = silu_mul_layout_fwd(gate_up, weight1.shape[0], run)
     return gpc_io_layout_fwd(t, weight1, weight2, bias1, bias2, residual), t
 
 
@@ -600,21 +601,29 @@ def rms_norm_bwd(dn: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     return dx, dw
 
 
+def _activation_of(y, act):
+    """``up * silu(gate)`` of ``y = [gate | up]`` in the layout ``act = (groups, run)``, or None."""
+    return silu_mul_layout_fwd(y, *act) if act is not None else None
+
+
 def norm_io_fwd(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
-                run: int = 8, residual=None):
-    """``(y, h, t, rstd)``: the IO block of the norm, the norm written in the layout."""
+                run: int = 8, residual=None, act=None):
+    """``(y, h, t, rstd, a)``: the IO block of the norm, the norm written in the layout, and
+    for ``act = (groups, run)`` the activation of ``y`` in that layout."""
     h, _, rstd, t = rms_norm_fwd(x, norm_weight, eps, residual, layout=(weight1.shape[0], run),
                                  out_dtype=weight1.dtype)
-    return gpc_io_layout_fwd(t, weight1, weight2, bias1, bias2), h, t, rstd
+    y = gpc_io_layout_fwd(t, weight1, weight2, bias1, bias2)
+    return y, h, t, rstd, _activation_of(y, act)
 
 
 def norm_io_split_fwd(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
-                      residual=None):
-    """``(y, h, n, xi, rstd)``: the IO block of the norm ``n`` and its de-interleaved copy."""
+                      residual=None, act=None):
+    """``(y, h, n, xi, rstd, a)``: the IO block of the norm ``n`` and its de-interleaved copy
+    (and the activation, as ``norm_io_fwd``)."""
     h, n, rstd, xi = rms_norm_fwd(x, norm_weight, eps, residual, split_groups=weight1.shape[0],
                                   out_dtype=weight1.dtype)
     y, _ = gpc_io_fwd(n, weight1, weight2, bias1, bias2)
-    return y, h, n, xi, rstd
+    return y, h, n, xi, rstd, _activation_of(y, act)
 
 
 def _norm_grads(dy, x, norm_weight, rstd, weight1, weight2, need_dx, need_dnorm, dh):

@@ -35,7 +35,8 @@ Forward, two launches: ``silu_mul_layout`` writes ``h = up * silu(gate)`` in the
 layout of down_proj's IO block (``rowwise.py``), ``gpc_io_layout_fwd`` reads it for both
 products and, where given, adds the decoder's residual stream in its epilogue (the residual add
 has no launch of its own). ``t`` (the layout) is returned for the backward's weight gradients,
-as the op-level IO block returns its de-interleaved input.
+as the op-level IO block returns its de-interleaved input. Given ``t`` (what gate_up_proj's
+norm head wrote with ``act``, below), one launch: the activation pass is not run.
 
 Backward, two launches, no pass of the activation of its own:
 
@@ -63,7 +64,13 @@ Two ways to write it, by the block-residue layout's padding (``kphi3_kernels.fus
 
 Forward, two launches: the norm (``rms_norm_layout`` / ``rms_norm_split``, ``add_`` before the
 name with a residual, ``rowwise.py``), then the block. ``h``, the layout (or ``n`` and
-``xi``) and the fp32 ``rstd`` are returned for the backward.
+``xi``) and the fp32 ``rstd`` are returned for the backward. With ``act = (G, R)``
+(gate_up_proj's head, ``y = [gate | up]``), the block's launch (``*_act_layout``) also writes
+``up * silu(gate)`` in the layout of down_proj's G groups, runs of R: its programs walk the gate
+half's tiles, and each runs a second K loop for the up tile of the same channels (another
+group) before storing the activation of the two at the layout's slots (``grouped_gemm``'s
+``ActivationLayout``). Where no tile fits that split (``activation_layout_fits``), the
+activation pass runs after the block instead.
 
 Backward, four launches (and the torch sum of the norm weight's partial gradients):
 
@@ -85,7 +92,8 @@ from typing import Optional, Tuple
 import torch
 
 from . import outputs
-from .grouped_gemm import VIEW_D, VIEW_K, VIEW_P, VIEW_Q, LayoutView, Operand, grouped_gemm
+from .grouped_gemm import (VIEW_D, VIEW_K, VIEW_P, VIEW_Q, ActivationLayout, LayoutView, Operand,
+                           activation_layout_fits, grouped_gemm)
 from .rowwise import rms_norm_bwd, rms_norm_fwd, silu_mul_layout_bwd, silu_mul_layout_fwd
 from .torch_impl import bias_grad
 from .triton_impl import (_groups_of, _weight, _weight_t, gpc_io_bwd, gpc_io_fwd_split,
@@ -114,6 +122,13 @@ def gpc_io_layout_fwd(t, weight1, weight2, bias1=None, bias2=None, residual=None
     """``y`` ``[M, G*og]`` of the IO block from its input ``t`` in the layout (contiguous),
     plus ``residual`` ``[M, G*og]`` where given (added to the fp32 accumulator; ``y`` then in
     the promoted dtype of the two)."""
+    return _layout_fwd(t, weight1, weight2, bias1, bias2, residual)
+
+
+def _layout_fwd(t, weight1, weight2, bias1=None, bias2=None, residual=None, act_layout=None,
+                name="gpc_io_layout_fwd") -> torch.Tensor:
+    """``gpc_io_layout_fwd``; ``act_layout`` (``grouped_gemm``'s): the epilogue also writes
+    ``up * silu(gate)`` of ``y`` into that layout."""
     M = t.shape[0]
     G, s, og, R = _geometry(t, weight1)
     weight1, weight2 = weight1.contiguous(), weight2.contiguous()
@@ -124,8 +139,25 @@ def gpc_io_layout_fwd(t, weight1, weight2, bias1=None, bias2=None, residual=None
     grouped_gemm(G, M, og, layout, _weight(weight1), G * R, _groups_of(y, og),
                  a2=layout, b2=_weight(weight2), K2=G * R, bias=bias1, bias2=bias2,
                  residual=_groups_of(residual, og) if residual is not None else None,
-                 view=LayoutView(VIEW_K, G, R, s), name="gpc_io_layout_fwd")
+                 act_layout=act_layout, view=LayoutView(VIEW_K, G, R, s), name=name)
     return y
+
+
+def _with_activation(block, weight1, M: int, device, act: Optional[Tuple[int, int]]):
+    """``(y, t)``: ``y = block(act_layout)`` of a forward launcher (``gpc_io_layout_fwd``,
+    ``gpc_io_fwd_split``), and, for ``act = (groups, run)``, ``t = up * silu(gate)`` of
+    ``y = [gate | up]`` in the block-residue layout of the block it feeds: written by the
+    launch's epilogue where ``activation_layout_fits``, else by ``silu_mul_layout`` after it
+    (None without ``act``)."""
+    if act is None:
+        return block(None, None), None
+    groups, run = act
+    G, _, og = weight1.shape
+    if not activation_layout_fits(G, og, groups, run):
+        y = block(None, None)
+        return y, silu_mul_layout_fwd(y, groups, run)
+    t = outputs.new_output((M, groups * groups * run), weight1.dtype, device)
+    return block(ActivationLayout(t, groups, run), "_act_layout"), t
 
 
 def _dt_launch(dy, weight, dt, R: int, second: bool, name: str) -> None:
@@ -183,10 +215,12 @@ def gpc_io_layout_bwd(dy, t, weight1, weight2, need_dt=True, need_dw1=True, need
 
 
 def mlp_tail_fwd(gate_up, weight1, weight2, bias1=None, bias2=None, run: int = 8,
-                 residual=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 residual=None, t=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, t)``: down_proj's output (plus ``residual`` where given: the decoder's residual
-    add, in down_proj's epilogue) and its input ``up * silu(gate)`` in the layout."""
-    t = silu_mul_layout_fwd(gate_up, weight1.shape[0], run)
+    add, in down_proj's epilogue) and its input ``up * silu(gate)`` in the layout; ``t``
+    given (what gate_up_proj's launch wrote, ``norm_io_*_fwd(act=...)``): no activation pass."""
+    if t is None:
+        t = silu_mul_layout_fwd(gate_up, weight1.shape[0], run)
     return gpc_io_layout_fwd(t, weight1, weight2, bias1, bias2, residual), t
 
 
@@ -223,23 +257,33 @@ _DX_NAMES = ("norm_io_bwd_dxi", "norm_io_bwd_dxn")
 
 
 def norm_io_fwd(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
-                run: int = 8, residual=None) -> Tuple[torch.Tensor, ...]:
-    """``(y, h, t, rstd)``: the IO block's output, ``residual + x`` (None without a residual),
-    the normalized input in the layout, the norm's saved reciprocal RMS. ``x`` (and
-    ``residual``) and ``norm_weight`` may be wider than the block's weights (fp32 under
-    autocast): the norm reads them as they are and writes ``t`` in the weights' dtype."""
+                run: int = 8, residual=None, act=None) -> Tuple[torch.Tensor, ...]:
+    """``(y, h, t, rstd, a)``: the IO block's output, ``residual + x`` (None without a
+    residual), the normalized input in the layout, the norm's saved reciprocal RMS, and for
+    ``act = (groups, run)`` (gate_up_proj's head) ``up * silu(gate)`` of ``y`` in the layout
+    of down_proj (``_with_activation``; else None). ``x`` (and ``residual``) and
+    ``norm_weight`` may be wider than the block's weights (fp32 under autocast): the norm reads
+    them as they are and writes ``t`` in the weights' dtype."""
     h, _, rstd, t = rms_norm_fwd(x, norm_weight, eps, residual,
                                  layout=(weight1.shape[0], run), out_dtype=weight1.dtype)
-    return gpc_io_layout_fwd(t, weight1, weight2, bias1, bias2), h, t, rstd
+    y, a = _with_activation(
+        lambda act_layout, suffix: _layout_fwd(
+            t, weight1, weight2, bias1, bias2, act_layout=act_layout,
+            name="gpc_io_layout_fwd" + (suffix or "")), weight1, t.shape[0], t.device, act)
+    return y, h, t, rstd, a
 
 
 def norm_io_split_fwd(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
-                      residual=None) -> Tuple[torch.Tensor, ...]:
-    """``(y, h, n, xi, rstd)``: as ``norm_io_fwd``, the normalized input as ``n`` (channel
+                      residual=None, act=None) -> Tuple[torch.Tensor, ...]:
+    """``(y, h, n, xi, rstd, a)``: as ``norm_io_fwd``, the normalized input as ``n`` (channel
     order) and ``xi`` (de-interleaved) instead of the layout."""
     h, n, rstd, xi = rms_norm_fwd(x, norm_weight, eps, residual, split_groups=weight1.shape[0],
                                   out_dtype=weight1.dtype)
-    return gpc_io_fwd_split(n, xi, weight1, weight2, bias1, bias2), h, n, xi, rstd
+    y, a = _with_activation(
+        lambda act_layout, suffix: gpc_io_fwd_split(
+            n, xi, weight1, weight2, bias1, bias2, act_layout=act_layout,
+            name="gpc_io_fwd" + (suffix or "")), weight1, n.shape[0], n.device, act)
+    return y, h, n, xi, rstd, a
 
 
 def norm_io_bwd(dy, x, norm_weight, rstd, t, weight1, weight2, need_dx=True, need_dnorm=True,

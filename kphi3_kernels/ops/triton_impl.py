@@ -162,17 +162,19 @@ def gpc_io_fwd(x, weight1, weight2, bias1=None, bias2=None, save_xi=False):
     return y, xi if save_xi else x.new_empty(0)
 
 
-def gpc_io_fwd_split(x, xi, weight1, weight2, bias1=None, bias2=None, name="gpc_io_fwd"):
+def gpc_io_fwd_split(x, xi, weight1, weight2, bias1=None, bias2=None, name="gpc_io_fwd",
+                     act_layout=None):
     """The IO block's ``y`` from ``x`` and its de-interleaved copy ``xi`` (both contiguous
     ``[M, G*s]``, however ``xi`` was written): x and xi get one layout (and W1, W2 one
-    layout) so the GEMM runs ONE K loop of 2s."""
+    layout) so the GEMM runs ONE K loop of 2s. ``act_layout`` (``grouped_gemm``'s): the
+    epilogue also writes ``up * silu(gate)`` of ``y`` into that layout."""
     M = x.shape[0]
     G, s, og = weight1.shape
     y = _empty(M, G * og, x)
     grouped_gemm(
         G, M, og, _groups_of(x, s), _weight(weight1.contiguous()), s, _groups_of(y, og),
         a2=_groups_of(xi, s), b2=_weight(weight2.contiguous()), K2=s, bias=bias1, bias2=bias2,
-        name=name,
+        act_layout=act_layout, name=name,
     )
     return y
 
