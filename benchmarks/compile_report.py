@@ -89,6 +89,19 @@ NARROW_ACCESSES = {
         "That replaces dxi's write and gathered re-read (python -m kphi3_bench.model_ledger)",
         ("BLOCK_P", "BLOCK_Q"), loads=2, stores=2),
 }
+# gate_up_proj's heads writing silu(gate) * up in down_proj's layout: each program stores its
+# tile's activations at their slots (runs of about BLOCK_Q / G channels, R apart), once per
+# element, and the zeros of the padding after each run's last channel from a narrow tile of
+# the block's last G channels (up to four stores each at the released shapes, R - 1 - (s - G)
+# // G); the K loops' operands are LDGSTS.128 and gate_up's own stores and re-read 16-byte.
+for _name in ("gpc_io_fwd_act_layout", "gpc_io_layout_fwd_act_layout"):
+    NARROW_ACCESSES[_name] = NarrowAccesses(
+        "gate_up_proj's launch writes up * silu(gate) of its own tiles into down_proj's "
+        "block-residue layout (the fused tail's input) at the slots of the tile's channels, "
+        "and the zeros of each run's padding after its last channel: that replaces the "
+        "activation pass's re-read of gate_up (python -m kphi3_bench.model_ledger); the "
+        "padding's stores at most four per element of its narrow tile at the released "
+        "shapes", ("BLOCK_P", "BLOCK_Q"), loads=0, stores=1 + 4)
 
 
 def narrow_allowance(record: Dict[str, Any]) -> Tuple[int, int, str]:
@@ -145,7 +158,7 @@ def _op_calls(shape: "shape_table.Shape", m: int, dtype: torch.dtype) -> List[Tu
     w1, w1b = empty(G, s, og), empty(G, s, og)   # grouped_linear / gpc_io weights
     w2 = empty(G, og, og)                         # the second weight of the non-IO block
     t, gu = empty(m, G * G * R), empty(m, 2 * G * s)  # a layout input; [gate | up] before it
-    return [
+    calls = [
         ("grouped_linear_fwd", lambda: T.grouped_linear_fwd(x, w1)),
         ("grouped_linear_bwd", lambda: T.grouped_linear_bwd(dy, x, w1)),
         ("gpc_io_fwd", lambda: T.gpc_io_fwd(x, w1, w1b)),
@@ -182,6 +195,34 @@ def _op_calls(shape: "shape_table.Shape", m: int, dtype: torch.dtype) -> List[Tu
         ("rms_norm_bwd(residual)", lambda: F.rms_norm_bwd(empty(m, G * s), x, x[0],
                                                            torch.empty(m), dh=empty(m, G * s))),
     ]
+    act = _activation_layout(shape)
+    if act is not None:
+        # gate_up_proj's heads writing silu(gate) * up in down_proj's layout (the fused tail's
+        # input), from either head.
+        calls += [
+            ("norm_io_split_fwd(activation)", lambda: F.norm_io_split_fwd(
+                x, x[0], 1e-5, w1, w1b, residual=empty(m, G * s), act=act)),
+            ("norm_io_fwd(activation)", lambda: F.norm_io_fwd(
+                x, x[0], 1e-5, w1, w1b, run=R, residual=empty(m, G * s), act=act)),
+        ]
+    return calls
+
+
+def _activation_layout(shape: "shape_table.Shape") -> Optional[Tuple[int, int]]:
+    """``(groups, run)`` of down_proj's layout for its family's gate_up_proj shape, where the
+    launch can write it in its epilogue (else None: the heads then write no activation)."""
+    from kphi3_kernels.layout import residue_run_length
+    from kphi3_kernels.ops.grouped_gemm import activation_layout_fits
+
+    if shape.op != "gate_up":
+        return None
+    down = shape_table.SHAPES.get(f"{shape.family}-down")
+    if down is None:
+        return None
+    G, per_group = down.groups, down.in_per_group
+    run = residue_run_length(G * per_group, G, 8)
+    fits = activation_layout_fits(shape.groups, shape.out_per_group, G, run)
+    return (G, run) if fits else None
 
 
 OPS = ("grouped_linear_fwd", "grouped_linear_bwd", "gpc_io_fwd", "gpc_io_bwd", "gpc_block_fwd",
@@ -190,6 +231,7 @@ OPS = ("grouped_linear_fwd", "grouped_linear_bwd", "gpc_io_fwd", "gpc_io_bwd", "
        "mlp_tail_bwd", "norm_io_fwd", "norm_io_bwd", "mlp_tail_fwd(residual)",
        "norm_io_fwd(residual)", "norm_io_bwd(residual)", "norm_io_split_fwd",
        "norm_io_split_fwd(residual)", "norm_io_split_bwd(residual)", "rms_norm_fwd",
+       "norm_io_split_fwd(activation)", "norm_io_fwd(activation)",
        "add_rms_norm_fwd", "rms_norm_bwd(residual)")
 
 

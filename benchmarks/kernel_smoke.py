@@ -30,6 +30,9 @@ def _kernel_name(kernel: Any) -> str:
 # The weight gradients split K only at thousands of tokens; these launches are recorded again at
 # SPLIT_M tokens with SPLIT_K forced, so the split GEMM and its sum pass are checked too.
 SPLIT_M, SPLIT_K, SPLIT_OPS = 301, 2, ("grouped_linear_bwd", "gpc_io_bwd", "gpc_io_layout_bwd")
+# gate_up_proj's heads writing the MLP tail's activation run at gate_up_proj's shape only.
+ACTIVATION_SHAPE = "kphi3-gate_up"
+ACTIVATION_OPS = ("norm_io_split_fwd(activation)", "norm_io_fwd(activation)")
 
 
 def smoke_launches(shape: str = SHAPE, m: int = M, dtype: str = DTYPE) -> List[Any]:
@@ -46,6 +49,7 @@ def smoke_launches(shape: str = SHAPE, m: int = M, dtype: str = DTYPE) -> List[A
         recorded += compile_report.record_launches(shape, SPLIT_M, dtype, ops=SPLIT_OPS)
     finally:
         grouped_gemm.FORCE_SPLITS = previous
+    recorded += compile_report.record_launches(ACTIVATION_SHAPE, m, dtype, ops=ACTIVATION_OPS)
     seen, out = set(), []
     for rec in recorded:
         key = (_kernel_name(rec.launch.kernel), rec.launch.name, rec.launch.args.get("SPLIT_K"))

@@ -452,7 +452,9 @@ def _k_steps(spec, bk: int) -> int:
         return _cdiv(a["K"], bk) * view_d_parts(bq, a["GROUPS"], a["RUN"])
     if a.get("SPLIT_K", 1) > 1:
         return _cdiv(a["k_per_split"], bk)
-    return _cdiv(a["K"], bk) + _cdiv(a.get("K2", 0), bk)
+    steps = _cdiv(a["K"], bk) + _cdiv(a.get("K2", 0), bk)
+    # An activation-layout launch's program computes a gate tile and the up tile after it.
+    return 2 * steps if a.get("ACT_LAYOUT") else steps
 
 
 def _ctas_per_sm(config, itemsize: int, smem_per_block: int) -> int:
@@ -471,6 +473,8 @@ def _gathered_args(args: Dict[str, Any]) -> List[str]:
       interleaved addend ``dxi`` (``r_ptr``);
     * a D-view GEMM (``mlp_tail_bwd_dgate_up``): ``gate_up`` read and its gradient written at
       the channels of a tile's slots (``act_ptr``, ``c_ptr``);
+    * a GEMM with ``ACT_LAYOUT`` (gate_up_proj's head writing ``up * silu(gate)``): the layout
+      ``t`` written at the slots of a tile's channels (``t_ptr``);
     * a grouped GEMM whose second operand has its own strides (``gpc_io_fwd_fused``: ``x``
       read in place with K stride G): ``a2_ptr``;
     * the activation into the layout (``silu_mul_layout``): ``gate_up``, read at each slot's
@@ -484,6 +488,8 @@ def _gathered_args(args: Dict[str, Any]) -> List[str]:
         return ["r_ptr"]
     if args.get("VIEW") == VIEW_D:
         return ["act_ptr", "c_ptr"]
+    if args.get("ACT_LAYOUT"):
+        return ["t_ptr"]
     if args.get("HAS_SECOND") and not args.get("SHARED_STRIDES", True):
         return ["a2_ptr"]
     if "gu_ptr" in args:
@@ -970,10 +976,11 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str,
       reads both addends and writes ``h``), and its backward adds the stream's gradient to the
       norm's in its pass, so that branch point has no add of its own; the layer input's branch
       point keeps its add (``residual_add`` formula).
-    * ``ops/triton_fused.py`` for ``silu(gate) * up`` and down_proj: forward, the activation writing
-      the layout (``activation``), down_proj reading it and adding the residual stream in its
-      epilogue; backward, down_proj's three launches, the activation's backward inside its
-      input-gradient epilogue (no launch of its own).
+    * ``ops/triton_fused.py`` for ``silu(gate) * up`` and down_proj: forward, the activation
+      written into the layout by gate_up_proj's launch (``activation`` is empty: no pass of
+      its own), down_proj reading it and adding the residual stream in its epilogue; backward,
+      down_proj's two launches, the activation's backward inside its input-gradient epilogue
+      (no launch of its own).
 
     Every norm backward is followed by the sum of the norm weight's per-program partial
     gradients (a torch reduction, counted as one launch reading the partials).
@@ -998,6 +1005,10 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str,
 
     rstd, norm_weight = meta(m, dtype=torch.float32), meta(cfg.hidden)
     out: Dict[str, PathCost] = {"norms": PathCost(), "residuals": PathCost()}
+    # gate_up_proj's head writes silu(gate) * up in down_proj's layout (the model asks it to
+    # wherever the tail is fused); the tail then starts from it.
+    down = next(sh for sh in family_shapes(cfg) if sh.op == "down")
+    act = (down.groups, residue_run_length(down.groups * down.in_per_group, down.groups, 8))
     for sh in family_shapes(cfg):
         G, s, og = sh.groups, sh.in_per_group, sh.out_per_group
         run = residue_run_length(G * s, G, 8)
@@ -1008,6 +1019,7 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str,
             # backward: the stream's gradient dh summed in the norm's pass).
             residual = meta(m, G * s) if sh.op == "gate_up" else None
             dh = meta(m, G * s) if sh.op == "gate_up" else None
+            head_act = act if sh.op == "gate_up" else None
             # "auto": what the model runs; "layout" / "split": either head everywhere, to
             # price the choice (norm_heads_delta_us).
             layout_head = (layout_padding(G, s) == 0 if norm_heads == "auto"
@@ -1015,13 +1027,15 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str,
             if layout_head:
                 costs = record_costs(
                     (lambda: triton_fused.norm_io_fwd(x, norm_weight, 1e-5, w1, w2, run=run,
-                                                   residual=residual)) if mode == "fwd" else
+                                                   residual=residual, act=head_act))
+                    if mode == "fwd" else
                     (lambda: triton_fused.norm_io_bwd(dy, x, norm_weight, rstd, t, w1, w2, dh=dh)))
             else:
                 n, xi = meta(m, G * s), meta(m, G * s)
                 costs = record_costs(
                     (lambda: triton_fused.norm_io_split_fwd(x, norm_weight, 1e-5, w1, w2,
-                                                         residual=residual)) if mode == "fwd" else
+                                                         residual=residual, act=head_act))
+                    if mode == "fwd" else
                     (lambda: triton_fused.norm_io_split_bwd(dy, x, norm_weight, rstd, n, xi, w1, w2,
                                                          dh=dh)))
             if mode == "bwd":
@@ -1031,7 +1045,8 @@ def fused_launches(cfg: LayerConfig, m: int, dtype: str, mode: str,
             out[sh.op] = PathCost([c for c in costs if c not in norm])
         elif sh.op == "down":
             gu = meta(m, 2 * G * s)
-            costs = record_costs((lambda: triton_fused.mlp_tail_fwd(gu, w1, w2, run=run, residual=dy))
+            costs = record_costs((lambda: triton_fused.mlp_tail_fwd(gu, w1, w2, run=run,
+                                                                    residual=dy, t=t))
                                  if mode == "fwd" else
                                  (lambda: triton_fused.mlp_tail_bwd(dy, gu, t, w1, w2)))
             out["activation"] = PathCost([c for c in costs if c.name == "silu_mul_layout"])

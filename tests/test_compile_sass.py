@@ -122,6 +122,12 @@ def test_narrow_loads_only_where_the_design_makes_them():
     assert cr.check_properties(_narrow("mlp_tail_bwd_dgate_up", 64, stores=64, config=tile)) == []
     assert cr.check_properties(_narrow("mlp_tail_bwd_dgate_up", 64, stores=65, config=tile))
     assert cr.check_properties(_narrow("mlp_tail_bwd_dgate_up", 65, stores=64, config=tile))
+    # gate_up_proj's launch writing the activation layout: stores only, one per element of
+    # its tile and four for the padding (128 * 128 / 256 = 64 per thread, 320 in all).
+    for name in ("gpc_io_fwd_act_layout", "gpc_io_layout_fwd_act_layout"):
+        assert cr.check_properties(_narrow(name, 0, stores=320)) == []
+        assert cr.check_properties(_narrow(name, 0, stores=321))
+        assert cr.check_properties(_narrow(name, 1, stores=64))
     # Any other matrix kernel: none at all.
     assert cr.check_properties(_narrow("gpc_io_fwd", 1))
     assert all(rule.reason for rule in cr.NARROW_ACCESSES.values())

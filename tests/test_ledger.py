@@ -323,9 +323,11 @@ def test_gathered_producers_of_the_fused_layer():
     cfg = ledger.CONFIGS["kphi3"]
     fwd = ledger.fused_launches(cfg, 64, "bf16", "fwd")
     bwd = ledger.fused_launches(cfg, 64, "bf16", "bwd")
-    (act,) = fwd["activation"].launches
-    # silu_mul_layout gathers gate_up [64, 2 * 5120] (each slot's channel), writes the layout.
-    assert act.name == "silu_mul_layout" and act.gathered_bytes == 64 * 10240 * 2
+    # No activation pass: gate_up_proj's launch writes the layout [64, 20*20*16] at the slots
+    # of its tiles' channels.
+    assert not fwd["activation"].launches
+    (head,) = fwd["gate_up"].launches
+    assert head.name == "gpc_io_fwd_act_layout" and head.gathered_bytes == 64 * 6400 * 2
     norms = {l.name: l for l in fwd["norms"].launches}
     # The split heads re-read their input row gathered for the de-interleaved copy: x, or
     # residual and branch where the head adds them.
@@ -337,6 +339,23 @@ def test_gathered_producers_of_the_fused_layer():
     assert gathered["norm_io_bwd_dxn"] == 64 * 1280 * 2
     assert gathered["mlp_tail_bwd_dgate_up"] == 2 * 64 * 10240 * 2
     assert gathered["rms_norm_bwd"] == 0
+
+
+def test_the_activation_layout_launch_by_hand():
+    """gate_up_proj's split head (G = 5, s = 256, og = 2048) writing down_proj's layout (G = 20,
+    R = 16) at 8192 tokens, first-choice 128x128x64: a program per gate tile, 64 row tiles x
+    5120 / 128 gate column tiles = 2560 programs, each two K loops of (256 + 256) / 64 = 8
+    steps (the gate tile's, then the up tile's). It reads n and xi [8192, 1280] and both
+    weights, writes gate_up [8192, 10240] and the layout [8192, 6400], gathered."""
+    fwd = ledger.fused_launches(ledger.CONFIGS["kphi3"], 8192, "bf16", "fwd")
+    (head,) = fwd["gate_up"].launches
+    assert head.tile == (128, 128, 64) and head.programs == 64 * 40 and head.steps == 16
+    assert head.flops == 2 * 2560 * 128 * 128 * 64 * 16 == 2 * 8192 * 10240 * 512
+    weights = 2 * 5 * 256 * 2048 * 2
+    assert head.bytes == (2 * 8192 * 1280 + 8192 * 10240 + 8192 * 6400) * 2 + weights
+    assert head.gathered_bytes == 8192 * 6400 * 2
+    tail = fwd["down"].launches
+    assert [l.name for l in tail] == ["gpc_io_layout_fwd"]
 
 
 def test_the_mlp_tail_backward_charges_each_product_its_tile_meets():
