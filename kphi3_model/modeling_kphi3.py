@@ -248,18 +248,22 @@ class KPhi3MLP(nn.Module):
         self.activation_fn = ACT2FN[config.hidden_act]
         remember_built(self)
 
-    def fused_path(self, device: torch.Tensor | torch.device | str) -> tuple[bool, str]:
+    def fused_path(self, device: torch.Tensor | torch.device | str,
+                   head: bool = False) -> tuple[bool, str]:
         """``(fused, reason)``: whether ``forward`` on ``device`` runs the activation and
-        ``down_proj`` as one fused operator (``config.fused_decoder``), and why."""
+        ``down_proj`` as one fused operator (``config.fused_decoder``), and why; ``head``: the
+        norm before gate_up_proj is fused with it, and its launch writes the activation."""
         if self.config.fused_decoder and self.config.hidden_act != "silu":
             return False, (f"fused_decoder=True, but hidden_act is {self.config.hidden_act!r} "
                            "(the fused activation is silu): the op-level path")
         problem = not_as_built(self, "activation_fn") if self.config.fused_decoder else None
         if problem is not None:
             return False, f"fused_decoder=True, but {problem}: the op-level path"
+        where = ("in gate_up_proj's norm head (its GEMM's epilogue where the tile fits)" if head
+                 else "in a pass of its own")
         return fused_block_path(self, "down_proj", device,
                                 "silu(gate) * up writes down_proj's input in the block-residue "
-                                "layout")
+                                f"layout, {where}")
 
     def fused_norm_path(self, device: torch.Tensor | torch.device | str) -> tuple[bool, str]:
         """``(fused, reason)``: whether the RMSNorm before this MLP runs fused with
@@ -653,9 +657,9 @@ class KPhi3DecoderLayer(GradientCheckpointingLayer):
             "post_attention_layernorm + gate_up_proj": unless_foreign("mlp", lambda: self.norm_fusion(
                 "post_attention_layernorm", "mlp", self.mlp.fused_norm_path(device))),
         }
-        tail = unless_foreign("mlp", lambda: self.mlp.fused_path(device))
-        stream, why = self.stream_path(device)
         head_gu = heads["post_attention_layernorm + gate_up_proj"][0]
+        tail = unless_foreign("mlp", lambda: self.mlp.fused_path(device, head=head_gu))
+        stream, why = self.stream_path(device)
         # The MLP's own forward is skipped (the head's add) or returns the stream (the add in
         # down_proj): no hook of it may see or change what it would have.
         mlp_problem = not_as_built(self, "mlp")
