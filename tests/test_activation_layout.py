@@ -14,7 +14,7 @@ from kphi3_kernels import fused
 from kphi3_kernels.layout import residue_run_length
 from kphi3_kernels.ops import grouped_gemm, launch
 
-from _utils import DEVICE, INTERPRETING, check_parity
+from _utils import DEVICE, FP32_TOL, INTERPRETING, check_parity, rel_error
 from test_fused_decoder import _norm_oracle, _oracle
 
 requires_triton = pytest.mark.skipif(
@@ -135,8 +135,11 @@ def test_every_gpu_config_of_the_activation_layout_interpreted(config, layout, m
     s = 40 (a partial K tile of every BLOCK_K), og = 256 in G = 5 (the gate tiles of groups
     0 to 2 pair with up tiles 640 channels on, from the middle of group 2 to group 4) and
     down_proj's 640 channels in 20 blocks of 32 (R = 8: runs of one or two channels, up to 7
-    slots of padding after a run's last channel), with biases."""
-    shape = FORCED_SHAPE
+    slots of padding after a run's last channel), with biases, outputs poisoned. The launch is
+    a forward: its block output against the float64 oracle, the layout against the activation
+    pass on that output (the backward has no launch of its own here: the MLP test above)."""
+    from kphi3_kernels.ops import outputs
+    G, s, og, Gd = FORCED_SHAPE
     forced = []
 
     def force(spec):
@@ -146,9 +149,16 @@ def test_every_gpu_config_of_the_activation_layout_interpreted(config, layout, m
         return config
 
     monkeypatch.setattr(launch, "FORCE_CONFIG", force)
-    check_mlp(shape, "triton", torch.float32, layout, rows=(70,))
+    monkeypatch.setattr(outputs, "POISON", True)
+    x, nw, wg1, wg2, _, _, bg1, bg2 = (t.detach() for t in _operands(G, s, og, Gd, (70,),
+                                                                     torch.float32))
+    gu, a = fused.rms_norm_gpc_io(x, nw, 1e-5, wg1, wg2, bg1, bg2, layout=layout,
+                                  activation_groups=Gd, backend="triton")
     assert forced == [{"split": "gpc_io_fwd_act_layout",
                        "block-residue": "gpc_io_layout_fwd_act_layout"}[layout]]
+    want = _norm_oracle(*(t.double() for t in (x, nw, wg1, wg2, bg1, bg2)))
+    assert rel_error(gu, want) < FP32_TOL
+    assert torch.equal(a, fused.silu_mul_to_layout(gu, Gd, backend="triton"))
 
 
 def test_the_released_shapes_fit():
