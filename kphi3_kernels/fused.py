@@ -273,17 +273,15 @@ def rms_norm_gpc_io(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     act = _activation_geometry(activation_groups, G * og, pad, op)
     flat_residual = C.flatten(residual) if residual is not None else None
     if layout == "split":
-        out = fused_ops.norm_io_split(C.flatten(x), norm_weight, float(eps), weight1, weight2,
-                                      bias1, bias2, flat_residual, act, backend=name)
+        y, h, a = fused_ops.norm_io_split(C.flatten(x), norm_weight, float(eps), weight1,
+                                          weight2, bias1, bias2, flat_residual, act, backend=name)
     else:
-        out = fused_ops.norm_io(C.flatten(x), norm_weight, float(eps), weight1, weight2, bias1,
-                                bias2, _run_length(G, s, pad), flat_residual, act, backend=name)
-    out = out if isinstance(out, tuple) else (out,)
-    h, out = (out[0], out[1:]) if residual is not None else (None, out)
+        y, h, a = fused_ops.norm_io(C.flatten(x), norm_weight, float(eps), weight1, weight2,
+                                    bias1, bias2, _run_length(G, s, pad), flat_residual, act,
+                                    backend=name)
     rows = x.shape[:-1]
-    result = (out[0].reshape(*rows, G * og),) + tuple(a.reshape(*rows, a.shape[-1])
-                                                      for a in out[1:])
-    result = result if residual is None else (h.reshape(x.shape), *result)
+    result = (() if h is None else (h.reshape(x.shape),)) + (y.reshape(*rows, G * og),) \
+        + (() if a is None else (a.reshape(*rows, a.shape[-1]),))
     return result if len(result) > 1 else result[0]
 
 

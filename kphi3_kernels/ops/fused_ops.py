@@ -364,30 +364,31 @@ def add_rms_norm(residual, x, weight, eps: float, *, backend: str) -> Tuple[Tens
     return h, n
 
 
-def _head_result(y, h, a, residual, act):
-    """A norm head's public result: ``y``, ``(h, y)`` with a residual, then ``a`` with ``act``."""
-    out = (y,) if residual is None else (h, y)
-    out = out + (a,) if act is not None else out
-    return out if len(out) > 1 else y
+def _head_result(out, residual, act):
+    """A norm head's ``(y, h, a)`` from its operator's outputs: ``h`` None without a residual,
+    ``a`` None without ``act``."""
+    return (out[0], out[1] if residual is not None else None,
+            out[-1] if act is not None else None)
 
 
 def norm_io(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
             run: int = 8, residual=None, act: Optional[Tuple[int, int]] = None, *, backend: str):
-    """``y``, or ``(h, y)`` with a residual: the layout norm head; ``act = (groups, run)``:
-    then the activation ``up * silu(gate)`` of ``y`` in that layout, written by its launch."""
+    """``(y, h, a)``: the layout norm head's block output, ``residual + x`` (None without a
+    residual) and, for ``act = (groups, run)``, the activation ``up * silu(gate)`` of ``y`` in
+    that layout, written by its launch (else None)."""
     groups, act_run = act or (0, 0)
-    y, h, _, _, a = co._call("norm_io", backend, x, norm_weight, float(eps), weight1, weight2,
-                             bias1, bias2, residual, run, groups, act_run)
-    return _head_result(y, h, a, residual, act)
+    return _head_result(co._call("norm_io", backend, x, norm_weight, float(eps), weight1,
+                                 weight2, bias1, bias2, residual, run, groups, act_run),
+                        residual, act)
 
 
 def norm_io_split(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=None,
                   residual=None, act: Optional[Tuple[int, int]] = None, *, backend: str):
-    """``y``, or ``(h, y)`` with a residual: the split norm head; ``act`` as ``norm_io``'s."""
+    """``(y, h, a)`` of the split norm head, as ``norm_io``'s."""
     groups, act_run = act or (0, 0)
-    out = co._call("norm_io_split", backend, x, norm_weight, float(eps), weight1, weight2,
-                   bias1, bias2, residual, groups, act_run)
-    return _head_result(out[0], out[1], out[-1], residual, act)
+    return _head_result(co._call("norm_io_split", backend, x, norm_weight, float(eps), weight1,
+                                 weight2, bias1, bias2, residual, groups, act_run),
+                        residual, act)
 
 
 def _no_grad_to_saved(name: str, grad) -> None:

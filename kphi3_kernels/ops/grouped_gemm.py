@@ -727,18 +727,18 @@ def grouped_gemm(
         raise ValueError("act_grad needs a D view: its epilogue reads the channels the view's "
                          "slots hold")
     has_second = a2 is not None and not paired
-    if act_layout is not None and (
-            not has_second or a2.strides()[1:] != a.strides()[1:]
-            or b2.strides()[1:] != b.strides()[1:] or residual is not None or weight_grad
-            or not activation_layout_fits(groups, Q, act_layout.groups, act_layout.run)):
-        raise ValueError("act_layout needs a forward launch with a second pair of shared strides, "
-                         "no residual, and a shape activation_layout_fits accepts")
     # Biases are tiny; a contiguous copy keeps the kernel's bias addressing to one stride.
     bias = bias.contiguous() if bias is not None else None
     bias2 = bias2.contiguous() if bias2 is not None else None
     a2 = a2 if a2 is not None else a
     b2 = b2 if b2 is not None else b
     shared = a2.strides()[1:] == a.strides()[1:] and b2.strides()[1:] == b.strides()[1:]
+    gate_channels = groups * Q // 2  # an activation layout's channels: the gate half's
+    if act_layout is not None and (
+            not (has_second and shared) or residual is not None or weight_grad
+            or not activation_layout_fits(groups, Q, act_layout.groups, act_layout.run)):
+        raise ValueError("act_layout needs a forward launch with a second pair of shared strides, "
+                         "no residual, and a shape activation_layout_fits accepts")
     res = residual if residual is not None else c
     dummy = c.tensor
     names = ("s_ag", "s_ap", "s_ak", "s_bg", "s_bk", "s_bq", "s_a2g", "s_a2p", "s_a2k",
@@ -758,14 +758,14 @@ def grouped_gemm(
         act_ptr=act_grad[0] if act_grad else dummy,
         s_actp=act_grad[0].stride(0) if act_grad else 0,
         s_actq=act_grad[0].stride(1) if act_grad else 0,
-        act_half=act_grad[1] if act_grad else (groups * Q // 2 if act_layout else 0),
+        act_half=act_grad[1] if act_grad else (gate_channels if act_layout else 0),
         t_ptr=act_layout.t if act_layout else dummy,
         s_tp=act_layout.t.stride(0) if act_layout else 0,
-        act_per_group=groups * Q // 2 // act_layout.groups if act_layout else 1,
+        act_per_group=gate_channels // act_layout.groups if act_layout else 1,
         ACT_LAYOUT=act_layout is not None,
         ACT_GROUPS=act_layout.groups if act_layout else 1,
         ACT_RUN=act_layout.run if act_layout else 1,
-        ACT_PAD=_act_pad(groups * Q // 2, act_layout) if act_layout else 0,
+        ACT_PAD=_act_pad(gate_channels, act_layout) if act_layout else 0,
         ACT_LAST=triton.next_power_of_2(act_layout.groups) if act_layout else 1,
         p_bucket=triton.next_power_of_2(P), k_bucket=triton.next_power_of_2(max(K, K2)),
         HAS_SECOND=has_second, SHARED_STRIDES=shared, PAIRED=paired, HAS_BIAS=bias is not None,
@@ -784,7 +784,7 @@ def grouped_gemm(
 
     def grid(meta):
         if act_layout is not None:  # the gate half's tiles, one program each
-            return (triton.cdiv(P, meta["BLOCK_P"]) * (groups * Q // 2 // meta["BLOCK_Q"]), 1,
+            return (triton.cdiv(P, meta["BLOCK_P"]) * (gate_channels // meta["BLOCK_Q"]), 1,
                     meta["SPLIT_K"])
         return (triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(Q, meta["BLOCK_Q"]), grid_groups,
                 meta["SPLIT_K"])
@@ -803,11 +803,11 @@ def grouped_gemm(
                         <= 32 * 32 * c.num_warps) or configs
     interpreter_config = _interpreter_config(P, Q, max(K, K2))
     if act_layout is not None:
-        configs = _act_layout_configs(configs, Q, groups * Q // 2) \
-            or _act_layout_configs(CUDA_CONFIGS, Q, groups * Q // 2)[-1:]
+        configs = _act_layout_configs(configs, Q, gate_channels) \
+            or _act_layout_configs(CUDA_CONFIGS, Q, gate_channels)[-1:]
         interpreter_config = _act_layout_configs([interpreter_config] + [
             triton.Config(dict(interpreter_config.kwargs, BLOCK_Q=bq), num_warps=4)
-            for bq in (64, 32)], Q, groups * Q // 2)[0]
+            for bq in (64, 32)], Q, gate_channels)[0]
     if view is not None and view.kind == VIEW_D:
         # Each step of a D view loads one of several B tiles (W1's, then W2's per residue): a
         # 128x64 one spilled on sm_90a (Triton 3.6, 76-96 B); 64x64 and 128x32 compile clean.

@@ -144,18 +144,16 @@ def _layout_fwd(t, weight1, weight2, bias1=None, bias2=None, residual=None, act_
 
 
 def _with_activation(block, weight1, M: int, device, act: Optional[Tuple[int, int]]):
-    """``(y, t)``: ``y = block(act_layout)`` of a forward launcher (``gpc_io_layout_fwd``,
+    """``(y, t)``: ``y = block(act_layout, name)`` of a forward launcher (``_layout_fwd``,
     ``gpc_io_fwd_split``), and, for ``act = (groups, run)``, ``t = up * silu(gate)`` of
     ``y = [gate | up]`` in the block-residue layout of the block it feeds: written by the
-    launch's epilogue where ``activation_layout_fits``, else by ``silu_mul_layout`` after it
-    (None without ``act``)."""
-    if act is None:
-        return block(None, None), None
-    groups, run = act
+    launch's epilogue (launch ``name`` with ``_act_layout``) where ``activation_layout_fits``,
+    else by ``silu_mul_layout`` after it (None without ``act``)."""
     G, _, og = weight1.shape
-    if not activation_layout_fits(G, og, groups, run):
-        y = block(None, None)
-        return y, silu_mul_layout_fwd(y, groups, run)
+    if act is None or not activation_layout_fits(G, og, *act):
+        y = block(None, "")
+        return y, (silu_mul_layout_fwd(y, *act) if act is not None else None)
+    groups, run = act
     t = outputs.new_output((M, groups * groups * run), weight1.dtype, device)
     return block(ActivationLayout(t, groups, run), "_act_layout"), t
 
@@ -269,7 +267,7 @@ def norm_io_fwd(x, norm_weight, eps: float, weight1, weight2, bias1=None, bias2=
     y, a = _with_activation(
         lambda act_layout, suffix: _layout_fwd(
             t, weight1, weight2, bias1, bias2, act_layout=act_layout,
-            name="gpc_io_layout_fwd" + (suffix or "")), weight1, t.shape[0], t.device, act)
+            name="gpc_io_layout_fwd" + suffix), weight1, t.shape[0], t.device, act)
     return y, h, t, rstd, a
 
 
@@ -282,7 +280,7 @@ def norm_io_split_fwd(x, norm_weight, eps: float, weight1, weight2, bias1=None, 
     y, a = _with_activation(
         lambda act_layout, suffix: gpc_io_fwd_split(
             n, xi, weight1, weight2, bias1, bias2, act_layout=act_layout,
-            name="gpc_io_fwd" + (suffix or "")), weight1, n.shape[0], n.device, act)
+            name="gpc_io_fwd" + suffix), weight1, n.shape[0], n.device, act)
     return y, h, n, xi, rstd, a
 
 
